@@ -1,0 +1,1 @@
+"""clicktower.modeling."""
