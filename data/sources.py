@@ -1,0 +1,624 @@
+"""Read click logs (CSV/TSV, JSON Lines, Parquet, Hugging Face ``datasets`` folders) as records.
+
+Two layers:
+
+* ``iter_records(path)`` streams ``(row_number, record_dict)`` from one input, whatever its
+  format. Row numbers are 1-based data rows (the CSV header is not a row); for JSON Lines
+  they are physical line numbers, so an editor can jump straight to a bad line.
+* ``to_sample(record, field_map, ...)`` turns one record into a training sample
+  ``{"query", "item_id", "item_text"[, "label", "weight", "hard_negatives"]}`` as described
+  by a ``FieldMap``, or ``None`` when the label is below ``min_label``.
+
+Every problem with an input is a ``DataError`` whose one-line message names the file, the row
+(or line) and the field.
+
+Supported inputs (chosen by extension, compared case-insensitively):
+
+==========================  ===================================================
+``.csv`` / ``.tsv``         header row + data rows, UTF-8 (a BOM is accepted)
+``.jsonl`` / ``.json``      JSON Lines: one JSON object per line
+``.csv.gz`` etc.            gzip-compressed CSV/TSV/JSONL
+``.parquet``                streamed by record batches via pyarrow
+a directory                 ``datasets.save_to_disk`` output; ``DIR:split`` picks a
+                            split of a ``DatasetDict``
+==========================  ===================================================
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import gzip
+import json
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+from clicktower.data.errors import DataError, short_repr
+
+__all__ = [
+    "FieldMap",
+    "SUPPORTED_EXTENSIONS",
+    "check_fields",
+    "iter_records",
+    "record_fields",
+    "to_sample",
+]
+
+# Text formats by (lower-cased) extension; each may also carry a trailing ".gz".
+_TEXT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+                 ".ndjson": "jsonl"}
+SUPPORTED_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".ndjson", ".parquet",
+                        ".csv.gz", ".tsv.gz", ".jsonl.gz", ".json.gz", ".ndjson.gz")
+
+# Rows read per Parquet record batch / datasets batch: big enough to amortise the
+# Arrow -> Python conversion, small enough to keep memory flat on huge files.
+_BATCH_ROWS = 8192
+# csv's default 128 KiB field limit is too small for long item descriptions.
+_CSV_FIELD_LIMIT = 64 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------
+# Field mapping
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class FieldMap:
+    """Which input fields (columns) feed which sample fields.
+
+    Args:
+        query: field holding the query text.
+        item_text: field holding the clicked item's text.
+        item_id: field holding the item's id (strings or integers; stored as a string).
+        label: optional numeric field (click, purchase, relevance grade...). When set, samples
+            carry ``"label"`` as a float.
+        min_label: keep only rows whose label is ``>= min_label``; requires ``label``.
+        hard_negatives: optional field holding a list of ``{"item_id", "item_text"}`` objects
+            (or a JSON string of such a list, as CSV cells do).
+        weight: optional numeric, non-negative per-sample weight field.
+    """
+
+    query: str = "query"
+    item_text: str = "item_text"
+    item_id: str = "item_id"
+    label: str | None = None
+    min_label: float | None = None
+    hard_negatives: str | None = None
+    weight: str | None = None
+
+    def __post_init__(self):
+        for name in ("query", "item_text", "item_id"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"field map: {name} must be a non-empty field name, "
+                                f"got {short_repr(value)}")
+        for name in ("label", "hard_negatives", "weight"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise DataError(f"field map: {name} must be a non-empty field name or None, "
+                                f"got {short_repr(value)}")
+        if self.min_label is not None:
+            if self.label is None:
+                raise DataError("field map: min_label needs a label field (--label-field)")
+            if isinstance(self.min_label, bool) or not isinstance(self.min_label, (int, float)) \
+                    or not math.isfinite(self.min_label):
+                raise DataError(f"field map: min_label must be a finite number, "
+                                f"got {short_repr(self.min_label)}")
+            self.min_label = float(self.min_label)
+
+    def source_fields(self) -> list[str]:
+        """Input fields every record must have, in mapping order, without duplicates."""
+        names = [self.query, self.item_id, self.item_text, self.label, self.weight,
+                 self.hard_negatives]
+        return list(dict.fromkeys(n for n in names if n is not None))
+
+    def sample_fields(self) -> list[str]:
+        """Fields of the samples ``to_sample`` produces (the manifest's ``"fields"``)."""
+        fields = ["query", "item_id", "item_text"]
+        if self.label is not None:
+            fields.append("label")
+        if self.weight is not None:
+            fields.append("weight")
+        if self.hard_negatives is not None:
+            fields.append("hard_negatives")
+        return fields
+
+    def to_dict(self) -> dict:
+        """Plain dict (for the manifest); ``FieldMap(**d)`` rebuilds it."""
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=256)
+def _unit_for(source: str) -> str:
+    """How rows of ``source`` are numbered in messages: JSONL by line, the rest by row."""
+    name = str(source).lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    return "line" if _TEXT_FORMATS.get(os.path.splitext(name)[1]) == "jsonl" else "row"
+
+
+class _DecodeError(Exception):
+    def __init__(self, lineno: int, exc: UnicodeDecodeError):
+        self.lineno, self.exc = lineno, exc
+
+
+class _Reader:
+    """One input. ``fields()`` reads only the header/schema/first record;
+    iterating yields ``(row, record)``. Subclasses per format."""
+
+    unit = "row"
+    fields_origin = "the input"   # where fields() found the names, for error messages
+    fields_row: int | None = None  # and at which row/line, where that means anything
+
+    def __init__(self, path: str, display: str):
+        self.path = path          # what to open
+        self.display = display    # what to name in messages (as the user wrote it)
+
+    def error(self, message: str, row: int | None = None, field: str | None = None):
+        return DataError(message, source=self.display, row=row, field=field, unit=self.unit)
+
+    def fields(self) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _TextReader(_Reader):
+    """Line-oriented UTF-8 text, optionally gzip-compressed."""
+
+    def __init__(self, path: str, display: str, gz: bool):
+        super().__init__(path, display)
+        self.gz = gz
+
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        """(line number, decoded line with its newline); decodes line by line so that invalid
+        UTF-8 is reported with the line it is on."""
+        opener = gzip.open if self.gz else open
+        try:
+            with opener(self.path, "rb") as fh:
+                for lineno, raw in enumerate(fh, 1):
+                    try:
+                        # utf-8-sig on line 1: spreadsheet exports start with a BOM, which
+                        # would otherwise glue itself to the first column name.
+                        yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise _DecodeError(lineno, exc) from None
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise self.error(f"corrupt or truncated gzip data ({exc})") from None
+
+
+class _CsvReader(_TextReader):
+    fields_origin = "the header"
+
+    def __init__(self, path: str, display: str, gz: bool, delimiter: str):
+        super().__init__(path, display, gz)
+        self.delimiter = delimiter
+
+    def _rows(self) -> Iterator[tuple[int, list[str] | None, list[str]]]:
+        """Yields (row, header, cells); row 0 is the header itself."""
+        csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
+        lines = self._lines()
+        current = {"line": 0}
+
+        def text():
+            for lineno, line in lines:
+                current["line"] = lineno
+                yield line
+
+        reader = csv.reader(text(), delimiter=self.delimiter)
+        row = 0
+        header = None
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except _DecodeError as exc:
+                raise self.error(f"invalid UTF-8 on line {exc.lineno} "
+                                 f"(byte {exc.exc.start}): {exc.exc.reason}",
+                                 row=None if header is None else row + 1) from None
+            except csv.Error as exc:
+                raise self.error(f"malformed CSV near line {current['line']}: {exc}",
+                                 row=None if header is None else row + 1) from None
+            if not cells:  # blank line: not a row
+                continue
+            if header is None:
+                header = [c.strip() for c in cells]
+                dupes = sorted({c for c in header if header.count(c) > 1})
+                if dupes:
+                    raise self.error(f"header repeats column name(s) "
+                                     f"{', '.join(map(repr, dupes))}")
+                yield 0, header, header
+                continue
+            row += 1
+            if len(cells) != len(header):
+                raise self.error(f"expected {len(header)} columns (as in the header), "
+                                 f"got {len(cells)}", row=row)
+            yield row, header, cells
+        if header is None:
+            raise self.error("empty file, no rows")
+        if row == 0:
+            raise self.error("empty file, no rows (only a header)")
+
+    def fields(self) -> list[str]:
+        rows = self._rows()
+        try:
+            return next(rows)[1]
+        finally:
+            rows.close()
+
+    def __iter__(self):
+        for row, header, cells in self._rows():
+            if row:
+                yield row, dict(zip(header, cells))
+
+
+class _JsonlReader(_TextReader):
+    unit = "line"
+    fields_origin = "the first record"
+
+    def fields(self) -> list[str]:
+        records = iter(self)
+        try:
+            self.fields_row, record = next(records)
+            return list(record)
+        finally:
+            records.close()
+
+    def __iter__(self):
+        count = 0
+        lines = self._lines()
+        while True:
+            try:
+                lineno, line = next(lines)
+            except StopIteration:
+                break
+            except _DecodeError as exc:
+                raise self.error(f"invalid UTF-8 (byte {exc.exc.start}): {exc.exc.reason}",
+                                 row=exc.lineno) from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                hint = ""
+                if count == 0 and line.lstrip().startswith("["):
+                    hint = " (expected JSON Lines: one object per line, not a JSON array)"
+                raise self.error(f"invalid JSON: {exc.msg} at column {exc.colno}{hint}",
+                                 row=lineno) from None
+            if not isinstance(record, dict):
+                raise self.error(f"expected a JSON object, got {type(record).__name__}",
+                                 row=lineno)
+            count += 1
+            yield lineno, record
+        if count == 0:
+            raise self.error("empty file, no rows")
+
+
+class _ParquetReader(_Reader):
+    fields_origin = "the Parquet schema"
+
+    def _open(self):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(self.path)
+        except (pa.ArrowException, OSError) as exc:
+            raise self.error(f"not a readable Parquet file ({exc})") from None
+
+    def fields(self) -> list[str]:
+        return list(self._open().schema_arrow.names)
+
+    def __iter__(self):
+        import pyarrow as pa
+
+        pf = self._open()
+        if pf.metadata.num_rows == 0:
+            raise self.error("empty file, no rows")
+        row = 0
+        try:
+            for batch in pf.iter_batches(batch_size=_BATCH_ROWS):
+                for record in batch.to_pylist():
+                    row += 1
+                    yield row, record
+        except (pa.ArrowException, OSError) as exc:
+            raise self.error(f"unreadable Parquet data ({exc})", row=row + 1) from None
+
+
+class _HFDatasetReader(_Reader):
+    fields_origin = "the dataset's columns"
+
+    def __init__(self, path: str, display: str, split: str | None):
+        super().__init__(path, display)
+        self.split = split
+        self._dataset = None
+
+    def _load(self):
+        if self._dataset is not None:
+            return self._dataset
+        import datasets  # slow import: only when a datasets folder is actually read
+
+        try:
+            obj = datasets.load_from_disk(self.path)
+        except FileNotFoundError:
+            raise self.error("not a Hugging Face dataset folder "
+                             "(expected one written by save_to_disk)") from None
+        if isinstance(obj, datasets.DatasetDict):
+            splits = list(obj)
+            if self.split is not None:
+                if self.split not in obj:
+                    raise self.error(f"no split {self.split!r}; available splits: "
+                                     f"{', '.join(map(repr, splits))}")
+                obj = obj[self.split]
+            elif len(splits) == 1:
+                obj = obj[splits[0]]
+            else:
+                raise self.error(f"dataset has {len(splits)} splits "
+                                 f"({', '.join(map(repr, splits))}); name one as PATH:split")
+        elif self.split is not None:
+            raise self.error(f"a single Dataset has no splits; drop ':{self.split}'")
+        self._dataset = obj
+        return obj
+
+    def fields(self) -> list[str]:
+        return list(self._load().column_names)
+
+    def __iter__(self):
+        ds = self._load()
+        if ds.num_rows == 0:
+            raise self.error("empty dataset, no rows")
+        row = 0
+        for batch in ds.iter(batch_size=_BATCH_ROWS):
+            columns = list(batch)
+            for values in zip(*(batch[c] for c in columns)):
+                row += 1
+                yield row, dict(zip(columns, values))
+
+
+def _open_reader(path) -> _Reader:
+    """Pick the reader for ``path`` and check, eagerly, that it exists and is supported."""
+    display = os.fspath(path)
+    if not isinstance(display, str):
+        display = os.fsdecode(display)
+    if os.path.isdir(display):
+        return _HFDatasetReader(display, display, None)
+    if not os.path.exists(display) and ":" in display:
+        base, split = display.rsplit(":", 1)
+        if split and os.path.isdir(base):
+            return _HFDatasetReader(base, display, split)
+    if not os.path.exists(display):
+        raise DataError("no such file", source=display)
+    if not os.path.isfile(display):
+        raise DataError("not a regular file", source=display)
+
+    name = display.lower()
+    gz = name.endswith(".gz")
+    stem = name[:-3] if gz else name
+    ext = os.path.splitext(stem)[1]
+    kind = _TEXT_FORMATS.get(ext)
+    if ext == ".parquet" and not gz:
+        reader: _Reader = _ParquetReader(display, display)
+    elif kind == "jsonl":
+        reader = _JsonlReader(display, display, gz)
+    elif kind in ("csv", "tsv"):
+        reader = _CsvReader(display, display, gz, "," if kind == "csv" else "\t")
+    else:
+        raise DataError(f"unsupported input type {ext + ('.gz' if gz else '') or '(none)'!r}; "
+                        f"expected one of {', '.join(SUPPORTED_EXTENSIONS)} "
+                        f"or a datasets folder", source=display)
+    if os.path.getsize(display) == 0:
+        raise DataError("empty file, no rows", source=display)
+    return reader
+
+
+def iter_records(path) -> Iterator[tuple[int, dict]]:
+    """Stream the records of one input file or datasets folder.
+
+    Args:
+        path: a ``.csv``/``.tsv``/``.jsonl``/``.json`` file (optionally ``.gz``), a
+            ``.parquet`` file, or a ``save_to_disk`` folder (``DIR:split`` for a split).
+
+    Returns:
+        An iterator of ``(row, record)``: ``row`` is the 1-based data row (JSONL: line
+        number), ``record`` maps field names to values (CSV values are strings).
+
+    Raises:
+        DataError: raised by this call for a missing file, unsupported extension or empty
+            file; raised while iterating for unreadable content (invalid UTF-8, invalid
+            JSON line, wrong CSV column count, no rows...).
+    """
+    reader = _open_reader(path)  # eager: a bad path fails here, not at the first next()
+    return iter(reader)
+
+
+def record_fields(path) -> list[str]:
+    """The field names of an input, from its CSV header, Parquet/datasets schema, or the
+    first JSONL record, without reading further.
+
+    Raises:
+        DataError: as ``iter_records``.
+    """
+    return _open_reader(path).fields()
+
+
+def check_fields(path, field_map: FieldMap) -> list[str]:
+    """Fail fast if ``path`` lacks any field ``field_map`` needs.
+
+    Args:
+        path: an input accepted by ``iter_records``.
+        field_map: the mapping to check.
+
+    Returns:
+        The available field names.
+
+    Raises:
+        DataError: naming the first missing field and listing the available ones.
+    """
+    reader = _open_reader(path)
+    available = reader.fields()
+    for name in field_map.source_fields():
+        if name not in available:
+            raise reader.error(f"missing from {reader.fields_origin}; available fields: "
+                               f"{_list_names(available)}", row=reader.fields_row, field=name)
+    return available
+
+
+# --------------------------------------------------------------------------------------
+# Records -> samples
+# --------------------------------------------------------------------------------------
+
+def _list_names(names, limit: int = 30) -> str:
+    names = list(names)
+    text = ", ".join(repr(str(n)) for n in names[:limit])
+    if len(names) > limit:
+        text += f", ... ({len(names) - limit} more)"
+    return text or "(none)"
+
+
+class _Row:
+    """Error context for one record."""
+
+    __slots__ = ("source", "row", "unit")
+
+    def __init__(self, source, row, unit):
+        self.source, self.row, self.unit = source, row, unit
+
+    def error(self, field: str, message: str) -> DataError:
+        return DataError(message, source=self.source, row=self.row, field=field,
+                         unit=self.unit)
+
+
+def _get(record: Mapping, name: str, at: _Row) -> Any:
+    try:
+        return record[name]
+    except KeyError:
+        raise at.error(name, f"missing; available fields: {_list_names(record)}") from None
+
+
+def _text(value: Any, name: str, at: _Row) -> str:
+    if isinstance(value, str):
+        text = value.strip()
+    elif isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, float) and math.isfinite(value):
+        text = str(value)
+    elif value is None:
+        raise at.error(name, "empty text (null)")
+    else:
+        raise at.error(name, f"expected text, got {type(value).__name__}: "
+                             f"{short_repr(value)}")
+    if not text:
+        raise at.error(name, "empty text")
+    return text
+
+
+def _item_id(value: Any, name: str, at: _Row) -> str:
+    # Ids are compared as strings everywhere downstream: 123 (Parquet int64), "123" (CSV)
+    # and 123.0 (a pandas int column that picked up a null) must all become "123".
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise at.error(name, "empty item id")
+        return text
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    if value is None:
+        raise at.error(name, "empty item id (null)")
+    raise at.error(name, f"item id must be text or an integer, got "
+                         f"{type(value).__name__}: {short_repr(value)}")
+
+
+def _number(value: Any, name: str, at: _Row) -> float:
+    if isinstance(value, bool):  # JSON true/false as a click flag
+        return float(value)
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            raise at.error(name, f"not a number: {short_repr(value)}") from None
+    if not math.isfinite(number):
+        raise at.error(name, f"not a finite number: {short_repr(value)}")
+    return number
+
+
+def _hard_negatives(value: Any, name: str, at: _Row) -> list[dict]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if not value.strip():
+            return []
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise at.error(name, f"not a JSON list of {{item_id, item_text}} objects "
+                                 f"({exc.msg}): {short_repr(value)}") from None
+    if not isinstance(value, (list, tuple)):
+        raise at.error(name, f"expected a list of {{item_id, item_text}} objects, got "
+                             f"{type(value).__name__}")
+    negatives = []
+    for i, neg in enumerate(value):
+        if not isinstance(neg, Mapping) or "item_id" not in neg or "item_text" not in neg:
+            raise at.error(name, f"entry {i}: expected an object with item_id and item_text, "
+                                 f"got {short_repr(neg)}")
+        negatives.append({"item_id": _item_id(neg["item_id"], f"{name}[{i}].item_id", at),
+                          "item_text": _text(neg["item_text"], f"{name}[{i}].item_text", at)})
+    return negatives
+
+
+def to_sample(record: Mapping[str, Any], field_map: FieldMap, *, source, row: int) -> dict | None:
+    """Map one record to a training sample.
+
+    Args:
+        record: one record from ``iter_records``.
+        field_map: which fields to read.
+        source: the input it came from (named in errors; its extension decides whether
+            ``row`` is called a row or a line).
+        row: its row (JSONL: line) number, named in errors.
+
+    Returns:
+        ``{"query": str, "item_id": str, "item_text": str}`` plus ``"label"`` (float),
+        ``"weight"`` (float) and ``"hard_negatives"`` (list of ``{"item_id", "item_text"}``)
+        when mapped; texts are stripped and ids are strings. ``None`` when the label is
+        below ``field_map.min_label`` (the row is filtered out, not an error).
+
+    Raises:
+        DataError: missing field (listing the available ones), non-numeric label or
+            weight, empty query/item text or id, malformed hard negatives.
+    """
+    at = _Row(source, row, _unit_for(str(source)))
+    fm = field_map
+    label = None
+    if fm.label is not None:
+        # The label goes first so that filtered rows (often most of a click log) cost no
+        # further parsing and cannot fail on fields nobody will train on.
+        label = _number(_get(record, fm.label, at), fm.label, at)
+        if fm.min_label is not None and label < fm.min_label:
+            return None
+    sample: dict[str, Any] = {
+        "query": _text(_get(record, fm.query, at), fm.query, at),
+        "item_id": _item_id(_get(record, fm.item_id, at), fm.item_id, at),
+        "item_text": _text(_get(record, fm.item_text, at), fm.item_text, at),
+    }
+    if label is not None:
+        sample["label"] = label
+    if fm.weight is not None:
+        weight = _number(_get(record, fm.weight, at), fm.weight, at)
+        if weight < 0:
+            raise at.error(fm.weight, f"negative weight: {short_repr(weight)}")
+        sample["weight"] = weight
+    if fm.hard_negatives is not None:
+        sample["hard_negatives"] = _hard_negatives(_get(record, fm.hard_negatives, at),
+                                                   fm.hard_negatives, at)
+    return sample
