@@ -1,0 +1,44 @@
+"""The ``clicktower`` command: one subcommand per entry point.
+
+    clicktower synth --out data/synth --pairs 20000 --seed 0
+    clicktower shard data/synth/train.jsonl --out data/shards
+    clicktower train --config configs/demo.yaml train.max_steps=100
+    clicktower eval --model runs/demo/final --queries data/synth/eval.jsonl --catalog data/synth/catalog.jsonl
+    clicktower demo --out demo_out
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from clicktower.launcher.errors import USAGE_ERROR, run_cli
+
+# Subcommand -> module with a ``main(argv)``; imported lazily so ``clicktower synth`` does
+# not pay for importing torch and transformers.
+COMMANDS = {
+    "synth": ("clicktower.launcher.synth_cmd", "generate synthetic click logs"),
+    "shard": ("clicktower.launcher.shard_cmd", "convert click logs into WebDataset shards"),
+    "train": ("clicktower.launcher.train", "train a two-tower model from a YAML config"),
+    "eval": ("clicktower.launcher.evaluate", "retrieval metrics of a model over a catalog"),
+    "demo": ("clicktower.launcher.demo", "synthesise, shard, evaluate, fine-tune, evaluate again"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: clicktower <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv else USAGE_ERROR
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"clicktower: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})",
+              file=sys.stderr)
+        return USAGE_ERROR
+    module = importlib.import_module(COMMANDS[command][0])
+    return run_cli(lambda: module.main(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

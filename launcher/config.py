@@ -1,0 +1,210 @@
+"""Experiment configuration: typed dataclasses, loaded from YAML with dotted CLI overrides.
+
+Each component owns its config dataclass next to its code (``TwoTowerConfig`` in
+``clicktower.modeling.towers``, ``DataConfig`` in ``clicktower.data.loader`` ...) and validates
+itself in ``__post_init__``. This module only composes them and turns YAML plus
+``key.sub=value`` overrides into instances, so that unknown keys and bad types fail before any
+work starts, with the offending key named.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from clicktower.data.loader import DataConfig
+from clicktower.modeling.losses import LossConfig
+from clicktower.modeling.towers import TwoTowerConfig
+from clicktower.launcher.optim import OptimConfig
+from clicktower.launcher.trainer import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A bad experiment config: one line naming the key at fault."""
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole experiment: one section per component."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML file, apply ``key.sub=value`` overrides, and build a validated config.
+
+    Args:
+        path: YAML file whose top-level keys are the sections of ``ExperimentConfig``;
+            None starts from the defaults.
+        overrides: strings ``section.key=value``; the value is parsed as YAML
+            (``train.max_steps=20``, ``model.bert_config={hidden_size: 32}``).
+
+    Returns:
+        The validated ``ExperimentConfig``.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or invalid value.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(ExperimentConfig, raw, prefix="")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``raw[a][b] = value`` for an override ``a.b=value`` (value parsed as YAML)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # an unparseable value stays a string; the type check judges it
+    if isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
+        # Keep the raw text too: a str field given ``123`` or ``null`` should get that text.
+        value = _RawScalar(value, text)
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+@dataclass(frozen=True)
+class _RawScalar:
+    """A scalar parsed from a CLI override, remembering its text for str fields."""
+
+    value: Any
+    text: str
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The plain-dict (YAML-ready) form of a config, used to save the resolved config."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types recursively.
+
+    Args:
+        cls: a dataclass type.
+        raw: the mapping read from YAML.
+        prefix: dotted key path of ``raw`` for error messages ("" at the top).
+    """
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        close = ", ".join(sorted(names))
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (valid keys in {where}: {close})")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp`` and convert where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if isinstance(value, _RawScalar) and value.value is None and type(None) in args:
+            return None
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: invalid value {_show(value)}")
+    if origin is Literal:
+        plain = value.value if isinstance(value, _RawScalar) else value
+        if plain not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {_show(value)}")
+        return plain
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, _unwrap(value), f"{key}.")
+    if tp is Any:
+        return _unwrap(value)
+    if origin in (dict, typing.Dict) or tp is dict:
+        value = _unwrap(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+        return value
+    if origin in (list, tuple) or tp in (list, tuple):
+        value = _unwrap(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        inner = args[0] if args else Any
+        items = [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or tp is tuple else items
+    if tp is str:
+        if isinstance(value, _RawScalar):
+            return value.text.strip()
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+    plain = _unwrap(value)
+    if tp is bool:
+        if isinstance(plain, bool):
+            return plain
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
+    if tp is int:
+        if isinstance(plain, int) and not isinstance(plain, bool):
+            return plain
+        raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
+    if tp is float:
+        if isinstance(plain, (int, float)) and not isinstance(plain, bool):
+            return float(plain)
+        if isinstance(plain, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept any float literal.
+            try:
+                return float(plain)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {_show(value)}")
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")  # a bug in a config class
+
+
+def _unwrap(value: Any) -> Any:
+    return value.value if isinstance(value, _RawScalar) else value
+
+
+def _show(value: Any) -> str:
+    return repr(value.text if isinstance(value, _RawScalar) else value)
+
+
+def _describe(value: Any) -> str:
+    value = _unwrap(value)
+    return f"{type(value).__name__} {value!r}"

@@ -1,0 +1,37 @@
+"""How every entry point reports a user's mistake: one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+USAGE_ERROR = 2
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input (files, data, config), not by a bug."""
+    from clicktower.data.errors import DataError
+    from clicktower.launcher.config import ConfigError
+
+    return (DataError, ConfigError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError)
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """Run ``main`` and turn a user error into one line and exit status 2 (no traceback wall).
+
+    Args:
+        main: the entry point; returns its exit status.
+    """
+    try:
+        return main()
+    except user_error_types() as exc:
+        message = str(exc)
+        if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in message:
+            message = f"{exc.filename}: {message}"
+        elif isinstance(exc, OSError) and exc.strerror and exc.filename:
+            message = f"{exc.filename}: {exc.strerror}"
+        print(f"clicktower: error: {message}", file=sys.stderr, flush=True)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("clicktower: interrupted", file=sys.stderr, flush=True)
+        return 130

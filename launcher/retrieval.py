@@ -1,0 +1,102 @@
+"""Embedding texts with a tower, exact top-k search and retrieval metrics."""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from clicktower.modeling.towers import Tower
+
+
+@torch.no_grad()
+def embed_texts(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: int,
+                batch_size: int = 128) -> torch.Tensor:
+    """Embed texts in batches, in eval mode; returns [len(texts), D] float32 on the CPU.
+
+    Args:
+        tower: the tower to use.
+        tokenizer: its tokenizer.
+        texts: the texts.
+        max_length: token limit.
+        batch_size: texts per forward pass.
+    """
+    was_training = tower.training
+    tower.eval()
+    device = next(tower.parameters()).device
+    # Sorting by length keeps padding low; the original order is restored at the end.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), tower.embedding_dim)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        emb = tower(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        out[idx] = emb.float().cpu()
+    tower.train(was_training)
+    return out
+
+
+def exact_topk(queries: torch.Tensor, catalog: torch.Tensor, k: int,
+               chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-k, in query chunks so memory stays chunk x catalog.
+
+    Args:
+        queries: [Q, D].
+        catalog: [C, D].
+        k: neighbours per query (clipped to C).
+
+    Returns:
+        ``(scores [Q, k], indices [Q, k])``, best first.
+    """
+    k = min(k, catalog.shape[0])
+    scores, indices = [], []
+    for start in range(0, queries.shape[0], chunk):
+        s, i = (queries[start:start + chunk] @ catalog.T).topk(k, dim=1)
+        scores.append(s)
+        indices.append(i)
+    return torch.cat(scores), torch.cat(indices)
+
+
+def query_metrics(ranked: Sequence[str], grades: dict[str, float], min_relevance: float,
+                  ks: Iterable[int] = (1, 10, 100)) -> dict[str, float] | None:
+    """Recall@k, MRR@10 and nDCG@10 of one ranked list against graded judgements.
+
+    Recall@k is the share of relevant items (grade >= ``min_relevance``) in the top k.
+    MRR@10 is 1 / rank of the first relevant item in the top 10 (0 if none). nDCG@10 uses
+    gains ``2**grade - 1`` and the ideal order of all judged grades; unjudged items gain 0.
+
+    Args:
+        ranked: retrieved item ids, best first.
+        grades: judged item id -> graded relevance.
+        min_relevance: the grade from which an item counts as relevant.
+        ks: the recall cut-offs.
+
+    Returns:
+        The metrics, or None when the query has no relevant item (it is left out of means).
+    """
+    relevant = {item for item, g in grades.items() if g >= min_relevance}
+    if not relevant:
+        return None
+    out = {f"recall@{k}": len(relevant.intersection(ranked[:k])) / len(relevant) for k in ks}
+    out["mrr@10"] = next((1.0 / (r + 1) for r, item in enumerate(ranked[:10]) if item in relevant), 0.0)
+    dcg = sum((2.0 ** grades.get(item, 0.0) - 1.0) / math.log2(r + 2) for r, item in enumerate(ranked[:10]))
+    ideal = sorted(grades.values(), reverse=True)[:10]
+    idcg = sum((2.0 ** g - 1.0) / math.log2(r + 2) for r, g in enumerate(ideal))
+    out["ndcg@10"] = dcg / idcg if idcg > 0 else 0.0
+    return out
+
+
+def mean_metrics(per_query: list[dict[str, float] | None]) -> dict[str, Any]:
+    """Average per-query metrics over the queries that have a relevant item.
+
+    Args:
+        per_query: results of ``query_metrics`` (None for queries without relevant items).
+    """
+    scored = [m for m in per_query if m is not None]
+    summary: dict[str, Any] = {}
+    if scored:
+        summary = {key: sum(m[key] for m in scored) / len(scored) for key in scored[0]}
+    summary["num_queries"] = len(scored)
+    summary["num_queries_without_relevant"] = len(per_query) - len(scored)
+    return summary

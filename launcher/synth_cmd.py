@@ -1,0 +1,28 @@
+"""clicktower synth: write a deterministic synthetic click log (train, catalog, eval)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from clicktower.data.synth import generate
+from clicktower.launcher.errors import run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clicktower synth", description=__doc__)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--pairs", type=int, required=True, help="click pairs in train.jsonl")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--items", type=int, default=None, help="catalog size (default: pairs / 10)")
+    parser.add_argument("--eval-queries", type=int, default=None, help="held-out judged queries")
+    args = parser.parse_args(argv)
+    if args.pairs < 1:
+        parser.error("--pairs must be >= 1")
+    counts = generate(args.out, args.pairs, args.seed, args.items, args.eval_queries)
+    print(json.dumps({"out": args.out, **counts}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

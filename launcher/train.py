@@ -1,0 +1,90 @@
+"""Train a two-tower retrieval model.
+
+    clicktower train --config configs/demo.yaml train.max_steps=50
+    accelerate launch -m clicktower.launcher.train --config configs/demo.yaml
+
+Reads top to bottom: parse the config, build every component, train, save, tear down.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from clicktower.data.loader import ClickPairLoader
+from clicktower.launcher.config import ConfigError, ExperimentConfig, load_config, to_dict
+from clicktower.launcher.errors import run_cli
+from clicktower.launcher.optim import build_optimizer, build_scheduler
+from clicktower.launcher.trainer import Trainer
+from clicktower.modeling.losses import ContrastiveLoss
+from clicktower.modeling.towers import TwoTower
+
+
+def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
+    parser = argparse.ArgumentParser(prog="clicktower train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML file")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=20")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def train(cfg: ExperimentConfig) -> Path:
+    """Run one experiment; returns the folder of the final towers.
+
+    Args:
+        cfg: the validated experiment config.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    if cfg.data.train_manifest is None:
+        raise ConfigError("data.train_manifest is required for training")
+    # Everything a user can get wrong on disk is checked before the processes start working.
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    out = Path(cfg.train.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    set_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    loader = ClickPairLoader(cfg.data.train_manifest, cfg.train.batch_size, accelerator.process_index,
+                             accelerator.num_processes, cfg.data.num_workers, cfg.train.seed, tokenizer,
+                             cfg.model.max_query_length, cfg.model.max_item_length, cfg.data.shuffle_buffer)
+    model = TwoTower.from_config(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    # The scheduler is stepped once per optimiser step on every rank, so accelerate must not
+    # step it num_processes times.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    trainer = Trainer(accelerator, model, optimizer, scheduler, loader,
+                      ContrastiveLoss(symmetric=cfg.loss.symmetric), cfg.train,
+                      cfg.optim.max_grad_norm, cfg.loss.mask_duplicate_items)
+    trainer.fit()
+
+    accelerator.wait_for_everyone()
+    final = out / "final"
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(final, tokenizer, cfg.model.max_query_length,
+                                                        cfg.model.max_item_length)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_path, overrides = parse_args(argv)
+    cfg = load_config(config_path, overrides)
+    final = train(cfg)
+    print(f"saved {final}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

