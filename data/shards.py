@@ -340,8 +340,8 @@ def load_manifest(path: str, *, verify_checksums: bool = False) -> dict:
             (reads all the data; sizes are always checked).
 
     Returns:
-        The manifest dict, with each shard's ``"path"`` made absolute and ``"root"`` (the
-        absolute directory of the manifest) added.
+        The manifest dict, with each shard's ``"path"`` made absolute, plus ``"path"`` (the
+        absolute manifest file, for messages) and ``"root"`` (its directory).
 
     Raises:
         DataError: missing/invalid manifest, unknown format or version, or a shard that is
@@ -413,7 +413,8 @@ def load_manifest(path: str, *, verify_checksums: bool = False) -> dict:
     total = sum(s["num_samples"] for s in resolved)
     if total != num_samples:
         raise bad(f"is {num_samples} but the shards hold {total}", "num_samples")
-    return {**manifest, "shards": resolved, "root": root}
+    return {**manifest, "shards": resolved, "path": os.path.abspath(manifest_path),
+            "root": root}
 
 
 def iter_shard(path: str) -> Iterator[dict]:

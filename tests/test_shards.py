@@ -262,6 +262,7 @@ def test_load_manifest_file_or_dir(shard_dir):
     by_file = load_manifest(str(shard_dir / MANIFEST_NAME), verify_checksums=True)
     assert by_dir == by_file
     assert by_dir["root"] == str(shard_dir)
+    assert by_dir["path"] == str(shard_dir / MANIFEST_NAME)
     assert [s["path"] for s in by_dir["shards"]] == [
         str(shard_dir / f"shard-00000{i}.tar") for i in range(3)]
 
