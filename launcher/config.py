@@ -154,7 +154,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {_show(value)}")
         return plain
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, _unwrap(value), f"{key}.")
+        # Shallow: the section's own fields still need their override text (str fields).
+        return from_dict(tp, value.value if isinstance(value, _RawScalar) else value, f"{key}.")
     if tp is Any:
         return _unwrap(value)
     if origin in (dict, typing.Dict) or tp is dict:
@@ -198,7 +199,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def _unwrap(value: Any) -> Any:
-    return value.value if isinstance(value, _RawScalar) else value
+    """The plain value, with override wrappers removed at any depth (free-form mappings)."""
+    if isinstance(value, _RawScalar):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    return value
 
 
 def _show(value: Any) -> str:

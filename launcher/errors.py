@@ -16,12 +16,23 @@ def user_error_types() -> tuple[type[BaseException], ...]:
             PermissionError)
 
 
+def _quiet_libraries() -> None:
+    """Keep library chatter (load reports of unused pooler weights...) out of the user's way."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def run_cli(main: Callable[[], int]) -> int:
     """Run ``main`` and turn a user error into one line and exit status 2 (no traceback wall).
 
     Args:
         main: the entry point; returns its exit status.
     """
+    _quiet_libraries()
     try:
         return main()
     except user_error_types() as exc:

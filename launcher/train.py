@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from clicktower.data.loader import ClickPairLoader
+from clicktower.data.shards import load_manifest
 from clicktower.launcher.config import ConfigError, ExperimentConfig, load_config, to_dict
 from clicktower.launcher.errors import run_cli
 from clicktower.launcher.optim import build_optimizer, build_scheduler
@@ -43,7 +44,8 @@ def train(cfg: ExperimentConfig) -> Path:
 
     if cfg.data.train_manifest is None:
         raise ConfigError("data.train_manifest is required for training")
-    # Everything a user can get wrong on disk is checked before the processes start working.
+    # Everything a user can get wrong on disk is checked before anything is written.
+    manifest = load_manifest(cfg.data.train_manifest)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     out = Path(cfg.train.output_dir)
@@ -54,7 +56,7 @@ def train(cfg: ExperimentConfig) -> Path:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    loader = ClickPairLoader(cfg.data.train_manifest, cfg.train.batch_size, accelerator.process_index,
+    loader = ClickPairLoader(manifest, cfg.train.batch_size, accelerator.process_index,
                              accelerator.num_processes, cfg.data.num_workers, cfg.train.seed, tokenizer,
                              cfg.model.max_query_length, cfg.model.max_item_length, cfg.data.shuffle_buffer)
     model = TwoTower.from_config(cfg.model)

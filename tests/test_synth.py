@@ -1,0 +1,48 @@
+"""The synthetic click-log generator: deterministic, realistic shape, held-out eval."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from clicktower.data.synth import generate
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
+    generate(tmp_path / "a", 1500, seed=3)
+    generate(tmp_path / "b", 1500, seed=3)
+    generate(tmp_path / "c", 1500, seed=4)
+    for name in ("train.jsonl", "catalog.jsonl", "eval.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
+
+
+def test_clicks_are_skewed_and_products_have_many_queries(synth_dir):
+    train = _read(synth_dir / "train.jsonl")
+    catalog = {r["item_id"]: r["item_text"] for r in _read(synth_dir / "catalog.jsonl")}
+    assert len(train) == 2000 and len(catalog) == 240
+    assert all(catalog[r["item_id"]] == r["item_text"] for r in train)
+    clicks = Counter(r["item_id"] for r in train)
+    counts = sorted(clicks.values(), reverse=True)
+    # Zipf: the most popular product gets far more clicks than the median clicked product.
+    assert counts[0] >= 10 * counts[len(counts) // 2]
+    queries_per_item = Counter()
+    for item, n in Counter((r["item_id"], r["query"]) for r in train).items():
+        queries_per_item[item[0]] += 1
+    assert max(queries_per_item.values()) >= 20  # many distinct queries click one product
+    assert len({r["query"] for r in train}) > 1000
+
+
+def test_eval_queries_are_held_out_and_graded(synth_dir):
+    train_queries = {r["query"] for r in _read(synth_dir / "train.jsonl")}
+    catalog = {r["item_id"] for r in _read(synth_dir / "catalog.jsonl")}
+    rows = _read(synth_dir / "eval.jsonl")
+    assert rows and not train_queries.intersection(r["query"] for r in rows)
+    for row in rows:
+        grades = row["relevance"]
+        assert set(grades) <= catalog
+        assert sorted(set(grades.values())) in ([1, 3], [1, 2, 3], [3], [2, 3])
+        assert list(grades.values()).count(3) == 1
