@@ -1,1 +1,18 @@
-"""clicktower.kernels."""
+"""clicktower.kernels: fused, memory-lean loss kernels (plain PyTorch, CPU and CUDA)."""
+from .contrastive import (
+    DEFAULT_BLOCK_SIZE,
+    contrastive_logsumexp,
+    fused_contrastive_loss,
+    fused_symmetric_contrastive_loss,
+    positive_logits,
+    symmetric_logsumexp,
+)
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "contrastive_logsumexp",
+    "fused_contrastive_loss",
+    "fused_symmetric_contrastive_loss",
+    "positive_logits",
+    "symmetric_logsumexp",
+]
