@@ -124,6 +124,12 @@ def _blocks(n: int, b: int):
     return [(i, min(i + b, n)) for i in range(0, n, b)]
 
 
+def _no_autocast(t: torch.Tensor):
+    # Under torch.autocast the tile matmuls would silently drop to bf16/fp16; the kernel
+    # casts by itself and accumulates in fp32.
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _check_block(block_size) -> int:
     if block_size is None:
         return DEFAULT_BLOCK_SIZE
@@ -140,7 +146,7 @@ class _RowLSE(torch.autograd.Function):
     def forward(ctx, q, k, s, targets, key_ids, block):
         cd = _compute_dtype(q, k)
         B, N = q.shape[0], k.shape[0]
-        with torch.no_grad():
+        with torch.no_grad(), _no_autocast(q):
             sc = s.to(cd)
             kf = k.to(cd)
             qs = q.to(cd) * sc
@@ -166,13 +172,14 @@ class _RowLSE(torch.autograd.Function):
         return lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward runs under no_grad
     def backward(ctx, g):
         q, k, s, targets, key_ids, lse = ctx.saved_tensors
         block = ctx.block
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
         cd = lse.dtype
         B, N = q.shape[0], k.shape[0]
-        with torch.no_grad():
+        with torch.no_grad(), _no_autocast(q):
             g = g.to(cd)
             sc = s.to(cd)
             qf = q.to(cd)
@@ -221,7 +228,7 @@ class _SymLSE(torch.autograd.Function):
         cd = _compute_dtype(q, k)
         B = q.shape[0]
         dev = q.device
-        with torch.no_grad():
+        with torch.no_grad(), _no_autocast(q):
             kf = k.to(cd)
             qs = q.to(cd) * s.to(cd)
             floor = _clamp_floor(qs, kf, torch.ones((), dtype=cd))
@@ -254,13 +261,14 @@ class _SymLSE(torch.autograd.Function):
         return lse_r, lse_c
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward runs under no_grad
     def backward(ctx, g_r, g_c):
         q, k, s, query_ids, key_ids, lse_r, lse_c = ctx.saved_tensors
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
         cd = lse_r.dtype
         B = q.shape[0]
         dev = q.device
-        with torch.no_grad():
+        with torch.no_grad(), _no_autocast(q):
             g_r = torch.zeros_like(lse_r) if g_r is None else g_r.to(cd)
             g_c = torch.zeros_like(lse_c) if g_c is None else g_c.to(cd)
             sc = s.to(cd)

@@ -226,3 +226,12 @@ def test_kernels_never_import_triton():
                     "import_module", "__import__"):
                 names = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
             assert not any(n.split(".")[0] == "triton" for n in names), f"{path} imports triton"
+
+
+def test_autocast_keeps_fp32_accumulation():
+    q, k, s = _inputs(9, 9, 6, torch.float32, 5.0, seed=13)
+    want = _grads(lambda q, k, s: fused_symmetric_contrastive_loss(q, k, s, block_size=4), q, k, s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _grads(lambda q, k, s: fused_symmetric_contrastive_loss(q, k, s, block_size=4), q, k, s)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
