@@ -16,3 +16,4 @@ __all__ = [
     "positive_logits",
     "symmetric_logsumexp",
 ]
+from .collectives import all_reduce_sum, distributed_world, gather_sizes, gather_with_grad
