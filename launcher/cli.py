@@ -4,6 +4,9 @@
     clicktower shard data/synth/train.jsonl --out data/shards
     clicktower train --config configs/demo.yaml train.max_steps=100
     clicktower eval --model runs/demo/final --queries data/synth/eval.jsonl --catalog data/synth/catalog.jsonl
+    clicktower embed --model runs/demo/final --catalog data/synth/catalog.jsonl --out runs/demo/index
+    clicktower search --index runs/demo/index "cordless drill"
+    clicktower plot runs/demo
     clicktower demo --out demo_out
 """
 from __future__ import annotations
@@ -13,13 +16,16 @@ import sys
 
 from clicktower.launcher.errors import USAGE_ERROR, run_cli
 
-# Subcommand -> module with a ``main(argv)``; imported lazily so ``clicktower synth`` does
+# Subcommand -> ``module[:function]`` taking argv (default ``main``); imported lazily so ``clicktower synth`` does
 # not pay for importing torch and transformers.
 COMMANDS = {
     "synth": ("clicktower.launcher.synth_cmd", "generate synthetic click logs"),
     "shard": ("clicktower.launcher.shard_cmd", "convert click logs into WebDataset shards"),
     "train": ("clicktower.launcher.train", "train a two-tower model from a YAML config"),
     "eval": ("clicktower.launcher.evaluate", "retrieval metrics of a model over a catalog"),
+    "embed": ("clicktower.launcher.index", "embed a catalog on every rank and build a FAISS index"),
+    "search": ("clicktower.launcher.index:search_main", "top items of an index for a query"),
+    "plot": ("clicktower.launcher.plot", "draw loss, temperature, throughput and metrics as a PNG"),
     "demo": ("clicktower.launcher.demo", "synthesise, shard, evaluate, fine-tune, evaluate again"),
 }
 
@@ -36,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clicktower: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})",
               file=sys.stderr)
         return USAGE_ERROR
-    module = importlib.import_module(COMMANDS[command][0])
-    return run_cli(lambda: module.main(rest))
+    module_name, _, function = COMMANDS[command][0].partition(":")
+    entry = getattr(importlib.import_module(module_name), function or "main")
+    return run_cli(lambda: entry(rest))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,11 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run(args: list[str], cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a command of the installed package and capture its output."""
-    return subprocess.run(args, cwd=cwd or REPO, env=cli_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def run(args: list[str], cwd: Path | None = None, timeout: int = 600,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command of the installed package and capture its output (extra ``env`` added)."""
+    return subprocess.run(args, cwd=cwd or REPO, env={**cli_env(), **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def clicktower(*args: str, **kwargs) -> subprocess.CompletedProcess:
