@@ -16,6 +16,7 @@ import yaml
 from clicktower.data.loader import ClickPairLoader
 from clicktower.data.shards import load_manifest
 from clicktower.launcher.config import ConfigError, ExperimentConfig, load_config, to_dict
+from clicktower.launcher.distributed import gathered_parameters, prepare_launch
 from clicktower.launcher.errors import run_cli
 from clicktower.launcher.optim import build_optimizer, build_scheduler
 from clicktower.launcher.trainer import Trainer
@@ -56,6 +57,7 @@ def train(cfg: ExperimentConfig) -> Path:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
+    prepare_launch(accelerator, cfg.train.batch_size, cfg.optim.max_grad_norm)  # DeepSpeed "auto"s, checks
     loader = ClickPairLoader(manifest, cfg.train.batch_size, accelerator.process_index,
                              accelerator.num_processes, cfg.data.num_workers, cfg.train.seed, tokenizer,
                              cfg.model.max_query_length, cfg.model.max_item_length, cfg.data.shuffle_buffer)
@@ -63,18 +65,20 @@ def train(cfg: ExperimentConfig) -> Path:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     # The scheduler is stepped once per optimiser step on every rank, so accelerate must not
-    # step it num_processes times.
+    # step it num_processes times (nor DeepSpeed's engine): it is not prepared.
     model, optimizer = accelerator.prepare(model, optimizer)
-    trainer = Trainer(accelerator, model, optimizer, scheduler, loader,
-                      ContrastiveLoss(symmetric=cfg.loss.symmetric), cfg.train,
+    # Negatives from every rank when distributed: the loss gathers and scales (nothing else does).
+    loss_fn = ContrastiveLoss(cfg.loss.symmetric, cfg.loss.cross_device and accelerator.num_processes > 1)
+    trainer = Trainer(accelerator, model, optimizer, scheduler, loader, loss_fn, cfg.train,
                       cfg.optim.max_grad_norm, cfg.loss.mask_duplicate_items)
     trainer.fit()
 
     accelerator.wait_for_everyone()
     final = out / "final"
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(final, tokenizer, cfg.model.max_query_length,
-                                                        cfg.model.max_item_length)
+    with gathered_parameters(accelerator, model):  # ZeRO-3 partitions the weights; all ranks enter
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(final, tokenizer, cfg.model.max_query_length,
+                                                            cfg.model.max_item_length)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final

@@ -1,6 +1,12 @@
-"""The training loop: one optimiser step per batch, metrics, progress, final export."""
+"""The training loop: one optimiser step per batch, metrics, progress, final export.
+
+Works unchanged in one process, under DDP and under DeepSpeed ZeRO-1/2/3 (accelerate
+launch). With ``train.grad_cache_chunk`` the local batch is embedded in chunks (GradCache),
+so the contrastive batch can exceed what fits in memory with activations.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from clicktower.launcher.distributed import deepspeed_plugin, mean_over_ranks
 from clicktower.modeling.losses import ContrastiveLoss
 
 MODEL_INPUTS = ("query_input_ids", "query_attention_mask", "item_input_ids", "item_attention_mask")
@@ -30,6 +37,11 @@ class TrainConfig:
         mixed_precision: ``bf16`` autocast, or ``no`` for fp32.
         deterministic: ask PyTorch for deterministic kernels (bit-reproducible CPU runs).
         progress_bar: show a tqdm bar on rank 0.
+        grad_cache_chunk: GradCache: embed the local batch in chunks of this many pairs
+            without activations, compute the loss and its gradient w.r.t. the embeddings on
+            the whole (global) batch, then re-run each chunk with grad and back-propagate the
+            cached gradient. Same update as without (bit-for-bit up to float reassociation;
+            dropout replays via saved RNG state), activation memory of one chunk. None: off.
     """
 
     batch_size: int = 32
@@ -40,11 +52,14 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16"] = "no"
     deterministic: bool = True
     progress_bar: bool = True
+    grad_cache_chunk: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
+            raise ValueError(f"train.grad_cache_chunk must be >= 1 or null, got {self.grad_cache_chunk}")
         if not self.output_dir:
             raise ValueError("train.output_dir must not be empty")
 
@@ -91,26 +106,124 @@ class Trainer:
         self.loader, self.loss_fn, self.cfg = loader, loss_fn, cfg
         self.max_grad_norm, self.mask_duplicate_items = max_grad_norm, mask_duplicate_items
         self.step = 0
+        self.deepspeed = deepspeed_plugin(accelerator) is not None
+        self.last_logit_scale = torch.tensor(float("nan"))
         out = Path(cfg.output_dir)
         self.metrics = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
 
     def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Forward, loss, backward, clip and step on one batch; returns the detached loss."""
+        """Forward, loss, backward, clip and step on one batch.
+
+        Returns:
+            The loss, detached and averaged over ranks (the global-batch loss).
+        """
         device = self.accelerator.device
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
-        with self.accelerator.autocast():
-            query_emb, item_emb, logit_scale = self.model(**inputs)
         ids = {}
         if self.mask_duplicate_items:
             ids = {"item_ids": batch["item_ids"].to(device), "query_ids": batch["query_ids"].to(device)}
-        loss = self.loss_fn(query_emb, item_emb, logit_scale, **ids)
-        self.accelerator.backward(loss)
-        if self.max_grad_norm is not None:
+        chunks = 1 if self.cfg.grad_cache_chunk is None else self._num_chunks(inputs, self.cfg.grad_cache_chunk)
+        if chunks > 1:
+            loss = self.grad_cache_backward(inputs, ids, chunks)
+        else:
+            with self.accelerator.autocast():
+                query_emb, item_emb, logit_scale = self.model(**inputs)
+            loss = self.loss_fn(query_emb, item_emb, logit_scale, **ids)
+            self.last_logit_scale = logit_scale.detach()
+            # Under DeepSpeed this is the engine's backward AND step (clip, optimiser, zero_grad).
+            self.accelerator.backward(loss)
+        self.optimizer_step()
+        return mean_over_ranks(self.accelerator, loss.detach())
+
+    def optimizer_step(self) -> None:
+        """Clip, step the optimiser and the LR schedule, zero the gradients."""
+        if self.max_grad_norm is not None and not self.deepspeed:
+            # DeepSpeed clips inside engine.step (gradient_clipping, filled from
+            # optim.max_grad_norm by configure_deepspeed); clipping here would be too late.
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        self.optimizer.step()  # a no-op under DeepSpeed: accelerator.backward stepped the engine
+        self.scheduler.step()  # a LambdaLR on the base optimiser's param groups, which ZeRO uses
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _num_chunks(self, inputs: dict[str, torch.Tensor], chunk: int) -> int:
+        """Chunks per step, the max over ranks: every rank must run the same number of
+        forward/backward calls (DDP broadcasts buffers per forward, ZeRO-3 gathers weights)."""
+        n = int(inputs[MODEL_INPUTS[0]].shape[0])
+        count = torch.tensor([math.ceil(n / chunk)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.reduce(count, reduction="max")
+        count = int(count[0])
+        if count > n:
+            raise ValueError(f"local batch of {n} pairs cannot be split into {count} chunks")
+        return count
+
+    def grad_cache_backward(self, inputs: dict[str, torch.Tensor], ids: dict[str, torch.Tensor],
+                            num_chunks: int) -> torch.Tensor:
+        """GradCache: the gradients of the full-batch loss with one chunk's activations alive.
+
+        1. Embed each chunk under no_grad, saving the RNG state first.
+        2. Loss (cross-device gather included) on the concatenated embeddings, and its
+           gradient w.r.t. the embeddings and the logit scale.
+        3. Per chunk: restore its RNG state (same dropout), embed with grad, and backward
+           the surrogate ``sum(emb * cached_grad)`` through ``accelerator.backward`` -- the
+           DeepSpeed engine's own backward under ZeRO -- synchronising only on the last.
+
+        Args:
+            inputs: the model inputs of the local batch.
+            ids: item/query ids for the loss's duplicate masking.
+            num_chunks: how many near-equal chunks (the same on every rank).
+
+        Returns:
+            The (local) loss.
+        """
+        acc, model = self.accelerator, self.model
+        n = int(inputs[MODEL_INPUTS[0]].shape[0])
+        spans = [(int(t[0]), int(t[-1]) + 1) for t in torch.arange(n).tensor_split(num_chunks)]
+        states, queries, items = [], [], []
+        with torch.no_grad():
+            for a, b in spans:
+                states.append(_rng_state(acc.device))
+                with acc.autocast():
+                    q, i, scale = model(**{k: v[a:b] for k, v in inputs.items()})
+                queries.append(q)
+                items.append(i)
+        query_emb = torch.cat(queries).requires_grad_()
+        item_emb = torch.cat(items).requires_grad_()
+        scale = scale.detach().requires_grad_()
+        loss = self.loss_fn(query_emb, item_emb, scale, **ids)
+        query_grad, item_grad, scale_grad = torch.autograd.grad(loss, [query_emb, item_emb, scale])
+        self.last_logit_scale = scale.detach()
+        for index, (a, b) in enumerate(spans):
+            last = index == len(spans) - 1
+            _set_rng_state(acc.device, states[index])
+            with self._accumulating(not last):
+                with acc.autocast():
+                    q, i, s = model(**{k: v[a:b] for k, v in inputs.items()})
+                surrogate = (q.float() * query_grad[a:b].float()).sum() + (i.float() * item_grad[a:b].float()).sum()
+                if last:  # the logit scale's gradient is the whole batch's, added once
+                    surrogate = surrogate + s.float() * scale_grad.float()
+                acc.backward(surrogate)
         return loss.detach()
+
+    @contextlib.contextmanager
+    def _accumulating(self, accumulate: bool):
+        """Backward without gradient synchronisation (all but the last GradCache chunk)."""
+        if not accumulate:
+            yield
+        elif self.deepspeed:
+            # accelerate's DeepSpeed backward calls engine.set_gradient_accumulation_boundary
+            # (sync_gradients) and only runs engine.step() at a boundary: the engine then
+            # accumulates (ZeRO-1/2) or reduce-scatters into its partitions (ZeRO-3) and
+            # steps once, after the last chunk. (DeepSpeed's no_sync refuses ZeRO-2/3.)
+            state = self.accelerator.gradient_state
+            state._set_sync_gradients(False)
+            try:
+                yield
+            finally:
+                state._set_sync_gradients(True)
+        else:
+            with self.accelerator.no_sync(self.model):
+                yield
 
     def fit(self) -> None:
         """Train until ``cfg.max_steps``, looping over epochs, logging every few steps."""
@@ -144,7 +257,20 @@ class Trainer:
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"loss is {mean_loss} at step {self.step}: lower optim.lr "
                                      "or check the data")
-        scale = float(self.accelerator.unwrap_model(self.model).logit_scale().detach())
+        # From the last forward: under ZeRO-3 the parameter itself is a partition.
+        scale = float(self.last_logit_scale)
         return {"step": self.step, "epoch": self.loader.epoch, "loss": mean_loss,
                 "lr": self.scheduler.get_last_lr()[0], "temperature": 1.0 / scale,
                 "logit_scale": scale, "pairs_per_sec": pairs_per_sec}
+
+
+def _rng_state(device: torch.device) -> tuple:
+    """CPU (and this CUDA device's) RNG state, to replay a chunk's dropout."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
