@@ -1,30 +1,80 @@
-"""Streaming click-pair batches from WebDataset shards to every rank and loader worker.
+"""Streaming click-pair batches from indexed WebDataset shards to every rank and loader worker.
 
-The epoch is one deterministic global order of samples: a seeded permutation of the shards,
-each shard read in order through a seeded shuffle buffer. Global position ``p`` of that
-stream belongs to rank ``p % world_size``; every rank yields the same number of batches,
-``num_samples // (world_size * batch_size)``, and the remainder (fewer than one global batch)
-is dropped for that epoch (the next epoch's order is a new permutation, so no sample is
-dropped every time). Batch ``j`` of a rank is built by loader worker ``j % num_workers``;
-PyTorch's ``DataLoader`` takes workers round-robin, so the order is the same for any worker
-count.
+The epoch order
+---------------
+An epoch is one deterministic global order of the manifest's ``N`` samples, computed from
+the shard sample counts and the seed alone (no data is read to know it):
 
-The state is ``{"epoch", "samples_consumed"}`` (global samples): it holds no rank or worker,
-so a resume can happen on any world size or worker count whose global batch divides the
-consumed count.
+1. a seeded permutation of the shards, concatenated;
+2. inside each shard, a seeded permutation of blocks of ``block_size`` samples;
+3. a seeded permutation inside consecutive windows of ``shuffle_buffer`` positions of that
+   sequence (a stateless stand-in for a shuffle buffer: it mixes across shard boundaries the
+   same way, and position ``p`` maps to its sample in O(log shards) without replaying the
+   stream).
+
+Global position ``p`` belongs to global batch ``g = p // (world_size * batch_size)``; inside
+it rank ``r`` owns the ``batch_size`` consecutive positions starting at
+``g * world_size * batch_size + r * batch_size`` (split by sample, not by shard). Local batch
+``j`` of a rank is built by loader worker ``j % num_workers``; PyTorch's ``DataLoader`` takes
+workers round-robin, so the batches come out in order for any worker count. Every worker
+reads only the samples of its own batches, seeking with the per-sample index.
+
+Every rank yields ``(N - samples_consumed) // (world_size * batch_size)`` batches. The
+remainder (fewer than one global batch) is dropped for that epoch; the next epoch has a new
+order, so a different remainder is dropped each time.
+
+Resume: the state is ``{"epoch", "samples_consumed", ...}`` in global positions and holds no
+rank or worker. Since the order is fixed by the seed, any consumed count works for any world
+size and worker count: the ranks take the next global batches from ``samples_consumed`` on.
+Within an epoch every position is read at most once across all resumes; the positions left
+after the last full global batch are the dropped remainder.
+
+Bad data
+--------
+Which positions an epoch has, and so how many batches every rank yields, depends only on the
+manifest counts. A sample that turns out bad when read (truncated tar, corrupt gzip, invalid
+UTF-8 or JSON, a missing field, empty or absurdly long text, a duplicate key, a shard that
+was missing when the loader started) is, with ``on_error="skip"`` (default), left out of its
+batch: that batch is one sample short on that rank, no other sample moves, and batch counts
+never differ between ranks. It is counted by reason (``error_counts()``) and logged with its
+shard and key (the first 3 of each reason per worker, then at 10, 100, 1000...). With
+``on_error="raise"`` the loader stops with a ``DataError`` naming the shard and key. Missing
+or wrong-sized shards and indexes are found when the loader starts (manifest validation).
+
+Modes
+-----
+``infinite=True`` chains epochs without end (no remainder is dropped; ``epoch`` stays 0 and
+``samples_consumed`` counts global positions since the start). Several manifests with
+``mix_weights`` are mixed in a fixed, seeded pattern of period 1000 (e.g. 700 clicks, 300
+purchases per 1000 positions); each source is read in its own epoch orders, so a source's
+samples repeat only after all of them were used. Mixing is always infinite.
 """
 from __future__ import annotations
 
 import hashlib
-import random
+import logging
+import os
+import zlib
+from bisect import bisect_right
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clicktower.data.errors import DataError
-from clicktower.data.shards import iter_shard, load_manifest
+from clicktower.data.shards import (SampleError, decode_sample_bytes, load_manifest,
+                                    split_members)
+
+log = logging.getLogger("clicktower.data")
+
+ON_ERROR = ("skip", "raise")
+ERROR_REASONS = ("missing_shard", "truncated", "corrupt_tar", "corrupt_gzip", "invalid_utf8",
+                 "invalid_json", "missing_field", "empty_text", "text_too_long",
+                 "duplicate_key", "bad_features")
+MIX_PERIOD = 1000
 
 
 @dataclass
@@ -34,18 +84,32 @@ class DataConfig:
     Args:
         train_manifest: ``manifest.json`` (or its folder) written by ``clicktower shard``.
         num_workers: loader worker processes per rank (0 reads in the training process).
-        shuffle_buffer: samples held in the shuffle buffer while reading a shard stream.
+        shuffle_buffer: size of the shuffle window (positions permuted together).
+        on_error: ``"skip"`` bad samples (counted and logged) or ``"raise"`` a DataError.
+        max_text_chars: a query or item text longer than this is a bad sample.
+        block_size: samples per block in the in-shard block shuffle.
+        infinite: chain epochs without end instead of stopping at each epoch.
     """
 
     train_manifest: str | None = None
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    on_error: str = "skip"
+    max_text_chars: int = 20_000
+    block_size: int = 64
+    infinite: bool = False
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"data.on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if self.max_text_chars < 1:
+            raise ValueError(f"data.max_text_chars must be >= 1, got {self.max_text_chars}")
+        if self.block_size < 1:
+            raise ValueError(f"data.block_size must be >= 1, got {self.block_size}")
 
 
 def stable_id(text: str) -> int:
@@ -53,126 +117,453 @@ def stable_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
-def epoch_order(manifest: dict[str, Any], seed: int, epoch: int, shuffle_buffer: int) -> Iterator[dict]:
-    """Yield every sample of the manifest once, in the deterministic order of ``epoch``.
-
-    Args:
-        manifest: as returned by ``load_manifest``.
-        seed: base seed of the run.
-        epoch: epoch number; each epoch has its own order.
-        shuffle_buffer: size of the reservoir that shuffles samples across shard boundaries.
-    """
-    rng = random.Random(f"{seed}:{epoch}")
-    shards = list(manifest["shards"])
-    rng.shuffle(shards)
-    buffer: list[dict] = []
-    for shard in shards:
-        for sample in iter_shard(shard["path"]):
-            if len(buffer) < shuffle_buffer:
-                buffer.append(sample)
-                continue
-            slot = rng.randrange(len(buffer))
-            buffer[slot], sample = sample, buffer[slot]
-            yield sample
-    rng.shuffle(buffer)
-    yield from buffer
+def _rng(*words: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]))
 
 
-class _EpochStream(IterableDataset):
-    """One epoch of one rank's batches, from a starting global sample, split over workers."""
+# --------------------------------------------------------------------------------------
+# The order: position -> (shard, sample), from counts and seed only
+# --------------------------------------------------------------------------------------
 
-    def __init__(self, manifest: dict, batch_size: int, rank: int, world_size: int, seed: int,
-                 epoch: int, start_batch: int, num_batches: int, shuffle_buffer: int,
-                 collate: Callable[[list[dict]], dict]) -> None:
-        self.manifest, self.batch_size, self.rank, self.world_size = manifest, batch_size, rank, world_size
-        self.seed, self.epoch, self.shuffle_buffer, self.collate = seed, epoch, shuffle_buffer, collate
-        self.start_batch, self.num_batches = start_batch, num_batches
+class _Source:
+    """One manifest in compact form: what the order and the readers need, no shard dicts."""
+
+    def __init__(self, manifest: dict):
+        shards = manifest["shards"]
+        self.name = manifest.get("path", "manifest")
+        self.paths = [s["path"] for s in shards]
+        self.indexes = [s.get("index") for s in shards]
+        self.gzip_blocks = np.array([s.get("gzip_block") or 0 for s in shards], dtype=np.int64)
+        self.counts = np.array([s["num_samples"] for s in shards], dtype=np.int64)
+        self.missing = {i: s["missing"] for i, s in enumerate(shards) if s.get("missing")}
+        self.damaged = {i: s["damaged"] for i, s in enumerate(shards) if s.get("damaged")}
+        self.num_samples = int(self.counts.sum())
+
+
+class _EpochOrder:
+    """Maps stream position ``t`` in ``[0, N)`` of one epoch to ``(shard, sample index)``."""
+
+    def __init__(self, source: _Source, seed: int, epoch: int, window: int, block_size: int):
+        self.source, self.seed, self.epoch = source, seed, epoch
+        self.window, self.block_size = window, block_size
+        self.perm = _rng(seed, epoch, 0).permutation(len(source.counts))
+        self.starts = np.concatenate([[0], np.cumsum(source.counts[self.perm])]).tolist()
+        self._window_cache: tuple[int, np.ndarray] | None = None
+        self._block_cache: OrderedDict[int, tuple[list[int], np.ndarray]] = OrderedDict()
+
+    def _window_perm(self, w: int) -> np.ndarray:
+        if self._window_cache is None or self._window_cache[0] != w:
+            size = min(self.window, self.source.num_samples - w * self.window)
+            self._window_cache = (w, _rng(self.seed, self.epoch, 1, w).permutation(size))
+        return self._window_cache[1]
+
+    def _blocks(self, shard: int) -> tuple[list[int], np.ndarray]:
+        entry = self._block_cache.get(shard)
+        if entry is None:
+            count, bs = int(self.source.counts[shard]), self.block_size
+            nblocks = -(-count // bs)
+            order = _rng(self.seed, self.epoch, 2, shard).permutation(nblocks)
+            sizes = np.full(nblocks, bs, dtype=np.int64)
+            if nblocks:
+                sizes[-1] = count - (nblocks - 1) * bs
+            entry = (np.cumsum(sizes[order]).tolist(), order)
+            self._block_cache[shard] = entry
+            if len(self._block_cache) > 64:
+                self._block_cache.popitem(last=False)
+        return entry
+
+    def locate(self, t: int) -> tuple[int, int]:
+        w, within = divmod(t, self.window)
+        t = w * self.window + int(self._window_perm(w)[within])
+        slot = bisect_right(self.starts, t) - 1
+        shard = int(self.perm[slot])
+        q = t - self.starts[slot]
+        ends, order = self._blocks(shard)
+        k = bisect_right(ends, q)
+        block_start = ends[k - 1] if k else 0
+        return shard, int(order[k]) * self.block_size + (q - block_start)
+
+
+class _Plan:
+    """Global position -> (source, shard, sample) for the finite, infinite and mixed modes."""
+
+    def __init__(self, sources: list[_Source], weights: list[float] | None, seed: int,
+                 window: int, block_size: int, infinite: bool):
+        self.sources, self.seed, self.window, self.block_size = sources, seed, window, block_size
+        self.infinite = infinite or len(sources) > 1
+        self._orders: dict[tuple[int, int], _EpochOrder] = {}
+        if len(sources) > 1:
+            w = np.asarray(weights, dtype=np.float64)
+            counts = np.floor(w / w.sum() * MIX_PERIOD).astype(np.int64)
+            # largest remainders get the leftover slots, so the counts sum to the period
+            rest = np.argsort(-(w / w.sum() * MIX_PERIOD - counts), kind="stable")
+            counts[rest[: MIX_PERIOD - counts.sum()]] += 1
+            pattern = np.repeat(np.arange(len(sources)), counts)
+            self.pattern = _rng(seed, 3).permutation(pattern)
+            onehot = np.zeros((MIX_PERIOD + 1, len(sources)), dtype=np.int64)
+            onehot[np.arange(1, MIX_PERIOD + 1), self.pattern] = 1
+            self.prefix = np.cumsum(onehot, axis=0)   # draws of each source before slot i
+            self.per_period = counts
+
+    def order(self, source: int, epoch: int) -> _EpochOrder:
+        key = (source, epoch)
+        order = self._orders.get(key)
+        if order is None:
+            if len(self._orders) > 4:
+                self._orders.clear()
+            order = self._orders[key] = _EpochOrder(self.sources[source], self.seed + 7919 * source,
+                                                    epoch, self.window, self.block_size)
+        return order
+
+    def locate(self, epoch: int, p: int) -> tuple[int, int, int, int]:
+        """``(source, source epoch, shard, sample)`` at global position ``p`` (of ``epoch``
+        when finite)."""
+        if len(self.sources) == 1:
+            n = self.sources[0].num_samples
+            if self.infinite:
+                epoch, p = divmod(p, n)
+            return (0, epoch, *self.order(0, epoch).locate(p))
+        period, slot = divmod(p, MIX_PERIOD)
+        k = int(self.pattern[slot])
+        draw = period * int(self.per_period[k]) + int(self.prefix[slot, k])
+        e, t = divmod(draw, self.sources[k].num_samples)
+        return (k, e, *self.order(k, e).locate(t))
+
+
+# --------------------------------------------------------------------------------------
+# Reading one sample through the index
+# --------------------------------------------------------------------------------------
+
+def _scan_offsets(path: str) -> np.ndarray:
+    """Sample offsets of a version-1 shard (no index file): one pass over its tar headers."""
+    import tarfile
+
+    offsets, last_key, end = [], None, 0
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            key = os.path.basename(member.name).partition(".")[0]
+            if key != last_key:
+                offsets.append(member.offset)
+                last_key = key
+            end = member.offset_data + member.size + (-member.size % 512)
+    return np.asarray(offsets + [end], dtype=np.uint64)
+
+
+class _ShardReader:
+    """Reads samples by (shard, index) with ``os.pread``; a few shards are kept open (the
+    memory does not grow with the number of shards)."""
+
+    def __init__(self, source: _Source, max_open: int = 16):
+        self.source, self.max_open = source, max_open
+        self._open: OrderedDict[int, tuple[int, np.ndarray, np.ndarray | None]] = OrderedDict()
+        self._blocks: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+
+    def close(self):
+        for fd, _, _ in self._open.values():
+            os.close(fd)
+        self._open.clear()
+        self._blocks.clear()
+
+    def _handle(self, shard: int):
+        handle = self._open.get(shard)
+        if handle is not None:
+            self._open.move_to_end(shard)
+            return handle
+        path, n = self.source.paths[shard], int(self.source.counts[shard])
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if self.source.indexes[shard] is None:
+                index = _scan_offsets(path)
+            else:
+                index = np.load(self.source.indexes[shard], mmap_mode="r", allow_pickle=False)
+        except Exception as exc:
+            os.close(fd)
+            raise SampleError("truncated", f"unreadable index ({exc})") from None
+        offsets, blocks = index[: n + 1], (index[n + 1:] if self.source.gzip_blocks[shard] else None)
+        handle = self._open[shard] = (fd, offsets, blocks)
+        if len(self._open) > self.max_open:
+            old_fd, _, _ = self._open.popitem(last=False)[1]
+            os.close(old_fd)
+        return handle
+
+    def read(self, shard: int, i: int) -> bytes:
+        """The tar bytes of sample ``i`` of ``shard``."""
+        fd, offsets, blocks = self._handle(shard)
+        start, end = int(offsets[i]), int(offsets[i + 1])
+        gb = int(self.source.gzip_blocks[shard])
+        if not gb:
+            data = os.pread(fd, end - start, start)
+            if len(data) < end - start:
+                raise SampleError("truncated", f"shard ends at byte {start + len(data)}, the "
+                                  f"sample needs {end}")
+            return data
+        b = i // gb
+        raw = self._blocks.get((shard, b))
+        if raw is None:
+            lo, hi = int(blocks[b]), int(blocks[b + 1])
+            comp = os.pread(fd, hi - lo, lo)
+            try:
+                raw = zlib.decompressobj(-15).decompress(comp)
+            except zlib.error as exc:
+                raise SampleError("corrupt_gzip", f"gzip block {b}: {exc}") from None
+            self._blocks[(shard, b)] = raw
+            if len(self._blocks) > 8:
+                self._blocks.popitem(last=False)
+        base = int(offsets[b * gb])
+        data = raw[start - base:end - base]
+        if len(data) < end - start:   # a cut-short file inflates to a short block
+            raise SampleError("truncated", f"gzip block {b} inflates to {len(raw)} bytes, the "
+                              f"sample needs {end - base}")
+        return data
+
+
+# --------------------------------------------------------------------------------------
+# One rank's stream, split over workers
+# --------------------------------------------------------------------------------------
+
+class _Worker:
+    """Per-process reading state: readers, bad-data counters, recent keys."""
+
+    def __init__(self, stream: "_RankStream"):
+        self.stream = stream
+        self.readers = [_ShardReader(s) for s in stream.sources]
+        self.errors: dict[str, int] = {}
+        self.recent: OrderedDict[tuple, None] = OrderedDict()
+        self.recent_limit = max(4 * stream.window, 4096)
+
+    def bad(self, source: int, shard: int, reason: str, message: str, key: str | None):
+        path = self.stream.sources[source].paths[shard]
+        where = f"sample {key!r}: " if key else ""
+        n = self.errors[reason] = self.errors.get(reason, 0) + 1
+        if self.stream.on_error == "raise":
+            raise DataError(f"{where}{message} (data.on_error=raise; 'skip' skips and counts)",
+                            source=path)
+        if n <= 3 or str(n).rstrip("0") == "1":  # 1, 2, 3, 10, 100, 1000...: rate-limited
+            log.warning("skipping bad sample (%s, %d so far in this worker): %s: %s%s",
+                        reason, n, path, where, message)
+
+    def sample(self, source: int, epoch: int, shard: int, i: int) -> dict | None:
+        src = self.stream.sources[source]
+        if shard in src.missing:
+            self.bad(source, shard, "missing_shard", src.missing[shard], None)
+            return None
+        key = None
+        try:
+            key, members = split_members(self.readers[source].read(shard, i))
+            sample = decode_sample_bytes(members, key, self.stream.max_text_chars)
+        except SampleError as exc:
+            self.bad(source, shard, exc.reason, exc.message, exc.key or key)
+            return None
+        except OSError as exc:
+            self.bad(source, shard, "missing_shard", f"cannot read ({exc})", key)
+            return None
+        # A key may come back in the next pass over a source (infinite or mixed mode), and
+        # two mixed sources may reuse keys: only a repeat within one pass is a duplicate.
+        seen = (source, epoch, key)
+        if seen in self.recent:
+            self.bad(source, shard, "duplicate_key", "key already seen (duplicate)", key)
+            return None
+        self.recent[seen] = None
+        if len(self.recent) > self.recent_limit:
+            self.recent.popitem(last=False)
+        return sample
+
+
+class _RankStream(IterableDataset):
+    """The rest of one epoch (or of the infinite stream) for one rank, split over workers."""
+
+    def __init__(self, loader: "ClickPairLoader", epoch: int, start: int, num_batches: int | None):
+        self.sources, self.plan = loader._sources, loader._plan
+        self.batch_size, self.rank, self.world_size = loader.batch_size, loader.rank, loader.world_size
+        self.window, self.on_error = loader.shuffle_buffer, loader.on_error
+        self.max_text_chars, self.collate = loader.max_text_chars, loader.collate
+        self.epoch, self.start, self.num_batches = epoch, start, num_batches
+
+    def positions(self, j: int) -> range:
+        """Global positions of this rank's ``j``-th batch from the start."""
+        first = self.start + j * self.batch_size * self.world_size + self.rank * self.batch_size
+        return range(first, first + self.batch_size)
+
+    def batches(self, worker: int, num_workers: int) -> Iterator[dict]:
+        """The batches of worker ``worker`` of ``num_workers`` (``j % num_workers == worker``)."""
+        state = _Worker(self)
+        j = worker
+        try:
+            while self.num_batches is None or j < self.num_batches:
+                samples = []
+                try:
+                    for p in self.positions(j):
+                        sample = state.sample(*self.plan.locate(self.epoch, p))
+                        if sample is not None:
+                            samples.append(sample)
+                except DataError as exc:
+                    yield {"__error__": str(exc)}
+                    return
+                if not samples:
+                    yield {"__error__": f"every sample of batch {j} on rank {self.rank} is "
+                                        f"bad; see the warnings above"}
+                    return
+                batch = self.collate(samples)
+                batch["__errors__"], state.errors = state.errors, {}
+                yield batch
+                j += num_workers
+        finally:
+            for reader in state.readers:
+                reader.close()
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        global_batch = self.batch_size * self.world_size
-        samples = epoch_order(self.manifest, self.seed, self.epoch, self.shuffle_buffer)
-        batch: list[dict] = []
-        for position, sample in enumerate(samples):
-            step = position // global_batch
-            if step >= self.num_batches:
-                return  # the remainder that cannot fill a step on every rank
-            if step < self.start_batch or position % self.world_size != self.rank:
-                continue
-            if (step - self.start_batch) % num_workers != worker:
-                continue
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield self.collate(batch)
-                batch = []
+        if info is None:
+            return self.batches(0, 1)
+        torch.set_num_threads(1)   # one tokenising core per worker
+        return self.batches(info.id, info.num_workers)
 
+
+# --------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------
 
 class ClickPairLoader:
-    """Batches of (query, item) pairs for one rank, resumable to the exact sample.
+    """Batches of (query, item) pairs for one rank, resumable to the exact sample on any
+    world size and worker count (see the module docstring for the order and the rules).
 
     Args:
-        manifest: path of ``manifest.json`` (or its folder), or a loaded manifest.
+        manifest: path of ``manifest.json`` (or its folder), a loaded manifest, or a list of
+            those to mix (with ``mix_weights``).
         batch_size: pairs per batch on this rank.
         rank: this rank.
         world_size: number of ranks.
         num_workers: worker processes for reading and tokenising.
         seed: seed of the epoch orders.
-        tokenizer: a Hugging Face tokenizer; when given, batches carry padded tensors.
+        tokenizer: a Hugging Face (fast) tokenizer; when given, batches carry padded tensors.
         max_length: token limit for queries (and items unless ``max_item_length``).
         max_item_length: token limit for items.
-        shuffle_buffer: shuffle buffer size.
+        shuffle_buffer: shuffle window size.
+        on_error: ``"skip"`` (count, log, leave the sample out of its batch) or ``"raise"``.
+        max_text_chars: longer query or item texts are bad samples.
+        block_size: samples per block of the in-shard block shuffle.
+        infinite: never end an epoch (chain epoch orders).
+        mix_weights: one weight per manifest when mixing several (always infinite).
     """
 
-    def __init__(self, manifest: str | dict, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, seed: int = 0, tokenizer: Any = None, max_length: int = 32,
-                 max_item_length: int | None = None, shuffle_buffer: int = 1000) -> None:
+    def __init__(self, manifest: str | dict | Sequence[str | dict], batch_size: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, seed: int = 0, tokenizer: Any = None,
+                 max_length: int = 32, max_item_length: int | None = None, shuffle_buffer: int = 1000,
+                 *, on_error: str = "skip", max_text_chars: int = 20_000, block_size: int = 64,
+                 infinite: bool = False, mix_weights: Sequence[float] | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.manifest = manifest if isinstance(manifest, dict) else load_manifest(manifest)
+        if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1 or block_size < 1:
+            raise ValueError("batch_size, shuffle_buffer and block_size must be >= 1, "
+                             "num_workers >= 0")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        manifests = list(manifest) if isinstance(manifest, (list, tuple)) else [manifest]
+        if len(manifests) > 1:
+            if mix_weights is None or len(mix_weights) != len(manifests) or min(mix_weights) < 0 \
+                    or sum(mix_weights) <= 0:
+                raise ValueError("mixing manifests needs one non-negative mix weight each")
+        on_missing = "raise" if on_error == "raise" else "skip"
+        loaded = []
+        for m in manifests:
+            if not isinstance(m, dict):
+                m = load_manifest(m, on_missing=on_missing)
+            elif "path" in m and not any("missing" in s or "damaged" in s for s in m["shards"]):
+                m = load_manifest(m["path"], on_missing=on_missing)   # re-check the files now
+            loaded.append(m)
+        self.manifest = loaded[0]
+        self._sources = [_Source(m) for m in loaded]
+        for src in self._sources:
+            for i, why in list(src.missing.items())[:3]:
+                log.warning("data.on_error=skip: %s: its %d samples will be counted as bad",
+                            why, int(src.counts[i]))
+            for why in list(src.damaged.values())[:3]:
+                log.warning("data.on_error=skip: %s: reading what is there", why)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
         self.tokenizer = tokenizer
         self.max_length, self.max_item_length = max_length, max_item_length or max_length
-        self.batches_per_epoch = self.manifest["num_samples"] // (batch_size * world_size)
-        if self.batches_per_epoch == 0:
-            raise DataError(f"{self.manifest.get('path', 'manifest')}: {self.manifest['num_samples']} samples "
+        self.on_error, self.max_text_chars, self.block_size = on_error, max_text_chars, block_size
+        self.infinite = infinite or len(loaded) > 1
+        self.mix_weights = list(mix_weights) if mix_weights is not None else None
+        self._plan = _Plan(self._sources, self.mix_weights, seed, shuffle_buffer, block_size,
+                           self.infinite)
+        self.num_samples = sum(s.num_samples for s in self._sources)
+        self.batches_per_epoch = self._sources[0].num_samples // (batch_size * world_size)
+        if self.batches_per_epoch == 0 and not self.infinite:
+            raise DataError(f"{self.manifest.get('path', 'manifest')}: {self.num_samples} samples "
                             f"cannot fill one global batch of {batch_size} x {world_size} ranks")
         self.epoch = 0
-        self.samples_consumed = 0  # global samples of the current epoch already yielded
+        self.samples_consumed = 0  # global positions of the current epoch already yielded
+        self._errors: dict[str, int] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def state_dict(self) -> dict[str, int]:
-        """The position of the stream: epoch and global samples consumed in it."""
-        return {"epoch": self.epoch, "samples_consumed": self.samples_consumed}
+    def remaining_batches(self) -> int | None:
+        """Batches every rank still yields in the current epoch (None when infinite)."""
+        if self.infinite:
+            return None
+        return max(0, self._sources[0].num_samples - self.samples_consumed) // self.global_batch
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def error_counts(self) -> dict[str, int]:
+        """Bad samples this rank skipped since the loader was built, by reason (all reasons
+        listed, zeros included), for metrics."""
+        return {reason: self._errors.get(reason, 0) for reason in ERROR_REASONS}
+
+    def _fingerprint(self) -> list[int]:
+        return [s.num_samples for s in self._sources]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position of the stream: epoch and global positions consumed in it, plus what
+        the order depends on (seed, sample counts, mode) so that a resume can check them."""
+        return {"epoch": self.epoch, "samples_consumed": self.samples_consumed, "seed": self.seed,
+                "num_samples": self._fingerprint(), "infinite": self.infinite,
+                "shuffle_buffer": self.shuffle_buffer, "block_size": self.block_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a position saved by ``state_dict`` (any world size or worker count).
 
         Args:
-            state: ``{"epoch", "samples_consumed"}``.
+            state: at least ``{"epoch", "samples_consumed"}``; the other keys, when present,
+                must match this loader (a different seed or data would change the order).
         """
-        global_batch = self.batch_size * self.world_size
-        if state["samples_consumed"] % global_batch:
-            raise DataError(f"cannot resume at sample {state['samples_consumed']}: not a multiple of "
-                            f"the global batch {global_batch}")
-        self.epoch, self.samples_consumed = int(state["epoch"]), int(state["samples_consumed"])
+        for key, mine in (("seed", self.seed), ("num_samples", self._fingerprint()),
+                          ("infinite", self.infinite), ("shuffle_buffer", self.shuffle_buffer),
+                          ("block_size", self.block_size)):
+            if key in state and state[key] != mine:
+                raise DataError(f"cannot resume: the saved loader state has {key}={state[key]!r}, "
+                                f"this loader {key}={mine!r} (the sample order would differ)")
+        consumed = int(state["samples_consumed"])
+        if consumed < 0 or (not self.infinite and consumed > self._sources[0].num_samples):
+            raise DataError(f"cannot resume at sample {consumed}: outside the epoch")
+        self.epoch, self.samples_consumed = int(state["epoch"]), consumed
+
+    def _stream(self) -> _RankStream:
+        return _RankStream(self, self.epoch, self.samples_consumed, self.remaining_batches())
 
     def __iter__(self) -> Iterator[dict]:
         """Yield the rest of the current epoch, then move the state to the next epoch."""
-        global_batch = self.batch_size * self.world_size
-        start = self.samples_consumed // global_batch
-        stream = _EpochStream(self.manifest, self.batch_size, self.rank, self.world_size, self.seed,
-                              self.epoch, start, self.batches_per_epoch, self.shuffle_buffer, self.collate)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                            persistent_workers=False)
-        for batch in loader:
-            self.samples_consumed += global_batch
+        stream = self._stream()
+        if self.num_workers == 0:
+            batches: Any = stream.batches(0, 1)
+        else:
+            batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                 persistent_workers=False, prefetch_factor=4)
+        for batch in batches:
+            if "__error__" in batch:
+                raise DataError(batch["__error__"])
+            for reason, n in batch.pop("__errors__", {}).items():
+                self._errors[reason] = self._errors.get(reason, 0) + n
+            self.samples_consumed += self.global_batch
             yield batch
-        self.epoch += 1
-        self.samples_consumed = 0
+        if not self.infinite:
+            self.epoch += 1
+            self.samples_consumed = 0
 
     def collate(self, samples: list[dict]) -> dict[str, Any]:
         """Turn samples into a batch: keys, texts, int64 item ids, and token tensors.
@@ -187,6 +578,14 @@ class ClickPairLoader:
             "item_ids": torch.tensor([stable_id(str(s["item_id"])) for s in samples], dtype=torch.long),
             "query_ids": torch.tensor([stable_id(s["query"]) for s in samples], dtype=torch.long),
         }
+        if any("weight" in s for s in samples):
+            batch["weights"] = torch.tensor([float(s.get("weight", 1.0)) for s in samples])
+        if any("hard_negatives" in s for s in samples):
+            batch["hard_negatives"] = [s.get("hard_negatives", []) for s in samples]
+        if samples and all("features" in s for s in samples):
+            shapes = {np.shape(s["features"]) for s in samples}
+            if len(shapes) == 1:
+                batch["item_features"] = torch.from_numpy(np.stack([s["features"] for s in samples]))
         if self.tokenizer is not None:
             batch.update(tokenize_pairs(self.tokenizer, batch["queries"], batch["items"],
                                         self.max_length, self.max_item_length))

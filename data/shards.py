@@ -1,19 +1,34 @@
-"""Write click pairs into WebDataset tar shards with a manifest, and read them back.
+"""Write click pairs into indexed WebDataset tar shards with a manifest, and read them back.
 
 Layout of a shard directory::
 
     out_dir/
-      manifest.json          # written last; its presence means "complete"
-      shard-000000.tar
-      shard-000001.tar
+      manifest.json              # written last; its presence means "complete"
+      shard-000000.tar           # or .tar.gz with --gzip
+      shard-000000.idx.npy       # per-sample byte offsets (the index)
+      shard-000000-001.tar       # a second part of chunk 0, cut by --max-shard-bytes
       ...
 
-Each sample in a shard is one tar member ``<key>.json`` holding the sample dict from
-``clicktower.data.sources.to_sample``. The key is ``SSSSS-RRRRRRRRRRRR``: the input's index in
-``inputs`` and the record's row (JSONL: line) number in it. It is unique, and stable for the
-same inputs whatever the shard size, so samples can be joined across re-shardings. Later
-formats may add members next to ``json`` (feature vectors, item fields...): readers pick
-members by extension and ignore the ones they do not know.
+A shard is a plain WebDataset tar: each sample is ``<key>.json`` (the sample dict from
+``clicktower.data.sources.to_sample``) plus ``<key>.npy`` when it carries a feature vector;
+``tar tf`` and ``wds.WebDataset`` read it as is. Members are written with the standard
+library's ``TarInfo`` one sample at a time (rather than ``wds.TarWriter``, whose ``tarfile``
+stream buffers 10 KiB records) so that the byte offset of every sample is known exactly.
+
+The index (``.idx.npy``, uint64) holds ``num_samples + 1`` offsets into the uncompressed tar:
+sample ``i`` is the bytes ``[off[i], off[i+1])``, so a reader seeks straight to any sample.
+A ``.tar.gz`` shard is one gzip stream full-flushed every ``gzip_block`` samples; its index
+appends the ``num_blocks + 1`` compressed offsets of those flush points, so a reader inflates
+one block (raw deflate from a flush point), never the whole shard.
+
+The key is ``SSSSS-RRRRRRRRRRRR``: the input's index in ``inputs`` and the record's row
+(JSONL: line) number in it. It is unique, and stable whatever the shard size or writer count.
+
+Parallel writing: input records are cut into chunks of ``shard_size`` records (counted before
+the label filter); writer process ``w`` of ``N`` writes chunks ``c`` with ``c % N == w``, as
+``shard-<c>.tar`` (plus ``-<part>`` parts when ``max_shard_bytes`` cuts a chunk). Every
+process streams the inputs (JSONL and Parquet records of other processes are skipped
+unparsed), so the output is byte-identical for any number of processes.
 
 Crash safety: everything is written into a sibling ``out_dir.tmp-<pid>`` directory that is
 renamed to ``out_dir`` only after the manifest is on disk, so an ``out_dir`` that exists is
@@ -22,11 +37,13 @@ complete; on any error the temporary directory is removed.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import tarfile
+import zlib
 from typing import Iterator
 
 from clicktower.data.errors import DataError, short_repr
@@ -36,6 +53,9 @@ __all__ = [
     "FORMAT",
     "MANIFEST_NAME",
     "VERSION",
+    "SampleError",
+    "decode_sample_bytes",
+    "index_path",
     "iter_shard",
     "load_manifest",
     "sample_key",
@@ -43,17 +63,29 @@ __all__ = [
 ]
 
 FORMAT = "clicktower.clickpairs"
-VERSION = 1
+VERSION = 2
+READ_VERSIONS = (1, 2)   # version 1: no index (readers build one by scanning the tar)
 MANIFEST_NAME = "manifest.json"
+INDEX_SUFFIX = ".idx.npy"
 _REQUIRED_FIELDS = ("query", "item_id", "item_text")
 # Fixed member mtime: the same inputs give byte-identical shards, hence identical sha256.
 _TAR_MTIME = 0
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_TAR_BLOCK = 512
+DEFAULT_GZIP_BLOCK = 64
+_GZIP_HEADER_BYTES = 10   # zlib's gzip header: no name, no extra fields
 
 
-def shard_name(index: int) -> str:
-    """File name of shard ``index`` (relative to the manifest)."""
-    return f"shard-{index:06d}.tar"
+def shard_name(chunk: int, part: int = 0, gz: bool = False) -> str:
+    """File name of part ``part`` of chunk ``chunk`` (relative to the manifest)."""
+    stem = f"shard-{chunk:06d}" if part == 0 else f"shard-{chunk:06d}-{part:03d}"
+    return stem + (".tar.gz" if gz else ".tar")
+
+
+def index_path(shard_path: str) -> str:
+    """The index file next to a shard: ``shard-000000.tar[.gz]`` -> ``shard-000000.idx.npy``."""
+    base = shard_path[:-7] if shard_path.endswith(".tar.gz") else os.path.splitext(shard_path)[0]
+    return base + INDEX_SUFFIX
 
 
 def sample_key(source_index: int, row: int) -> str:
@@ -64,22 +96,121 @@ def sample_key(source_index: int, row: int) -> str:
     return f"{source_index:05d}-{row:012d}"
 
 
-def _encode_sample(key: str, sample: dict) -> dict:
-    """Sample dict -> tar members. The one place to add members (``.npy``...) later."""
-    data = json.dumps(sample, ensure_ascii=False, separators=(",", ":"))
-    return {"__key__": key, "json": data.encode("utf-8")}
+# --------------------------------------------------------------------------------------
+# Sample <-> tar bytes
+# --------------------------------------------------------------------------------------
+
+def _tar_member(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o444
+    info.uname = info.gname = "bigdata"   # what wds.TarWriter writes
+    header = info.tobuf(format=tarfile.GNU_FORMAT, encoding="utf-8", errors="strict")
+    return header + data + b"\0" * (-len(data) % _TAR_BLOCK)
 
 
-def _decode_sample(members: dict, shard: str) -> dict:
-    key = members.get("__key__")
-    if "json" not in members:
-        raise DataError(f"sample {key!r} has no .json member", source=shard)
+def _encode_sample(key: str, sample: dict) -> bytes:
+    """Sample dict -> the tar bytes of its members. The one place to add members."""
+    sample = dict(sample)
+    features = sample.pop("features", None)
+    data = json.dumps(sample, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    out = _tar_member(f"{key}.json", data)
+    if features is not None:
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(features, dtype=np.float32), allow_pickle=False)
+        out += _tar_member(f"{key}.npy", buf.getvalue())
+    return out
+
+
+class SampleError(Exception):
+    """One bad sample: ``reason`` (a counter name) and a message; the loader adds the shard."""
+
+    def __init__(self, reason: str, message: str, key: str | None = None):
+        super().__init__(message)
+        self.reason, self.message, self.key = reason, message, key
+
+
+def split_members(buf: bytes) -> tuple[str | None, dict[str, bytes]]:
+    """Parse the tar members of one sample (``[off[i], off[i+1])`` of a shard).
+
+    Returns:
+        ``(key, {extension: bytes})``.
+
+    Raises:
+        SampleError: ``truncated`` (cut short) or ``corrupt_tar`` (bad header, mixed keys).
+    """
+    key, members, pos, end = None, {}, 0, len(buf)
+    while pos < end:
+        header = buf[pos:pos + _TAR_BLOCK]
+        if len(header) < _TAR_BLOCK:
+            raise SampleError("truncated", "tar header cut short", key)
+        if header.count(0) == _TAR_BLOCK:   # end-of-archive blocks
+            break
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise SampleError("corrupt_tar", f"bad tar header ({exc})", key) from None
+        pos += _TAR_BLOCK
+        data = buf[pos:pos + info.size]
+        if len(data) < info.size:
+            raise SampleError("truncated", f"member {info.name!r} cut short", key)
+        pos += info.size + (-info.size % _TAR_BLOCK)
+        if not info.isfile():
+            continue
+        base = os.path.basename(info.name)
+        stem, _, ext = base.partition(".")
+        if key is None:
+            key = stem
+        elif stem != key:
+            raise SampleError("corrupt_tar", f"member {info.name!r} inside sample {key!r}", key)
+        members[ext] = bytes(data)
+    return key, members
+
+
+def decode_sample_bytes(members: dict[str, bytes], key: str | None,
+                        max_text_chars: int | None = None) -> dict:
+    """Members of one sample -> the sample dict (with ``__key__``), validated for training.
+
+    Raises:
+        SampleError: ``invalid_utf8``, ``invalid_json``, ``missing_field``, ``empty_text``,
+            ``text_too_long`` or ``bad_features``.
+    """
+    raw = members.get("json")
+    if raw is None:
+        raise SampleError("missing_field", "no .json member", key)
     try:
-        sample = json.loads(members["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"sample {key!r}: invalid JSON member ({exc})", source=shard) from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SampleError("invalid_utf8", f"invalid UTF-8 at byte {exc.start}", key) from None
+    try:
+        sample = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SampleError("invalid_json", f"invalid JSON ({exc.msg} at column {exc.colno})",
+                          key) from None
     if not isinstance(sample, dict):
-        raise DataError(f"sample {key!r}: JSON member is not an object", source=shard)
+        raise SampleError("invalid_json", "JSON member is not an object", key)
+    for field in _REQUIRED_FIELDS:
+        value = sample.get(field)
+        if value is None:
+            raise SampleError("missing_field", f"field {field!r} missing", key)
+        if not isinstance(value, str):
+            if field == "item_id" and isinstance(value, int) and not isinstance(value, bool):
+                value = sample[field] = str(value)
+            else:
+                raise SampleError("missing_field", f"field {field!r} is not text", key)
+        if not value.strip():
+            raise SampleError("empty_text", f"field {field!r} is empty", key)
+        if max_text_chars is not None and len(value) > max_text_chars:
+            raise SampleError("text_too_long", f"field {field!r} has {len(value)} characters "
+                              f"(limit {max_text_chars})", key)
+    if "npy" in members:
+        import numpy as np
+
+        try:
+            sample["features"] = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise SampleError("bad_features", f"unreadable .npy member ({exc})", key) from None
     sample["__key__"] = key
     return sample
 
@@ -88,87 +219,312 @@ def _decode_sample(members: dict, shard: str) -> dict:
 # Writing
 # --------------------------------------------------------------------------------------
 
-class _HashingFile:
-    """Write-only file wrapper that hashes and counts bytes as they are written, so the
-    manifest's sha256 and size cost no second read of the shard."""
+class _ShardFile:
+    """One shard (``.tar`` or ``.tar.gz``) and its index, hashed as it is written.
 
-    def __init__(self, fh):
-        self.fh = fh
+    A ``.tar.gz`` shard is one ordinary gzip stream (``tar xzf``, ``gzip -d``, tarfile and
+    ``wds.WebDataset`` read it), flushed with ``Z_FULL_FLUSH`` after every ``gzip_block``
+    samples: a full flush byte-aligns the deflate stream and forgets the history, so raw
+    inflate can start at any recorded block offset (the idea of indexed gzip / BGZF).
+    """
+
+    def __init__(self, directory: str, name: str, gzip_block: int | None):
+        self.directory, self.name = directory, name
+        self.gzip_block = gzip_block
+        self.fh = open(os.path.join(directory, name), "wb")
         self.sha256 = hashlib.sha256()
-        self.bytes = 0
+        self.bytes = 0            # file bytes written (compressed for .tar.gz)
+        self.tar_bytes = 0        # uncompressed tar bytes
+        self.offsets = [0]        # sample i = tar bytes [offsets[i], offsets[i+1])
+        self.blocks: list[int] = []   # .tar.gz: compressed offset where each block starts
+        self._pending: list[bytes] = []
+        self._comp = None
+        if gzip_block is not None:
+            self._comp = zlib.compressobj(6, zlib.DEFLATED, 31)
 
-    def write(self, data) -> int:
-        self.fh.write(data)
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return len(data)
+    def _write(self, data: bytes):
+        if data:
+            self.fh.write(data)
+            self.sha256.update(data)
+            self.bytes += len(data)
 
-    def flush(self):
+    def _flush_block(self):
+        data = b"".join(self._pending)
+        self._pending = []
+        out = self._comp.compress(data) + self._comp.flush(zlib.Z_FULL_FLUSH)
+        if not self.blocks:   # the gzip header (written with the first output) comes first
+            self.blocks.append(self.bytes + _GZIP_HEADER_BYTES)
+        self._write(out)
+        self.blocks.append(self.bytes)
+
+    def add(self, data: bytes):
+        self.tar_bytes += len(data)
+        self.offsets.append(self.tar_bytes)
+        if self.gzip_block is None:
+            self._write(data)
+            return
+        self._pending.append(data)
+        if self.num_samples % self.gzip_block == 0:
+            self._flush_block()
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.offsets) - 1
+
+    def close(self) -> dict:
+        import numpy as np
+
+        end = b"\0" * (2 * _TAR_BLOCK)   # tar end-of-archive
+        if self.gzip_block is None:
+            self._write(end)
+        else:
+            if self._pending:
+                self._flush_block()
+            self._write(self._comp.compress(end) + self._comp.flush(zlib.Z_FINISH))
         self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        index = self.offsets + self.blocks
+        idx_name = index_path(self.name)
+        np.save(os.path.join(self.directory, idx_name), np.asarray(index, dtype=np.uint64),
+                allow_pickle=False)
+        entry = {"path": self.name, "num_samples": self.num_samples, "bytes": self.bytes,
+                 "sha256": self.sha256.hexdigest(), "index": idx_name,
+                 "index_bytes": os.path.getsize(os.path.join(self.directory, idx_name))}
+        if self.gzip_block is not None:
+            entry["gzip_block"] = self.gzip_block
+        return entry
+
+    def abort(self):
+        self.fh.close()
 
 
-class _ShardSetWriter:
-    """Rolls over to a new ``TarWriter`` every ``shard_size`` samples. Shards are opened
-    lazily so that no empty trailing shard is ever written."""
+class _ChunkWriter:
+    """Writes the shards of one chunk, starting a new part when ``max_bytes`` would be passed.
+    Parts are opened lazily, so no empty shard is ever written."""
 
-    def __init__(self, directory: str, shard_size: int):
-        self.directory = directory
-        self.shard_size = shard_size
+    def __init__(self, directory: str, chunk: int, max_bytes: int | None,
+                 gzip_block: int | None):
+        self.directory, self.chunk, self.max_bytes = directory, chunk, max_bytes
+        self.gzip_block = gzip_block
         self.shards: list[dict] = []
-        self._fh = None
-        self._hashing = None
-        self._tar = None
-        self._count = 0
+        self._file: _ShardFile | None = None
 
-    def add(self, key: str, sample: dict):
-        if self._tar is None:
-            self._open()
-        self._tar.write(_encode_sample(key, sample))
-        self._count += 1
-        if self._count >= self.shard_size:
-            self._close_current()
-
-    def _open(self):
-        import webdataset as wds
-
-        name = shard_name(len(self.shards))
-        self._fh = open(os.path.join(self.directory, name), "wb")
-        self._hashing = _HashingFile(self._fh)
-        # encoder=False: members are already bytes (see _encode_sample); mtime fixed for
-        # reproducible bytes.
-        self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=_TAR_MTIME)
-        self._count = 0
-        self._name = name
-
-    def _close_current(self):
-        self._tar.close()  # writes the tar end-of-archive blocks through _hashing
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        path = os.path.join(self.directory, self._name)
-        size = os.path.getsize(path)
-        if size != self._hashing.bytes:  # pragma: no cover - would be a bug in the wrapper
-            raise RuntimeError(f"{path}: wrote {self._hashing.bytes} bytes, file has {size}")
-        self.shards.append({"path": self._name, "num_samples": self._count,
-                            "bytes": size, "sha256": self._hashing.sha256.hexdigest()})
-        self._tar = self._fh = self._hashing = None
+    def add(self, data: bytes):
+        f = self._file
+        if (f is not None and self.max_bytes is not None and f.num_samples
+                and f.tar_bytes + len(data) + 2 * _TAR_BLOCK > self.max_bytes):
+            self.shards.append(f.close())
+            f = self._file = None
+        if f is None:
+            name = shard_name(self.chunk, len(self.shards), self.gzip_block is not None)
+            f = self._file = _ShardFile(self.directory, name, self.gzip_block)
+        f.add(data)
 
     def close(self) -> list[dict]:
-        if self._tar is not None:
-            self._close_current()
+        if self._file is not None:
+            self.shards.append(self._file.close())
+            self._file = None
         return self.shards
 
     def abort(self):
-        # Close the tar stream before its file: an unclosed tarfile stream flushes itself at
-        # garbage collection, into an already closed file. The bytes are discarded anyway.
-        if self._tar is not None:
-            try:
-                self._tar.close()
-            except Exception:
-                pass
-        if self._fh is not None:
-            self._fh.close()
-        self._tar = self._fh = self._hashing = None
+        if self._file is not None:
+            self._file.abort()
+            self._file = None
+
+
+def _write_part(job: dict) -> dict:
+    """Writer process ``job["worker"]`` of ``job["workers"]``: stream every input, write the
+    chunks that are its own. Module-level so that it pickles into a spawned process."""
+    inputs, directory = job["inputs"], job["directory"]
+    field_map = FieldMap(**job["field_map"])
+    shard_size, worker, workers = job["shard_size"], job["worker"], job["workers"]
+    shards: list[dict] = []
+    num_rows = num_filtered = num_samples = 0
+    ordinal = 0            # global record ordinal over all inputs, before filtering
+    writer: _ChunkWriter | None = None
+    try:
+        for source_index, path in enumerate(inputs):
+            base = ordinal
+
+            def mine(i, base=base):   # i: record ordinal within this input
+                return ((base + i) // shard_size) % workers == worker
+
+            for row, record in iter_records(path, select=mine if workers > 1 else None):
+                chunk = ordinal // shard_size
+                ordinal += 1
+                if chunk % workers != worker:
+                    continue
+                if writer is None or writer.chunk != chunk:
+                    if writer is not None:
+                        shards += writer.close()
+                    writer = _ChunkWriter(directory, chunk, job["max_shard_bytes"],
+                                          job["gzip_block"] if job["gzip"] else None)
+                num_rows += 1
+                sample = to_sample(record, field_map, source=path, row=row)
+                if sample is None:
+                    num_filtered += 1
+                    continue
+                writer.add(_encode_sample(sample_key(source_index, row), sample))
+                num_samples += 1
+        if writer is not None:
+            shards += writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return {"shards": shards, "num_rows": num_rows, "num_filtered": num_filtered,
+            "num_samples": num_samples}
+
+
+def _shard_order(entry: dict) -> tuple[int, int]:
+    chunk, part = re.match(r"shard-(\d+)(?:-(\d+))?", entry["path"]).groups()
+    return int(chunk), int(part or 0)
+
+
+def _run_parts(jobs: list[dict]) -> list[dict]:
+    if len(jobs) == 1:
+        return [_write_part(jobs[0])]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the caller may hold threads (tokenizers, torch) that fork would copy
+    # mid-lock; clicktower.data imports lazily, so a spawned writer starts in well under 1 s.
+    # ProcessPoolExecutor, not Pool: a writer that dies raises BrokenProcessPool here
+    # instead of being replaced forever.
+    with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_write_part, job) for job in jobs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()   # the other writers would only write shards to delete
+            raise
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Expand shell-style globs (``logs/2024-*/part-*.jsonl.gz``) that name no existing
+    path into sorted file lists; other paths pass through unchanged.
+
+    Raises:
+        DataError: a glob that matches nothing.
+    """
+    import glob
+
+    out = []
+    for pattern in patterns:
+        if not os.path.exists(pattern) and glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise DataError("no files match this pattern", source=pattern)
+            out += matches
+        else:
+            out.append(pattern)
+    return out
+
+
+def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
+                 shard_size: int = 100_000, overwrite: bool = False, workers: int = 1,
+                 max_shard_bytes: int | None = None, gzip: bool = False,
+                 gzip_block: int = DEFAULT_GZIP_BLOCK) -> dict:
+    """Convert click-log inputs into indexed WebDataset tar shards plus ``manifest.json``.
+
+    Args:
+        inputs: input files/folders (any format ``sources.iter_records`` reads) or globs,
+            written in this order.
+        out_dir: output directory; created (with parents). It appears only once complete.
+        field_map: which input fields make up a sample, and the ``min_label`` filter.
+        shard_size: input records per chunk; a shard holds at most this many samples
+            (fewer when the label filter drops rows, or ``max_shard_bytes`` cuts the chunk).
+        overwrite: replace an existing, non-empty ``out_dir`` (only a previous shard
+            directory is ever replaced).
+        workers: writer processes (each streams the inputs and writes every N-th chunk).
+        max_shard_bytes: also start a new shard (part) before a shard's uncompressed tar
+            would pass this many bytes.
+        gzip: write ``.tar.gz`` shards (one gzip member per ``gzip_block`` samples).
+        gzip_block: samples per gzip member: a reader decompresses this many to get one.
+
+    Returns:
+        The manifest, as written: ``{"format", "version", "num_samples", "fields",
+        "shards": [{"path", "num_samples", "bytes", "sha256", "index", "index_bytes"
+        [, "gzip_block"]}], "sources", "field_map", "num_filtered", "shard_size"}`` with
+        paths relative to ``out_dir``.
+
+    Raises:
+        DataError: bad arguments, existing output without ``overwrite``, any bad input
+            (see ``sources``), or no samples at all. Nothing is left behind on error.
+    """
+    if isinstance(inputs, (str, bytes, os.PathLike)) or not inputs:
+        raise DataError("write_shards: inputs must be a non-empty list of paths")
+    inputs = expand_inputs([os.fspath(p) for p in inputs])
+    if not isinstance(field_map, FieldMap):
+        raise DataError(f"write_shards: field_map must be a FieldMap, got "
+                        f"{type(field_map).__name__}")
+    for name, value, low in (("shard size", shard_size, 1), ("workers", workers, 1),
+                             ("gzip block", gzip_block, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise DataError(f"{name} must be a positive integer, got {short_repr(value)}")
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(
+            max_shard_bytes, int) or max_shard_bytes < 4 * _TAR_BLOCK):
+        raise DataError(f"max shard bytes must be an integer >= {4 * _TAR_BLOCK}, "
+                        f"got {short_repr(max_shard_bytes)}")
+    out_dir = os.fspath(out_dir)
+    out_dir = out_dir.rstrip(os.sep) or out_dir
+
+    _check_out_dir(out_dir, inputs, overwrite)
+    # Fail fast: every input exists, is readable and has the mapped fields before any shard
+    # is written (a missing column in the last input should not cost a pass over the first).
+    for path in inputs:
+        check_fields(path, field_map)
+
+    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp_dir):  # a leftover from a killed run whose pid we now reuse
+        shutil.rmtree(tmp_dir)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    os.mkdir(tmp_dir)
+    try:
+        jobs = [{"inputs": inputs, "directory": tmp_dir, "field_map": field_map.to_dict(),
+                 "shard_size": shard_size, "worker": w, "workers": workers,
+                 "max_shard_bytes": max_shard_bytes, "gzip": gzip, "gzip_block": gzip_block}
+                for w in range(workers)]
+        parts = _run_parts(jobs)
+        shards = sorted((s for part in parts for s in part["shards"]), key=_shard_order)
+        num_samples = sum(s["num_samples"] for s in shards)
+        num_rows = sum(p["num_rows"] for p in parts)
+        num_filtered = sum(p["num_filtered"] for p in parts)
+        if num_samples == 0:
+            why = (f"all {num_rows} rows have {field_map.label} < {field_map.min_label:g}"
+                   if num_filtered else "no rows")
+            raise DataError(f"no samples: {why}", source=", ".join(inputs))
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "num_samples": num_samples,
+            "fields": field_map.sample_fields(),
+            "shards": shards,
+            "sources": inputs,
+            "field_map": field_map.to_dict(),
+            "num_filtered": num_filtered,
+            "shard_size": shard_size,
+            "max_shard_bytes": max_shard_bytes,
+            "gzip": gzip,
+        }
+        manifest_path = os.path.join(tmp_dir, MANIFEST_NAME)
+        with open(manifest_path, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp_dir)
+        _install(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return manifest
+
 
 
 def _is_shard_dir(path: str) -> bool:
@@ -231,92 +587,6 @@ def _install(tmp_dir: str, out_dir: str):
     _fsync_dir(os.path.dirname(os.path.abspath(out_dir)))
 
 
-def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
-                 shard_size: int = 100_000, overwrite: bool = False) -> dict:
-    """Convert click-log inputs into WebDataset tar shards plus ``manifest.json``.
-
-    Args:
-        inputs: input files/folders (any format ``sources.iter_records`` reads), written in
-            this order.
-        out_dir: output directory; created (with parents). It appears only once complete.
-        field_map: which input fields make up a sample, and the ``min_label`` filter.
-        shard_size: samples per shard (the last shard may hold fewer).
-        overwrite: replace an existing, non-empty ``out_dir`` (only a previous shard
-            directory is ever replaced).
-
-    Returns:
-        The manifest, as written: ``{"format", "version", "num_samples", "fields",
-        "shards": [{"path", "num_samples", "bytes", "sha256"}], "sources", "field_map",
-        "num_filtered", "shard_size"}`` with shard paths relative to ``out_dir``.
-
-    Raises:
-        DataError: bad arguments, existing output without ``overwrite``, any bad input
-            (see ``sources``), or no samples at all. Nothing is left behind on error.
-    """
-    if isinstance(inputs, (str, bytes, os.PathLike)) or not inputs:
-        raise DataError("write_shards: inputs must be a non-empty list of paths")
-    inputs = [os.fspath(p) for p in inputs]
-    if not isinstance(field_map, FieldMap):
-        raise DataError(f"write_shards: field_map must be a FieldMap, got "
-                        f"{type(field_map).__name__}")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise DataError(f"shard size must be a positive integer, got {short_repr(shard_size)}")
-    out_dir = os.fspath(out_dir)
-    out_dir = out_dir.rstrip(os.sep) or out_dir
-
-    _check_out_dir(out_dir, inputs, overwrite)
-    # Fail fast: every input exists, is readable and has the mapped fields before any shard
-    # is written (a missing column in the last input should not cost a pass over the first).
-    for path in inputs:
-        check_fields(path, field_map)
-
-    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
-    if os.path.lexists(tmp_dir):  # a leftover from a killed run whose pid we now reuse
-        shutil.rmtree(tmp_dir)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    os.mkdir(tmp_dir)
-    writer = _ShardSetWriter(tmp_dir, shard_size)
-    try:
-        num_rows = num_filtered = 0
-        for source_index, path in enumerate(inputs):
-            for row, record in iter_records(path):
-                num_rows += 1
-                sample = to_sample(record, field_map, source=path, row=row)
-                if sample is None:
-                    num_filtered += 1
-                    continue
-                writer.add(sample_key(source_index, row), sample)
-        shards = writer.close()
-        num_samples = sum(s["num_samples"] for s in shards)
-        if num_samples == 0:
-            why = (f"all {num_rows} rows have {field_map.label} < {field_map.min_label:g}"
-                   if num_filtered else "no rows")
-            raise DataError(f"no samples: {why}", source=", ".join(inputs))
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "num_samples": num_samples,
-            "fields": field_map.sample_fields(),
-            "shards": shards,
-            "sources": inputs,
-            "field_map": field_map.to_dict(),
-            "num_filtered": num_filtered,
-            "shard_size": shard_size,
-        }
-        manifest_path = os.path.join(tmp_dir, MANIFEST_NAME)
-        with open(manifest_path, "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp_dir)
-        _install(tmp_dir, out_dir)
-    except BaseException:
-        writer.abort()
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return manifest
 
 
 # --------------------------------------------------------------------------------------
@@ -331,22 +601,32 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def load_manifest(path: str, *, verify_checksums: bool = False) -> dict:
-    """Read and validate a shard manifest.
+def load_manifest(path: str, *, verify_checksums: bool = False,
+                  on_missing: str = "raise") -> dict:
+    """Read and validate a shard manifest, and check that every shard and index is there.
 
     Args:
         path: the ``manifest.json`` file or the directory holding it.
         verify_checksums: also re-hash every shard and compare with its ``sha256``
             (reads all the data; sizes are always checked).
+        on_missing: ``"raise"``: a missing, unreadable or wrong-sized shard (or index) is a
+            ``DataError``; ``"skip"``: the shard is kept in the manifest (its samples keep
+            their places in the epoch order, so every rank still agrees on the batch count)
+            and marked ``"missing": "<why>"`` (readers count its samples as bad), or, when
+            the file and its index exist but the size or checksum differs, ``"damaged"``
+            (readers read what is there and count the samples that fail).
 
     Returns:
-        The manifest dict, with each shard's ``"path"`` made absolute, plus ``"path"`` (the
-        absolute manifest file, for messages) and ``"root"`` (its directory).
+        The manifest dict, with each shard's ``"path"`` (and ``"index"``) made absolute, plus
+        ``"path"`` (the absolute manifest file, for messages) and ``"root"`` (its directory).
 
     Raises:
-        DataError: missing/invalid manifest, unknown format or version, or a shard that is
-            missing or whose size (or checksum) differs from the manifest, naming the shard.
+        DataError: missing/invalid manifest, unknown format or version, or (``on_missing=
+            "raise"``) a shard that is missing or whose size (or checksum) differs from the
+            manifest, naming the shard.
     """
+    if on_missing not in ("raise", "skip"):
+        raise DataError(f"on_missing must be 'raise' or 'skip', got {short_repr(on_missing)}")
     path = os.fspath(path)
     manifest_path = os.path.join(path, MANIFEST_NAME) if os.path.isdir(path) else path
     if not os.path.isfile(manifest_path):
@@ -367,9 +647,10 @@ def load_manifest(path: str, *, verify_checksums: bool = False) -> dict:
     if manifest.get("format") != FORMAT:
         raise bad(f"not a clicktower shard manifest: format {short_repr(manifest.get('format'))},"
                   f" expected {FORMAT!r}", "format")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READ_VERSIONS:
         raise bad(f"unsupported version {short_repr(manifest.get('version'))}; "
-                  f"this clicktower reads version {VERSION}", "version")
+                  f"this clicktower reads versions {', '.join(map(str, READ_VERSIONS))}",
+                  "version")
     fields = manifest.get("fields")
     if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
         raise bad("must be a list of field names", "fields")
@@ -385,6 +666,7 @@ def load_manifest(path: str, *, verify_checksums: bool = False) -> dict:
 
     root = os.path.dirname(os.path.abspath(manifest_path))
     resolved = []
+    seen_paths: set[str] = set()
     for i, shard in enumerate(shards):
         where = f"shards[{i}]"
         if not isinstance(shard, dict):
@@ -401,15 +683,39 @@ def load_manifest(path: str, *, verify_checksums: bool = False) -> dict:
             raise bad(f"sha256 must be 64 hex digits, got {short_repr(shard.get('sha256'))}",
                       where)
         abs_path = os.path.normpath(os.path.join(root, rel))
+        if abs_path in seen_paths:   # the same samples twice in one epoch
+            raise bad(f"shard {rel!r} is listed twice", where)
+        seen_paths.add(abs_path)
+        entry = {**shard, "path": abs_path}
+        problem = None
         if not os.path.isfile(abs_path):
-            raise bad(f"shard {rel!r} is missing ({abs_path})")
-        size = os.path.getsize(abs_path)
-        if size != shard["bytes"]:
-            raise bad(f"shard {rel!r} has {size} bytes, the manifest lists {shard['bytes']} "
-                      f"(truncated or modified)")
-        if verify_checksums and _sha256_file(abs_path) != shard["sha256"]:
-            raise bad(f"shard {rel!r}: sha256 differs from the manifest (corrupted or modified)")
-        resolved.append({**shard, "path": abs_path})
+            problem = f"shard {rel!r} is missing ({abs_path})"
+        elif not os.access(abs_path, os.R_OK):
+            problem = f"shard {rel!r} is not readable ({abs_path})"
+        elif os.path.getsize(abs_path) != shard["bytes"]:
+            problem = (f"shard {rel!r} has {os.path.getsize(abs_path)} bytes, the manifest "
+                       f"lists {shard['bytes']} (truncated or modified)")
+        elif verify_checksums and _sha256_file(abs_path) != shard["sha256"]:
+            problem = f"shard {rel!r}: sha256 differs from the manifest (corrupted or modified)"
+        if shard.get("index") is not None:
+            idx = os.path.normpath(os.path.join(root, shard["index"]))
+            entry["index"] = idx
+            if problem is None and (not os.path.isfile(idx) or not os.access(idx, os.R_OK)):
+                problem = f"index {shard['index']!r} of shard {rel!r} is missing ({idx})"
+            elif problem is None and os.path.getsize(idx) != shard.get("index_bytes"):
+                problem = (f"index {shard['index']!r} of shard {rel!r} has "
+                           f"{os.path.getsize(idx)} bytes, the manifest lists "
+                           f"{shard.get('index_bytes')}")
+        if problem is not None:
+            if on_missing == "raise":
+                raise bad(problem)
+            if os.path.isfile(abs_path) and "index" in entry and os.path.isfile(entry["index"]):
+                # Wrong size or checksum: read what is there; the samples that are not come
+                # back bad one by one (truncated, corrupt...), the others are kept.
+                entry["damaged"] = problem
+            else:
+                entry["missing"] = problem
+        resolved.append(entry)
     total = sum(s["num_samples"] for s in resolved)
     if total != num_samples:
         raise bad(f"is {num_samples} but the shards hold {total}", "num_samples")
@@ -418,27 +724,36 @@ def load_manifest(path: str, *, verify_checksums: bool = False) -> dict:
 
 
 def iter_shard(path: str) -> Iterator[dict]:
-    """Yield the samples of one shard in file order.
+    """Yield the samples of one shard in file order, reading it from start to end.
 
     Args:
-        path: a ``.tar`` shard written by ``write_shards``.
+        path: a ``.tar`` or ``.tar.gz`` shard written by ``write_shards``.
 
     Yields:
-        Each sample dict (as ``to_sample`` made it) with ``"__key__"`` added.
+        Each sample dict (as ``to_sample`` made it) with ``"__key__"`` added; a feature
+        vector comes back as a numpy array under ``"features"``.
 
     Raises:
         DataError: unreadable tar, or a sample without a valid ``.json`` member.
     """
+    import gzip
+
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError("no such file", source=path)
-    with open(path, "rb") as fh:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as fh:
         members = group_by_keys(tar_file_expander([{"url": path, "stream": fh}]))
         try:
             for sample in members:
-                yield _decode_sample(sample, path)
-        except tarfile.TarError as exc:
+                key = sample.get("__key__")
+                parts = {k: v for k, v in sample.items() if not k.startswith("__")}
+                try:
+                    yield decode_sample_bytes(parts, key)
+                except SampleError as exc:
+                    raise DataError(f"sample {key!r}: {exc.message}", source=path) from None
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise DataError(f"not a readable tar shard ({exc.args[0] if exc.args else exc})",
                             source=path) from None

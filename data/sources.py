@@ -42,6 +42,7 @@ __all__ = [
     "FieldMap",
     "SUPPORTED_EXTENSIONS",
     "check_fields",
+    "compose_item_text",
     "iter_records",
     "record_fields",
     "to_sample",
@@ -78,6 +79,11 @@ class FieldMap:
         hard_negatives: optional field holding a list of ``{"item_id", "item_text"}`` objects
             (or a JSON string of such a list, as CSV cells do).
         weight: optional numeric, non-negative per-sample weight field.
+        item_fields: optional structured item fields (e.g. ``["title", "brand", "category",
+            "attributes"]``), kept as the sample's ``"item"`` object. When the record has no
+            ``item_text`` field, the item text is composed from them (``compose_item_text``).
+        features: optional field holding a precomputed item feature vector (a list of
+            numbers, or a JSON string of one), stored as a float32 ``.npy`` shard member.
     """
 
     query: str = "query"
@@ -87,6 +93,8 @@ class FieldMap:
     min_label: float | None = None
     hard_negatives: str | None = None
     weight: str | None = None
+    item_fields: list[str] | None = None
+    features: str | None = None
 
     def __post_init__(self):
         for name in ("query", "item_text", "item_id"):
@@ -94,7 +102,13 @@ class FieldMap:
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"field map: {name} must be a non-empty field name, "
                                 f"got {short_repr(value)}")
-        for name in ("label", "hard_negatives", "weight"):
+        if self.item_fields is not None:
+            if isinstance(self.item_fields, str) or not self.item_fields or not all(
+                    isinstance(f, str) and f.strip() for f in self.item_fields):
+                raise DataError(f"field map: item_fields must be a non-empty list of field "
+                                f"names, got {short_repr(self.item_fields)}")
+            self.item_fields = list(self.item_fields)
+        for name in ("label", "hard_negatives", "weight", "features"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise DataError(f"field map: {name} must be a non-empty field name or None, "
@@ -110,8 +124,10 @@ class FieldMap:
 
     def source_fields(self) -> list[str]:
         """Input fields every record must have, in mapping order, without duplicates."""
-        names = [self.query, self.item_id, self.item_text, self.label, self.weight,
-                 self.hard_negatives]
+        # With structured item fields the item text may be composed, so it is optional.
+        names = [self.query, self.item_id, None if self.item_fields else self.item_text,
+                 self.label, self.weight, self.hard_negatives, *(self.item_fields or ()),
+                 self.features]
         return list(dict.fromkeys(n for n in names if n is not None))
 
     def sample_fields(self) -> list[str]:
@@ -123,6 +139,10 @@ class FieldMap:
             fields.append("weight")
         if self.hard_negatives is not None:
             fields.append("hard_negatives")
+        if self.item_fields is not None:
+            fields.append("item")
+        if self.features is not None:
+            fields.append("features")
         return fields
 
     def to_dict(self) -> dict:
@@ -153,6 +173,9 @@ class _Reader:
     iterating yields ``(row, record)``. Subclasses per format."""
 
     unit = "row"
+    # Optional ``select(ordinal) -> bool``: records it rejects may be yielded as ``None``
+    # without being parsed (JSONL and Parquet honour it; the others parse everything).
+    select = None
     fields_origin = "the input"   # where fields() found the names, for error messages
     fields_row: int | None = None  # and at which row/line, where that means anything
 
@@ -274,6 +297,7 @@ class _JsonlReader(_TextReader):
 
     def __iter__(self):
         count = 0
+        select = self.select
         lines = self._lines()
         while True:
             try:
@@ -284,6 +308,12 @@ class _JsonlReader(_TextReader):
                 raise self.error(f"invalid UTF-8 (byte {exc.exc.start}): {exc.exc.reason}",
                                  row=exc.lineno) from None
             if not line.strip():
+                continue
+            if select is not None and not select(count):
+                # Another shard writer process parses this record: only count it, so that
+                # record ordinals stay the same in every process.
+                count += 1
+                yield lineno, None
                 continue
             try:
                 record = json.loads(line)
@@ -326,6 +356,13 @@ class _ParquetReader(_Reader):
         row = 0
         try:
             for batch in pf.iter_batches(batch_size=_BATCH_ROWS):
+                select = self.select
+                if select is not None and not any(select(row + i)
+                                                  for i in range(batch.num_rows)):
+                    for _ in range(batch.num_rows):  # another writer process's records
+                        row += 1
+                        yield row, None
+                    continue
                 for record in batch.to_pylist():
                     row += 1
                     yield row, record
@@ -419,12 +456,14 @@ def _open_reader(path) -> _Reader:
     return reader
 
 
-def iter_records(path) -> Iterator[tuple[int, dict]]:
+def iter_records(path, select=None) -> Iterator[tuple[int, dict | None]]:
     """Stream the records of one input file or datasets folder.
 
     Args:
         path: a ``.csv``/``.tsv``/``.jsonl``/``.json`` file (optionally ``.gz``), a
             ``.parquet`` file, or a ``save_to_disk`` folder (``DIR:split`` for a split).
+        select: optional ``select(ordinal) -> bool`` over 0-based record ordinals; a record
+            it rejects may come back as ``None`` unparsed (parallel writers split by it).
 
     Returns:
         An iterator of ``(row, record)``: ``row`` is the 1-based data row (JSONL: line
@@ -436,6 +475,7 @@ def iter_records(path) -> Iterator[tuple[int, dict]]:
             JSON line, wrong CSV column count, no rows...).
     """
     reader = _open_reader(path)  # eager: a bad path fails here, not at the first next()
+    reader.select = select
     return iter(reader)
 
 
@@ -577,6 +617,58 @@ def _hard_negatives(value: Any, name: str, at: _Row) -> list[dict]:
     return negatives
 
 
+def _item_field(value: Any, name: str, at: _Row) -> Any:
+    """A structured item field: text, number, list of texts or a flat mapping (attributes)."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = json.loads(value)  # CSV cells carry attribute maps as JSON
+        except json.JSONDecodeError:
+            pass
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, Mapping):
+        return {str(k): str(v).strip() for k, v in value.items() if str(v).strip()}
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    raise at.error(name, f"expected text, a list or an object, got {type(value).__name__}")
+
+
+def compose_item_text(item: Mapping[str, Any]) -> str:
+    """One text from structured item fields, in field order: values joined by ``" | "``,
+    mappings as ``"key: value"`` pairs, lists comma-joined.
+
+    >>> compose_item_text({"title": "Drill", "brand": "Varlo", "attributes": {"colour": "Red"}})
+    'Drill | Varlo | colour: Red'
+    """
+    parts = []
+    for value in item.values():
+        if isinstance(value, Mapping):
+            parts.append(", ".join(f"{k}: {v}" for k, v in value.items()))
+        elif isinstance(value, (list, tuple)):
+            parts.append(", ".join(map(str, value)))
+        elif value is not None:
+            parts.append(str(value))
+    return " | ".join(p for p in parts if p)
+
+
+def _features(value: Any, name: str, at: _Row) -> list[float]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise at.error(name, f"not a JSON list of numbers: {short_repr(value)}") from None
+    if hasattr(value, "tolist"):  # numpy / pyarrow arrays
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value):
+        raise at.error(name, f"expected a non-empty list of finite numbers, got "
+                             f"{short_repr(value)}")
+    return [float(v) for v in value]
+
+
 def to_sample(record: Mapping[str, Any], field_map: FieldMap, *, source, row: int) -> dict | None:
     """Map one record to a training sample.
 
@@ -606,11 +698,25 @@ def to_sample(record: Mapping[str, Any], field_map: FieldMap, *, source, row: in
         label = _number(_get(record, fm.label, at), fm.label, at)
         if fm.min_label is not None and label < fm.min_label:
             return None
+    item = None
+    if fm.item_fields is not None:
+        item = {name: _item_field(_get(record, name, at), name, at) for name in fm.item_fields}
+        item = {k: v for k, v in item.items() if v not in (None, "", {}, [])}
+    if item is not None and fm.item_text not in record:
+        item_text = compose_item_text(item)
+        if not item_text:
+            raise at.error(fm.item_text, "missing, and the item fields are all empty")
+    else:
+        item_text = _text(_get(record, fm.item_text, at), fm.item_text, at)
     sample: dict[str, Any] = {
         "query": _text(_get(record, fm.query, at), fm.query, at),
         "item_id": _item_id(_get(record, fm.item_id, at), fm.item_id, at),
-        "item_text": _text(_get(record, fm.item_text, at), fm.item_text, at),
+        "item_text": item_text,
     }
+    if item is not None:
+        sample["item"] = item
+    if fm.features is not None:
+        sample["features"] = _features(_get(record, fm.features, at), fm.features, at)
     if label is not None:
         sample["label"] = label
     if fm.weight is not None:

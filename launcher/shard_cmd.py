@@ -1,42 +1,70 @@
-"""clicktower shard: convert click logs (CSV, JSONL, Parquet, HF datasets) into WebDataset shards.
+"""clicktower shard: convert click logs (CSV, JSONL, Parquet, HF datasets) into indexed WebDataset shards.
 
     clicktower shard clicks.csv --out shards --query-field search_term --item-field product_title \
         --item-id-field product_uid --label-field relevance --min-label 2.67
+    clicktower shard 'logs/2024-*/part-*.jsonl.gz' --out shards --workers 8 --gzip \
+        --shard-size 100000 --max-shard-bytes 256MB
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from clicktower.data.shards import write_shards
 from clicktower.data.sources import FieldMap
 from clicktower.launcher.errors import run_cli
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """``"256MB"`` -> 256000000; ``"64MiB"``, ``"1GB"`` and plain integers too."""
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 256MB, 64MiB)")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clicktower shard", description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="+", help="input files (.csv .tsv .jsonl .parquet, .gz) or HF dataset folders")
+    parser.add_argument("inputs", nargs="+",
+                        help="input files (.csv .tsv .jsonl .parquet, .gz), HF dataset folders, or globs")
     parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     parser.add_argument("--query-field", default="query")
     parser.add_argument("--item-field", default="item_text")
     parser.add_argument("--item-id-field", default="item_id")
+    parser.add_argument("--item-fields", default=None,
+                        help="comma-separated structured item fields (e.g. title,brand,category,attributes)")
+    parser.add_argument("--features-field", default=None, help="item feature vector field (stored as .npy)")
     parser.add_argument("--label-field", default=None, help="numeric label column (e.g. relevance)")
     parser.add_argument("--min-label", type=float, default=None, help="keep rows with label >= this")
     parser.add_argument("--hard-negatives-field", default=None)
     parser.add_argument("--weight-field", default=None)
-    parser.add_argument("--shard-size", type=int, default=100_000, help="samples per shard")
+    parser.add_argument("--shard-size", type=int, default=100_000,
+                        help="input records per chunk: at most this many samples per shard")
+    parser.add_argument("--max-shard-bytes", type=parse_bytes, default=None,
+                        help="also cut a shard before its tar passes this size (e.g. 256MB)")
+    parser.add_argument("--gzip", action="store_true", help="write .tar.gz shards (block-indexed)")
+    parser.add_argument("--workers", type=int, default=1, help="writer processes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
     args = parser.parse_args(argv)
     if args.shard_size < 1:
         parser.error("--shard-size must be >= 1")
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
     try:
         field_map = FieldMap(query=args.query_field, item_text=args.item_field, item_id=args.item_id_field,
                              label=args.label_field, min_label=args.min_label,
-                             hard_negatives=args.hard_negatives_field, weight=args.weight_field)
+                             hard_negatives=args.hard_negatives_field, weight=args.weight_field,
+                             item_fields=args.item_fields.split(",") if args.item_fields else None,
+                             features=args.features_field)
     except ValueError as exc:
         parser.error(str(exc))
-    manifest = write_shards(args.inputs, args.out, field_map, shard_size=args.shard_size, overwrite=args.overwrite)
+    manifest = write_shards(args.inputs, args.out, field_map, shard_size=args.shard_size,
+                            overwrite=args.overwrite, workers=args.workers,
+                            max_shard_bytes=args.max_shard_bytes, gzip=args.gzip)
     print(json.dumps({"out": args.out, "num_samples": manifest["num_samples"], "shards": len(manifest["shards"])}))
     return 0
 

@@ -99,7 +99,7 @@ def test_round_trip_every_pair_once(tmp_path, fmt):
     out = tmp_path / "out"
     manifest = write_shards([src], str(out), FM, shard_size=3)
 
-    assert manifest["format"] == FORMAT and manifest["version"] == 1
+    assert manifest["format"] == FORMAT and manifest["version"] == 2
     assert manifest["num_samples"] == 7 and manifest["num_filtered"] == 0
     assert [s["num_samples"] for s in manifest["shards"]] == [3, 3, 1]
     assert [s["path"] for s in manifest["shards"]] == [
@@ -107,7 +107,8 @@ def test_round_trip_every_pair_once(tmp_path, fmt):
     assert manifest["fields"] == ["query", "item_id", "item_text", "label"]
     assert manifest["sources"] == [src] and manifest["field_map"]["label"] == "label"
     assert json.loads((out / MANIFEST_NAME).read_text("utf-8")) == manifest
-    assert sorted(os.listdir(out)) == [MANIFEST_NAME] + [s["path"] for s in manifest["shards"]]
+    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME] + [s["path"] for s in manifest["shards"]]
+                                             + [s["index"] for s in manifest["shards"]])
     check_manifest_files(out, manifest)
 
     loaded, samples = read_back(str(out))
@@ -292,7 +293,7 @@ def test_load_manifest_size_and_checksum_mismatch(shard_dir):
 
 @pytest.mark.parametrize("edit, words", [
     ({"format": "something.else"}, "not a clicktower shard manifest"),
-    ({"version": 2}, "unsupported version 2"),
+    ({"version": 3}, "unsupported version 3"),
     ({"fields": ["query"]}, "field 'fields'"),
     ({"num_samples": 8}, "field 'num_samples'"),
     ({"shards": []}, "field 'shards'"),
