@@ -419,6 +419,17 @@ class _RankStream(IterableDataset):
         return self.batches(info.id, info.num_workers)
 
 
+def _round_robin(iterators: list[Iterator[dict]]) -> Iterator[dict]:
+    """DataLoader's order for an IterableDataset: worker 0, 1, ..., skipping finished ones."""
+    live = list(iterators)
+    while live:
+        for it in list(live):
+            try:
+                yield next(it)
+            except StopIteration:
+                live.remove(it)
+
+
 # --------------------------------------------------------------------------------------
 # The loader
 # --------------------------------------------------------------------------------------
@@ -496,6 +507,9 @@ class ClickPairLoader:
         self.epoch = 0
         self.samples_consumed = 0  # global positions of the current epoch already yielded
         self._errors: dict[str, int] = {}
+        # Tests: run the worker split in this process, taking workers round-robin exactly
+        # as DataLoader does, without spawning processes.
+        self.simulate_workers = False
 
     @property
     def global_batch(self) -> int:
@@ -551,6 +565,9 @@ class ClickPairLoader:
         stream = self._stream()
         if self.num_workers == 0:
             batches: Any = stream.batches(0, 1)
+        elif self.simulate_workers:
+            batches = _round_robin([stream.batches(w, self.num_workers)
+                                    for w in range(self.num_workers)])
         else:
             batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                  persistent_workers=False, prefetch_factor=4)
