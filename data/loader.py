@@ -135,9 +135,40 @@ class _Source:
         self.indexes = [s.get("index") for s in shards]
         self.gzip_blocks = np.array([s.get("gzip_block") or 0 for s in shards], dtype=np.int64)
         self.counts = np.array([s["num_samples"] for s in shards], dtype=np.int64)
+        self.listed = self.counts.copy()   # as in the index (counts below may shrink)
         self.missing = {i: s["missing"] for i, s in enumerate(shards) if s.get("missing")}
         self.damaged = {i: s["damaged"] for i, s in enumerate(shards) if s.get("damaged")}
+        # Index-level validation: a missing shard, and the samples past the end of a
+        # truncated one, leave the order before the first batch. Every rank computes this
+        # from the same files, so all agree on the batch count (a per-sample skip later
+        # could not move positions without making the ranks disagree).
+        self.lost = {"missing_shard": 0, "truncated": 0}
+        for i in self.missing:
+            self.lost["missing_shard"] += int(self.counts[i])
+            self.counts[i] = 0
+        for i in self.damaged:
+            intact = _intact_samples(shards[i])
+            self.lost["truncated"] += int(self.counts[i]) - intact
+            self.counts[i] = intact
         self.num_samples = int(self.counts.sum())
+
+
+def _intact_samples(shard: dict) -> int:
+    """Samples of a shorter-than-listed shard that lie wholly inside the file."""
+    n = shard["num_samples"]
+    try:
+        size = os.path.getsize(shard["path"])
+        index = np.load(shard["index"], mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return 0
+    if size >= shard["bytes"] or len(index) < n + 1:
+        return n if len(index) >= n + 1 else 0   # modified, not cut: read and see
+    gb = shard.get("gzip_block") or 0
+    if not gb:
+        return int(np.searchsorted(np.asarray(index[: n + 1]), size, side="right")) - 1
+    blocks = np.asarray(index[n + 1:])
+    whole = int(np.searchsorted(blocks, size, side="right")) - 1   # blocks wholly present
+    return min(n, max(0, whole) * gb)
 
 
 class _EpochOrder:
@@ -269,7 +300,7 @@ class _ShardReader:
         if handle is not None:
             self._open.move_to_end(shard)
             return handle
-        path, n = self.source.paths[shard], int(self.source.counts[shard])
+        path, n = self.source.paths[shard], int(self.source.listed[shard])
         fd = os.open(path, os.O_RDONLY)
         try:
             if self.source.indexes[shard] is None:
@@ -400,8 +431,11 @@ class _RankStream(IterableDataset):
                     yield {"__error__": str(exc)}
                     return
                 if not samples:
+                    # Only dense damage gets here (sparse bad samples just shorten a
+                    # batch): an empty batch would desynchronise DDP, so stop instead.
                     yield {"__error__": f"every sample of batch {j} on rank {self.rank} is "
-                                        f"bad; see the warnings above"}
+                                        f"bad (see the warnings above); re-shard the damaged "
+                                        f"shards or raise data.shuffle_buffer"}
                     return
                 batch = self.collate(samples)
                 batch["__errors__"], state.errors = state.errors, {}
@@ -485,11 +519,13 @@ class ClickPairLoader:
         self.manifest = loaded[0]
         self._sources = [_Source(m) for m in loaded]
         for src in self._sources:
-            for i, why in list(src.missing.items())[:3]:
-                log.warning("data.on_error=skip: %s: its %d samples will be counted as bad",
-                            why, int(src.counts[i]))
+            for why in list(src.missing.values())[:3]:
+                log.warning("data.on_error=skip: %s: its samples leave the order", why)
             for why in list(src.damaged.values())[:3]:
-                log.warning("data.on_error=skip: %s: reading what is there", why)
+                log.warning("data.on_error=skip: %s: reading the samples that are there", why)
+            if len(src.missing) + len(src.damaged) > 6:
+                log.warning("data.on_error=skip: %d shards missing, %d damaged in all",
+                            len(src.missing), len(src.damaged))
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
         self.tokenizer = tokenizer
@@ -506,7 +542,12 @@ class ClickPairLoader:
                             f"cannot fill one global batch of {batch_size} x {world_size} ranks")
         self.epoch = 0
         self.samples_consumed = 0  # global positions of the current epoch already yielded
+        # Samples that left the order at start (missing shards, truncated tails): counted
+        # once here, so every rank reports them (sum ranks' counts of the other reasons only).
         self._errors: dict[str, int] = {}
+        for src in self._sources:
+            for reason, n in src.lost.items():
+                self._errors[reason] = self._errors.get(reason, 0) + n
         # Tests: run the worker split in this process, taking workers round-robin exactly
         # as DataLoader does, without spawning processes.
         self.simulate_workers = False
