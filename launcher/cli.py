@@ -25,6 +25,7 @@ COMMANDS = {
     "eval": ("clicktower.launcher.evaluate", "retrieval metrics of a model over a catalog"),
     "embed": ("clicktower.launcher.index", "embed a catalog on every rank and build a FAISS index"),
     "search": ("clicktower.launcher.index:search_main", "top items of an index for a query"),
+    "export": ("clicktower.launcher.export", "checkpoint to Hugging Face + sentence-transformers folders"),
     "plot": ("clicktower.launcher.plot", "draw loss, temperature, throughput and metrics as a PNG"),
     "demo": ("clicktower.launcher.demo", "synthesise, shard, evaluate, fine-tune, evaluate again"),
 }
