@@ -20,6 +20,7 @@ import yaml
 from clicktower.data.loader import DataConfig
 from clicktower.modeling.losses import LossConfig
 from clicktower.modeling.towers import TwoTowerConfig
+from clicktower.launcher.checkpoint import CheckpointConfig
 from clicktower.launcher.optim import OptimConfig
 from clicktower.launcher.trainer import TrainConfig
 
@@ -37,6 +38,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:

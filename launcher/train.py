@@ -15,10 +15,12 @@ import yaml
 
 from clicktower.data.loader import ClickPairLoader
 from clicktower.data.shards import load_manifest
+from clicktower.launcher.checkpoint import Checkpointer, find_resume_checkpoint
 from clicktower.launcher.config import ConfigError, ExperimentConfig, load_config, to_dict
 from clicktower.launcher.distributed import gathered_parameters, prepare_launch
 from clicktower.launcher.errors import run_cli
 from clicktower.launcher.optim import build_optimizer, build_scheduler
+from clicktower.launcher.preemption import EXIT_PREEMPTED, Preempted, PreemptionHandler
 from clicktower.launcher.trainer import Trainer
 from clicktower.modeling.losses import ContrastiveLoss
 from clicktower.modeling.towers import TwoTower
@@ -50,9 +52,10 @@ def train(cfg: ExperimentConfig) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     out = Path(cfg.train.output_dir)
+    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (out / "config.yaml").write_text(config_yaml)
     set_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -67,11 +70,15 @@ def train(cfg: ExperimentConfig) -> Path:
     # The scheduler is stepped once per optimiser step on every rank, so accelerate must not
     # step it num_processes times (nor DeepSpeed's engine): it is not prepared.
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     # Negatives from every rank when distributed: the loss gathers and scales (nothing else does).
     loss_fn = ContrastiveLoss(cfg.loss.symmetric, cfg.loss.cross_device and accelerator.num_processes > 1)
+    checkpointer = Checkpointer(accelerator, out, cfg.checkpoint)
     trainer = Trainer(accelerator, model, optimizer, scheduler, loader, loss_fn, cfg.train,
-                      cfg.optim.max_grad_norm, cfg.loss.mask_duplicate_items)
-    trainer.fit()
+                      cfg.optim.max_grad_norm, cfg.loss.mask_duplicate_items, checkpointer,
+                      PreemptionHandler(accelerator).install(), config_yaml)
+    trainer.start(find_resume_checkpoint(out, cfg.train.resume, cfg.checkpoint.verify_checksums))
+    trainer.fit()  # raises Preempted after checkpointing when a stop signal arrived
 
     accelerator.wait_for_everyone()
     final = out / "final"
@@ -87,7 +94,11 @@ def train(cfg: ExperimentConfig) -> Path:
 def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_args(argv)
     cfg = load_config(config_path, overrides)
-    final = train(cfg)
+    try:
+        final = train(cfg)
+    except Preempted as stop:
+        print(f"{stop}; resume with train.resume=auto", flush=True)
+        return EXIT_PREEMPTED
     print(f"saved {final}", flush=True)
     return 0
 

@@ -18,7 +18,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from clicktower.launcher.checkpoint import Checkpointer
 from clicktower.launcher.distributed import deepspeed_plugin, mean_over_ranks
+from clicktower.launcher.preemption import Preempted, PreemptionHandler
 from clicktower.modeling.losses import ContrastiveLoss
 
 MODEL_INPUTS = ("query_input_ids", "query_attention_mask", "item_input_ids", "item_attention_mask")
@@ -37,6 +39,8 @@ class TrainConfig:
         mixed_precision: ``bf16`` autocast, or ``no`` for fp32.
         deterministic: ask PyTorch for deterministic kernels (bit-reproducible CPU runs).
         progress_bar: show a tqdm bar on rank 0.
+        resume: ``auto`` (newest complete checkpoint in ``output_dir``, if any), ``none``, or
+            a checkpoint folder.
         grad_cache_chunk: GradCache: embed the local batch in chunks of this many pairs
             without activations, compute the loss and its gradient w.r.t. the embeddings on
             the whole (global) batch, then re-run each chunk with grad and back-propagate the
@@ -53,6 +57,7 @@ class TrainConfig:
     deterministic: bool = True
     progress_bar: bool = True
     grad_cache_chunk: int | None = None
+    resume: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "log_every_steps"):
@@ -74,6 +79,11 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
+
+    def reset(self) -> None:
+        """Start a new file (a fresh run); a resumed run appends to the old one instead."""
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -97,14 +107,21 @@ class Trainer:
         cfg: train config.
         max_grad_norm: clipping threshold or None.
         mask_duplicate_items: pass item ids to the loss so duplicates are not negatives.
+        checkpointer: saves the full state when due and on preemption (None: never).
+        preemption: signal handler whose stop request ends training at a step boundary.
+        config_yaml: the resolved config, stored in every checkpoint.
     """
 
     def __init__(self, accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, loader: Any, loss_fn: ContrastiveLoss, cfg: TrainConfig,
-                 max_grad_norm: float | None, mask_duplicate_items: bool) -> None:
+                 max_grad_norm: float | None, mask_duplicate_items: bool,
+                 checkpointer: Checkpointer | None = None, preemption: PreemptionHandler | None = None,
+                 config_yaml: str = "") -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.loader, self.loss_fn, self.cfg = loader, loss_fn, cfg
         self.max_grad_norm, self.mask_duplicate_items = max_grad_norm, mask_duplicate_items
+        self.checkpointer, self.preemption, self.config_yaml = checkpointer, preemption, config_yaml
+        self.last_checkpoint: Path | None = None
         self.step = 0
         self.deepspeed = deepspeed_plugin(accelerator) is not None
         self.last_logit_scale = torch.tensor(float("nan"))
@@ -248,9 +265,42 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", pairs_s=f"{record['pairs_per_sec']:.1f}",
                                     lr=f"{record['lr']:.2e}")
                     window_loss, window_pairs, window_start = 0.0, 0, time.perf_counter()
+                stop = self.preemption is not None and self.preemption.requested()
+                if self.checkpointer is not None and (stop or self.checkpointer.due(self.step)):
+                    self.save_checkpoint()
+                if stop:
+                    bar.close()
+                    raise Preempted(self.step, str(self.last_checkpoint) if self.last_checkpoint else None)
                 if self.step >= cfg.max_steps:
                     break
         bar.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's part of a checkpoint: counters and the data position."""
+        return {"step": self.step, "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()`` output (model/optimiser/RNG: the checkpointer)."""
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+
+    def start(self, resume_from: Path | None) -> None:
+        """Restore a checkpoint (model, optimiser, scheduler, every rank's RNG, counters,
+        data position) or begin a fresh run. Collective when resuming.
+
+        Args:
+            resume_from: a complete checkpoint folder, or None.
+        """
+        if resume_from is None:
+            self.metrics.reset()
+            return
+        self.load_state_dict(self.checkpointer.load(resume_from))
+        self.accelerator.print(f"resumed from {resume_from} at step {self.step}")
+
+    def save_checkpoint(self) -> Path:
+        """Save the complete state at the current step (collective: every rank calls it)."""
+        self.last_checkpoint = self.checkpointer.save(self.step, self.state_dict(), self.config_yaml)
+        return self.last_checkpoint
 
     def log_record(self, mean_loss: float, pairs_per_sec: float) -> dict[str, Any]:
         """One metrics line: the mean loss over the logging window, lr, temperature, speed."""

@@ -1,0 +1,135 @@
+"""Exact resume: SIGKILL after a checkpoint (2 gloo processes, DDP) and preemption by signal.
+
+The resumed run must continue bit for bit: the same losses at every later step and the same
+final weights as the run that was never interrupted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY_CONFIG, cli_env, clicktower
+from dist_harness import free_port
+from dist_launch import ACCELERATE
+
+STEPS = 20
+
+
+def _args(shard_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(TINY_CONFIG), f"data.train_manifest={shard_dir}", f"train.output_dir={out}",
+            f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.progress_bar=false",
+            "checkpoint.every_steps=8", *extra]
+
+
+def _launch_cmd(args: list[str]) -> list[str]:
+    return [ACCELERATE, "launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc_ddp.yaml"),
+            "--main_process_port", str(free_port()), "-m", "clicktower.launcher.train", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**cli_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+
+def _losses(out: Path) -> dict[int, float]:
+    # A step logged twice (before the kill and after the resume) keeps its last value.
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def _weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "final" / "query_tower" / "model.safetensors")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``: torch-elastic puts workers in their own process groups,
+    so killing the launcher's group alone would leave them behind."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference(shard_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = subprocess.run(_launch_cmd(_args(shard_dir, out, "train.resume=none")), cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_sigkill_after_checkpoint_then_resume_is_bitwise_identical(reference, shard_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_launch_cmd(_args(shard_dir, out)), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step_00000008").is_dir():
+            assert proc.poll() is None, "the run ended before its step-8 checkpoint"
+            assert time.monotonic() < deadline, "no step-8 checkpoint in time"
+            time.sleep(0.05)
+    finally:
+        _kill_tree(proc)
+    assert not (out / "final").exists()
+    result = subprocess.run(_launch_cmd(_args(shard_dir, out)), cwd=REPO, env=_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step_00000008" in result.stdout
+    expected, got = _losses(reference), _losses(out)
+    assert [got[s] for s in range(9, STEPS + 1)] == [expected[s] for s in range(9, STEPS + 1)]
+    ref_w, got_w = _weights(reference), _weights(out)
+    assert ref_w.keys() == got_w.keys()
+    assert all(bool((ref_w[k] == got_w[k]).all()) for k in ref_w)
+
+
+def test_preemption_signal_checkpoints_exits_75_and_resumes_exactly(shard_dir, tmp_path):
+    ref = tmp_path / "ref"
+    result = clicktower("train", *_args(shard_dir, ref, "train.resume=none"))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "clicktower"), "train", *_args(shard_dir, out)],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-2000:]
+    assert "preempted at step" in stdout
+    stopped = int(stdout.split("preempted at step ")[1].split(";")[0])
+    assert stopped < STEPS and (out / "checkpoints" / f"step_{stopped:08d}").is_dir()
+    result = clicktower("train", *_args(shard_dir, out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected, got = _losses(ref), _losses(out)
+    assert [got[s] for s in range(1, STEPS + 1)] == [expected[s] for s in range(1, STEPS + 1)]
+    ref_w, got_w = _weights(ref), _weights(out)
+    assert all(bool((ref_w[k] == got_w[k]).all()) for k in ref_w)
