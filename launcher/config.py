@@ -22,6 +22,7 @@ from clicktower.modeling.losses import LossConfig
 from clicktower.modeling.towers import TwoTowerConfig
 from clicktower.launcher.checkpoint import CheckpointConfig
 from clicktower.launcher.optim import OptimConfig
+from clicktower.launcher.periodic_eval import EvalConfig
 from clicktower.launcher.trainer import TrainConfig
 
 
@@ -39,6 +40,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:

@@ -20,6 +20,7 @@ from clicktower.launcher.config import ConfigError, ExperimentConfig, load_confi
 from clicktower.launcher.distributed import gathered_parameters, prepare_launch
 from clicktower.launcher.errors import run_cli
 from clicktower.launcher.optim import build_optimizer, build_scheduler
+from clicktower.launcher.periodic_eval import PeriodicEvaluator
 from clicktower.launcher.preemption import EXIT_PREEMPTED, Preempted, PreemptionHandler
 from clicktower.launcher.trainer import Trainer
 from clicktower.modeling.losses import ContrastiveLoss
@@ -74,9 +75,12 @@ def train(cfg: ExperimentConfig) -> Path:
     # Negatives from every rank when distributed: the loss gathers and scales (nothing else does).
     loss_fn = ContrastiveLoss(cfg.loss.symmetric, cfg.loss.cross_device and accelerator.num_processes > 1)
     checkpointer = Checkpointer(accelerator, out, cfg.checkpoint)
+    evaluator = None if cfg.eval.every_steps is None else PeriodicEvaluator(
+        accelerator, accelerator.unwrap_model(model), tokenizer, cfg.eval, out,
+        cfg.model.max_query_length, cfg.model.max_item_length)
     trainer = Trainer(accelerator, model, optimizer, scheduler, loader, loss_fn, cfg.train,
                       cfg.optim.max_grad_norm, cfg.loss.mask_duplicate_items, checkpointer,
-                      PreemptionHandler(accelerator).install(), config_yaml)
+                      PreemptionHandler(accelerator).install(), config_yaml, evaluator)
     trainer.start(find_resume_checkpoint(out, cfg.train.resume, cfg.checkpoint.verify_checksums))
     trainer.fit()  # raises Preempted after checkpointing when a stop signal arrived
 

@@ -110,18 +110,20 @@ class Trainer:
         checkpointer: saves the full state when due and on preemption (None: never).
         preemption: signal handler whose stop request ends training at a step boundary.
         config_yaml: the resolved config, stored in every checkpoint.
+        evaluator: held-out retrieval evaluation run every ``eval.every_steps`` (None: never).
     """
 
     def __init__(self, accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, loader: Any, loss_fn: ContrastiveLoss, cfg: TrainConfig,
                  max_grad_norm: float | None, mask_duplicate_items: bool,
                  checkpointer: Checkpointer | None = None, preemption: PreemptionHandler | None = None,
-                 config_yaml: str = "") -> None:
+                 config_yaml: str = "", evaluator: Any = None) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.loader, self.loss_fn, self.cfg = loader, loss_fn, cfg
         self.max_grad_norm, self.mask_duplicate_items = max_grad_norm, mask_duplicate_items
         self.checkpointer, self.preemption, self.config_yaml = checkpointer, preemption, config_yaml
         self.last_checkpoint: Path | None = None
+        self.evaluator = evaluator
         self.step = 0
         self.deepspeed = deepspeed_plugin(accelerator) is not None
         self.last_logit_scale = torch.tensor(float("nan"))
@@ -265,6 +267,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", pairs_s=f"{record['pairs_per_sec']:.1f}",
                                     lr=f"{record['lr']:.2e}")
                     window_loss, window_pairs, window_start = 0.0, 0, time.perf_counter()
+                if self.evaluator is not None and self.evaluator.due(self.step):
+                    self.metrics.write(self.evaluator.run(self.step))  # collective: all ranks
                 stop = self.preemption is not None and self.preemption.requested()
                 if self.checkpointer is not None and (stop or self.checkpointer.due(self.step)):
                     self.save_checkpoint()
