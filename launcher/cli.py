@@ -27,6 +27,7 @@ COMMANDS = {
     "search": ("clicktower.launcher.index:search_main", "top items of an index for a query"),
     "export": ("clicktower.launcher.export", "checkpoint to Hugging Face + sentence-transformers folders"),
     "plot": ("clicktower.launcher.plot", "draw loss, temperature, throughput and metrics as a PNG"),
+    "slurm": ("clicktower.launcher.slurm_cmd", "submit a multi-node training job to SLURM (requeues on preemption)"),
     "demo": ("clicktower.launcher.demo", "synthesise, shard, evaluate, fine-tune, evaluate again"),
 }
 
