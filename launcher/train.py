@@ -8,6 +8,7 @@ Reads top to bottom: parse the config, build every component, train, save, tear 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -98,12 +99,16 @@ def train(cfg: ExperimentConfig) -> Path:
 def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_args(argv)
     cfg = load_config(config_path, overrides)
+    # One line per job, not per rank (the launcher sets RANK for every worker).
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
         final = train(cfg)
     except Preempted as stop:
-        print(f"{stop}; resume with train.resume=auto", flush=True)
+        if main_rank:
+            print(f"{stop}; resume with train.resume=auto", flush=True)
         return EXIT_PREEMPTED
-    print(f"saved {final}", flush=True)
+    if main_rank:
+        print(f"saved {final}", flush=True)
     return 0
 
 
