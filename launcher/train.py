@@ -65,7 +65,9 @@ def train(cfg: ExperimentConfig) -> Path:
     prepare_launch(accelerator, cfg.train.batch_size, cfg.optim.max_grad_norm)  # DeepSpeed "auto"s, checks
     loader = ClickPairLoader(manifest, cfg.train.batch_size, accelerator.process_index,
                              accelerator.num_processes, cfg.data.num_workers, cfg.train.seed, tokenizer,
-                             cfg.model.max_query_length, cfg.model.max_item_length, cfg.data.shuffle_buffer)
+                             cfg.model.max_query_length, cfg.model.max_item_length, cfg.data.shuffle_buffer,
+                             on_error=cfg.data.on_error, max_text_chars=cfg.data.max_text_chars,
+                             block_size=cfg.data.block_size, infinite=cfg.data.infinite)
     model = TwoTower.from_config(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)

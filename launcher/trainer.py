@@ -315,7 +315,9 @@ class Trainer:
         scale = float(self.last_logit_scale)
         return {"step": self.step, "epoch": self.loader.epoch, "loss": mean_loss,
                 "lr": self.scheduler.get_last_lr()[0], "temperature": 1.0 / scale,
-                "logit_scale": scale, "pairs_per_sec": pairs_per_sec}
+                "logit_scale": scale, "pairs_per_sec": pairs_per_sec,
+                # Bad samples skipped so far, by reason (this rank's counts).
+                **{f"data_{k}": v for k, v in self.loader.error_counts().items()}}
 
 
 def _rng_state(device: torch.device) -> tuple:
