@@ -58,7 +58,7 @@ import zlib
 from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -89,6 +89,8 @@ class DataConfig:
         max_text_chars: a query or item text longer than this is a bad sample.
         block_size: samples per block in the in-shard block shuffle.
         infinite: chain epochs without end instead of stopping at each epoch.
+        hard_negatives_per_query: hard negatives of each sample (its ``hard_negatives`` field)
+            added to the batch as extra negatives for every query (0: none).
     """
 
     train_manifest: str | None = None
@@ -98,6 +100,7 @@ class DataConfig:
     max_text_chars: int = 20_000
     block_size: int = 64
     infinite: bool = False
+    hard_negatives_per_query: int = 0
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
@@ -110,6 +113,8 @@ class DataConfig:
             raise ValueError(f"data.max_text_chars must be >= 1, got {self.max_text_chars}")
         if self.block_size < 1:
             raise ValueError(f"data.block_size must be >= 1, got {self.block_size}")
+        if self.hard_negatives_per_query < 0:
+            raise ValueError(f"data.hard_negatives_per_query must be >= 0, got {self.hard_negatives_per_query}")
 
 
 def stable_id(text: str) -> int:
@@ -489,13 +494,16 @@ class ClickPairLoader:
         block_size: samples per block of the in-shard block shuffle.
         infinite: never end an epoch (chain epoch orders).
         mix_weights: one weight per manifest when mixing several (always infinite).
+        hard_negatives_per_query: tokenise up to this many of each sample's hard negatives,
+            appended after the batch's items (``num_items`` tells where they start).
     """
 
     def __init__(self, manifest: str | dict | Sequence[str | dict], batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, tokenizer: Any = None,
                  max_length: int = 32, max_item_length: int | None = None, shuffle_buffer: int = 1000,
                  *, on_error: str = "skip", max_text_chars: int = 20_000, block_size: int = 64,
-                 infinite: bool = False, mix_weights: Sequence[float] | None = None) -> None:
+                 infinite: bool = False, mix_weights: Sequence[float] | None = None,
+                 hard_negatives_per_query: int = 0) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1 or block_size < 1:
@@ -531,6 +539,7 @@ class ClickPairLoader:
         self.tokenizer = tokenizer
         self.max_length, self.max_item_length = max_length, max_item_length or max_length
         self.on_error, self.max_text_chars, self.block_size = on_error, max_text_chars, block_size
+        self.hard_negatives_per_query = hard_negatives_per_query
         self.infinite = infinite or len(loaded) > 1
         self.mix_weights = list(mix_weights) if mix_weights is not None else None
         self._plan = _Plan(self._sources, self.mix_weights, seed, shuffle_buffer, block_size,
@@ -555,6 +564,27 @@ class ClickPairLoader:
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.world_size
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, manifest: str | dict, batch_size: int, rank: int, world_size: int,
+                    seed: int, tokenizer: Any, max_length: int, max_item_length: int) -> "ClickPairLoader":
+        """The loader a ``DataConfig`` describes, for one rank.
+
+        Args:
+            cfg: data config.
+            manifest: loaded manifest or its path.
+            batch_size: pairs per batch on this rank.
+            rank: this rank.
+            world_size: number of ranks.
+            seed: seed of the epoch orders.
+            tokenizer: tokenizer of the towers.
+            max_length: query token limit.
+            max_item_length: item token limit.
+        """
+        return cls(manifest, batch_size, rank, world_size, cfg.num_workers, seed, tokenizer, max_length,
+                   max_item_length, cfg.shuffle_buffer, on_error=cfg.on_error, max_text_chars=cfg.max_text_chars,
+                   block_size=cfg.block_size, infinite=cfg.infinite,
+                   hard_negatives_per_query=cfg.hard_negatives_per_query)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -644,8 +674,17 @@ class ClickPairLoader:
             shapes = {np.shape(s["features"]) for s in samples}
             if len(shapes) == 1:
                 batch["item_features"] = torch.from_numpy(np.stack([s["features"] for s in samples]))
+        items = batch["items"]
+        if self.hard_negatives_per_query and self.tokenizer is not None:
+            negatives = [n for s in samples for n in s.get("hard_negatives", [])[:self.hard_negatives_per_query]]
+            # Tokenised WITH the items: one item-tower forward embeds both, so every rank runs
+            # the same number of forward passes (ZeRO-3) whatever its negative count.
+            items = items + [n["item_text"] for n in negatives]
+            batch["hard_negative_ids"] = torch.tensor([stable_id(str(n["item_id"])) for n in negatives],
+                                                      dtype=torch.long)
+        batch["num_items"] = len(samples)
         if self.tokenizer is not None:
-            batch.update(tokenize_pairs(self.tokenizer, batch["queries"], batch["items"],
+            batch.update(tokenize_pairs(self.tokenizer, batch["queries"], items,
                                         self.max_length, self.max_item_length))
         return batch
 

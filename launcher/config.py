@@ -42,6 +42,11 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        # Checks that span sections; each section validated itself already.
+        if self.data.hard_negatives_per_query and self.train.grad_cache_chunk:
+            raise ValueError("data.hard_negatives_per_query does not work with train.grad_cache_chunk yet")
+
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
     """Read a YAML file, apply ``key.sub=value`` overrides, and build a validated config.

@@ -18,7 +18,7 @@ from clicktower.data.loader import ClickPairLoader
 from clicktower.data.shards import load_manifest
 from clicktower.launcher.checkpoint import Checkpointer, find_resume_checkpoint
 from clicktower.launcher.config import ConfigError, ExperimentConfig, load_config, to_dict
-from clicktower.launcher.distributed import gathered_parameters, prepare_launch
+from clicktower.launcher.distributed import prepare_launch
 from clicktower.launcher.errors import run_cli
 from clicktower.launcher.optim import build_optimizer, build_scheduler
 from clicktower.launcher.periodic_eval import PeriodicEvaluator
@@ -63,11 +63,9 @@ def train(cfg: ExperimentConfig) -> Path:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     prepare_launch(accelerator, cfg.train.batch_size, cfg.optim.max_grad_norm)  # DeepSpeed "auto"s, checks
-    loader = ClickPairLoader(manifest, cfg.train.batch_size, accelerator.process_index,
-                             accelerator.num_processes, cfg.data.num_workers, cfg.train.seed, tokenizer,
-                             cfg.model.max_query_length, cfg.model.max_item_length, cfg.data.shuffle_buffer,
-                             on_error=cfg.data.on_error, max_text_chars=cfg.data.max_text_chars,
-                             block_size=cfg.data.block_size, infinite=cfg.data.infinite)
+    loader = ClickPairLoader.from_config(cfg.data, manifest, cfg.train.batch_size, accelerator.process_index,
+                                         accelerator.num_processes, cfg.train.seed, tokenizer,
+                                         cfg.model.max_query_length, cfg.model.max_item_length)
     model = TwoTower.from_config(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
@@ -87,13 +85,7 @@ def train(cfg: ExperimentConfig) -> Path:
     trainer.start(find_resume_checkpoint(out, cfg.train.resume, cfg.checkpoint.verify_checksums))
     trainer.fit()  # raises Preempted after checkpointing when a stop signal arrived
 
-    accelerator.wait_for_everyone()
-    final = out / "final"
-    with gathered_parameters(accelerator, model):  # ZeRO-3 partitions the weights; all ranks enter
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(final, tokenizer, cfg.model.max_query_length,
-                                                            cfg.model.max_item_length)
-    accelerator.wait_for_everyone()
+    final = trainer.save_final(out / "final", tokenizer, cfg.model.max_query_length, cfg.model.max_item_length)
     accelerator.end_training()
     return final
 

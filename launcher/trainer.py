@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from clicktower.launcher.checkpoint import Checkpointer
-from clicktower.launcher.distributed import deepspeed_plugin, mean_over_ranks
+from clicktower.launcher.distributed import deepspeed_plugin, gathered_parameters, mean_over_ranks
 from clicktower.launcher.preemption import Preempted, PreemptionHandler
 from clicktower.modeling.losses import ContrastiveLoss
 
@@ -147,6 +147,13 @@ class Trainer:
         else:
             with self.accelerator.autocast():
                 query_emb, item_emb, logit_scale = self.model(**inputs)
+            if "hard_negative_ids" in batch:
+                # The item rows after the batch's own items are its hard negatives.
+                count = batch["num_items"]
+                ids["hard_negative_emb"] = item_emb[count:]
+                if self.mask_duplicate_items:
+                    ids["hard_negative_ids"] = batch["hard_negative_ids"].to(device)
+                item_emb = item_emb[:count]
             loss = self.loss_fn(query_emb, item_emb, logit_scale, **ids)
             self.last_logit_scale = logit_scale.detach()
             # Under DeepSpeed this is the engine's backward AND step (clip, optimiser, zero_grad).
@@ -300,6 +307,23 @@ class Trainer:
             return
         self.load_state_dict(self.checkpointer.load(resume_from))
         self.accelerator.print(f"resumed from {resume_from} at step {self.step}")
+
+    def save_final(self, folder: Path, tokenizer: Any, max_query_length: int, max_item_length: int) -> Path:
+        """Write the trained towers as Hugging Face folders (collective: every rank calls it).
+
+        Args:
+            folder: the ``final/`` folder.
+            tokenizer: saved beside each tower.
+            max_query_length: query token limit, recorded with the query tower.
+            max_item_length: item token limit, recorded with the item tower.
+        """
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        with gathered_parameters(acc, self.model):  # ZeRO-3 partitions the weights; all ranks enter
+            if acc.is_main_process:
+                acc.unwrap_model(self.model).save_pretrained(folder, tokenizer, max_query_length, max_item_length)
+        acc.wait_for_everyone()
+        return folder
 
     def save_checkpoint(self) -> Path:
         """Save the complete state at the current step (collective: every rank calls it)."""
