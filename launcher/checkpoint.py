@@ -15,6 +15,16 @@ Layout::
 A kill at any moment leaves either the previous checkpoint set or a complete new one;
 ``resume=auto`` takes the newest checkpoint whose ``COMPLETE`` marker and checksums hold
 and names every one it skips.
+
+``trainer_state.json`` records the saving topology (``world_size``, ``zero_stage``). A
+DeepSpeed checkpoint (``pytorch_model/`` ZeRO shards) resumed without DeepSpeed -- e.g. on
+one process, or under DDP -- is converted on the fly (``convert_to_ddp``: consolidated fp32
+weights, AdamW moments and step gathered from the shards, scheduler, RNG files, trainer
+state); ``clicktower ckpt convert`` does the same offline. What a world-size change keeps:
+weights, optimiser moments and step, LR schedule position, and the data position (a global
+sample count, so every sample is still seen exactly once). It cannot keep per-rank RNG
+streams: ranks that exist in both topologies get their saved state back, new ranks keep
+their seeded state.
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +47,24 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+DS_MODEL_DIR = "pytorch_model"  # accelerate's folder name for the DeepSpeed engine's files
+COPIED_AS_IS = ("config.yaml", "custom_checkpoint_*.pkl", "random_states_*.pkl", "scheduler*.bin",
+                "scaler.pt", "sampler*.bin")
+
+
+def _user_error(message: str) -> ValueError:
+    """A ``ConfigError`` (one line, exit status 2 in the CLI): imported late, since the config
+    module imports this one."""
+    from clicktower.launcher.config import ConfigError
+
+    return ConfigError(message)
+
+
+def topology(accelerator: Any) -> dict[str, int]:
+    """The saving/loading topology recorded in ``trainer_state.json``."""
+    from clicktower.launcher.distributed import zero_stage
+
+    return {"world_size": int(accelerator.num_processes), "zero_stage": zero_stage(accelerator)}
 
 
 @dataclass
@@ -230,10 +259,13 @@ class Checkpointer:
             if final.exists():  # a re-save of the same step after a resume
                 shutil.rmtree(final)
         acc.wait_for_everyone()
+        # Under DeepSpeed every rank writes its ZeRO shards (pytorch_model/) and its RNG file
+        # here; the marker and the rename below wait for all of them (barrier).
         acc.save_state(str(tmp), safe_serialization=True)
         if acc.is_main_process:
             (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-            (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n")
+            state = {**trainer_state, "step": step, "topology": topology(acc)}
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
         acc.wait_for_everyone()
         if acc.is_main_process:
             write_complete_marker(tmp, step)
@@ -253,8 +285,166 @@ class Checkpointer:
     def load(self, folder: Path) -> dict[str, Any]:
         """Restore everything ``save`` wrote; returns the trainer state (collective).
 
+        A DeepSpeed checkpoint resumed without DeepSpeed is converted first (every rank
+        converts into its own temporary folder: no shared file system or collective needed).
+
         Args:
             folder: a complete checkpoint folder.
+
+        Raises:
+            ConfigError: a checkpoint that this topology cannot load (the message says why).
         """
-        self.accelerator.load_state(str(folder))
-        return json.loads((folder / TRAINER_STATE).read_text())
+        acc = self.accelerator
+        state = json.loads((folder / TRAINER_STATE).read_text())
+        # The saving topology is the checkpointer's own record, not part of the trainer state.
+        saved = state.pop("topology", None) or {"world_size": None, "zero_stage": 0}
+        now = topology(acc)
+        saved_stage = int(saved.get("zero_stage") or 0)
+        is_ds_checkpoint = (folder / DS_MODEL_DIR).is_dir()
+        if now["zero_stage"] == 0 and is_ds_checkpoint:
+            logger.warning("%s: DeepSpeed ZeRO-%s checkpoint of %s processes, resumed without DeepSpeed on %s: "
+                           "converting (weights, optimiser moments, schedule, data position kept)",
+                           folder, saved_stage, saved.get("world_size"), now["world_size"])
+            with tempfile.TemporaryDirectory(prefix="clicktower-ckpt-") as tmp:
+                converted = Path(tmp) / folder.name
+                convert_to_ddp(folder, converted)
+                acc.load_state(str(converted))
+        elif now["zero_stage"] > 0 and not is_ds_checkpoint:
+            raise _user_error(f"{folder}: a non-DeepSpeed checkpoint cannot be resumed under DeepSpeed "
+                              "ZeRO; resume it without DeepSpeed (DDP or one process)")
+        elif now["zero_stage"] > 0 and (saved.get("world_size") not in (None, now["world_size"])
+                                        or saved_stage != now["zero_stage"]):
+            raise _user_error(
+                f"{folder}: saved by ZeRO-{saved_stage} on {saved.get('world_size')} processes, resumed by "
+                f"ZeRO-{now['zero_stage']} on {now['world_size']}: resume it without DeepSpeed (it is converted "
+                "automatically) or on the same topology")
+        else:
+            acc.load_state(str(folder))
+        if saved.get("world_size") not in (None, now["world_size"]):
+            # accelerate restores random_states_{rank}.pkl where it exists and skips it otherwise.
+            logger.warning("%s: saved by %s processes, resumed on %s: weights, optimiser, schedule and data "
+                           "position are restored; per-rank RNG streams only for ranks below %s",
+                           folder, saved["world_size"], now["world_size"],
+                           min(saved["world_size"], now["world_size"]))
+        return state
+
+
+def _zero_flat_states(ds_dir: Path) -> tuple[int, int, dict[str, dict[str, Any]], list[dict[str, Any]], Any]:
+    """Gather a ZeRO-1/2/3 checkpoint's partitions into per-parameter full tensors.
+
+    Uses DeepSpeed's own ``zero_to_fp32`` reconstruction (which knows each stage's flattening,
+    padding and partitioning) once for the fp32 master weights and once more for each Adam
+    moment: the moments live in flat tensors laid out exactly like the fp32 partitions.
+
+    Returns:
+        ``(zero_stage, world_size, {"fp32"|"exp_avg"|"exp_avg_sq": {name: tensor}},
+        base optimiser param_groups (hyper-parameters, lr), step)``.
+    """
+    import torch
+    from deepspeed.utils import zero_to_fp32 as zf
+
+    model_states = zf.parse_model_states(zf.get_model_state_files(str(ds_dir)))
+    optim = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+             for f in zf.get_optim_files(str(ds_dir))]
+    stage = int(optim[0]["zero_stage"])
+    world = optim[0]["partition_count"]
+    world = max(world) if isinstance(world, list) else int(world)
+    if world != len(optim):
+        raise _user_error(f"{ds_dir}: {len(optim)} optimizer shards for a world size of {world}")
+    if stage <= 2:
+        fp32 = [o["single_partition_of_fp32_groups"] for o in optim]
+        base = [o["base_optimizer_state"] for o in optim]
+    else:
+        fp32 = [o["fp32_flat_groups"] for o in optim]
+        base = [o["optimizer_state_dict"] for o in optim]
+    flats = {"fp32": fp32}
+    groups = len(fp32[0])
+    for key in ("exp_avg", "exp_avg_sq"):
+        flats[key] = [[b["state"][g][key] for g in range(groups)] for b in base]
+    merged = {}
+    for key, flat in flats.items():
+        if stage <= 2:
+            full = zf._get_fp32_state_dict_from_zero2_checkpoint(world, flat, model_states, True,
+                                                                 optim[0].get("param_alignment_paddings"))
+        else:
+            full = zf._get_fp32_state_dict_from_zero3_checkpoint(world, flat, model_states, True)
+        trainable = {name for shapes in model_states[0].param_shapes for name in shapes}
+        # ZeRO-3 gives lazy GatheredTensors; .contiguous() materialises them (a no-op on tensors).
+        merged[key] = {k: v.contiguous() for k, v in full.items() if k in trainable}
+    return stage, world, merged, base[0]["param_groups"], base[0]["state"][0]["step"]
+
+
+def convert_to_ddp(src: str | Path, dst: str | Path) -> dict[str, Any]:
+    """Turn a DeepSpeed ZeRO checkpoint folder into an accelerate (non-DeepSpeed) one that
+    resumes on any number of processes without DeepSpeed.
+
+    Writes ``model.safetensors`` (consolidated fp32 weights, frozen ones included),
+    ``optimizer.bin`` (a ``torch.optim.AdamW`` state dict built by ``build_optimizer`` from
+    the checkpoint's config, with every parameter's ``exp_avg``, ``exp_avg_sq``, step and the
+    groups' current lr), copies the scheduler, RNG and config files, records the conversion in
+    ``trainer_state.json`` and writes a ``COMPLETE`` marker last.
+
+    Args:
+        src: a DeepSpeed checkpoint folder (with ``pytorch_model/``).
+        dst: the output folder (must not exist).
+
+    Returns:
+        A summary (source, stage, world size, parameter count).
+    """
+    import torch
+    from safetensors.torch import save_model
+
+    from clicktower.launcher.config import load_config
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from clicktower.launcher.optim import build_optimizer
+    from clicktower.modeling.towers import TwoTower
+
+    src, dst = Path(src), Path(dst)
+    if not (src / DS_MODEL_DIR).is_dir():
+        raise _user_error(f"{src}: not a DeepSpeed checkpoint (no {DS_MODEL_DIR}/ folder)")
+    if dst.exists():
+        raise FileExistsError(f"{dst}: already exists")
+    cfg = load_config(src / "config.yaml")
+    stage, world, merged, groups, step = _zero_flat_states(src / DS_MODEL_DIR)
+    model = TwoTower.from_config(cfg.model)
+    own = model.state_dict()
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(src), tag=DS_MODEL_DIR)  # frozen ones and buffers too
+    # A parameter DeepSpeed saw with another (numel-preserving) shape, e.g. a 0-dim scalar as [1].
+    weights = {k: v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() else v
+               for k, v in weights.items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (model.shared and k.startswith("item_tower."))]
+    if missing or unexpected:
+        raise _user_error(f"{src}: weights do not match the config's model "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    optimizer = build_optimizer(model, cfg.optim)
+    names = {id(p): n for n, p in model.named_parameters()}
+    if len(groups) != len(optimizer.param_groups):
+        raise _user_error(f"{src}: {len(groups)} optimiser groups saved, "
+                          f"{len(optimizer.param_groups)} built")
+    for saved, group in zip(groups, optimizer.param_groups):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+        for param in group["params"]:
+            name = names[id(param)]
+            if name not in merged["exp_avg"]:
+                raise _user_error(f"{src}: no optimiser state for {name}")
+            optimizer.state[param] = {
+                "step": torch.as_tensor(step, dtype=torch.float32).clone(),
+                "exp_avg": merged["exp_avg"][name].reshape(param.shape).clone(),
+                "exp_avg_sq": merged["exp_avg_sq"][name].reshape(param.shape).clone()}
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.bin")
+    for pattern in COPIED_AS_IS:
+        for path in src.glob(pattern):
+            shutil.copy2(path, tmp / path.name)
+    state = json.loads((src / TRAINER_STATE).read_text())
+    state["topology"] = {**state.get("topology", {}), "zero_stage": 0,
+                         "converted_from": {"zero_stage": stage, "world_size": world, "path": str(src)}}
+    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+    write_complete_marker(tmp, int(state["step"]))
+    os.replace(tmp, dst)
+    return {"source": str(src), "out": str(dst), "zero_stage": stage, "world_size": world,
+            "step": int(state["step"]), "parameters": len(names)}

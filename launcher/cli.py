@@ -25,6 +25,7 @@ COMMANDS = {
     "eval": ("clicktower.launcher.evaluate", "retrieval metrics of a model over a catalog"),
     "embed": ("clicktower.launcher.index", "embed a catalog on every rank and build a FAISS index"),
     "search": ("clicktower.launcher.index:search_main", "top items of an index for a query"),
+    "ckpt": ("clicktower.launcher.ckpt_cmd", "checkpoint tools: convert a ZeRO checkpoint to resume anywhere"),
     "export": ("clicktower.launcher.export", "checkpoint to Hugging Face + sentence-transformers folders"),
     "plot": ("clicktower.launcher.plot", "draw loss, temperature, throughput and metrics as a PNG"),
     "slurm": ("clicktower.launcher.slurm_cmd", "submit a multi-node training job to SLURM (requeues on preemption)"),

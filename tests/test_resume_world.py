@@ -1,0 +1,57 @@
+"""Resume on another world size under DDP: a 2-process checkpoint continued on 1 process and a
+1-process checkpoint continued on 2 (ZeRO checkpoints onto 1 process: test_resume_zero.py).
+
+The global batch is kept (1 x 32 <-> 2 x 16), so the resumed run must follow the
+uninterrupted run's losses (to float reassociation across ranks) and reach max_steps: weights,
+Adam moments, LR schedule and data position all carried over. The data stays exactly-once: the
+loader state is a global sample count from which every world size derives the same order
+(tests/test_data_properties.py), and it must equal the uninterrupted run's at step 16.
+Per-rank RNG streams cannot carry over to ranks that did not exist (the tiny model has no
+dropout, so they do not change these runs).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from test_resume_zero import STEP8, STEP16, STEPS, _args, _losses, _run, _trainer_state
+
+
+@pytest.mark.parametrize("before,after", [(("cpu_2proc_ddp", 16), ("cpu_1proc", 32)),
+                                          (("cpu_1proc", 32), ("cpu_2proc_ddp", 16))],
+                         ids=["2to1", "1to2"])
+def test_ddp_checkpoint_resumes_on_another_world_size(before, after, shard_dir, tmp_path):
+    ref = tmp_path / "ref"
+    _run(before[0], _args(shard_dir, ref, "train.resume=none", f"train.batch_size={before[1]}"))
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref / "checkpoints" / STEP8, out / "checkpoints" / STEP8)
+    result = _run(after[0], _args(shard_dir, out, f"train.batch_size={after[1]}"))
+    assert "resumed from" in result.stdout
+    assert "processes, resumed on" in result.stderr  # the RNG caveat is reported
+    expected, got = _losses(ref), _losses(out)
+    assert sorted(got) == list(range(9, STEPS + 1))
+    assert [got[s] for s in range(9, STEPS + 1)] == pytest.approx([expected[s] for s in range(9, STEPS + 1)],
+                                                                  abs=1e-4)
+    assert got[STEPS] < got[9]
+    state, ref_state = _trainer_state(out / "checkpoints" / STEP16), _trainer_state(ref / "checkpoints" / STEP16)
+    assert state["loader"] == ref_state["loader"] and state["loader"]["samples_consumed"] == 16 * 32
+    world = 1 if after[0] == "cpu_1proc" else 2
+    assert state["topology"] == {"world_size": world, "zero_stage": 0}
+
+
+def test_global_batch_change_keeps_the_data_position(shard_dir, tmp_path):
+    """2 x 16 for 8 steps, then 1 x 16: the loader continues at global sample 256 and counts
+    16 per step from there (no sample repeated or skipped)."""
+    ref = tmp_path / "ref"
+    _run("cpu_2proc_ddp", _args(shard_dir, ref, "train.resume=none", "train.max_steps=8"))
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref / "checkpoints" / STEP8, out / "checkpoints" / STEP8)
+    _run("cpu_1proc", _args(shard_dir, out, "train.max_steps=16"))
+    assert _trainer_state(ref / "checkpoints" / STEP8)["loader"]["samples_consumed"] == 8 * 32
+    state = _trainer_state(out / "checkpoints" / STEP16)
+    assert state["loader"]["samples_consumed"] == 8 * 32 + 8 * 16
+    assert sorted(_losses(out)) == list(range(9, 17))
