@@ -302,9 +302,10 @@ class Checkpointer:
         saved_stage = int(saved.get("zero_stage") or 0)
         is_ds_checkpoint = (folder / DS_MODEL_DIR).is_dir()
         if now["zero_stage"] == 0 and is_ds_checkpoint:
-            logger.warning("%s: DeepSpeed ZeRO-%s checkpoint of %s processes, resumed without DeepSpeed on %s: "
-                           "converting (weights, optimiser moments, schedule, data position kept)",
-                           folder, saved_stage, saved.get("world_size"), now["world_size"])
+            if acc.is_main_process:  # checkpoints older than the topology record say "?"
+                logger.warning("%s: DeepSpeed ZeRO-%s checkpoint of %s processes, resumed without DeepSpeed on %s: "
+                               "converting (weights, optimiser moments, schedule, data position kept)",
+                               folder, saved_stage or "?", saved.get("world_size") or "?", now["world_size"])
             with tempfile.TemporaryDirectory(prefix="clicktower-ckpt-") as tmp:
                 converted = Path(tmp) / folder.name
                 convert_to_ddp(folder, converted)
@@ -320,7 +321,7 @@ class Checkpointer:
                 "automatically) or on the same topology")
         else:
             acc.load_state(str(folder))
-        if saved.get("world_size") not in (None, now["world_size"]):
+        if saved.get("world_size") not in (None, now["world_size"]) and acc.is_main_process:
             # accelerate restores random_states_{rank}.pkl where it exists and skips it otherwise.
             logger.warning("%s: saved by %s processes, resumed on %s: weights, optimiser, schedule and data "
                            "position are restored; per-rank RNG streams only for ranks below %s",
