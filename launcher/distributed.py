@@ -139,3 +139,18 @@ def prepare_launch(accelerator: Any, batch_size: int, max_grad_norm: float | Non
     check_world_size(accelerator)
     configure_deepspeed(accelerator, batch_size, max_grad_norm)
     warn_gradient_accumulation(accelerator, batch_size)
+
+
+def accelerator_kwargs() -> dict[str, Any]:
+    """Extra ``Accelerator`` arguments for this host.
+
+    DeepSpeed on a CPU-only host (DS_ACCELERATOR=cpu): accelerate finds no GPU backend for the
+    process group, leaves it unset and then sees ONE process; gloo must be named. (With
+    ACCELERATE_USE_CPU=true accelerate would instead drop DeepSpeed for plain DDP.)
+    """
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {}

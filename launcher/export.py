@@ -58,12 +58,12 @@ def read_model_state(folder: Path) -> dict[str, torch.Tensor]:
         return load_file(str(weights))
     if (folder / "pytorch_model.bin").is_file():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    ds_dir = folder / "pytorch_model"  # accelerate's name for the DeepSpeed engine's folder
+    ds_dir = folder / "pytorch_model"  # accelerate saves the DeepSpeed engine under this tag
     if ds_dir.is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # Gathers the ZeRO-1/2/3 partitions of every rank into one fp32 state dict.
-        return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir))
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="pytorch_model")
     raise FileNotFoundError(f"{folder}: no model weights (model.safetensors or a DeepSpeed folder)")
 
 

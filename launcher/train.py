@@ -18,7 +18,7 @@ from clicktower.data.loader import ClickPairLoader
 from clicktower.data.shards import load_manifest
 from clicktower.launcher.checkpoint import Checkpointer, find_resume_checkpoint
 from clicktower.launcher.config import ConfigError, ExperimentConfig, load_config, to_dict
-from clicktower.launcher.distributed import prepare_launch
+from clicktower.launcher.distributed import accelerator_kwargs, prepare_launch
 from clicktower.launcher.errors import run_cli
 from clicktower.launcher.optim import build_optimizer, build_scheduler
 from clicktower.launcher.periodic_eval import PeriodicEvaluator
@@ -52,7 +52,7 @@ def train(cfg: ExperimentConfig) -> Path:
     # Everything a user can get wrong on disk is checked before anything is written.
     manifest = load_manifest(cfg.data.train_manifest)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, **accelerator_kwargs())
     out = Path(cfg.train.output_dir)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if accelerator.is_main_process:

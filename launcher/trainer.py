@@ -226,8 +226,10 @@ class Trainer:
                 with acc.autocast():
                     q, i, s = model(**{k: v[a:b] for k, v in inputs.items()})
                 surrogate = (q.float() * query_grad[a:b].float()).sum() + (i.float() * item_grad[a:b].float()).sum()
-                if last:  # the logit scale's gradient is the whole batch's, added once
-                    surrogate = surrogate + s.float() * scale_grad.float()
+                # The logit scale's whole-batch gradient, spread evenly over the chunks (the
+                # scale is the same in each): every chunk's backward then reaches every
+                # parameter. Added on the last chunk only, ZeRO-3 applied it twice.
+                surrogate = surrogate + s.float() * (scale_grad.float() / len(spans))
                 acc.backward(surrogate)
         return loss.detach()
 

@@ -204,6 +204,13 @@ def _sentence_transformers_meta(path: Path) -> dict[str, Any]:
     return {"pooling": pooling, "normalize": True, "projection_dim": None}
 
 
+def _reshape_legacy_scale(state_dict: dict, prefix: str, *_: Any) -> None:
+    """Checkpoints written before the logit scale became shape [1] hold it 0-dim."""
+    key = prefix + "log_logit_scale"
+    if key in state_dict and state_dict[key].ndim == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
 class TwoTower(nn.Module):
     """Query tower, item tower and the learnable temperature.
 
@@ -223,9 +230,12 @@ class TwoTower(nn.Module):
         self.item_tower = item_tower
         # Stored as a log so that the optimiser moves the temperature multiplicatively and it
         # can never become negative (CLIP's parameterisation).
-        log_scale = torch.tensor(math.log(1.0 / init_temperature))
+        # Shape [1], not 0-dim: DeepSpeed broadcasts parameters as byte views, which fail on
+        # 0-dim tensors. logit_scale() returns the 0-dim value everyone else expects.
+        log_scale = torch.tensor([math.log(1.0 / init_temperature)])
         self.log_logit_scale = nn.Parameter(log_scale, requires_grad=learn_temperature)
         self.max_logit_scale = max_logit_scale
+        self._register_load_state_dict_pre_hook(_reshape_legacy_scale)
 
     @property
     def shared(self) -> bool:
@@ -233,7 +243,7 @@ class TwoTower(nn.Module):
 
     def logit_scale(self) -> torch.Tensor:
         """The current logit scale (inverse temperature), clamped at ``max_logit_scale``."""
-        return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
+        return self.log_logit_scale.exp().clamp(max=self.max_logit_scale).reshape(())
 
     def forward(self, query_input_ids: torch.Tensor, query_attention_mask: torch.Tensor,
                 item_input_ids: torch.Tensor, item_attention_mask: torch.Tensor,

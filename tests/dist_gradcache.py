@@ -14,7 +14,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from clicktower.launcher.distributed import gathered_parameters, prepare_launch
+from clicktower.launcher.distributed import accelerator_kwargs, gathered_parameters, prepare_launch
 from clicktower.launcher.trainer import Trainer, TrainConfig
 from clicktower.modeling.losses import ContrastiveLoss
 from clicktower.modeling.towers import TwoTower, TwoTowerConfig
@@ -38,7 +38,7 @@ def batch(rank: int, step: int) -> dict:
 
 
 def main(out: str, chunk: str) -> None:
-    accelerator = Accelerator()
+    accelerator = Accelerator(**accelerator_kwargs())
     torch.manual_seed(0)
     prepare_launch(accelerator, BATCH, None)
     model = TwoTower.from_config(TwoTowerConfig(bert_config=BERT, projection_dim=8,

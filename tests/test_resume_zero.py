@@ -9,16 +9,13 @@
   moments, schedule and data position all carried over) and reaches max_steps.
 - ``clicktower ckpt convert``: consolidated weights and every parameter's optimiser state.
 
-Run as a script (``accelerate launch tests/test_resume_zero.py --config ...``) this file is the
-training entry point with two stopgaps for DeepSpeed on a CPU-only machine, each a no-op once
-the code it works around is fixed (see ``_cpu_deepspeed_entry``).
+DeepSpeed on the CPU: DS_ACCELERATOR=cpu and no ACCELERATE_USE_CPU (the trainer names gloo).
 """
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -43,10 +40,9 @@ def _cmd(config: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
     if "zero" in config:
         # ACCELERATE_USE_CPU=true would make accelerate drop DeepSpeed for plain DDP (MULTI_CPU).
         env.pop("ACCELERATE_USE_CPU", None)
-        entry = [str(Path(__file__).resolve())]
     else:
         env["ACCELERATE_USE_CPU"] = "true"
-        entry = ["-m", "clicktower.launcher.train"]
+    entry = ["-m", "clicktower.launcher.train"]
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "configs" / "accelerate" / f"{config}.yaml"),
            "--main_process_port", str(free_port()), *entry, *args]
     return cmd, env
@@ -170,48 +166,3 @@ def test_ckpt_convert_writes_weights_and_every_optimizer_state(reference, tmp_pa
     assert _trainer_state(dst)["topology"]["converted_from"]["zero_stage"] == summary["zero_stage"]
     again = clicktower("ckpt", "convert", str(dst), "--out", str(tmp_path / "twice"))
     assert again.returncode == 2 and "not a DeepSpeed checkpoint" in again.stderr
-
-
-def _cpu_deepspeed_entry() -> None:
-    """``clicktower.launcher.train`` for DeepSpeed on CPU-only machines, with two stopgaps:
-
-    1. accelerate 1.15 finds no GPU backend, leaves it unset and then reports ONE process
-       (and WORLD_SIZE=2 is refused): ``InitProcessGroupKwargs(backend="gloo")`` fixes it.
-    2. DeepSpeed 0.19.8 broadcasts replicated parameters as ``p.data.view(torch.uint8)``,
-       which fails for a 0-dim parameter (``TwoTower.log_logit_scale``): it is made [1].
-    """
-    import runpy
-
-    import accelerate
-    import torch
-    from accelerate.utils import InitProcessGroupKwargs
-
-    from clicktower.modeling.towers import TwoTower
-
-    init = TwoTower.__init__
-
-    def one_dim_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        if self.log_logit_scale.ndim == 0:
-            param = self.log_logit_scale
-            self.log_logit_scale = torch.nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad)
-            scale = type(self).logit_scale
-            self.logit_scale = lambda: scale(self).reshape(())
-
-    TwoTower.__init__ = one_dim_init
-    base = accelerate.Accelerator
-
-    class GlooAccelerator(base):
-        def __init__(self, *args, **kwargs):
-            handlers = list(kwargs.pop("kwargs_handlers", None) or [])
-            if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
-                handlers.append(InitProcessGroupKwargs(backend="gloo"))
-            super().__init__(*args, kwargs_handlers=handlers, **kwargs)
-
-    accelerate.Accelerator = GlooAccelerator
-    runpy.run_module("clicktower.launcher.train", run_name="__main__", alter_sys=True)
-
-
-if __name__ == "__main__":
-    sys.argv[0] = "clicktower.launcher.train"
-    _cpu_deepspeed_entry()
