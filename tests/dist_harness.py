@@ -6,7 +6,9 @@ for each rank]``. ``fn`` must be importable (defined at module level of a test h
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import tempfile
 import time
 import traceback
@@ -54,3 +56,32 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
             errors = "\n".join(p.read_text() for p in sorted(Path(out_dir).glob("*.err")))
             raise RuntimeError(f"a rank failed:\n{errors}") from exc
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def kill_tree(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGKILL a process and everything below it (torch-elastic's workers have their own
+    process groups, so the launcher's group alone would leave them behind).
+
+    Args:
+        proc: the launcher process.
+        timeout: seconds to wait for it to be reaped.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    pids, stack = [proc.pid], [proc.pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            pids.append(child)
+            stack.append(child)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=timeout)

@@ -81,29 +81,3 @@ def processes_mentioning(text: str) -> list[str]:
             if text in cmdline:
                 found.append(f"{entry.name}: {cmdline[:200]}")
     return found
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process and everything below it (torch-elastic's workers have their own
-    process groups, so the launcher's group alone would leave them behind)."""
-    import signal
-
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    pids, stack = [proc.pid], [proc.pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            pids.append(child)
-            stack.append(child)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=60)

@@ -6,7 +6,6 @@ final weights as the run that was never interrupted.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY_CONFIG, cli_env, clicktower
-from dist_harness import free_port
+from dist_harness import free_port, kill_tree
 from dist_launch import ACCELERATE
 
 STEPS = 20
@@ -48,34 +47,6 @@ def _weights(out: Path) -> dict:
     return load_file(out / "final" / "query_tower" / "model.safetensors")
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``: torch-elastic puts workers in their own process groups,
-    so killing the launcher's group alone would leave them behind."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def reference(shard_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
@@ -96,7 +67,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bitwise_identical(reference, sh
             assert time.monotonic() < deadline, "no step-8 checkpoint in time"
             time.sleep(0.05)
     finally:
-        _kill_tree(proc)
+        kill_tree(proc, timeout=30)
     assert not (out / "final").exists()
     result = subprocess.run(_launch_cmd(_args(shard_dir, out)), cwd=REPO, env=_env(), capture_output=True,
                             text=True, timeout=600)

@@ -84,7 +84,7 @@ def reference(request, shard_dir, tmp_path_factory) -> tuple[str, Path]:
 
 
 def test_sigkill_then_resume_is_bitwise_identical(reference, shard_dir, tmp_path):
-    from test_resume import _kill_tree
+    from dist_harness import kill_tree
 
     config, ref = reference
     out = tmp_path / "run"
@@ -97,7 +97,7 @@ def test_sigkill_then_resume_is_bitwise_identical(reference, shard_dir, tmp_path
             assert time.monotonic() < deadline, "no step-8 checkpoint in time"
             time.sleep(0.05)
     finally:
-        _kill_tree(proc)
+        kill_tree(proc, timeout=30)
     root = out / "checkpoints"
     assert not (out / "final").exists() and not (root / STEP16).exists()
     # What a kill in the middle of the step-16 save leaves (shards written, no marker), and a

@@ -11,7 +11,6 @@ uninterrupted run's bit for bit: the data order continued exactly once.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster
+from dist_harness import kill_tree
 from conftest import REPO, TINY_CONFIG, cli_env, clicktower
 from dist_harness import free_port
 from dist_launch import ACCELERATE
@@ -150,7 +150,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, shard_dir
         if job is not None:
             slurm_cluster.cancel_and_wait(job)
         if reference.poll() is None:
-            slurm_cluster.kill_tree(reference)
+            kill_tree(reference)
     # Nothing of the job outlives it (workers, agents, the node scripts).
     _wait(lambda: not slurm_cluster.processes_mentioning(str(out)), 30, "the job's processes to exit")
     assert not slurm_cluster.processes_mentioning(str(ref_out))
