@@ -208,15 +208,9 @@ class _RowLSE(torch.autograd.Function):
                         A[r0:r1].addmm_(x, kb)
                     if dK is not None:
                         dK[c0:c1].addmm_(x.t(), qs_g[r0:r1])
-            dq = ds = dk = None
             if A is not None:
                 A.mul_(g[:, None])  # A = G @ k
-                if need_s:
-                    ds = (qf * A).sum().to(s.dtype)
-                if need_q:
-                    dq = A.mul_(sc).to(q.dtype)
-            if dK is not None:
-                dk = dK.to(k.dtype)
+            dq, dk, ds = _final_grads(A, dK, qf, sc, s, q, k, need_s, need_q)
         return dq, dk, ds, None, None, None
 
 
@@ -308,15 +302,22 @@ class _SymLSE(torch.autograd.Function):
                         A[r0:r1].addmm_(x, kb)
                     if dK is not None:
                         dK[c0:c1].addmm_(x.t(), qs[r0:r1])
-            dq = ds = dk = None
-            if A is not None:
-                if need_s:
-                    ds = (qf * A).sum().to(s.dtype)
-                if need_q:
-                    dq = A.mul_(sc).to(q.dtype)
-            if dK is not None:
-                dk = dK.to(k.dtype)
+            dq, dk, ds = _final_grads(A, dK, qf, sc, s, q, k, need_s, need_q)
         return dq, dk, ds, None, None, None
+
+
+def _final_grads(A, dK, qf, sc, s, q, k, need_s: bool, need_q: bool):
+    """Gradients for query, keys and logit scale from the accumulated ``A = G @ k`` and
+    ``dK = G.T @ (s * q)`` (fp32), cast back to the inputs' dtypes."""
+    dq = ds = dk = None
+    if A is not None:
+        if need_s:
+            ds = (qf * A).sum().to(s.dtype)  # d loss / d s = sum(G * q @ k.T) = sum(q * A)
+        if need_q:
+            dq = A.mul_(sc).to(q.dtype)
+    if dK is not None:
+        dk = dK.to(k.dtype)
+    return dq, dk, ds
 
 
 def _check_common(query, keys, name_b="query", name_n="keys"):
