@@ -65,8 +65,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clicktower.data.errors import DataError
-from clicktower.data.shards import (SampleError, decode_sample_bytes, load_manifest,
-                                    split_members)
+from clicktower.data.shards import (SampleError, ShardTable, decode_sample_bytes,
+                                    load_manifest, split_members)
 
 log = logging.getLogger("clicktower.data")
 
@@ -131,18 +131,18 @@ def _rng(*words: int) -> np.random.Generator:
 # --------------------------------------------------------------------------------------
 
 class _Source:
-    """One manifest in compact form: what the order and the readers need, no shard dicts."""
+    """One manifest in compact form: what the order and the readers need. The shard table is
+    the manifest's ``ShardTable`` (arrays, no per-shard dicts); a shard's index is loaded
+    only when a reader opens that shard."""
 
     def __init__(self, manifest: dict):
-        shards = manifest["shards"]
+        table = manifest["shards"]
+        self.table = table
         self.name = manifest.get("path", "manifest")
-        self.paths = [s["path"] for s in shards]
-        self.indexes = [s.get("index") for s in shards]
-        self.gzip_blocks = np.array([s.get("gzip_block") or 0 for s in shards], dtype=np.int64)
-        self.counts = np.array([s["num_samples"] for s in shards], dtype=np.int64)
-        self.listed = self.counts.copy()   # as in the index (counts below may shrink)
-        self.missing = {i: s["missing"] for i, s in enumerate(shards) if s.get("missing")}
-        self.damaged = {i: s["damaged"] for i, s in enumerate(shards) if s.get("damaged")}
+        self.gzip_blocks = table.gzip_blocks
+        self.listed = table.counts   # as in the index (counts below may shrink)
+        self.counts = table.counts.copy()
+        self.missing, self.damaged = table.missing, table.damaged
         # Index-level validation: a missing shard, and the samples past the end of a
         # truncated one, leave the order before the first batch. Every rank computes this
         # from the same files, so all agree on the batch count (a per-sample skip later
@@ -152,15 +152,23 @@ class _Source:
             self.lost["missing_shard"] += int(self.counts[i])
             self.counts[i] = 0
         for i in self.damaged:
-            intact = _intact_samples(shards[i])
+            intact = _intact_samples(table[i])
             self.lost["truncated"] += int(self.counts[i]) - intact
             self.counts[i] = intact
         self.num_samples = int(self.counts.sum())
+
+    def path(self, shard: int) -> str:
+        return self.table.path(shard)
+
+    def index(self, shard: int) -> str | None:
+        return self.table.index(shard)
 
 
 def _intact_samples(shard: dict) -> int:
     """Samples of a shorter-than-listed shard that lie wholly inside the file."""
     n = shard["num_samples"]
+    if shard["index"] is None:
+        return 0
     try:
         size = os.path.getsize(shard["path"])
         index = np.load(shard["index"], mmap_mode="r", allow_pickle=False)
@@ -183,7 +191,8 @@ class _EpochOrder:
         self.source, self.seed, self.epoch = source, seed, epoch
         self.window, self.block_size = window, block_size
         self.perm = _rng(seed, epoch, 0).permutation(len(source.counts))
-        self.starts = np.concatenate([[0], np.cumsum(source.counts[self.perm])]).tolist()
+        # an array, not a list: 8 bytes a shard (a Python int list costs ~36)
+        self.starts = np.concatenate([[0], np.cumsum(source.counts[self.perm])])
         self._window_cache: tuple[int, np.ndarray] | None = None
         self._block_cache: OrderedDict[int, tuple[list[int], np.ndarray]] = OrderedDict()
 
@@ -211,9 +220,9 @@ class _EpochOrder:
     def locate(self, t: int) -> tuple[int, int]:
         w, within = divmod(t, self.window)
         t = w * self.window + int(self._window_perm(w)[within])
-        slot = bisect_right(self.starts, t) - 1
+        slot = int(np.searchsorted(self.starts, t, side="right")) - 1
         shard = int(self.perm[slot])
-        q = t - self.starts[slot]
+        q = t - int(self.starts[slot])
         ends, order = self._blocks(shard)
         k = bisect_right(ends, q)
         block_start = ends[k - 1] if k else 0
@@ -305,13 +314,15 @@ class _ShardReader:
         if handle is not None:
             self._open.move_to_end(shard)
             return handle
-        path, n = self.source.paths[shard], int(self.source.listed[shard])
+        path, n = self.source.path(shard), int(self.source.listed[shard])
+        index_file = self.source.index(shard)
         fd = os.open(path, os.O_RDONLY)
         try:
-            if self.source.indexes[shard] is None:
+            if index_file is None:
                 index = _scan_offsets(path)
             else:
-                index = np.load(self.source.indexes[shard], mmap_mode="r", allow_pickle=False)
+                # mmap: only the pages of the offsets actually read come into memory
+                index = np.load(index_file, mmap_mode="r", allow_pickle=False)
         except Exception as exc:
             os.close(fd)
             raise SampleError("truncated", f"unreadable index ({exc})") from None
@@ -368,7 +379,7 @@ class _Worker:
         self.recent_limit = max(4 * stream.window, 4096)
 
     def bad(self, source: int, shard: int, reason: str, message: str, key: str | None):
-        path = self.stream.sources[source].paths[shard]
+        path = self.stream.sources[source].path(shard)
         where = f"sample {key!r}: " if key else ""
         n = self.errors[reason] = self.errors.get(reason, 0) + 1
         if self.stream.on_error == "raise":
@@ -521,7 +532,11 @@ class ClickPairLoader:
         for m in manifests:
             if not isinstance(m, dict):
                 m = load_manifest(m, on_missing=on_missing)
-            elif "path" in m and not any("missing" in s or "damaged" in s for s in m["shards"]):
+            elif not isinstance(m.get("shards"), ShardTable):
+                if "path" not in m:
+                    raise ValueError("a manifest dict must come from load_manifest")
+                m = load_manifest(m["path"], on_missing=on_missing)
+            elif not (m["shards"].missing or m["shards"].damaged):
                 m = load_manifest(m["path"], on_missing=on_missing)   # re-check the files now
             loaded.append(m)
         self.manifest = loaded[0]

@@ -5,8 +5,8 @@ Layout of a shard directory::
     out_dir/
       manifest.json              # written last; its presence means "complete"
       shard-000000.tar           # or .tar.gz with --gzip
-      shard-000000.idx.npy       # per-sample byte offsets (the index)
-      shard-000000-001.tar       # a second part of chunk 0, cut by --max-shard-bytes
+      shard-000000.idx.npy       # per-sample byte offsets (the index), a sidecar per shard
+      shard-000001.tar
       ...
 
 A shard is a plain WebDataset tar: each sample is ``<key>.json`` (the sample dict from
@@ -19,16 +19,26 @@ The index (``.idx.npy``, uint64) holds ``num_samples + 1`` offsets into the unco
 sample ``i`` is the bytes ``[off[i], off[i+1])``, so a reader seeks straight to any sample.
 A ``.tar.gz`` shard is one gzip stream full-flushed every ``gzip_block`` samples; its index
 appends the ``num_blocks + 1`` compressed offsets of those flush points, so a reader inflates
-one block (raw deflate from a flush point), never the whole shard.
+one block (raw deflate from a flush point), never the whole shard. The manifest (version 3)
+lists per shard only its path, sample count, bytes and sha256: the index's name and size
+follow from them, and readers load an index (memory-mapped) only when they open its shard.
+``load_manifest`` keeps the shards as a compact ``ShardTable`` (arrays, about 80 bytes a
+shard), so a reader's memory does not grow with the shard count by more than that.
+Versions 1 (no index) and 2 (index name and size listed per shard) still load.
 
 The key is ``SSSSS-RRRRRRRRRRRR``: the input's index in ``inputs`` and the record's row
-(JSONL: line) number in it. It is unique, and stable whatever the shard size or writer count.
+(JSONL: line) number in it. It is unique, and stable whatever the shard size, the writer
+count or the ranges (a range knows the line or row where it starts).
 
-Parallel writing: input records are cut into chunks of ``shard_size`` records (counted before
-the label filter); writer process ``w`` of ``N`` writes chunks ``c`` with ``c % N == w``, as
-``shard-<c>.tar`` (plus ``-<part>`` parts when ``max_shard_bytes`` cuts a chunk). Every
-process streams the inputs (JSONL and Parquet records of other processes are skipped
-unparsed), so the output is byte-identical for any number of processes.
+Parallel writing: the inputs are cut into ranges of about ``split_bytes`` (64 MiB):
+uncompressed JSONL into byte ranges at line boundaries, Parquet into runs of row groups,
+other inputs (gzip, CSV/TSV, datasets folders) whole, small inputs packed together
+(``sources.split_input``). ``N`` writer processes take the ranges in turn and each reads only
+its own ranges, so every input record is read and parsed once. Inside a range, records are
+cut into chunks of ``shard_size`` (counted before the label filter), each chunk into parts
+when ``max_shard_bytes`` is set; once all writers are done the shards are renamed
+``shard-<n>`` in input order. The ranges do not depend on ``N``, so the output is
+byte-identical for any number of writers.
 
 Crash safety: everything is written into a sibling ``out_dir.tmp-<pid>`` directory that is
 renamed to ``out_dir`` only after the manifest is on disk, so an ``out_dir`` that exists is
@@ -44,16 +54,19 @@ import re
 import shutil
 import tarfile
 import zlib
+from collections.abc import Sequence
 from typing import Iterator
 
 from clicktower.data.errors import DataError, short_repr
-from clicktower.data.sources import FieldMap, check_fields, iter_records, to_sample
+from clicktower.data.sources import (FieldMap, check_fields, iter_records, split_input,
+                                     to_sample)
 
 __all__ = [
     "FORMAT",
     "MANIFEST_NAME",
     "VERSION",
     "SampleError",
+    "ShardTable",
     "decode_sample_bytes",
     "index_path",
     "iter_shard",
@@ -63,8 +76,9 @@ __all__ = [
 ]
 
 FORMAT = "clicktower.clickpairs"
-VERSION = 2
-READ_VERSIONS = (1, 2)   # version 1: no index (readers build one by scanning the tar)
+VERSION = 3
+# version 1: no index (readers scan the tar); 2: index name and size listed per shard
+READ_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 INDEX_SUFFIX = ".idx.npy"
 _REQUIRED_FIELDS = ("query", "item_id", "item_text")
@@ -74,12 +88,27 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _TAR_BLOCK = 512
 DEFAULT_GZIP_BLOCK = 64
 _GZIP_HEADER_BYTES = 10   # zlib's gzip header: no name, no extra fields
+_NPY_HEADER = 128
+DEFAULT_SPLIT_BYTES = 64 * 1024 * 1024
 
 
-def shard_name(chunk: int, part: int = 0, gz: bool = False) -> str:
-    """File name of part ``part`` of chunk ``chunk`` (relative to the manifest)."""
-    stem = f"shard-{chunk:06d}" if part == 0 else f"shard-{chunk:06d}-{part:03d}"
-    return stem + (".tar.gz" if gz else ".tar")
+def shard_name(number: int, gz: bool = False) -> str:
+    """File name of shard ``number`` (relative to the manifest)."""
+    return f"shard-{number:06d}" + (".tar.gz" if gz else ".tar")
+
+
+def index_entries(num_samples: int, gzip_block: int | None) -> int:
+    """Length of a shard's index: ``num_samples + 1`` offsets, plus ``blocks + 1`` compressed
+    block offsets for a ``.tar.gz`` shard."""
+    if not gzip_block:
+        return num_samples + 1
+    return num_samples + 1 + -(-num_samples // gzip_block) + 1
+
+
+def index_bytes(num_samples: int, gzip_block: int | None) -> int:
+    """Size of the ``.idx.npy`` file: numpy's 128-byte header (format 1.0, a 1-D uint64
+    array) plus 8 bytes an entry."""
+    return _NPY_HEADER + 8 * index_entries(num_samples, gzip_block)
 
 
 def index_path(shard_path: str) -> str:
@@ -288,12 +317,14 @@ class _ShardFile:
         idx_name = index_path(self.name)
         np.save(os.path.join(self.directory, idx_name), np.asarray(index, dtype=np.uint64),
                 allow_pickle=False)
-        entry = {"path": self.name, "num_samples": self.num_samples, "bytes": self.bytes,
-                 "sha256": self.sha256.hexdigest(), "index": idx_name,
-                 "index_bytes": os.path.getsize(os.path.join(self.directory, idx_name))}
-        if self.gzip_block is not None:
-            entry["gzip_block"] = self.gzip_block
-        return entry
+        # The manifest does not list the index: its name and size follow from the shard's
+        # (index_path, index_bytes), which keeps the manifest at four fields per shard.
+        got = os.path.getsize(os.path.join(self.directory, idx_name))
+        want = index_bytes(self.num_samples, self.gzip_block)
+        if got != want:   # pragma: no cover - a numpy whose .npy header is not 128 bytes
+            raise RuntimeError(f"index {idx_name} has {got} bytes, expected {want}")
+        return {"path": self.name, "num_samples": self.num_samples, "bytes": self.bytes,
+                "sha256": self.sha256.hexdigest()}
 
     def abort(self):
         self.fh.close()
@@ -303,9 +334,9 @@ class _ChunkWriter:
     """Writes the shards of one chunk, starting a new part when ``max_bytes`` would be passed.
     Parts are opened lazily, so no empty shard is ever written."""
 
-    def __init__(self, directory: str, chunk: int, max_bytes: int | None,
+    def __init__(self, directory: str, stem: str, max_bytes: int | None,
                  gzip_block: int | None):
-        self.directory, self.chunk, self.max_bytes = directory, chunk, max_bytes
+        self.directory, self.stem, self.max_bytes = directory, stem, max_bytes
         self.gzip_block = gzip_block
         self.shards: list[dict] = []
         self._file: _ShardFile | None = None
@@ -317,7 +348,8 @@ class _ChunkWriter:
             self.shards.append(f.close())
             f = self._file = None
         if f is None:
-            name = shard_name(self.chunk, len(self.shards), self.gzip_block is not None)
+            name = (f"{self.stem}-{len(self.shards):03d}"
+                    + (".tar.gz" if self.gzip_block is not None else ".tar"))
             f = self._file = _ShardFile(self.directory, name, self.gzip_block)
         f.add(data)
 
@@ -334,38 +366,33 @@ class _ChunkWriter:
 
 
 def _write_part(job: dict) -> dict:
-    """Writer process ``job["worker"]`` of ``job["workers"]``: stream every input, write the
-    chunks that are its own. Module-level so that it pickles into a spawned process."""
-    inputs, directory = job["inputs"], job["directory"]
-    field_map = FieldMap(**job["field_map"])
-    shard_size, worker, workers = job["shard_size"], job["worker"], job["workers"]
+    """Write the shards of one range of the inputs (a list of input parts, see
+    ``_plan_ranges``): chunks of ``shard_size`` records counted from the range's start, under
+    temporary names ``part-<range>-<chunk>-<part>`` that ``write_shards`` renames. Reads only
+    its own parts. Module-level so that it pickles into a spawned process."""
+    directory, field_map = job["directory"], FieldMap(**job["field_map"])
+    shard_size = job["shard_size"]
     shards: list[dict] = []
     num_rows = num_filtered = num_samples = 0
-    ordinal = 0            # global record ordinal over all inputs, before filtering
     writer: _ChunkWriter | None = None
+    chunk = -1
     try:
-        for source_index, path in enumerate(inputs):
-            base = ordinal
-
-            def mine(i, base=base):   # i: record ordinal within this input
-                return ((base + i) // shard_size) % workers == worker
-
-            for row, record in iter_records(path, select=mine if workers > 1 else None):
-                chunk = ordinal // shard_size
-                ordinal += 1
-                if chunk % workers != worker:
-                    continue
-                if writer is None or writer.chunk != chunk:
+        for seg in job["segments"]:
+            path = seg["path"]
+            for row, record in iter_records(path, part=seg["part"]):
+                if num_rows // shard_size != chunk:
+                    chunk = num_rows // shard_size
                     if writer is not None:
                         shards += writer.close()
-                    writer = _ChunkWriter(directory, chunk, job["max_shard_bytes"],
+                    writer = _ChunkWriter(directory, f"part-{job['range']:06d}-{chunk:06d}",
+                                          job["max_shard_bytes"],
                                           job["gzip_block"] if job["gzip"] else None)
                 num_rows += 1
                 sample = to_sample(record, field_map, source=path, row=row)
                 if sample is None:
                     num_filtered += 1
                     continue
-                writer.add(_encode_sample(sample_key(source_index, row), sample))
+                writer.add(_encode_sample(sample_key(seg["source"], row), sample))
                 num_samples += 1
         if writer is not None:
             shards += writer.close()
@@ -377,14 +404,29 @@ def _write_part(job: dict) -> dict:
             "num_samples": num_samples}
 
 
-def _shard_order(entry: dict) -> tuple[int, int]:
-    chunk, part = re.match(r"shard-(\d+)(?:-(\d+))?", entry["path"]).groups()
-    return int(chunk), int(part or 0)
+def _plan_ranges(inputs: list[str], split_bytes: int) -> list[list[dict]]:
+    """The inputs as ranges of about ``split_bytes``: each a list of consecutive input parts
+    (``sources.split_input``), small inputs packed together, so that N writers share the
+    work without any of them reading another's records, and the plan (hence every shard)
+    does not depend on the number of writers."""
+    ranges: list[list[dict]] = []
+    current: list[dict] = []
+    size = 0
+    for source, path in enumerate(inputs):
+        for piece in split_input(path, split_bytes):
+            if current and size + piece["bytes"] > split_bytes:
+                ranges.append(current)
+                current, size = [], 0
+            current.append({"source": source, "path": path, "part": piece["part"]})
+            size += piece["bytes"]
+    if current:
+        ranges.append(current)
+    return ranges
 
 
-def _run_parts(jobs: list[dict]) -> list[dict]:
-    if len(jobs) == 1:
-        return [_write_part(jobs[0])]
+def _run_parts(jobs: list[dict], workers: int) -> list[dict]:
+    if workers == 1 or len(jobs) == 1:
+        return [_write_part(job) for job in jobs]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -392,7 +434,7 @@ def _run_parts(jobs: list[dict]) -> list[dict]:
     # mid-lock; clicktower.data imports lazily, so a spawned writer starts in well under 1 s.
     # ProcessPoolExecutor, not Pool: a writer that dies raises BrokenProcessPool here
     # instead of being replaced forever.
-    with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
         futures = [pool.submit(_write_part, job) for job in jobs]
         try:
             return [f.result() for f in futures]
@@ -428,7 +470,8 @@ def expand_inputs(patterns: list[str]) -> list[str]:
 def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
                  shard_size: int = 100_000, overwrite: bool = False, workers: int = 1,
                  max_shard_bytes: int | None = None, gzip: bool = False,
-                 gzip_block: int = DEFAULT_GZIP_BLOCK) -> dict:
+                 gzip_block: int = DEFAULT_GZIP_BLOCK,
+                 split_bytes: int = DEFAULT_SPLIT_BYTES) -> dict:
     """Convert click-log inputs into indexed WebDataset tar shards plus ``manifest.json``.
 
     Args:
@@ -440,17 +483,23 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
             (fewer when the label filter drops rows, or ``max_shard_bytes`` cuts the chunk).
         overwrite: replace an existing, non-empty ``out_dir`` (only a previous shard
             directory is ever replaced).
-        workers: writer processes (each streams the inputs and writes every N-th chunk).
+        workers: writer processes; they share the ranges of the inputs (see
+            ``split_bytes``) and each reads only its own.
         max_shard_bytes: also start a new shard (part) before a shard's uncompressed tar
             would pass this many bytes.
         gzip: write ``.tar.gz`` shards (one gzip member per ``gzip_block`` samples).
         gzip_block: samples per gzip member: a reader decompresses this many to get one.
+        split_bytes: the inputs are cut into ranges of about this many bytes (uncompressed
+            JSONL at line boundaries, Parquet at row groups; other inputs whole, small ones
+            packed together) that writers take in turn. No shard spans two ranges, so this
+            also bounds a shard (about ``split_bytes`` of input); the ranges, hence the
+            shards, do not depend on ``workers``.
 
     Returns:
         The manifest, as written: ``{"format", "version", "num_samples", "fields",
-        "shards": [{"path", "num_samples", "bytes", "sha256", "index", "index_bytes"
-        [, "gzip_block"]}], "sources", "field_map", "num_filtered", "shard_size"}`` with
-        paths relative to ``out_dir``.
+        "shards": [{"path", "num_samples", "bytes", "sha256"}], "sources", "field_map",
+        "num_filtered", "shard_size", "max_shard_bytes", "gzip", "gzip_block",
+        "split_bytes", "num_ranges"}`` with paths relative to ``out_dir``.
 
     Raises:
         DataError: bad arguments, existing output without ``overwrite``, any bad input
@@ -463,7 +512,7 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
         raise DataError(f"write_shards: field_map must be a FieldMap, got "
                         f"{type(field_map).__name__}")
     for name, value, low in (("shard size", shard_size, 1), ("workers", workers, 1),
-                             ("gzip block", gzip_block, 1)):
+                             ("gzip block", gzip_block, 1), ("split bytes", split_bytes, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise DataError(f"{name} must be a positive integer, got {short_repr(value)}")
     if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(
@@ -486,12 +535,22 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
     os.makedirs(parent, exist_ok=True)
     os.mkdir(tmp_dir)
     try:
-        jobs = [{"inputs": inputs, "directory": tmp_dir, "field_map": field_map.to_dict(),
-                 "shard_size": shard_size, "worker": w, "workers": workers,
+        ranges = _plan_ranges(inputs, split_bytes)
+        jobs = [{"range": r, "segments": segments, "directory": tmp_dir,
+                 "field_map": field_map.to_dict(), "shard_size": shard_size,
                  "max_shard_bytes": max_shard_bytes, "gzip": gzip, "gzip_block": gzip_block}
-                for w in range(workers)]
-        parts = _run_parts(jobs)
-        shards = sorted((s for part in parts for s in part["shards"]), key=_shard_order)
+                for r, segments in enumerate(ranges)]
+        parts = _run_parts(jobs, workers)
+        # Range order, then chunk, then part: the input order. Renamed to consecutive numbers
+        # here, once every writer is done (a writer cannot know how many shards the ranges
+        # before its own make).
+        shards = [s for part in parts for s in part["shards"]]
+        for number, shard in enumerate(shards):
+            name = shard_name(number, gzip)
+            os.rename(os.path.join(tmp_dir, shard["path"]), os.path.join(tmp_dir, name))
+            os.rename(os.path.join(tmp_dir, index_path(shard["path"])),
+                      os.path.join(tmp_dir, index_path(name)))
+            shard["path"] = name
         num_samples = sum(s["num_samples"] for s in shards)
         num_rows = sum(p["num_rows"] for p in parts)
         num_filtered = sum(p["num_filtered"] for p in parts)
@@ -511,6 +570,9 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
             "shard_size": shard_size,
             "max_shard_bytes": max_shard_bytes,
             "gzip": gzip,
+            "gzip_block": gzip_block if gzip else None,
+            "split_bytes": split_bytes,
+            "num_ranges": len(ranges),
         }
         manifest_path = os.path.join(tmp_dir, MANIFEST_NAME)
         with open(manifest_path, "w", encoding="utf-8") as fh:
@@ -601,6 +663,86 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+_SHARD_KEYS = ("path", "num_samples", "bytes", "sha256", "index", "index_bytes", "gzip_block")
+
+
+def _compact_shard(obj: dict):
+    """``json.load`` object hook: a shard entry becomes a tuple as soon as it is parsed, so
+    that a manifest of many shards never exists as that many dicts at once."""
+    if "path" in obj and "sha256" in obj and obj.keys() <= set(_SHARD_KEYS):
+        return tuple(obj.get(k) for k in _SHARD_KEYS)
+    return obj
+
+
+class ShardTable(Sequence):
+    """The shards of a loaded manifest, in compact arrays (about 80 bytes a shard, against
+    about 1.6 KiB as dicts): counts, sizes, checksums and relative paths.
+
+    ``table[i]`` builds the shard's dict on demand: ``{"path", "num_samples", "bytes",
+    "sha256", "index"[, "gzip_block"][, "missing" | "damaged"]}`` with absolute paths.
+    ``index`` is ``None`` for a version-1 shard (readers scan its tar instead).
+    """
+
+    def __init__(self, root: str, rel_paths: list[str], counts: list[int], sizes: list[int],
+                 sha256: list[str], gzip_blocks: list[int], indexed: bool,
+                 index_names: dict[int, str]):
+        import numpy as np
+
+        self.root = root
+        self._rel = np.array([p.encode("utf-8") for p in rel_paths], dtype=np.bytes_)
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self._sha = np.frombuffer(b"".join(bytes.fromhex(h) for h in sha256),
+                                  dtype=np.uint8).reshape(len(rel_paths), 32)
+        self.gzip_blocks = np.asarray(gzip_blocks, dtype=np.int32)
+        self.indexed = indexed
+        self._index_names = index_names   # version 2 entries whose index is not the default
+        self.missing: dict[int, str] = {}   # shard -> why (load_manifest, on_missing="skip")
+        self.damaged: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def rel_path(self, i: int) -> str:
+        """Shard ``i``'s path relative to the manifest."""
+        return self._rel[i].decode("utf-8")
+
+    def path(self, i: int) -> str:
+        """Shard ``i``'s absolute path."""
+        return os.path.normpath(os.path.join(self.root, self.rel_path(i)))
+
+    def index(self, i: int) -> str | None:
+        """Absolute path of shard ``i``'s index, or ``None`` (version 1: no index)."""
+        if not self.indexed:
+            return None
+        name = self._index_names.get(i) or index_path(self.rel_path(i))
+        return os.path.normpath(os.path.join(self.root, name))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (ShardTable, list)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None   # mutable (missing/damaged), like a list
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        entry = {"path": self.path(i), "num_samples": int(self.counts[i]),
+                 "bytes": int(self.sizes[i]), "sha256": self._sha[i].tobytes().hex(),
+                 "index": self.index(i)}
+        if self.gzip_blocks[i]:
+            entry["gzip_block"] = int(self.gzip_blocks[i])
+        if i in self.missing:
+            entry["missing"] = self.missing[i]
+        if i in self.damaged:
+            entry["damaged"] = self.damaged[i]
+        return entry
+
+
 def load_manifest(path: str, *, verify_checksums: bool = False,
                   on_missing: str = "raise") -> dict:
     """Read and validate a shard manifest, and check that every shard and index is there.
@@ -610,15 +752,17 @@ def load_manifest(path: str, *, verify_checksums: bool = False,
         verify_checksums: also re-hash every shard and compare with its ``sha256``
             (reads all the data; sizes are always checked).
         on_missing: ``"raise"``: a missing, unreadable or wrong-sized shard (or index) is a
-            ``DataError``; ``"skip"``: the shard is kept in the manifest (its samples keep
-            their places in the epoch order, so every rank still agrees on the batch count)
-            and marked ``"missing": "<why>"`` (readers count its samples as bad), or, when
-            the file and its index exist but the size or checksum differs, ``"damaged"``
-            (readers read what is there and count the samples that fail).
+            ``DataError``; ``"skip"``: the shard is kept (its samples keep their places in
+            the epoch order, so every rank still agrees on the batch count) and recorded in
+            ``shards.missing`` (readers count its samples as bad), or, when the file and its
+            index exist but the size or checksum differs, in ``shards.damaged`` (readers read
+            what is there and count the samples that fail).
 
     Returns:
-        The manifest dict, with each shard's ``"path"`` (and ``"index"``) made absolute, plus
-        ``"path"`` (the absolute manifest file, for messages) and ``"root"`` (its directory).
+        The manifest dict with ``"shards"`` as a ``ShardTable`` (compact; ``shards[i]`` is
+        the shard's dict with absolute ``"path"`` and ``"index"``), plus ``"path"`` (the
+        absolute manifest file, for messages) and ``"root"`` (its directory). Versions 1
+        (no index: readers scan the tar) and 2 (index listed per shard) load too.
 
     Raises:
         DataError: missing/invalid manifest, unknown format or version, or (``on_missing=
@@ -635,7 +779,7 @@ def load_manifest(path: str, *, verify_checksums: bool = False,
                         source=manifest_path if not os.path.isdir(path) else path)
     try:
         with open(manifest_path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
+            manifest = json.load(fh, object_hook=_compact_shard)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"not valid JSON ({exc})", source=manifest_path) from None
 
@@ -647,10 +791,11 @@ def load_manifest(path: str, *, verify_checksums: bool = False,
     if manifest.get("format") != FORMAT:
         raise bad(f"not a clicktower shard manifest: format {short_repr(manifest.get('format'))},"
                   f" expected {FORMAT!r}", "format")
-    if manifest.get("version") not in READ_VERSIONS:
-        raise bad(f"unsupported version {short_repr(manifest.get('version'))}; "
-                  f"this clicktower reads versions {', '.join(map(str, READ_VERSIONS))}",
-                  "version")
+    version = manifest.get("version")
+    if version not in READ_VERSIONS:
+        raise bad(f"unsupported version {short_repr(version)}; this clicktower reads "
+                  f"versions {', '.join(map(str, READ_VERSIONS))} (re-shard the data with "
+                  f"this version's clicktower shard)", "version")
     fields = manifest.get("fields")
     if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
         raise bad("must be a list of field names", "fields")
@@ -663,64 +808,90 @@ def load_manifest(path: str, *, verify_checksums: bool = False,
     num_samples = manifest.get("num_samples")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise bad(f"must be a positive integer, got {short_repr(num_samples)}", "num_samples")
+    top_gzip_block = manifest.get("gzip_block") if version >= 3 else None
+    if top_gzip_block is not None and (isinstance(top_gzip_block, bool) or not isinstance(
+            top_gzip_block, int) or top_gzip_block < 1):
+        raise bad(f"must be a positive integer, got {short_repr(top_gzip_block)}", "gzip_block")
 
     root = os.path.dirname(os.path.abspath(manifest_path))
-    resolved = []
+    rels, counts, sizes, shas, gzip_blocks = [], [], [], [], []
+    index_names: dict[int, str] = {}
+    problems: dict[int, str] = {}
     seen_paths: set[str] = set()
     for i, shard in enumerate(shards):
         where = f"shards[{i}]"
-        if not isinstance(shard, dict):
-            raise bad("must be an object", where)
-        rel = shard.get("path")
+        if not isinstance(shard, tuple):
+            raise bad("must be an object with path, num_samples, bytes and sha256", where)
+        rel, count, size, sha, index, idx_bytes, gzip_block = shard
         if not isinstance(rel, str) or not rel or os.path.isabs(rel):
             raise bad(f"path must be relative to the manifest, got {short_repr(rel)}", where)
-        for key in ("num_samples", "bytes"):
-            value = shard.get(key)
+        for key, value in (("num_samples", count), ("bytes", size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise bad(f"{key} must be a non-negative integer, got {short_repr(value)}",
                           where)
-        if not isinstance(shard.get("sha256"), str) or not _SHA256_RE.match(shard["sha256"]):
-            raise bad(f"sha256 must be 64 hex digits, got {short_repr(shard.get('sha256'))}",
-                      where)
+        if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+            raise bad(f"sha256 must be 64 hex digits, got {short_repr(sha)}", where)
+        if version >= 3:
+            gzip_block = top_gzip_block if rel.endswith(".tar.gz") else None
+            if rel.endswith(".tar.gz") and not gzip_block:
+                raise bad("a .tar.gz shard needs the manifest's gzip_block", where)
         abs_path = os.path.normpath(os.path.join(root, rel))
         if abs_path in seen_paths:   # the same samples twice in one epoch
             raise bad(f"shard {rel!r} is listed twice", where)
         seen_paths.add(abs_path)
-        entry = {**shard, "path": abs_path}
+        rels.append(rel)
+        counts.append(count)
+        sizes.append(size)
+        shas.append(sha)
+        gzip_blocks.append(gzip_block or 0)
         problem = None
-        if not os.path.isfile(abs_path):
+        # One stat per file: the start-up check of many shards on a network filesystem.
+        try:
+            st_size = os.stat(abs_path).st_size
+        except OSError:
+            st_size = None
+        if st_size is None:
             problem = f"shard {rel!r} is missing ({abs_path})"
         elif not os.access(abs_path, os.R_OK):
             problem = f"shard {rel!r} is not readable ({abs_path})"
-        elif os.path.getsize(abs_path) != shard["bytes"]:
-            problem = (f"shard {rel!r} has {os.path.getsize(abs_path)} bytes, the manifest "
-                       f"lists {shard['bytes']} (truncated or modified)")
-        elif verify_checksums and _sha256_file(abs_path) != shard["sha256"]:
+        elif st_size != size:
+            problem = (f"shard {rel!r} has {st_size} bytes, the manifest lists {size} "
+                       f"(truncated or modified)")
+        elif verify_checksums and _sha256_file(abs_path) != sha:
             problem = f"shard {rel!r}: sha256 differs from the manifest (corrupted or modified)"
-        if shard.get("index") is not None:
-            idx = os.path.normpath(os.path.join(root, shard["index"]))
-            entry["index"] = idx
-            if problem is None and (not os.path.isfile(idx) or not os.access(idx, os.R_OK)):
-                problem = f"index {shard['index']!r} of shard {rel!r} is missing ({idx})"
-            elif problem is None and os.path.getsize(idx) != shard.get("index_bytes"):
-                problem = (f"index {shard['index']!r} of shard {rel!r} has "
-                           f"{os.path.getsize(idx)} bytes, the manifest lists "
-                           f"{shard.get('index_bytes')}")
+        if version >= 2:
+            idx_rel = index if version == 2 and isinstance(index, str) else index_path(rel)
+            if idx_rel != index_path(rel):
+                index_names[i] = idx_rel
+            want = idx_bytes if version == 2 else index_bytes(count, gzip_block)
+            idx = os.path.normpath(os.path.join(root, idx_rel))
+            try:
+                got = os.stat(idx).st_size
+            except OSError:
+                got = None
+            if problem is None and (got is None or not os.access(idx, os.R_OK)):
+                problem = f"index {idx_rel!r} of shard {rel!r} is missing ({idx})"
+            elif problem is None and got != want:
+                problem = (f"index {idx_rel!r} of shard {rel!r} has {got} bytes, "
+                           f"expected {want}")
         if problem is not None:
             if on_missing == "raise":
                 raise bad(problem)
-            if os.path.isfile(abs_path) and "index" in entry and os.path.isfile(entry["index"]):
-                # Wrong size or checksum: read what is there; the samples that are not come
-                # back bad one by one (truncated, corrupt...), the others are kept.
-                entry["damaged"] = problem
-            else:
-                entry["missing"] = problem
-        resolved.append(entry)
-    total = sum(s["num_samples"] for s in resolved)
+            problems[i] = problem
+    total = sum(counts)
     if total != num_samples:
         raise bad(f"is {num_samples} but the shards hold {total}", "num_samples")
-    return {**manifest, "shards": resolved, "path": os.path.abspath(manifest_path),
-            "root": root}
+    table = ShardTable(root, rels, counts, sizes, shas, gzip_blocks, version >= 2, index_names)
+    for i, problem in problems.items():
+        index = table.index(i)
+        if os.path.isfile(table.path(i)) and index is not None and os.path.isfile(index):
+            # Wrong size or checksum: read what is there; the samples that are not come
+            # back bad one by one (truncated, corrupt...), the others are kept.
+            table.damaged[i] = problem
+        else:
+            table.missing[i] = problem
+    del shards
+    return {**manifest, "shards": table, "path": os.path.abspath(manifest_path), "root": root}
 
 
 def iter_shard(path: str) -> Iterator[dict]:

@@ -45,6 +45,7 @@ __all__ = [
     "compose_item_text",
     "iter_records",
     "record_fields",
+    "split_input",
     "to_sample",
 ]
 
@@ -173,9 +174,9 @@ class _Reader:
     iterating yields ``(row, record)``. Subclasses per format."""
 
     unit = "row"
-    # Optional ``select(ordinal) -> bool``: records it rejects may be yielded as ``None``
-    # without being parsed (JSONL and Parquet honour it; the others parse everything).
-    select = None
+    # Optional part of the input to read (see ``split_input``): ``{"start", "end",
+    # "first_line"}`` (uncompressed JSONL) or ``{"row_groups", "first_row"}`` (Parquet).
+    part: dict | None = None
     fields_origin = "the input"   # where fields() found the names, for error messages
     fields_row: int | None = None  # and at which row/line, where that means anything
 
@@ -204,9 +205,16 @@ class _TextReader(_Reader):
         """(line number, decoded line with its newline); decodes line by line so that invalid
         UTF-8 is reported with the line it is on."""
         opener = gzip.open if self.gz else open
+        part = self.part
         try:
             with opener(self.path, "rb") as fh:
-                for lineno, raw in enumerate(fh, 1):
+                lines: Iterator[bytes] = fh
+                first = 1
+                if part is not None:   # a byte range cut at line boundaries (split_input)
+                    fh.seek(part["start"])
+                    lines = _lines_until(fh, part["end"] - part["start"])
+                    first = part["first_line"]
+                for lineno, raw in enumerate(lines, first):
                     try:
                         # utf-8-sig on line 1: spreadsheet exports start with a BOM, which
                         # would otherwise glue itself to the first column name.
@@ -215,6 +223,16 @@ class _TextReader(_Reader):
                         raise _DecodeError(lineno, exc) from None
         except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
             raise self.error(f"corrupt or truncated gzip data ({exc})") from None
+
+
+def _lines_until(fh, size: int) -> Iterator[bytes]:
+    """The lines of ``fh`` from where it stands that start within the next ``size`` bytes."""
+    pos = 0
+    for raw in fh:
+        if pos >= size:
+            return
+        pos += len(raw)
+        yield raw
 
 
 class _CsvReader(_TextReader):
@@ -297,7 +315,6 @@ class _JsonlReader(_TextReader):
 
     def __iter__(self):
         count = 0
-        select = self.select
         lines = self._lines()
         while True:
             try:
@@ -308,12 +325,6 @@ class _JsonlReader(_TextReader):
                 raise self.error(f"invalid UTF-8 (byte {exc.exc.start}): {exc.exc.reason}",
                                  row=exc.lineno) from None
             if not line.strip():
-                continue
-            if select is not None and not select(count):
-                # Another shard writer process parses this record: only count it, so that
-                # record ordinals stay the same in every process.
-                count += 1
-                yield lineno, None
                 continue
             try:
                 record = json.loads(line)
@@ -328,7 +339,8 @@ class _JsonlReader(_TextReader):
                                  row=lineno)
             count += 1
             yield lineno, record
-        if count == 0:
+        # A part of a file may hold only blank lines; the whole file may not.
+        if count == 0 and self.part is None:
             raise self.error("empty file, no rows")
 
 
@@ -353,16 +365,11 @@ class _ParquetReader(_Reader):
         pf = self._open()
         if pf.metadata.num_rows == 0:
             raise self.error("empty file, no rows")
-        row = 0
+        row, groups = 0, None
+        if self.part is not None:   # some row groups only (split_input)
+            row, groups = self.part["first_row"] - 1, self.part["row_groups"]
         try:
-            for batch in pf.iter_batches(batch_size=_BATCH_ROWS):
-                select = self.select
-                if select is not None and not any(select(row + i)
-                                                  for i in range(batch.num_rows)):
-                    for _ in range(batch.num_rows):  # another writer process's records
-                        row += 1
-                        yield row, None
-                    continue
+            for batch in pf.iter_batches(batch_size=_BATCH_ROWS, row_groups=groups):
                 for record in batch.to_pylist():
                     row += 1
                     yield row, record
@@ -456,14 +463,14 @@ def _open_reader(path) -> _Reader:
     return reader
 
 
-def iter_records(path, select=None) -> Iterator[tuple[int, dict | None]]:
+def iter_records(path, part: dict | None = None) -> Iterator[tuple[int, dict]]:
     """Stream the records of one input file or datasets folder.
 
     Args:
         path: a ``.csv``/``.tsv``/``.jsonl``/``.json`` file (optionally ``.gz``), a
             ``.parquet`` file, or a ``save_to_disk`` folder (``DIR:split`` for a split).
-        select: optional ``select(ordinal) -> bool`` over 0-based record ordinals; a record
-            it rejects may come back as ``None`` unparsed (parallel writers split by it).
+        part: optional part of the input from ``split_input`` (``None``: all of it); row
+            numbers stay those of the whole file.
 
     Returns:
         An iterator of ``(row, record)``: ``row`` is the 1-based data row (JSONL: line
@@ -475,8 +482,79 @@ def iter_records(path, select=None) -> Iterator[tuple[int, dict | None]]:
             JSON line, wrong CSV column count, no rows...).
     """
     reader = _open_reader(path)  # eager: a bad path fails here, not at the first next()
-    reader.select = select
+    reader.part = part
     return iter(reader)
+
+
+# Newline counting reads this much at a time (bytes.count runs at memory speed).
+_COUNT_BLOCK = 16 * 1024 * 1024
+
+
+def split_input(path, split_bytes: int) -> list[dict]:
+    """Cut one input into parts of about ``split_bytes`` that can be read independently.
+
+    Uncompressed JSON Lines are cut into byte ranges at line boundaries (the line number
+    where each range starts comes from one newline count over the file, so keys and error
+    messages name the same lines as a whole-file read); Parquet into runs of whole row groups
+    (from the footer). Other inputs are one part: a gzip stream cannot be entered in the
+    middle, a ``datasets`` folder is read whole, and CSV/TSV cannot be cut safely without
+    parsing, since a quoted field may span lines (and an unquoted field may hold a lone
+    quote, so counting quotes does not tell either).
+
+    Args:
+        path: an input accepted by ``iter_records``.
+        split_bytes: target part size in (uncompressed file) bytes.
+
+    Returns:
+        A list of ``{"part": dict | None, "bytes": int}`` in input order: ``part`` goes to
+        ``iter_records``; ``bytes`` is the part's size (Parquet: uncompressed row groups).
+    """
+    reader = _open_reader(path)
+    if isinstance(reader, _JsonlReader) and not reader.gz:
+        size = os.path.getsize(reader.path)
+        cuts = []
+        with open(reader.path, "rb") as fh:
+            for nominal in range(split_bytes, size, split_bytes):
+                fh.seek(nominal - 1)
+                fh.readline()   # to just past the newline ending the line at ``nominal``
+                cut = fh.tell()
+                if cut < size and (not cuts or cut > cuts[-1]):
+                    cuts.append(cut)
+            bounds = [0] + cuts + [size]
+            first_lines, lines, pos = [1], 0, 0
+            for cut in cuts:
+                fh.seek(pos)
+                while pos < cut:
+                    block = fh.read(min(_COUNT_BLOCK, cut - pos))
+                    lines += block.count(b"\n")
+                    pos += len(block)
+                first_lines.append(lines + 1)
+        if not cuts:
+            return [{"part": None, "bytes": size}]
+        return [{"part": {"start": a, "end": b, "first_line": line}, "bytes": b - a}
+                for a, b, line in zip(bounds, bounds[1:], first_lines)]
+    if isinstance(reader, _ParquetReader):
+        meta = reader._open().metadata
+        parts, groups, nbytes, first_row, row = [], [], 0, 1, 1
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            if groups and nbytes + group.total_byte_size > split_bytes:
+                parts.append({"part": {"row_groups": groups, "first_row": first_row},
+                              "bytes": nbytes})
+                groups, nbytes, first_row = [], 0, row
+            groups.append(g)
+            nbytes += group.total_byte_size
+            row += group.num_rows
+        if not parts:
+            return [{"part": None, "bytes": nbytes}]
+        parts.append({"part": {"row_groups": groups, "first_row": first_row}, "bytes": nbytes})
+        return parts
+    if os.path.isdir(reader.path):
+        size = sum(os.path.getsize(os.path.join(d, f))
+                   for d, _, files in os.walk(reader.path) for f in files)
+    else:
+        size = os.path.getsize(reader.path)
+    return [{"part": None, "bytes": size}]
 
 
 def record_fields(path) -> list[str]:

@@ -3,7 +3,7 @@
     clicktower shard clicks.csv --out shards --query-field search_term --item-field product_title \
         --item-id-field product_uid --label-field relevance --min-label 2.67
     clicktower shard 'logs/2024-*/part-*.jsonl.gz' --out shards --workers 8 --gzip \
-        --shard-size 100000 --max-shard-bytes 256MB
+        --shard-size 100000 --max-shard-bytes 256MB --split-bytes 256MB
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import json
 import re
 import sys
 
-from clicktower.data.shards import write_shards
+from clicktower.data.shards import DEFAULT_SPLIT_BYTES, write_shards
 from clicktower.data.sources import FieldMap
 from clicktower.launcher.errors import run_cli
 
@@ -47,13 +47,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-bytes", type=parse_bytes, default=None,
                         help="also cut a shard before its tar passes this size (e.g. 256MB)")
     parser.add_argument("--gzip", action="store_true", help="write .tar.gz shards (block-indexed)")
-    parser.add_argument("--workers", type=int, default=1, help="writer processes")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="writer processes; they share the input ranges (see --split-bytes)")
+    parser.add_argument("--split-bytes", type=parse_bytes, default=DEFAULT_SPLIT_BYTES,
+                        help="cut the inputs into ranges of about this size for the writers "
+                             "(uncompressed JSONL by lines, Parquet by row groups; gzip, CSV/TSV "
+                             "and datasets folders whole); a shard never spans two ranges "
+                             "(default 64MiB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
     args = parser.parse_args(argv)
     if args.shard_size < 1:
         parser.error("--shard-size must be >= 1")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.split_bytes < 1:
+        parser.error("--split-bytes must be >= 1")
     try:
         field_map = FieldMap(query=args.query_field, item_text=args.item_field, item_id=args.item_id_field,
                              label=args.label_field, min_label=args.min_label,
@@ -64,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     manifest = write_shards(args.inputs, args.out, field_map, shard_size=args.shard_size,
                             overwrite=args.overwrite, workers=args.workers,
-                            max_shard_bytes=args.max_shard_bytes, gzip=args.gzip)
+                            max_shard_bytes=args.max_shard_bytes, gzip=args.gzip,
+                            split_bytes=args.split_bytes)
     print(json.dumps({"out": args.out, "num_samples": manifest["num_samples"], "shards": len(manifest["shards"])}))
     return 0
 

@@ -9,7 +9,7 @@ import pytest
 
 from clicktower.data.errors import DataError
 from clicktower.data.loader import ClickPairLoader
-from clicktower.data.shards import FORMAT, VERSION, _ShardFile, _tar_member, write_shards
+from clicktower.data.shards import FORMAT, VERSION, _ShardFile, _tar_member, index_path, write_shards
 from clicktower.data.sources import FieldMap
 
 GOOD = 40
@@ -137,7 +137,7 @@ def test_corrupt_gzip(tmp_path):
     data = bytearray(shard.read_bytes())
     import numpy as np
 
-    blocks = np.load(out / manifest["shards"][0]["index"])[61:]
+    blocks = np.load(out / index_path(manifest["shards"][0]["path"]))[61:]
     lo, hi = int(blocks[2]), int(blocks[3])
     data[lo:hi] = b"\xff" * (hi - lo)  # same size: only a checksum would notice
     shard.write_bytes(bytes(data))

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from clicktower.data.loader import ClickPairLoader, _EpochOrder, _Source
+from clicktower.data.shards import ShardTable
 from clicktower.data.shards import write_shards
 from clicktower.data.sources import FieldMap
 
@@ -102,17 +103,24 @@ def test_exactly_once_across_resumes(shard_dirs, cut, seed, buffer, block, first
     assert all(loader.state_dict()["epoch"] == 1 for loader in run2)
 
 
+def _counts_source(counts):
+    """A _Source over shards that exist only as counts (the order never reads files)."""
+    n = len(counts)
+    table = ShardTable("/nowhere", [f"s{i}.tar" for i in range(n)], counts, [0] * n, ["0" * 64] * n,
+                       [0] * n, True, {})
+    return _Source({"shards": table})
+
+
 @settings(max_examples=30, deadline=None)
 @given(counts=st.lists(st.integers(0, 60), min_size=1, max_size=12), seed=st.integers(0, 9),
        window=st.integers(1, 80), block=st.integers(1, 20), epoch=st.integers(0, 3))
 def test_epoch_order_is_a_permutation(counts, seed, window, block, epoch):
     if sum(counts) == 0:
         counts[0] = 1
-    shards = [{"path": f"s{i}", "num_samples": c} for i, c in enumerate(counts)]
-    order = _EpochOrder(_Source({"shards": shards}), seed, epoch, window, block)
+    order = _EpochOrder(_counts_source(counts), seed, epoch, window, block)
     seen = [order.locate(t) for t in range(sum(counts))]
     assert sorted(seen) == sorted((s, i) for s, c in enumerate(counts) for i in range(c))
-    again = _EpochOrder(_Source({"shards": shards}), seed, epoch, window, block)
+    again = _EpochOrder(_counts_source(counts), seed, epoch, window, block)
     assert [again.locate(t) for t in reversed(range(sum(counts)))] == seen[::-1]  # random access
 
 
@@ -161,8 +169,7 @@ def test_infinite_and_mixed(shard_dirs):
 def test_mix_proportions_exact_per_period(shard_dirs):
     from clicktower.data.loader import MIX_PERIOD, _Plan
 
-    a = _Source({"shards": [{"path": "a", "num_samples": 50}]})
-    b = _Source({"shards": [{"path": "b", "num_samples": 7}]})
+    a, b = _counts_source([50]), _counts_source([7])
     plan = _Plan([a, b], [0.7, 0.3], 0, 10, 4, True)
     picks = [plan.locate(0, p) for p in range(2 * MIX_PERIOD)]
     assert sum(1 for s, *_ in picks if s == 0) == 1400

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from clicktower.data.errors import DataError
-from clicktower.data.shards import (FORMAT, MANIFEST_NAME, iter_shard, load_manifest,
-                                    write_shards)
+from clicktower.data.shards import (FORMAT, MANIFEST_NAME, index_path, iter_shard,
+                                    load_manifest, write_shards)
 from clicktower.data.sources import FieldMap
 
 # Unicode in queries and texts, numeric and string ids, a comma and a quote for CSV.
@@ -99,7 +99,7 @@ def test_round_trip_every_pair_once(tmp_path, fmt):
     out = tmp_path / "out"
     manifest = write_shards([src], str(out), FM, shard_size=3)
 
-    assert manifest["format"] == FORMAT and manifest["version"] == 2
+    assert manifest["format"] == FORMAT and manifest["version"] == 3
     assert manifest["num_samples"] == 7 and manifest["num_filtered"] == 0
     assert [s["num_samples"] for s in manifest["shards"]] == [3, 3, 1]
     assert [s["path"] for s in manifest["shards"]] == [
@@ -108,7 +108,7 @@ def test_round_trip_every_pair_once(tmp_path, fmt):
     assert manifest["sources"] == [src] and manifest["field_map"]["label"] == "label"
     assert json.loads((out / MANIFEST_NAME).read_text("utf-8")) == manifest
     assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME] + [s["path"] for s in manifest["shards"]]
-                                             + [s["index"] for s in manifest["shards"]])
+                                             + [index_path(s["path"]) for s in manifest["shards"]])
     check_manifest_files(out, manifest)
 
     loaded, samples = read_back(str(out))
@@ -293,7 +293,7 @@ def test_load_manifest_size_and_checksum_mismatch(shard_dir):
 
 @pytest.mark.parametrize("edit, words", [
     ({"format": "something.else"}, "not a clicktower shard manifest"),
-    ({"version": 3}, "unsupported version 3"),
+    ({"version": 4}, "unsupported version 4"),
     ({"fields": ["query"]}, "field 'fields'"),
     ({"num_samples": 8}, "field 'num_samples'"),
     ({"shards": []}, "field 'shards'"),
