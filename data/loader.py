@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import zlib
 from bisect import bisect_right
@@ -78,11 +79,35 @@ MIX_PERIOD = 1000
 
 
 @dataclass
+class MixEntry:
+    """One manifest of a weighted mix (``data.mix``).
+
+    Args:
+        manifest: ``manifest.json`` (or its folder) written by ``clicktower shard``.
+        weight: its share of the stream, relative to the other entries' weights.
+    """
+
+    manifest: str
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.manifest, str) or not self.manifest.strip():
+            raise ValueError(f"data.mix: manifest must be a path, got {self.manifest!r}")
+        if not math.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"data.mix: weight of {self.manifest} must be a finite number >= 0, "
+                             f"got {self.weight}")
+
+
+@dataclass
 class DataConfig:
     """Data section of the experiment config.
 
     Args:
         train_manifest: ``manifest.json`` (or its folder) written by ``clicktower shard``.
+        mix: instead of ``train_manifest``, several manifests mixed by weight, e.g.
+            ``[{manifest: clicks, weight: 0.7}, {manifest: purchases, weight: 0.3}]``: a
+            fixed seeded pattern per 1000 positions, each manifest read in its own epoch
+            orders. A mix is an endless stream (as ``infinite``).
         num_workers: loader worker processes per rank (0 reads in the training process).
         shuffle_buffer: size of the shuffle window (positions permuted together).
         on_error: ``"skip"`` bad samples (counted and logged) or ``"raise"`` a DataError.
@@ -94,6 +119,7 @@ class DataConfig:
     """
 
     train_manifest: str | None = None
+    mix: list[MixEntry] | None = None
     num_workers: int = 0
     shuffle_buffer: int = 1000
     on_error: str = "skip"
@@ -102,7 +128,22 @@ class DataConfig:
     infinite: bool = False
     hard_negatives_per_query: int = 0
 
+    def manifests(self) -> list[str]:
+        """The manifest paths to train on: ``train_manifest``, or those of ``mix``."""
+        if self.mix is not None:
+            return [m.manifest for m in self.mix]
+        return [] if self.train_manifest is None else [self.train_manifest]
+
     def __post_init__(self) -> None:
+        if self.mix is not None:
+            # From Python (not YAML) entries may come as plain dicts.
+            self.mix = [MixEntry(**m) if isinstance(m, dict) else m for m in self.mix]
+            if not self.mix:
+                raise ValueError("data.mix must list at least one {manifest, weight}")
+            if self.train_manifest is not None:
+                raise ValueError("set data.train_manifest or data.mix, not both")
+            if sum(m.weight for m in self.mix) <= 0:
+                raise ValueError("data.mix: the weights must not all be 0")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 1:
@@ -587,7 +628,8 @@ class ClickPairLoader:
 
         Args:
             cfg: data config.
-            manifest: loaded manifest or its path.
+            manifest: loaded manifest or its path; with ``cfg.mix``, the list of them in
+                ``cfg.mix`` order (weights come from ``cfg.mix``).
             batch_size: pairs per batch on this rank.
             rank: this rank.
             world_size: number of ranks.
@@ -598,7 +640,8 @@ class ClickPairLoader:
         """
         return cls(manifest, batch_size, rank, world_size, cfg.num_workers, seed, tokenizer, max_length,
                    max_item_length, cfg.shuffle_buffer, on_error=cfg.on_error, max_text_chars=cfg.max_text_chars,
-                   block_size=cfg.block_size, infinite=cfg.infinite,
+                   block_size=cfg.block_size, infinite=cfg.infinite or cfg.mix is not None,
+                   mix_weights=None if cfg.mix is None else [m.weight for m in cfg.mix],
                    hard_negatives_per_query=cfg.hard_negatives_per_query)
 
     def __len__(self) -> int:

@@ -155,7 +155,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             try:
                 return _coerce(arg, value, key)
             except ConfigError as exc:
-                errors.append(str(exc))
+                errors.append(exc)   # the exception itself: re-raised as is when only one
         raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: invalid value {_show(value)}")
     if origin is Literal:
         plain = value.value if isinstance(value, _RawScalar) else value

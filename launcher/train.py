@@ -47,10 +47,11 @@ def train(cfg: ExperimentConfig) -> Path:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
-    if cfg.data.train_manifest is None:
-        raise ConfigError("data.train_manifest is required for training")
+    if not cfg.data.manifests():
+        raise ConfigError("data.train_manifest (or data.mix) is required for training")
     # Everything a user can get wrong on disk is checked before anything is written.
-    manifest = load_manifest(cfg.data.train_manifest)
+    manifests = [load_manifest(m) for m in cfg.data.manifests()]
+    manifest = manifests if cfg.data.mix is not None else manifests[0]
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, **accelerator_kwargs())
     out = Path(cfg.train.output_dir)
