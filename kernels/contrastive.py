@@ -36,6 +36,13 @@ DEFAULT_BLOCK_SIZE = 4096
 
 _NEG_INF = float("-inf")
 
+# Fast paths of the symmetric kernel share one exp per tile between the two directions by
+# rescaling with exp(+-spread); they are taken only while the spread of the values involved
+# stays below this many nats (fp32 keeps e^-50 ~ 2e-22 as a normal number with full
+# precision, and products of such factors stay far from overflow). Beyond it (logit scales
+# near 100 on well-separated embeddings) the exact two-exp path runs instead.
+_FAST_SPREAD = 50.0
+
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp32 accumulation for fp32/bf16/fp16 inputs; fp64 stays fp64 (for gradcheck)."""
@@ -115,9 +122,45 @@ def _online_update(t, m_run, s_run, dim: int, floor: Optional[float]):
     m_run.copy_(m_new)
 
 
+def _fold(m_run, s_run, t_max, t_sum):
+    """Fold a tile's (max, sum of exp(t - max)) into running (max, sum-exp), in place."""
+    m_new = torch.maximum(m_run, t_max)
+    s_run.mul_(torch.exp(m_run - m_new)).add_(t_sum * torch.exp(t_max - m_new))
+    m_run.copy_(m_new)
+
+
+def _sym_tile_fast(x, m_r, s_r, m_c, s_c, floor) -> bool:
+    """Row AND column (max, sum-exp) of one unmasked tile from a single exp pass.
+
+    With E = exp(x - rowmax) the column sums follow from a matrix-vector product,
+    sum_i exp(x_ij - M) = (E.T @ w)_j with w_i = exp(rowmax_i - M), M the tile max:
+    one read pass instead of a second copy + exp over the tile. It is exact while no
+    column's max lies more than _FAST_SPREAD below M (each column's largest term then stays
+    >= exp(-_FAST_SPREAD), a normal fp32 number, and the clamp floor's error stays below
+    ~1e-12 of every column sum). Otherwise returns False with ``x`` untouched, and the
+    caller takes the exact two-exp path.
+    """
+    c_max = x.amax(0)
+    r_max = x.amax(1)
+    M = r_max.max()
+    if float(c_max.min()) < float(M) - _FAST_SPREAD:  # host sync: a CPU no-op, rare on GPU
+        return False
+    x.sub_(r_max[:, None])
+    if floor is not None:
+        x.clamp_min_(floor)
+    x.exp_()
+    _fold(m_r, s_r, r_max, x.sum(1))
+    _fold(m_c, s_c, M.expand_as(m_c), torch.mv(x.t(), torch.exp(r_max - M)))
+    return True
+
+
 def _tile(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     # A contiguous [rows, cols] view of the flat buffer (out= needs contiguity).
     return buf[: rows * cols].view(rows, cols)
+
+
+def _any(mask: Optional[torch.Tensor]) -> bool:
+    return mask is not None and bool(mask.any())
 
 
 def _blocks(n: int, b: int):
@@ -240,11 +283,21 @@ class _SymLSE(torch.autograd.Function):
                 for c0, c1 in _blocks(B, b):
                     nr, nc = r1 - r0, c1 - c0
                     x = torch.mm(qs[r0:r1], kf[c0:c1].t(), out=_tile(buf, nr, nc))
-                    y = _tile(cbuf, nr, nc).copy_(x)
+                    cmask = rmask = None
                     if cid is not None:
-                        y.masked_fill_(_pair_mask(cid[c0:c1], query_ids[r0:r1], pos[c0:c1], r0, 1), _NEG_INF)
+                        cmask = _pair_mask(cid[c0:c1], query_ids[r0:r1], pos[c0:c1], r0, 1)
                     if rid is not None:
-                        x.masked_fill_(_pair_mask(rid[r0:r1], key_ids[c0:c1], pos[r0:r1], c0, 0), _NEG_INF)
+                        rmask = _pair_mask(rid[r0:r1], key_ids[c0:c1], pos[r0:r1], c0, 0)
+                    # Tiles without masked entries (all but those holding duplicate ids) take
+                    # the one-exp path; the rest keep separate row and column passes.
+                    if not _any(cmask) and not _any(rmask) and \
+                            _sym_tile_fast(x, m_r[r0:r1], s_r[r0:r1], m_c[c0:c1], s_c[c0:c1], floor):
+                        continue
+                    y = _tile(cbuf, nr, nc).copy_(x)
+                    if cmask is not None:
+                        y.masked_fill_(cmask, _NEG_INF)
+                    if rmask is not None:
+                        x.masked_fill_(rmask, _NEG_INF)
                     _online_update(y, m_c[c0:c1], s_c[c0:c1], 0, floor)
                     _online_update(x, m_r[r0:r1], s_r[r0:r1], 1, floor)
             lse_r = m_r + s_r.log()
@@ -279,23 +332,50 @@ class _SymLSE(torch.autograd.Function):
             cbuf = torch.empty(b * b, dtype=cd, device=dev)
             A = torch.zeros_like(qf) if (need_q or need_s) else None
             dK = torch.zeros_like(kf) if need_k else None
+            # One exp per tile: P_col = P_row * exp(lse_r_i - lse_c_j) = P_row * u_i * v_j, so
+            # G = P_row * (g_r_i + u_i * v_j * g_c_j) -- exact while the lse values span less
+            # than _FAST_SPREAD nats (u, v, u*v stay normal fp32 numbers); u, v in fp64 so the
+            # rescaling adds no error beyond the fp32 rounding the direct exp has anyway.
+            lo = torch.minimum(lse_r.min(), lse_c.min())
+            hi = torch.maximum(lse_r.max(), lse_c.max())
+            fast = float(hi - lo) <= _FAST_SPREAD
+            if fast:
+                mid = (0.5 * (hi + lo)).double()
+                u = torch.exp(lse_r.double() - mid).to(cd)
+                vg = (torch.exp(mid - lse_c.double()) * g_c.double()).to(cd)
             for r0, r1 in _blocks(B, b):
                 for c0, c1 in _blocks(B, b):
                     nr, nc = r1 - r0, c1 - c0
                     kb = kf[c0:c1]
+                    cmask = rmask = None
+                    if cid is not None:
+                        cmask = _pair_mask(cid[c0:c1], query_ids[r0:r1], pos[c0:c1], r0, 1)
+                    if rid is not None:
+                        rmask = _pair_mask(rid[r0:r1], key_ids[c0:c1], pos[r0:r1], c0, 0)
+                    if fast and not _any(cmask) and not _any(rmask):
+                        x = torch.addmm(neg_lse_r[r0:r1, None], qs[r0:r1], kb.t(), out=_tile(buf, nr, nc))
+                        if floor is not None:
+                            x.clamp_min_(floor)
+                        x.exp_()
+                        x.mul_(torch.addr(g_r[r0:r1, None], u[r0:r1], vg[c0:c1], out=_tile(cbuf, nr, nc)))
+                        if A is not None:
+                            A[r0:r1].addmm_(x, kb)
+                        if dK is not None:
+                            dK[c0:c1].addmm_(x.t(), qs[r0:r1])
+                        continue
                     x = torch.mm(qs[r0:r1], kb.t(), out=_tile(buf, nr, nc))
                     y = torch.sub(x, lse_c[None, c0:c1], out=_tile(cbuf, nr, nc))
                     if floor is not None:
                         y.clamp_min_(floor)
                     y.exp_()
-                    if cid is not None:
-                        y.masked_fill_(_pair_mask(cid[c0:c1], query_ids[r0:r1], pos[c0:c1], r0, 1), 0.0)
+                    if cmask is not None:
+                        y.masked_fill_(cmask, 0.0)
                     x.add_(neg_lse_r[r0:r1, None])
                     if floor is not None:
                         x.clamp_min_(floor)
                     x.exp_()
-                    if rid is not None:
-                        x.masked_fill_(_pair_mask(rid[r0:r1], key_ids[c0:c1], pos[r0:r1], c0, 0), 0.0)
+                    if rmask is not None:
+                        x.masked_fill_(rmask, 0.0)
                     # G = diag(g_r) P_r + P_c diag(g_c)
                     x.mul_(g_r[r0:r1, None]).addcmul_(y, g_c[None, c0:c1])
                     if A is not None:
@@ -454,7 +534,10 @@ def fused_symmetric_contrastive_loss(query, keys, logit_scale, query_ids=None, k
     The forward keeps running row and column (max, sum-exp) vectors across [block, block]
     tiles; the backward recomputes each tile once and applies the combined gradient
     ``diag(g_r) P_row + P_col diag(g_c)`` in one pair of matmuls: 8 * B * N * D FLOPs in
-    all, extra memory O(B * D + block_size^2).
+    all, extra memory O(B * D + block_size^2). Both directions share one exp per tile
+    (column statistics by a matrix-vector product, ``P_col = P_row * exp(lse_r - lse_c)``)
+    wherever the values span less than ``_FAST_SPREAD`` nats; tiles holding duplicate ids or
+    wider spreads take an exact path with one exp per direction.
 
     Args:
         query: [B, D]; keys: [B, D] (row i is positive with key i).

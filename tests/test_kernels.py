@@ -235,3 +235,43 @@ def test_autocast_keeps_fp32_accumulation():
         got = _grads(lambda q, k, s: fused_symmetric_contrastive_loss(q, k, s, block_size=4), q, k, s)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_symmetric_one_exp_fast_path_and_exact_fallbacks_agree(monkeypatch):
+    """The symmetric kernel shares one exp between its two directions where the spread of
+    the values allows it, and falls back to separate exps per direction elsewhere: tiles
+    holding duplicate ids, tiles where a column's max lies far below the tile's max
+    (forward), and lse values spanning many nats (backward). Every mix must match the
+    reference, in fp32 at 1e-5 as everywhere else."""
+    import clicktower.kernels.contrastive as C
+
+    taken = []
+    real = C._sym_tile_fast
+    monkeypatch.setattr(C, "_sym_tile_fast", lambda *a: taken.append(real(*a)) or taken[-1])
+    B, D, block = 48, 16, 16
+    g = torch.Generator().manual_seed(3)
+    v = F.normalize(torch.randn(D, generator=g, dtype=torch.float64), dim=0)
+    q = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    k = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    # First row block all along v; keys 8..15 point the other way: at scale 80 their columns
+    # peak ~160 nats below that tile's max, which forces the forward's exact path there.
+    q[:16] = F.normalize(v + 0.05 * q[:16], dim=1)
+    k[:8] = F.normalize(v + 0.05 * k[:8], dim=1)
+    k[8:16] = F.normalize(-v + 0.05 * k[8:16], dim=1)
+    ids = torch.arange(B)
+    ids[40] = 45  # one duplicate pair, inside the last diagonal tile only
+    for scale, dtype in ((80.0, torch.float32), (2.0, torch.float32), (80.0, torch.float64)):
+        qq = q.to(dtype).requires_grad_()
+        kk = k.to(dtype).requires_grad_()
+        s = torch.tensor(scale, dtype=dtype, requires_grad=True)
+        taken.clear()
+        got = _grads(lambda q, k, s: fused_symmetric_contrastive_loss(q, k, s, ids, ids, block_size=block), qq, kk, s)
+        want = _grads(lambda q, k, s: ref_sym(q, k, s, ids, ids), *_fp64_copies(qq, kk, s))
+        _assert_close(got, want, 1e-5 if dtype == torch.float32 else 1e-10, f"scale {scale} {dtype}")
+        # 9 tiles: the duplicate's tile never tries the fast path; at scale 80 the first tile
+        # (opposed keys) falls back, at scale 2 nothing does.
+        assert len(taken) == 8
+        assert (taken[0], all(taken)) == ((False, False) if scale == 80.0 else (True, True))
+    with torch.no_grad():
+        lse = torch.cat(symmetric_logsumexp(q, k, torch.tensor(80.0, dtype=torch.float64)))
+    assert float(lse.max() - lse.min()) > C._FAST_SPREAD  # so the scale-80 backward ran its exact path
