@@ -577,8 +577,11 @@ class ClickPairLoader:
                 if "path" not in m:
                     raise ValueError("a manifest dict must come from load_manifest")
                 m = load_manifest(m["path"], on_missing=on_missing)
-            elif not (m["shards"].missing or m["shards"].damaged):
-                m = load_manifest(m["path"], on_missing=on_missing)   # re-check the files now
+            elif m.get("on_missing") not in (on_missing, "raise"):
+                # Loaded under the other policy: "skip" let problems through that "raise"
+                # must report. (A manifest that passed "raise" is reused as is: loading
+                # again would stat every shard a second time.)
+                m = load_manifest(m["path"], on_missing=on_missing)
             loaded.append(m)
         self.manifest = loaded[0]
         self._sources = [_Source(m) for m in loaded]

@@ -891,7 +891,8 @@ def load_manifest(path: str, *, verify_checksums: bool = False,
         else:
             table.missing[i] = problem
     del shards
-    return {**manifest, "shards": table, "path": os.path.abspath(manifest_path), "root": root}
+    return {**manifest, "shards": table, "path": os.path.abspath(manifest_path), "root": root,
+            "on_missing": on_missing}
 
 
 def iter_shard(path: str) -> Iterator[dict]:
