@@ -54,3 +54,32 @@ def test_two_processes_match_one_process_on_the_global_batch(single, shard_dir, 
 def test_local_negatives_only_is_a_different_run(single, shard_dir, tmp_path):
     losses = _train("cpu_2proc_ddp", shard_dir, tmp_path / "run", 16, "loss.cross_device=false")
     assert abs(losses[0] - single[0][0]) > 0.1  # 16 negatives per query instead of 32
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "accelerate").glob("*.yaml")))
+def test_accelerate_configs_load_and_name_existing_deepspeed_files(name):
+    """The GPU, multi-node and CPU launch files are valid accelerate configs (they cannot all be
+    run here): each loads, and its DeepSpeed file exists."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(REPO / "configs" / "accelerate" / name))
+    assert cfg.num_processes >= 1
+    if cfg.distributed_type.value == "DEEPSPEED":
+        assert (REPO / cfg.deepspeed_config["deepspeed_config_file"]).is_file()
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
+def test_deepspeed_configs_parse(name, monkeypatch):
+    """DeepSpeed accepts each shipped file once the values the trainer fills are in (the
+    ZeRO-3 offload file is never run on CI's CPU)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = json.loads((REPO / "configs" / "deepspeed" / f"{name}.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=4, train_batch_size=4, gradient_clipping=1.0, bf16={"enabled": True})
+    parsed = DeepSpeedConfig(cfg)
+    assert parsed.zero_optimization_stage == int(name[4])
+    assert (parsed.zero_config.offload_optimizer is not None) == name.endswith("offload")
