@@ -141,16 +141,83 @@ def prepare_launch(accelerator: Any, batch_size: int, max_grad_norm: float | Non
     warn_gradient_accumulation(accelerator, batch_size)
 
 
-def accelerator_kwargs() -> dict[str, Any]:
-    """Extra ``Accelerator`` arguments for this host.
+def accelerator_kwargs(collective_timeout_s: float | None = None) -> dict[str, Any]:
+    """Extra ``Accelerator`` arguments for this host: the process-group backend where
+    accelerate cannot pick it, and the collective timeout.
 
     DeepSpeed on a CPU-only host (DS_ACCELERATOR=cpu): accelerate finds no GPU backend for the
     process group, leaves it unset and then sees ONE process; gloo must be named. (With
     ACCELERATE_USE_CPU=true accelerate would instead drop DeepSpeed for plain DDP.)
+
+    Args:
+        collective_timeout_s: ``train.collective_timeout_s``: how long a collective waits for a
+            lost peer (dead host, cut link) before failing; reaches
+            ``torch.distributed.init_process_group`` (DDP) and ``deepspeed.init_distributed``.
+            None keeps the libraries' defaults (30 minutes for gloo).
     """
+    from datetime import timedelta
+
     from accelerate.utils import InitProcessGroupKwargs
 
+    handler: dict[str, Any] = {}
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
-    return {}
+        handler["backend"] = "gloo"
+    if collective_timeout_s is not None:
+        handler["timeout"] = timedelta(seconds=collective_timeout_s)
+        if "timeout" not in InitProcessGroupKwargs(**handler).to_kwargs():
+            # accelerate passes on only what differs from ITS default (600 s, the nccl one);
+            # torch's gloo and DeepSpeed's own defaults are 30 minutes, so 600 s would be lost.
+            handler["timeout"] += timedelta(milliseconds=1)
+    return {"kwargs_handlers": [InitProcessGroupKwargs(**handler)]} if handler else {}
+
+
+class PeerLost(RuntimeError):
+    """A collective failed: another training process died, its host went down, or the
+    network between the hosts was cut. The run cannot continue; restart it (all hosts) and
+    it resumes from the newest checkpoint (``train.resume=auto``)."""
+
+
+def _is_collective_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the communication backend rather than from our code."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    # gloo raises plain RuntimeErrors; their text starts with the source file of the transport.
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("/gloo/" in text or "NCCL" in text or "ProcessGroup" in text)
+
+
+def _cause(exc: BaseException) -> str:
+    """The backend's first line without its source-file prefix and its jokes."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]  # "[.../gloo/transport/tcp/pair.cc:537] Read error ..."
+    return line.split(". This is typically caused")[0].rstrip(".")
+
+
+@contextlib.contextmanager
+def peer_loss_errors(step: Any, timeout_s: float, checkpoint: Any) -> Iterator[None]:
+    """Turn a failed collective into :class:`PeerLost` naming the step, the cause and the
+    checkpoint to resume from (instead of a backend traceback that blames "bugs in the
+    application").
+
+    Args:
+        step: callable returning the step in progress (the last finished one).
+        timeout_s: ``train.collective_timeout_s``, quoted in the message.
+        checkpoint: callable returning the newest checkpoint this run saved, or None.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if not _is_collective_error(exc):
+            raise
+        # torchrun's GROUP_RANK is the node (machine) rank.
+        where = f"rank {os.environ.get('RANK', '0')} (node {os.environ.get('GROUP_RANK', '0')})"
+        saved = checkpoint()
+        raise PeerLost(
+            f"{where}: lost contact with the other training processes after step {step()} "
+            f"({_cause(exc)}): a process or host died, or the network between hosts was cut "
+            f"(train.collective_timeout_s={timeout_s:g}); restart the job on all hosts to resume "
+            f"from {saved or 'the newest checkpoint'} (train.resume=auto)") from None

@@ -53,7 +53,8 @@ def train(cfg: ExperimentConfig) -> Path:
     manifests = [load_manifest(m) for m in cfg.data.manifests()]
     manifest = manifests if cfg.data.mix is not None else manifests[0]
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, **accelerator_kwargs())
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                              **accelerator_kwargs(cfg.train.collective_timeout_s))
     out = Path(cfg.train.output_dir)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if accelerator.is_main_process:

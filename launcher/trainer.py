@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from clicktower.launcher.checkpoint import Checkpointer
-from clicktower.launcher.distributed import deepspeed_plugin, gathered_parameters, mean_over_ranks
+from clicktower.launcher.distributed import (deepspeed_plugin, gathered_parameters, mean_over_ranks,
+                                              peer_loss_errors)
 from clicktower.launcher.preemption import Preempted, PreemptionHandler
 from clicktower.modeling.losses import ContrastiveLoss
 
@@ -46,6 +47,11 @@ class TrainConfig:
             the whole (global) batch, then re-run each chunk with grad and back-propagate the
             cached gradient. Same update as without (bit-for-bit up to float reassociation;
             dropout replays via saved RNG state), activation memory of one chunk. None: off.
+        collective_timeout_s: how long any collective (and the process group's set-up) may
+            wait for a peer before failing. A dead process closes its sockets and fails its
+            peers at once; a cut network or a hung host is only noticed by this timeout, so
+            keep it minutes, not PyTorch's default half hour. Longer than the slowest step
+            plus a checkpoint write.
     """
 
     batch_size: int = 32
@@ -58,6 +64,7 @@ class TrainConfig:
     progress_bar: bool = True
     grad_cache_chunk: int | None = None
     resume: str = "auto"
+    collective_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "log_every_steps"):
@@ -67,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"train.grad_cache_chunk must be >= 1 or null, got {self.grad_cache_chunk}")
         if not self.output_dir:
             raise ValueError("train.output_dir must not be empty")
+        if not 0 < self.collective_timeout_s < math.inf:
+            raise ValueError(f"train.collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
 
 
 class MetricsLog:
@@ -254,7 +263,17 @@ class Trainer:
                 yield
 
     def fit(self) -> None:
-        """Train until ``cfg.max_steps``, looping over epochs, logging every few steps."""
+        """Train until ``cfg.max_steps``, looping over epochs, logging every few steps.
+
+        Raises:
+            Preempted: after the checkpoint, when a stop signal arrived.
+            PeerLost: a collective failed (a process, host or link died; bounded by
+                ``cfg.collective_timeout_s``).
+        """
+        with peer_loss_errors(lambda: self.step, self.cfg.collective_timeout_s, lambda: self.last_checkpoint):
+            self._fit()
+
+    def _fit(self) -> None:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
