@@ -40,6 +40,9 @@ class TrainConfig:
         mixed_precision: ``bf16`` autocast, or ``no`` for fp32.
         deterministic: ask PyTorch for deterministic kernels (bit-reproducible CPU runs).
         progress_bar: show a tqdm bar on rank 0.
+        sample_keys_log: every rank appends ``{"step", "epoch", "keys"}`` per step to
+            ``output_dir/sample_keys/rank_R.jsonl``: the keys of the samples it trained on, for
+            exactly-once checks across kills and resumes. Off by default (one line per step).
         resume: ``auto`` (newest complete checkpoint in ``output_dir``, if any), ``none``, or
             a checkpoint folder.
         grad_cache_chunk: GradCache: embed the local batch in chunks of this many pairs
@@ -62,6 +65,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16"] = "no"
     deterministic: bool = True
     progress_bar: bool = True
+    sample_keys_log: bool = False
     grad_cache_chunk: int | None = None
     resume: str = "auto"
     collective_timeout_s: float = 300.0
@@ -103,6 +107,38 @@ class MetricsLog:
             os.fsync(fh.fileno())  # a crash must not lose the lines already reported
 
 
+class SampleKeysLog:
+    """Appends the sample keys one rank trained on, one JSON line per step.
+
+    A step logged twice (before a kill, and again after the resume) keeps its last line, as
+    in ``metrics.jsonl``.
+
+    Args:
+        path: this rank's ``sample_keys/rank_R.jsonl``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def reset(self) -> None:
+        """Start a new file (a fresh run); a resumed run appends to the old one instead."""
+        self.path.unlink(missing_ok=True)
+
+    def write(self, step: int, epoch: int, keys: list[str]) -> None:
+        """Append one step's record.
+
+        Args:
+            step: the optimiser step just done (1-based).
+            epoch: the loader's epoch of the batch.
+            keys: the batch's sample keys on this rank.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            # Closed (so handed to the OS) at once, no fsync: it must survive a SIGKILL of this
+            # process, which the page cache does; a power cut is not what it is for.
+            fh.write(json.dumps({"step": step, "epoch": epoch, "keys": list(keys)}) + "\n")
+
+
 class Trainer:
     """Runs the optimisation loop under an ``accelerate.Accelerator``.
 
@@ -138,6 +174,8 @@ class Trainer:
         self.last_logit_scale = torch.tensor(float("nan"))
         out = Path(cfg.output_dir)
         self.metrics = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
+        self.keys_log = SampleKeysLog(out / "sample_keys" / f"rank_{accelerator.process_index}.jsonl") \
+            if cfg.sample_keys_log else None
 
     def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """Forward, loss, backward, clip and step on one batch.
@@ -284,6 +322,8 @@ class Trainer:
             for batch in self.loader:
                 loss = self.train_step(batch)
                 self.step += 1
+                if self.keys_log is not None:
+                    self.keys_log.write(self.step, self.loader.epoch, batch["keys"])
                 window_loss += float(loss)
                 window_pairs += len(batch["keys"]) * acc.num_processes
                 bar.update(1)
@@ -325,6 +365,8 @@ class Trainer:
         """
         if resume_from is None:
             self.metrics.reset()
+            if self.keys_log is not None:
+                self.keys_log.reset()
             return
         self.load_state_dict(self.checkpointer.load(resume_from))
         self.accelerator.print(f"resumed from {resume_from} at step {self.step}")
