@@ -52,6 +52,20 @@ COPIED_AS_IS = ("config.yaml", "custom_checkpoint_*.pkl", "random_states_*.pkl",
                 "scaler.pt", "sampler*.bin")
 
 
+# Test-only: ``CLICKTOWER_TEST_HOLD_SAVE=STEP`` makes the save of that step stop for up to
+# HOLD_SECONDS after every rank's files are written and before the COMPLETE marker, so that a
+# test can SIGKILL a real training process in the middle of a save. Unset (always, outside
+# tests) it changes nothing; set, the save still completes after the hold.
+HOLD_SAVE_ENV = "CLICKTOWER_TEST_HOLD_SAVE"
+HOLD_SECONDS = 120.0
+
+
+def _hold_save_step() -> int | None:
+    """The step whose save ``HOLD_SAVE_ENV`` asks to hold, or None (the normal case)."""
+    value = os.environ.get(HOLD_SAVE_ENV, "").strip()
+    return int(value) if value.isdigit() else None
+
+
 def _user_error(message: str) -> ValueError:
     """A ``ConfigError`` (one line, exit status 2 in the CLI): imported late, since the config
     module imports this one."""
@@ -189,6 +203,12 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str, verify_checksums
         if problem:
             raise FileNotFoundError(f"train.resume={resume}: not a usable checkpoint: {problem}")
         return path
+    root = Path(output_dir) / CHECKPOINT_DIR
+    # A save killed before its rename: never a candidate (no final name), but named, so the
+    # user sees which step was lost; the next save removes it.
+    for torn in sorted(root.glob(".tmp-step_*")) if root.is_dir() else []:
+        logger.warning("skipping checkpoint %s: incomplete (a save interrupted before its %s marker)",
+                       torn, COMPLETE)
     for candidate in reversed(list_checkpoints(output_dir)):
         problem = check_checkpoint(candidate, verify_checksums)
         if problem is None:
@@ -215,6 +235,7 @@ class Checkpointer:
         self.accelerator, self.cfg = accelerator, cfg
         self.root = Path(output_dir) / CHECKPOINT_DIR
         self.last_save_time = time.monotonic()
+        self.hold_step = _hold_save_step()
 
     def due(self, step: int) -> bool:
         """Whether a save is due after ``step`` (every rank must get the same answer).
@@ -266,6 +287,9 @@ class Checkpointer:
             (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
             state = {**trainer_state, "step": step, "topology": topology(acc)}
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+            if step == self.hold_step:
+                # Test hook (see HOLD_SAVE_ENV): the files are there, the marker is not yet.
+                time.sleep(HOLD_SECONDS)
         acc.wait_for_everyone()
         if acc.is_main_process:
             write_complete_marker(tmp, step)
