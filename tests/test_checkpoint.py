@@ -80,6 +80,7 @@ def test_auto_resume_skips_incomplete_and_corrupt_checkpoints(tmp_path, caplog):
         chosen = find_resume_checkpoint(tmp_path, "auto")
     assert chosen.name == "step_00000002"
     assert "step_00000004: incomplete" in caplog.text and "step_00000003: checksum mismatch" in caplog.text
+    assert ".tmp-step_00000005: incomplete" in caplog.text
     assert find_resume_checkpoint(tmp_path, "none") is None
     with pytest.raises(FileNotFoundError, match="not a usable checkpoint"):
         find_resume_checkpoint(tmp_path, str(root / "step_00000004"))

@@ -1,7 +1,11 @@
-"""Exact resume: SIGKILL after a checkpoint (2 gloo processes, DDP) and preemption by signal.
+"""Exact resume: SIGKILL in the middle of a checkpoint save (2 gloo processes, DDP) and
+preemption by signal.
 
-The resumed run must continue bit for bit: the same losses at every later step and the same
-final weights as the run that was never interrupted.
+The SIGKILL lands while the step-16 save is half written (after its step-8 checkpoint): the
+resume with ``train.resume=auto`` must take step 8, without an error, and continue bit for
+bit: the same losses at every later step, the same final weights and the same sample keys on
+every rank at every step (so the same set, each key once) as the run that was never
+interrupted.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY_CONFIG, cli_env, clicktower
-from dist_harness import free_port, kill_tree
+from clicktower.launcher.checkpoint import HOLD_SAVE_ENV
+from dist_harness import assert_exactly_once, consumed_keys, free_port, kill_tree, logged_steps
 from dist_launch import ACCELERATE
 
 STEPS = 20
@@ -24,7 +29,7 @@ STEPS = 20
 def _args(shard_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", str(TINY_CONFIG), f"data.train_manifest={shard_dir}", f"train.output_dir={out}",
             f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.progress_bar=false",
-            "checkpoint.every_steps=8", *extra]
+            "checkpoint.every_steps=8", "train.sample_keys_log=true", *extra]
 
 
 def _launch_cmd(args: list[str]) -> list[str]:
@@ -56,23 +61,39 @@ def reference(shard_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_sigkill_after_checkpoint_then_resume_is_bitwise_identical(reference, shard_dir, tmp_path):
+def test_sigkill_inside_a_checkpoint_save_then_resume_is_bitwise_identical(reference, shard_dir, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_launch_cmd(_args(shard_dir, out)), cwd=REPO, env=_env(),
+    root = out / "checkpoints"
+    torn = root / ".tmp-step_00000016"
+    # The test hook holds the step-16 save after every rank wrote its files, before the marker.
+    proc = subprocess.Popen(_launch_cmd(_args(shard_dir, out)), cwd=REPO, env={**_env(), HOLD_SAVE_ENV: "16"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not (out / "checkpoints" / "step_00000008").is_dir():
-            assert proc.poll() is None, "the run ended before its step-8 checkpoint"
-            assert time.monotonic() < deadline, "no step-8 checkpoint in time"
+        while not (torn / "trainer_state.json").is_file():
+            assert proc.poll() is None, "the run ended before its step-16 save"
+            assert time.monotonic() < deadline, "no step-16 save in time"
             time.sleep(0.05)
     finally:
         kill_tree(proc, timeout=30)
+    # A real torn save: both ranks' files of step 16 on disk, no marker, never renamed.
+    assert (torn / "model.safetensors").is_file() and (torn / "random_states_1.pkl").is_file()
+    assert not (torn / "COMPLETE").exists() and not (root / "step_00000016").exists()
+    assert (root / "latest").read_text().strip() == "step_00000008"
     assert not (out / "final").exists()
     result = subprocess.run(_launch_cmd(_args(shard_dir, out)), cwd=REPO, env=_env(), capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stdout and "step_00000008" in result.stdout
+    assert f"resumed from {root / 'step_00000008'} at step 8" in result.stdout
+    assert f"skipping checkpoint {torn}: incomplete" in result.stderr  # named, not an error
+    assert not torn.exists() and (root / "step_00000016" / "COMPLETE").is_file()
+    # Each rank logged steps 1-16 before the kill, then 9-20 after the resume: nothing skipped.
+    assert {rank: [s for s, _, _ in steps] for rank, steps in logged_steps(out).items()} == \
+        {rank: list(range(1, 17)) + list(range(9, STEPS + 1)) for rank in (0, 1)}
+    # The same keys on every rank at every step, hence the same set, each key once.
+    keys = consumed_keys(out)
+    assert keys == consumed_keys(reference)
+    assert_exactly_once(keys, STEPS, 2 * 16)
     expected, got = _losses(reference), _losses(out)
     assert [got[s] for s in range(9, STEPS + 1)] == [expected[s] for s in range(9, STEPS + 1)]
     ref_w, got_w = _weights(reference), _weights(out)
@@ -104,3 +125,4 @@ def test_preemption_signal_checkpoints_exits_75_and_resumes_exactly(shard_dir, t
     assert [got[s] for s in range(1, STEPS + 1)] == [expected[s] for s in range(1, STEPS + 1)]
     ref_w, got_w = _weights(ref), _weights(out)
     assert all(bool((ref_w[k] == got_w[k]).all()) for k in ref_w)
+    assert consumed_keys(out) == consumed_keys(ref)

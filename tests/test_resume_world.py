@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_harness import consumed_keys, keys_per_step
 from test_resume_zero import STEP8, STEP16, STEPS, _args, _losses, _run, _trainer_state
 
 
@@ -40,6 +41,9 @@ def test_ddp_checkpoint_resumes_on_another_world_size(before, after, shard_dir, 
     assert state["loader"] == ref_state["loader"] and state["loader"]["samples_consumed"] == 16 * 32
     world = 1 if after[0] == "cpu_1proc" else 2
     assert state["topology"] == {"world_size": world, "zero_stage": 0}
+    # The other world size trains on the same global batches: the same keys at every step.
+    expected_keys = keys_per_step(consumed_keys(ref))
+    assert keys_per_step(consumed_keys(out)) == {s: expected_keys[s] for s in range(9, STEPS + 1)}
 
 
 def test_global_batch_change_keeps_the_data_position(shard_dir, tmp_path):
@@ -55,3 +59,6 @@ def test_global_batch_change_keeps_the_data_position(shard_dir, tmp_path):
     state = _trainer_state(out / "checkpoints" / STEP16)
     assert state["loader"]["samples_consumed"] == 8 * 32 + 8 * 16
     assert sorted(_losses(out)) == list(range(9, 17))
+    # Steps 1-8 (2 ranks) and 9-16 (1 rank) together: every key at most once.
+    keys = [k for record in (consumed_keys(ref), consumed_keys(out)) for _, ks in record.values() for k in ks]
+    assert len(keys) == len(set(keys)) == 8 * 32 + 8 * 16

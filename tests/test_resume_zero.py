@@ -1,12 +1,14 @@
 """Exact resume under DeepSpeed ZeRO-2 and ZeRO-3 (2 CPU processes, real DeepSpeed engines).
 
-- SIGKILL after the step-8 checkpoint, with a half-written later save and a corrupt one left
-  behind, then ``train.resume=auto``: the same losses at steps 9-20 bit for bit, the same final
-  weights, the same data position at the next checkpoint (the loader state is a global sample
-  count, and the order is a function of it: same count, same samples consumed).
+- SIGKILL in the middle of the step-16 save (every rank's ZeRO shards written, no marker yet),
+  with a corrupt complete-looking step-16 checkpoint planted beside it, then
+  ``train.resume=auto``: it takes step 8 without an error and gives the same losses at steps
+  9-20 bit for bit, the same final weights, and the same sample keys on every rank at every
+  step (the trainer's ``train.sample_keys_log``), each key once.
 - The ZeRO checkpoint resumed on ONE process without DeepSpeed (converted on the fly) with the
   same global batch: the run continues on the uninterrupted run's trajectory (weights, Adam
-  moments, schedule and data position all carried over) and reaches max_steps.
+  moments, schedule and data position all carried over), trains on the same global batches
+  and reaches max_steps.
 - ``clicktower ckpt convert``: consolidated weights and every parameter's optimiser state.
 
 DeepSpeed on the CPU: DS_ACCELERATOR=cpu and no ACCELERATE_USE_CPU (the trainer names gloo).
@@ -22,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY_CONFIG, cli_env, clicktower
-from dist_harness import free_port
+from clicktower.launcher.checkpoint import HOLD_SAVE_ENV
+from dist_harness import assert_exactly_once, consumed_keys, free_port, keys_per_step, logged_steps
 from dist_launch import ACCELERATE
 
 STEPS = 20
@@ -32,7 +35,7 @@ STEP8, STEP16 = "step_00000008", "step_00000016"
 def _args(shard_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", str(TINY_CONFIG), f"data.train_manifest={shard_dir}", f"train.output_dir={out}",
             f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.progress_bar=false",
-            "checkpoint.every_steps=8", *extra]
+            "checkpoint.every_steps=8", "train.sample_keys_log=true", *extra]
 
 
 def _cmd(config: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -83,27 +86,30 @@ def reference(request, shard_dir, tmp_path_factory) -> tuple[str, Path]:
     return config, out
 
 
-def test_sigkill_then_resume_is_bitwise_identical(reference, shard_dir, tmp_path):
+def test_sigkill_inside_a_save_then_resume_is_bitwise_identical(reference, shard_dir, tmp_path):
     from dist_harness import kill_tree
 
     config, ref = reference
     out = tmp_path / "run"
+    root = out / "checkpoints"
+    torn = root / f".tmp-{STEP16}"
     cmd, env = _cmd(config, _args(shard_dir, out))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The test hook holds the step-16 save after every rank wrote its shards, before the marker.
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, HOLD_SAVE_ENV: "16"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not (out / "checkpoints" / STEP8).is_dir():
-            assert proc.poll() is None, "the run ended before its step-8 checkpoint"
-            assert time.monotonic() < deadline, "no step-8 checkpoint in time"
+        while not (torn / "trainer_state.json").is_file():
+            assert proc.poll() is None, "the run ended before its step-16 save"
+            assert time.monotonic() < deadline, "no step-16 save in time"
             time.sleep(0.05)
     finally:
         kill_tree(proc, timeout=30)
-    root = out / "checkpoints"
+    # A real torn save: both ranks' ZeRO shards of step 16, no marker, never renamed.
+    assert len(list((torn / "pytorch_model").glob("*optim_states.pt"))) == 2
+    assert not (torn / "COMPLETE").exists() and (root / "latest").read_text().strip() == STEP8
     assert not (out / "final").exists() and not (root / STEP16).exists()
-    # What a kill in the middle of the step-16 save leaves (shards written, no marker), and a
-    # complete-looking step-16 checkpoint whose shard got corrupted: both must be passed over.
-    shutil.copytree(ref / "checkpoints" / STEP16, root / f".tmp-{STEP16}")
-    (root / f".tmp-{STEP16}" / "COMPLETE").unlink()
+    # Beside it, a complete-looking step-16 checkpoint whose shard got corrupted: passed over too.
     shutil.copytree(ref / "checkpoints" / STEP16, root / STEP16)
     shard = sorted((root / STEP16 / "pytorch_model").glob("*optim_states.pt"))[-1]
     shard.write_bytes(shard.read_bytes()[:-100])
@@ -111,6 +117,7 @@ def test_sigkill_then_resume_is_bitwise_identical(reference, shard_dir, tmp_path
     result = _run(config, _args(shard_dir, out))
     assert f"resumed from {root / STEP8} at step 8" in result.stdout
     assert "checksum mismatch" in result.stderr or "size mismatch" in result.stderr
+    assert f"skipping checkpoint {torn}: incomplete" in result.stderr
     expected, got = _losses(ref), _losses(out)
     assert [got[s] for s in range(9, STEPS + 1)] == [expected[s] for s in range(9, STEPS + 1)]
     ref_w, got_w = _weights(ref), _weights(out)
@@ -118,7 +125,14 @@ def test_sigkill_then_resume_is_bitwise_identical(reference, shard_dir, tmp_path
     assert all(bool((ref_w[k] == got_w[k]).all()) for k in ref_w)
     # Same data position at step 16 (global sample count, epoch, order fingerprint).
     assert _trainer_state(root / STEP16)["loader"] == _trainer_state(ref / "checkpoints" / STEP16)["loader"]
-    assert not (root / f".tmp-{STEP16}").exists()
+    assert not torn.exists()
+    # Each rank logged steps 1-16 before the kill, then 9-20 after the resume: nothing skipped,
+    # and the same keys on every rank at every step as the uninterrupted run, each key once.
+    assert {rank: [s for s, _, _ in steps] for rank, steps in logged_steps(out).items()} == \
+        {rank: list(range(1, 17)) + list(range(9, STEPS + 1)) for rank in (0, 1)}
+    keys = consumed_keys(out)
+    assert keys == consumed_keys(ref)
+    assert_exactly_once(keys, STEPS, 2 * 16)
 
 
 def test_zero_checkpoint_resumes_on_one_process(reference, shard_dir, tmp_path):
@@ -138,6 +152,9 @@ def test_zero_checkpoint_resumes_on_one_process(reference, shard_dir, tmp_path):
     ref_state, state = _trainer_state(ref / "checkpoints" / STEP16), _trainer_state(out / "checkpoints" / STEP16)
     assert state["loader"] == ref_state["loader"] and state["loader"]["samples_consumed"] == 16 * 32
     assert state["topology"] == {"world_size": 1, "zero_stage": 0}
+    # One rank now takes the global batch the two ranks took: the same keys at every step.
+    expected_keys = keys_per_step(consumed_keys(ref))
+    assert keys_per_step(consumed_keys(out)) == {s: expected_keys[s] for s in range(9, STEPS + 1)}
 
 
 def test_ckpt_convert_writes_weights_and_every_optimizer_state(reference, tmp_path):
