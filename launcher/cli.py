@@ -6,6 +6,7 @@
     clicktower eval --model runs/demo/final --queries data/synth/eval.jsonl --catalog data/synth/catalog.jsonl
     clicktower embed --model runs/demo/final --catalog data/synth/catalog.jsonl --out runs/demo/index
     clicktower search --index runs/demo/index "cordless drill"
+    clicktower mine --model runs/demo/final --manifest data/shards --out data/shards_mined
     clicktower plot runs/demo
     clicktower demo --out demo_out
 """
@@ -25,6 +26,7 @@ COMMANDS = {
     "eval": ("clicktower.launcher.evaluate", "retrieval metrics of a model over a catalog"),
     "embed": ("clicktower.launcher.index", "embed a catalog on every rank and build a FAISS index"),
     "search": ("clicktower.launcher.index:search_main", "top items of an index for a query"),
+    "mine": ("clicktower.launcher.mine", "mine hard negatives with a model into a new shard set"),
     "ckpt": ("clicktower.launcher.ckpt_cmd", "checkpoint tools: convert a ZeRO checkpoint to resume anywhere"),
     "export": ("clicktower.launcher.export", "checkpoint to Hugging Face + sentence-transformers folders"),
     "plot": ("clicktower.launcher.plot", "draw loss, temperature, throughput and metrics as a PNG"),

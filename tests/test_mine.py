@@ -1,0 +1,124 @@
+"""clicktower mine: the filtering rules on hand-built embeddings, and the CLI end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clicktower.data.loader import ClickPairLoader
+from clicktower.data.shards import iter_shard, load_manifest
+from clicktower.launcher.mine import mine_negatives
+from clicktower.modeling.towers import TwoTower, TwoTowerConfig, resolve_model_path
+
+from conftest import MINILM, clicktower
+
+
+def _unit_with_score(score: float, axis: int, dim: int = 8) -> torch.Tensor:
+    """A unit vector whose inner product with e0 is ``score`` (rest on another axis)."""
+    v = torch.zeros(dim)
+    v[0], v[axis] = score, (1.0 - score ** 2) ** 0.5
+    return v
+
+
+def test_mining_skips_positive_same_id_same_text_clicked_and_too_close():
+    query = torch.zeros(1, 8)
+    query[0, 0] = 1.0
+    # id, text, score against the query.
+    pool = [("A", "cordless drill", 0.90),          # the sample's own positive
+            ("A2", "Cordless  DRILL", 0.97),       # the same product listed twice (same text)
+            ("B", "drill bit set", 0.86),          # clicked for the same query: not a negative
+            ("C", "impact driver", 0.88),          # above positive - margin: likely a positive
+            ("D", "hammer", 0.80),
+            ("E", "saw", 0.70),
+            ("F", "paint", 0.60),
+            ("G", "rug", 0.50)]
+    emb = torch.stack([_unit_with_score(s, 1 + i % 7) for i, (_, _, s) in enumerate(pool)])
+    ids, texts = [p[0] for p in pool], [p[1] for p in pool]
+    samples = [{"item_id": "A", "item_text": "cordless drill"}]
+    got = mine_negatives(query, emb, ids, texts, samples, [0], [0], [{"A", "B"}], ranks=(1, 100),
+                         margin=0.05, negatives=3)
+    assert [n["item_id"] for n in got[0]] == ["D", "E", "F"]
+    # The rank window counts every candidate, filtered or not: ranks 7-8 are F and G.
+    got = mine_negatives(query, emb, ids, texts, samples, [0], [0], [{"A", "B"}], ranks=(7, 8),
+                         margin=0.05, negatives=5)
+    assert [n["item_id"] for n in got[0]] == ["F", "G"]
+
+
+def test_mining_rules_hold_on_random_embeddings():
+    gen = torch.Generator().manual_seed(0)
+    pool = F.normalize(torch.randn(300, 16, generator=gen), dim=-1)
+    queries = F.normalize(pool[:40] + 0.3 * torch.randn(40, 16, generator=gen), dim=-1)
+    ids = [f"p{i % 250}" if i < 250 else f"x{i}" for i in range(300)]   # unique ids
+    texts = [f"item {i}" for i in range(300)]
+    query_row = [i % 40 for i in range(120)]
+    # Two thirds of the samples click the item their query was drawn near, the rest a far one.
+    positive_row = [i % 40 if i < 80 else (7 * i) % 300 for i in range(120)]
+    samples = [{"item_id": ids[r], "item_text": texts[r]} for r in positive_row]
+    clicked = [set() for _ in range(40)]
+    for q, r in zip(query_row, positive_row):
+        clicked[q].add(ids[r])
+    mined = mine_negatives(queries, pool, ids, texts, samples, query_row, positive_row, clicked,
+                           ranks=(3, 60), margin=0.02, negatives=6)
+    order = (queries @ pool.T).argsort(dim=1, descending=True)
+    assert sum(map(len, mined)) > 300
+    for q, r, negs in zip(query_row, positive_row, mined):
+        window = {ids[i] for i in order[q, 2:60].tolist()}
+        positive_score = float(queries[q] @ pool[r])
+        assert len(negs) <= 6
+        for n in negs:
+            assert n["item_id"] != ids[r] and n["item_id"] not in clicked[q]
+            assert n["item_id"] in window and n["score"] <= positive_score - 0.02 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random tiny two-tower model saved as a final/ folder (seconds to embed 2,000 queries)."""
+    from transformers import AutoTokenizer
+
+    cfg = TwoTowerConfig(bert_config={"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 1,
+                                      "num_attention_heads": 2, "intermediate_size": 64,
+                                      "max_position_embeddings": 64}, tokenizer=MINILM)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny") / "final"
+    TwoTower.from_config(cfg).save_pretrained(folder, AutoTokenizer.from_pretrained(cfg.tokenizer_path), 16, 32)
+    return folder
+
+
+def test_mine_cli_writes_shards_that_train_with_hard_negatives(tiny_model, shard_dir, synth_dir, tmp_path):
+    out = tmp_path / "mined"
+    result = clicktower("mine", "--model", str(tiny_model), "--manifest", str(shard_dir), "--out", str(out),
+                        "--catalog", str(synth_dir / "catalog.jsonl"), "--ranks", "2", "40", "--negatives", "3",
+                        # A random model scores positives like anything else: no margin filter here
+                        # (the margin rule is checked above), so that most samples get negatives.
+                        "--margin", "-2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    source, mined = load_manifest(str(shard_dir)), load_manifest(str(out))
+    assert mined["num_samples"] == source["num_samples"] == summary["num_samples"]
+    assert "hard_negatives" in mined["fields"] and summary["samples_with_negatives"] > 0.9 * summary["num_samples"]
+    samples = [s for shard in mined["shards"] for s in iter_shard(shard["path"])]
+    clicked: dict[str, set[str]] = {}
+    for s in samples:
+        clicked.setdefault(s["query"], set()).add(s["item_id"])
+    for s in samples:
+        assert len(s["hard_negatives"]) <= 3
+        for n in s["hard_negatives"]:
+            assert n["item_id"] != s["item_id"] and n["item_id"] not in clicked[s["query"]]
+    assert (out / "mining.json").is_file()
+    assert not list(tmp_path.glob("mined.mine-*")), "temporary folder left behind"
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
+    batch = next(iter(ClickPairLoader(str(out), 16, tokenizer=tok, hard_negatives_per_query=2)))
+    assert batch["item_input_ids"].shape[0] == 16 + len(batch["hard_negative_ids"])
+    assert len(batch["hard_negative_ids"]) > 0
+    # No hard negative of the batch is the positive of the sample it came with.
+    for s, negs in zip(batch["items"], batch["hard_negatives"]):
+        assert all(n["item_text"] != s for n in negs)
+
+    again = clicktower("mine", "--model", str(tiny_model), "--manifest", str(shard_dir), "--out", str(out))
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+    assert "--overwrite" in again.stderr
