@@ -60,13 +60,11 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def kill_tree(proc: subprocess.Popen, timeout: float = 60) -> None:
-    """SIGKILL a process and everything below it (torch-elastic's workers have their own
-    process groups, so the launcher's group alone would leave them behind).
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (children, grandchildren, ...), from /proc.
 
     Args:
-        proc: the launcher process.
-        timeout: seconds to wait for it to be reaped.
+        root: a process id.
     """
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -76,12 +74,42 @@ def kill_tree(proc: subprocess.Popen, timeout: float = 60) -> None:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    pids, stack = [proc.pid], [proc.pid]
+    pids, stack = [], [root]
     while stack:
         for child in children.get(stack.pop(), []):
             pids.append(child)
             stack.append(child)
-    for pid in pids:
+    return pids
+
+
+def worker_pid(root: int, rank: int) -> int | None:
+    """The training worker of ``rank`` below a launcher (torchrun, accelerate launch), found by
+    the ``RANK`` the launcher put in its environment; None while it is not started.
+
+    Args:
+        root: the launcher's process id.
+        rank: the global rank.
+    """
+    for pid in descendants(root):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"clicktower.launcher.train" in cmdline:
+            return pid
+    return None
+
+
+def kill_tree(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGKILL a process and everything below it (torch-elastic's workers have their own
+    process groups, so the launcher's group alone would leave them behind).
+
+    Args:
+        proc: the launcher process.
+        timeout: seconds to wait for it to be reaped.
+    """
+    for pid in [proc.pid, *descendants(proc.pid)]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -1,15 +1,18 @@
-"""Exact resume: SIGKILL in the middle of a checkpoint save (2 gloo processes, DDP) and
-preemption by signal.
+"""Exact resume: SIGKILL in the middle of a checkpoint save, and preemption by signal under
+torchrun (2 gloo processes, DDP).
 
 The SIGKILL lands while the step-16 save is half written (after its step-8 checkpoint): the
 resume with ``train.resume=auto`` must take step 8, without an error, and continue bit for
 bit: the same losses at every later step, the same final weights and the same sample keys on
 every rank at every step (so the same set, each key once) as the run that was never
-interrupted.
+interrupted. The preempted run (SIGTERM to torchrun, then SIGUSR1 to one worker) must save
+the step it stops at on both ranks and end the same way.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_CONFIG, cli_env, clicktower
+from conftest import REPO, TINY_CONFIG, cli_env
 from clicktower.launcher.checkpoint import HOLD_SAVE_ENV
-from dist_harness import assert_exactly_once, consumed_keys, free_port, kill_tree, logged_steps
+from dist_harness import assert_exactly_once, consumed_keys, free_port, kill_tree, logged_steps, worker_pid
 from dist_launch import ACCELERATE
 
 STEPS = 20
@@ -101,28 +104,61 @@ def test_sigkill_inside_a_checkpoint_save_then_resume_is_bitwise_identical(refer
     assert all(bool((ref_w[k] == got_w[k]).all()) for k in ref_w)
 
 
-def test_preemption_signal_checkpoints_exits_75_and_resumes_exactly(shard_dir, tmp_path):
-    ref = tmp_path / "ref"
-    result = clicktower("train", *_args(shard_dir, ref, "train.resume=none"))
-    assert result.returncode == 0, result.stderr[-2000:]
+def _torchrun_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "-m", "clicktower.launcher.train", *args]
 
-    out = tmp_path / "run"
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "clicktower"), "train", *_args(shard_dir, out)],
-                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGUSR1)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 75, stderr[-2000:]
-    assert "preempted at step" in stdout
+
+def _preempted(out: Path, proc: subprocess.Popen, send, agent_reports_workers: bool) -> int:
+    """Wait for 3 more logged steps, ``send`` the signal, wait for the exit; the stopped step."""
+    done = max(_losses(out), default=0) if (out / "metrics.jsonl").is_file() else 0
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").is_file() or max(_losses(out)) < done + 3:
+            assert proc.poll() is None, "the run ended before the signal"
+            assert time.monotonic() < deadline, "no progress in time"
+            time.sleep(0.05)
+        send()
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        kill_tree(proc, timeout=30)
+    assert "preempted at step" in stdout, stderr[-3000:]
     stopped = int(stdout.split("preempted at step ")[1].split(";")[0])
-    assert stopped < STEPS and (out / "checkpoints" / f"step_{stopped:08d}").is_dir()
-    result = clicktower("train", *_args(shard_dir, out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    expected, got = _losses(ref), _losses(out)
+    assert done + 3 <= stopped < STEPS
+    assert (out / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").is_file()
+    assert proc.returncode != 0
+    if agent_reports_workers:
+        # The workers stopped with EX_TEMPFAIL; torch-elastic's agent reports it and exits 1.
+        # (An agent that got the signal itself dies of it instead, without a report.)
+        assert re.search(r"exitcode\s*:\s*75", stderr), stderr[-3000:]
+    return stopped
+
+
+def test_preemption_under_torchrun_checkpoints_and_resumes_exactly(reference, shard_dir, tmp_path):
+    """SIGTERM to torchrun's agent (what Kubernetes sends a pod's main process; the agent
+    forwards it to the workers), then SIGUSR1 to rank 1's worker only (the ranks agree on the
+    step): each time both ranks checkpoint the same step and exit 75, and the resumed run
+    matches the uninterrupted one (``accelerate launch``) bit for bit, keys included."""
+    out = tmp_path / "run"
+    first = subprocess.Popen(_torchrun_cmd(_args(shard_dir, out)), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    stop1 = _preempted(out, first, lambda: first.send_signal(signal.SIGTERM), agent_reports_workers=False)
+
+    second = subprocess.Popen(_torchrun_cmd(_args(shard_dir, out)), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    stop2 = _preempted(out, second, lambda: os.kill(worker_pid(second.pid, 1), signal.SIGUSR1),
+                       agent_reports_workers=True)
+    assert stop1 < stop2
+
+    result = subprocess.run(_torchrun_cmd(_args(shard_dir, out)), cwd=REPO, env=_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step_{stop2:08d}'} at step {stop2}" in result.stdout
+    expected, got = _losses(reference), _losses(out)
     assert [got[s] for s in range(1, STEPS + 1)] == [expected[s] for s in range(1, STEPS + 1)]
-    ref_w, got_w = _weights(ref), _weights(out)
+    ref_w, got_w = _weights(reference), _weights(out)
     assert all(bool((ref_w[k] == got_w[k]).all()) for k in ref_w)
-    assert consumed_keys(out) == consumed_keys(ref)
+    # A preemption saves the step it stops at: each step trained exactly once, in order.
+    assert {rank: [s for s, _, _ in steps] for rank, steps in logged_steps(out).items()} == \
+        {rank: list(range(1, STEPS + 1)) for rank in (0, 1)}
+    assert consumed_keys(out) == consumed_keys(reference)
