@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_with_grad", "gather_sizes", "distributed_world", "all_reduce_sum"]
+__all__ = ["gather_with_grad", "gather_sizes", "distributed_world", "all_reduce_sum", "all_reduce_max"]
 
 
 def distributed_world(group=None) -> Tuple[int, int]:
@@ -142,3 +142,18 @@ def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out
     return _AllReduceSum.apply(x, group)
+
+
+def all_reduce_max(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Elementwise max over ranks, without gradient (a shift for stable log-sum-exps);
+    identity without an initialised process group.
+
+    Args:
+        x: tensor of the same shape on every rank.
+        group: process group, default the world.
+    """
+    _, world = distributed_world(group)
+    out = x.detach().clone()
+    if world > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
