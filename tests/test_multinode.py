@@ -34,9 +34,10 @@ from dist_launch import ACCELERATE, accelerate_launch
 
 STEPS = 12
 TIMEOUT_S = 20          # train.collective_timeout_s in the fault tests
-RDZV_TIMEOUT_S = 30     # torch-elastic's static rendezvous (--rdzv_conf timeout=)
+RDZV_TIMEOUT_S = 20     # torch-elastic's static rendezvous (--rdzv_conf timeout=)
 BOUND_S = 150           # a failing launch must have exited by then (timeout + start-up on a busy CPU)
 _ports = itertools.count(29600)
+_launches = itertools.count(1)
 
 
 def _args(shard_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -57,7 +58,7 @@ def hosts():
 
 
 class Launch:
-    """One `accelerate launch` per host, started together; output in ``log_dir/host<R>.log``."""
+    """One `accelerate launch` per host, started together; output in ``log_dir/launch<N>-host<R>.log``."""
 
     def __init__(self, hosts: list, ranks: list[int], config: str, args: list[str], log_dir: Path) -> None:
         port = str(next(_ports))  # a fresh port: the last run's may linger in TIME_WAIT
@@ -66,12 +67,13 @@ class Launch:
         if "zero" not in config:
             env["ACCELERATE_USE_CPU"] = "true"
         self.hosts, self.procs, self.logs = hosts, {}, {}
+        number = next(_launches)
         for rank in ranks:
             cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "configs" / "accelerate" / f"{config}.yaml"),
                    "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
                    "--main_process_ip", hosts[0].address, "--main_process_port", port,
                    "--rdzv_conf", f"timeout={RDZV_TIMEOUT_S}", "-m", "clicktower.launcher.train", *args]
-            self.logs[rank] = log_dir / f"host{rank}.log"
+            self.logs[rank] = log_dir / f"launch{number}-host{rank}.log"
             with self.logs[rank].open("w") as log:
                 self.procs[rank] = subprocess.Popen(hosts[rank].cmd(cmd), cwd=REPO, env=env, stdout=log,
                                                     stderr=subprocess.STDOUT)
