@@ -2,7 +2,8 @@
 
 One run measures, on synthetic pairs from ``clicktower.data.synth.generate``:
 
-* shard writing throughput (pairs/s), 1 vs N writer processes, plain tar and .tar.gz;
+* shard writing throughput (pairs/s), 1 vs N writer processes (the input cut into ranges of
+  ``--split-bytes``, each read by one writer), plain tar and .tar.gz;
 * reader throughput of ``ClickPairLoader`` (batch 512, one rank): decode-only and
   decode+tokenise (MiniLM fast tokenizer, max 32/64 tokens), in-process (0 workers = one
   reader) and with 1, 2 and 4 DataLoader worker processes;
@@ -10,7 +11,8 @@ One run measures, on synthetic pairs from ``clicktower.data.synth.generate``:
   ``split_by_node``, ``split_by_worker``, a 1000-sample shuffle buffer, ``.decode()``,
   batches of 512) as the baseline;
 * peak reader memory (fresh subprocess, ``ru_maxrss``) with a manifest of 10,000 shards
-  against 10 shards holding the same samples.
+  against 10 shards holding the same samples, and the Python heap the manifest and loader
+  keep (``tracemalloc``, a second fresh subprocess).
 
     python benchmarks/bench_data.py             # ~5-8 min on 2 cores
     python benchmarks/bench_data.py --quick     # smoke run
@@ -43,18 +45,31 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
 
 
-def bench_write(src: str, work: Path, workers: int, gzip: bool, shard_size: int) -> dict:
+def bench_write(src: str, work: Path, workers: int, gzip: bool, shard_size: int,
+                split_bytes: int) -> dict:
     from clicktower.data.shards import write_shards
     from clicktower.data.sources import FieldMap
 
     out = work / f"w{workers}{'gz' if gzip else ''}"
+    load = os.getloadavg()[0]
+    cpu0 = _cpu_seconds()
     t = time.perf_counter()
-    m = write_shards([src], str(out), FieldMap(), shard_size=shard_size, workers=workers, gzip=gzip)
+    m = write_shards([src], str(out), FieldMap(), shard_size=shard_size, workers=workers, gzip=gzip,
+                     split_bytes=split_bytes)
     dt = time.perf_counter() - t
+    cpu = _cpu_seconds() - cpu0
     size = sum(s["bytes"] for s in m["shards"])
     return {"workers": workers, "gzip": gzip, "pairs": m["num_samples"], "seconds": round(dt, 2),
             "pairs_per_s": round(m["num_samples"] / dt), "shards": len(m["shards"]),
+            "ranges": m["num_ranges"], "load_before": round(load, 1), "cpu_seconds": round(cpu, 2),
             "bytes_per_pair": round(size / m["num_samples"], 1), "dir": str(out)}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU of this process and its finished children (the spawned writers):
+    the work done, whatever share of the cores the other jobs on the machine left."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _drain(batches, limit: int) -> tuple[int, float]:
@@ -106,14 +121,28 @@ def bench_wds(path: str, workers: int, tokenize: bool, limit: int) -> dict:
             "seconds": round(dt, 2), "pairs_per_s": round(n / dt)}
 
 
-def memory_probe(path: str) -> None:
+def memory_probe(path: str, trace: bool = False) -> None:
     """Run in a fresh subprocess: RSS after imports, peak RSS after loading the manifest,
-    building the loader and reading 20 batches."""
+    building the loader and reading 20 batches. With ``trace``: the Python heap (tracemalloc)
+    the manifest and the loader still hold after those 20 batches, and its peak."""
     import psutil
 
     from clicktower.data.loader import ClickPairLoader
     from clicktower.data.shards import load_manifest
 
+    if trace:
+        import tracemalloc
+
+        tracemalloc.start()
+        manifest = load_manifest(path)
+        loader = ClickPairLoader(manifest, BATCH, 0, 1, 0, seed=0, shuffle_buffer=1000, infinite=True)
+        it = iter(loader)
+        for _ in range(20):
+            batch = next(it)
+        del batch
+        kept, peak = tracemalloc.get_traced_memory()
+        print(json.dumps({"heap_kept": kept, "heap_peak": peak}))
+        return
     base = psutil.Process().memory_info().rss
     t = time.perf_counter()
     manifest = load_manifest(path)
@@ -122,7 +151,10 @@ def memory_probe(path: str) -> None:
     it = iter(loader)
     for _ in range(20):
         next(it)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a probe started
+    # by a big parent would report the parent's peak.
+    with open("/proc/self/status") as fh:
+        peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
     print(json.dumps({"shards": len(manifest["shards"]), "rss_after_imports": base, "peak_rss": peak,
                       "loader_start_s": round(start, 2),
                       "manifest_json_bytes": os.path.getsize(manifest["path"])}))
@@ -142,10 +174,12 @@ def bench_memory(src: str, work: Path, pairs: int) -> list[dict]:
         t = time.perf_counter()
         write_shards([str(head)], str(out), FieldMap(), shard_size=max(1, pairs // shards))
         wrote = time.perf_counter() - t
-        proc = subprocess.run([sys.executable, __file__, "--memory-probe", str(out)],
-                              capture_output=True, text=True, check=True,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row = {}
+        for extra in ([], ["--trace"]):
+            proc = subprocess.run([sys.executable, __file__, "--memory-probe", str(out), *extra],
+                                  capture_output=True, text=True, check=True,
+                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
         row["write_s"] = round(wrote, 1)
         rows.append(row)
         shutil.rmtree(out)
@@ -171,19 +205,25 @@ def write_md(res: dict, path: Path) -> None:
     L = ["# bench_data: clicktower data engine vs plain webdataset", "",
          f"Command: `{res['command']}`" + (f" (memory rows: `{res['memory_command']}`)"
                                            if res.get("memory_command") else ""), "", f"Machine: {res['machine']}; {res['date']}.", "",
-         "The machine was shared with other engineers' tests and benchmarks during the run, and "
-         "has 2 cores: runs with more processes than cores (4 workers) measure oversubscription, "
-         "not scaling. Throughputs are single runs, noisy to perhaps +-20%; worker-process start-up "
-         "(~0.5 s) is inside each reader timing. With N writers every process scans all input "
-         "lines (JSONL parsed only for its own chunks) and pays a spawn start-up, so on 2 shared "
-         "cores and a 10-chunk input 2 writers are not faster.", "",
+         "The machine was shared with other engineers' tests and benchmarks during the run "
+         f"(1-minute load average {res.get('load', '?')} at the start, on 2 cores): runs with more "
+         "processes than free cores measure oversubscription, not scaling. Throughputs are single "
+         "runs, noisy to perhaps +-20%; process start-up (spawned writers, loader workers: "
+         "~0.5 s each) is inside each timing. Writers share the ranges of the input "
+         f"(uncompressed JSONL cut every {res.get('split_bytes', 0) / 2**20:g} MiB at line "
+         "boundaries); each reads only its own ranges.", "",
          f"Data: {res['pairs']} synthetic pairs (`clicktower.data.synth.generate`), "
          f"shards of {res['shard_size']} pairs, {res['bytes_per_pair']} bytes/pair in plain tar.", "",
-         "## Shard writing", "", "| writers | gzip | pairs | seconds | pairs/s | shards | bytes/pair |",
-         "|---|---|---|---|---|---|---|"]
+         "## Shard writing", "",
+         "Best of the rounds (all rounds' seconds listed); load = 1-minute load average before "
+         "the best round.", "",
+         "CPU s: user + system time of the parent and the writer processes in that round (the "
+         "work done, whatever share of the cores the machine's other jobs left).", "",
+         "| writers | gzip | pairs | seconds | pairs/s | all rounds (s) | CPU s | ranges | shards | bytes/pair | load |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["write"]:
         L.append(f"| {r['workers']} | {r['gzip']} | {r['pairs']} | {r['seconds']} | {r['pairs_per_s']:,} | "
-                 f"{r['shards']} | {r['bytes_per_pair']} |")
+                 f"{', '.join(map(str, r.get('all_seconds', [])))} | {r.get('cpu_seconds', '?')} | {r.get('ranges', '?')} | {r['shards']} | {r['bytes_per_pair']} | {r.get('load_before', '?')} |")
     L += ["", f"## Reading (one rank, batch {BATCH}, shuffle buffer 1000)", "",
           "workers 0 = one reader in the training process; otherwise DataLoader worker processes. "
           "Tokenise: MiniLM fast tokenizer, queries <= 32 and items <= 64 tokens, padded to the "
@@ -194,13 +234,16 @@ def write_md(res: dict, path: Path) -> None:
                  f"{r['pairs_per_s']:,} |")
     L += ["", "## Reader memory vs shard count (same samples)", "",
           "Fresh subprocess: load the manifest, build the loader, read 20 batches. Peak RSS includes "
-          "torch and Python (RSS after imports shown).", "",
-          "| shards | manifest.json | RSS after imports | peak RSS | peak - imports | loader start (s) |",
-          "|---|---|---|---|---|---|"]
+          "torch and Python (RSS after imports shown). Heap kept / heap peak: what tracemalloc "
+          "counts in a second fresh subprocess doing the same (Python objects and numpy arrays "
+          "of the manifest and loader; not mmapped index pages).", "",
+          "| shards | manifest.json | RSS after imports | peak RSS | peak - imports | heap kept | heap peak | loader start (s) |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in res["memory"]:
         L.append(f"| {r['shards']:,} | {r['manifest_json_bytes'] / 2**20:.1f} MiB | "
                  f"{r['rss_after_imports'] / 2**20:.0f} MiB | {r['peak_rss'] / 2**20:.0f} MiB | "
-                 f"{(r['peak_rss'] - r['rss_after_imports']) / 2**20:.0f} MiB | {r['loader_start_s']} |")
+                 f"{(r['peak_rss'] - r['rss_after_imports']) / 2**20:.0f} MiB | "
+                 f"{r['heap_kept'] / 2**20:.2f} MiB | {r['heap_peak'] / 2**20:.2f} MiB | {r['loader_start_s']} |")
     path.write_text("\n".join(L) + "\n")
 
 
@@ -211,13 +254,17 @@ def main() -> None:
     parser.add_argument("--read-limit", type=int, default=30_000, help="pairs read per reader case")
     parser.add_argument("--mem-pairs", type=int, default=20_000)
     parser.add_argument("--writers", type=int, default=2)
+    parser.add_argument("--split-bytes", type=int, default=2**20,
+                        help="writer range size (this ~15 MB input; the CLI default is 64 MiB)")
+    parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--write-rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true",
                         help="redo only the memory rows of an existing results/bench_data.json")
     args = parser.parse_args()
     if args.memory_probe:
-        memory_probe(args.memory_probe)
+        memory_probe(args.memory_probe, args.trace)
         return
     if args.memory_only:
         from clicktower.data.synth import generate
@@ -240,6 +287,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from clicktower.data.synth import generate
 
+    load = round(os.getloadavg()[0], 1)
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:
         t = time.perf_counter()
@@ -248,9 +296,18 @@ def main() -> None:
         src = str(work / "synth" / "train.jsonl")
         writes = []
         for gz in (False, True):
-            for w in (1, args.writers):
-                writes.append(bench_write(src, work, w, gz, args.shard_size))
-                print("[bench_data] write", writes[-1], flush=True)
+            # 1 and N writers alternate, 3 rounds; the best round of each is kept (the other
+            # engineers' jobs on this machine come and go) and every time is listed.
+            runs: dict[int, list[dict]] = {1: [], args.writers: []}
+            for _ in range(args.write_rounds):
+                for w in runs:
+                    if runs[w]:
+                        shutil.rmtree(runs[w][-1]["dir"])
+                    runs[w].append(bench_write(src, work, w, gz, args.shard_size, args.split_bytes))
+                    print("[bench_data] write", runs[w][-1], flush=True)
+            for w, rs in runs.items():
+                best = min(rs, key=lambda r: r["seconds"])
+                writes.append({**best, "dir": rs[-1]["dir"], "all_seconds": [r["seconds"] for r in rs]})
         plain = writes[0]["dir"]
         reads = []
         for tokenize in (False, True):
@@ -268,6 +325,7 @@ def main() -> None:
                "machine": machine(), "shared_machine": True,
                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "pairs": args.pairs, "shard_size": args.shard_size, "batch_size": BATCH,
+               "split_bytes": args.split_bytes, "load": load,
                "bytes_per_pair": writes[0]["bytes_per_pair"],
                "write": [{k: v for k, v in r.items() if k != "dir"} for r in writes],
                "read": reads, "memory": memory}
