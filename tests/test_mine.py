@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from clicktower.data.shards import iter_shard, load_manifest
 from clicktower.launcher.mine import mine_negatives
 from clicktower.modeling.towers import TwoTower, TwoTowerConfig, resolve_model_path
 
-from conftest import MINILM, clicktower
+from conftest import MINILM, clicktower, run
 
 
 def _unit_with_score(score: float, axis: int, dim: int = 8) -> torch.Tensor:
@@ -86,15 +88,29 @@ def tiny_model(tmp_path_factory):
     return folder
 
 
-def test_mine_cli_writes_shards_that_train_with_hard_negatives(tiny_model, shard_dir, synth_dir, tmp_path):
-    out = tmp_path / "mined"
+# A random model scores positives like anything else: no margin filter here (the margin rule
+# is checked above), so that most samples get negatives.
+MINE_ARGS = ("--ranks", "2", "40", "--negatives", "3", "--margin", "-2")
+
+
+@pytest.fixture(scope="module")
+def mined_one(tiny_model, shard_dir, synth_dir, tmp_path_factory):
+    """``clicktower mine`` in one process: (output folder, its summary line)."""
+    out = tmp_path_factory.mktemp("mine1") / "mined"
     result = clicktower("mine", "--model", str(tiny_model), "--manifest", str(shard_dir), "--out", str(out),
-                        "--catalog", str(synth_dir / "catalog.jsonl"), "--ranks", "2", "40", "--negatives", "3",
-                        # A random model scores positives like anything else: no margin filter here
-                        # (the margin rule is checked above), so that most samples get negatives.
-                        "--margin", "-2")
+                        "--catalog", str(synth_dir / "catalog.jsonl"), *MINE_ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return out, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _negatives(folder):
+    manifest = load_manifest(str(folder))
+    return [(s["__key__"], [n["item_id"] for n in s["hard_negatives"]])
+            for shard in manifest["shards"] for s in iter_shard(shard["path"])]
+
+
+def test_mine_cli_writes_shards_that_train_with_hard_negatives(mined_one, tiny_model, shard_dir):
+    out, summary = mined_one
     source, mined = load_manifest(str(shard_dir)), load_manifest(str(out))
     assert mined["num_samples"] == source["num_samples"] == summary["num_samples"]
     assert "hard_negatives" in mined["fields"] and summary["samples_with_negatives"] > 0.9 * summary["num_samples"]
@@ -107,7 +123,7 @@ def test_mine_cli_writes_shards_that_train_with_hard_negatives(tiny_model, shard
         for n in s["hard_negatives"]:
             assert n["item_id"] != s["item_id"] and n["item_id"] not in clicked[s["query"]]
     assert (out / "mining.json").is_file()
-    assert not list(tmp_path.glob("mined.mine-*")), "temporary folder left behind"
+    assert not list(out.parent.glob("mined.mine-*")), "temporary folder left behind"
 
     from transformers import AutoTokenizer
 
@@ -122,3 +138,17 @@ def test_mine_cli_writes_shards_that_train_with_hard_negatives(tiny_model, shard
     again = clicktower("mine", "--model", str(tiny_model), "--manifest", str(shard_dir), "--out", str(out))
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
     assert "--overwrite" in again.stderr
+
+
+def test_mine_on_two_ranks_equals_one_rank(mined_one, tiny_model, shard_dir, synth_dir, tmp_path):
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    out = tmp_path / "mined2"
+    # Two gloo processes on the CPU: --multi_gpu with ACCELERATE_USE_CPU.
+    result = run([accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "clicktower.launcher.mine",
+                  "--model", str(tiny_model), "--manifest", str(shard_dir), "--out", str(out),
+                  "--catalog", str(synth_dir / "catalog.jsonl"), *MINE_ARGS],
+                 env={"ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["num_processes"] == 2
+    assert _negatives(out) == _negatives(mined_one[0])
