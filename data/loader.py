@@ -43,9 +43,9 @@ or wrong-sized shards and indexes are found when the loader starts (manifest val
 
 Modes
 -----
-``infinite=True`` chains epochs without end (no remainder is dropped; ``epoch`` stays 0 and
-``samples_consumed`` counts global positions since the start). Several manifests with
-``mix_weights`` are mixed in a fixed, seeded pattern of period 1000 (e.g. 700 clicks, 300
+``infinite=True`` (``data.infinite``) chains epochs without end (no remainder is dropped;
+``epoch`` stays 0 and ``samples_consumed`` counts global positions since the start). Several
+manifests with ``mix_weights`` (``data.mix: [{manifest, weight}, ...]``) are mixed in a fixed, seeded pattern of period 1000 (e.g. 700 clicks, 300
 purchases per 1000 positions); each source is read in its own epoch orders, so a source's
 samples repeat only after all of them were used. Mixing is always infinite.
 """
