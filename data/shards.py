@@ -31,9 +31,10 @@ The key is ``SSSSS-RRRRRRRRRRRR``: the input's index in ``inputs`` and the recor
 count or the ranges (a range knows the line or row where it starts).
 
 Parallel writing: the inputs are cut into ranges of about ``split_bytes`` (64 MiB):
-uncompressed JSONL into byte ranges at line boundaries, Parquet into runs of row groups,
-other inputs (gzip, CSV/TSV, datasets folders) whole, small inputs packed together
-(``sources.split_input``). ``N`` writer processes take the ranges in turn and each reads only
+uncompressed JSONL into byte ranges at line boundaries, uncompressed CSV/TSV at record
+boundaries (found by one csv parse in the parent: a quoted field may span lines), Parquet
+into runs of row groups, other inputs (gzip, datasets folders) whole, small inputs packed
+together (``sources.split_input``). ``N`` writer processes take the ranges in turn and each reads only
 its own ranges, so every input record is read and parsed once. Inside a range, records are
 cut into chunks of ``shard_size`` (counted before the label filter), each chunk into parts
 when ``max_shard_bytes`` is set; once all writers are done the shards are renamed
@@ -490,8 +491,8 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
         gzip: write ``.tar.gz`` shards (one gzip member per ``gzip_block`` samples).
         gzip_block: samples per gzip member: a reader decompresses this many to get one.
         split_bytes: the inputs are cut into ranges of about this many bytes (uncompressed
-            JSONL at line boundaries, Parquet at row groups; other inputs whole, small ones
-            packed together) that writers take in turn. No shard spans two ranges, so this
+            JSONL at line boundaries, CSV/TSV at record boundaries, Parquet at row groups;
+            gzip inputs and datasets folders whole, small inputs packed together) that writers take in turn. No shard spans two ranges, so this
             also bounds a shard (about ``split_bytes`` of input); the ranges, hence the
             shards, do not depend on ``workers``.
 

@@ -206,6 +206,8 @@ class _TextReader(_Reader):
         UTF-8 is reported with the line it is on."""
         opener = gzip.open if self.gz else open
         part = self.part
+        # bytes and lines yielded so far: split_input's cut points
+        self.consumed = self.lines_consumed = 0
         try:
             with opener(self.path, "rb") as fh:
                 lines: Iterator[bytes] = fh
@@ -215,6 +217,8 @@ class _TextReader(_Reader):
                     lines = _lines_until(fh, part["end"] - part["start"])
                     first = part["first_line"]
                 for lineno, raw in enumerate(lines, first):
+                    self.consumed += len(raw)
+                    self.lines_consumed += 1
                     try:
                         # utf-8-sig on line 1: spreadsheet exports start with a BOM, which
                         # would otherwise glue itself to the first column name.
@@ -256,6 +260,10 @@ class _CsvReader(_TextReader):
         reader = csv.reader(text(), delimiter=self.delimiter)
         row = 0
         header = None
+        if self.part is not None and self.part["start"] > 0:
+            # a byte range from split_input, past the header: read it at the top of the file
+            header = self._file_header()
+            row = self.part["first_row"] - 1
         while True:
             try:
                 cells = next(reader)
@@ -283,10 +291,19 @@ class _CsvReader(_TextReader):
                 raise self.error(f"expected {len(header)} columns (as in the header), "
                                  f"got {len(cells)}", row=row)
             yield row, header, cells
+        if self.part is not None:   # a range may hold no rows; the whole file was checked
+            return
         if header is None:
             raise self.error("empty file, no rows")
         if row == 0:
             raise self.error("empty file, no rows (only a header)")
+
+    def _file_header(self) -> list[str]:
+        part, self.part = self.part, None
+        try:
+            return self.fields()
+        finally:
+            self.part = part
 
     def fields(self) -> list[str]:
         rows = self._rows()
@@ -486,6 +503,30 @@ def iter_records(path, part: dict | None = None) -> Iterator[tuple[int, dict]]:
     return iter(reader)
 
 
+def _split_csv(reader: "_CsvReader", split_bytes: int) -> list[dict]:
+    size = os.path.getsize(reader.path)
+    if size <= split_bytes:
+        return [{"part": None, "bytes": size}]
+    cuts = []   # (byte offset just past a record, the next record's row number)
+    target = split_bytes
+    rows = reader._rows()
+    try:
+        for row, _, _ in rows:
+            # csv.reader pulls lines one at a time and returns a record as soon as its last
+            # line is in, so the bytes consumed end exactly at this record.
+            pos = reader.consumed
+            if row and pos >= target and pos < size:
+                cuts.append((pos, row + 1, reader.lines_consumed + 1))
+                target = (pos // split_bytes + 1) * split_bytes
+    finally:
+        rows.close()
+    if not cuts:
+        return [{"part": None, "bytes": size}]
+    bounds = [(0, 1, 1)] + cuts + [(size, None, None)]
+    return [{"part": {"start": a, "end": b, "first_row": row, "first_line": line}, "bytes": b - a}
+            for (a, row, line), (b, _, _) in zip(bounds, bounds[1:])]
+
+
 # Newline counting reads this much at a time (bytes.count runs at memory speed).
 _COUNT_BLOCK = 16 * 1024 * 1024
 
@@ -495,11 +536,13 @@ def split_input(path, split_bytes: int) -> list[dict]:
 
     Uncompressed JSON Lines are cut into byte ranges at line boundaries (the line number
     where each range starts comes from one newline count over the file, so keys and error
-    messages name the same lines as a whole-file read); Parquet into runs of whole row groups
-    (from the footer). Other inputs are one part: a gzip stream cannot be entered in the
-    middle, a ``datasets`` folder is read whole, and CSV/TSV cannot be cut safely without
-    parsing, since a quoted field may span lines (and an unquoted field may hold a lone
-    quote, so counting quotes does not tell either).
+    messages name the same lines as a whole-file read); uncompressed CSV/TSV into byte ranges
+    at record boundaries found by parsing the file once with the csv module in this process
+    (a quoted field may span lines, and an unquoted field may hold a lone quote, so neither
+    line ends nor quote counts tell where a record ends; the parse costs a fraction of what
+    writing the samples does, but it is serial); Parquet into runs of whole row groups (from
+    the footer). Other inputs are one part: a gzip stream cannot be entered in the middle,
+    and a ``datasets`` folder is read whole.
 
     Args:
         path: an input accepted by ``iter_records``.
@@ -510,6 +553,8 @@ def split_input(path, split_bytes: int) -> list[dict]:
         ``iter_records``; ``bytes`` is the part's size (Parquet: uncompressed row groups).
     """
     reader = _open_reader(path)
+    if isinstance(reader, _CsvReader) and not reader.gz:
+        return _split_csv(reader, split_bytes)
     if isinstance(reader, _JsonlReader) and not reader.gz:
         size = os.path.getsize(reader.path)
         cuts = []

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="writer processes; they share the input ranges (see --split-bytes)")
     parser.add_argument("--split-bytes", type=parse_bytes, default=DEFAULT_SPLIT_BYTES,
                         help="cut the inputs into ranges of about this size for the writers "
-                             "(uncompressed JSONL by lines, Parquet by row groups; gzip, CSV/TSV "
-                             "and datasets folders whole); a shard never spans two ranges "
+                             "(uncompressed JSONL by lines, CSV/TSV by records, Parquet by row "
+                             "groups; gzip and datasets folders whole); a shard never spans two ranges "
                              "(default 64MiB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
     args = parser.parse_args(argv)

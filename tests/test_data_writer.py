@@ -89,7 +89,7 @@ def test_jsonl_ranges_read_every_line_once(tmp_path):
         assert got == whole  # same rows, same line numbers, none twice, none lost
 
 
-def test_parquet_row_groups_and_csv_whole(tmp_path):
+def test_parquet_row_groups(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -99,9 +99,35 @@ def test_parquet_row_groups_and_csv_whole(tmp_path):
     assert len(pieces) > 2
     assert [r for p in pieces for r in _records(tmp_path / "c.parquet", p["part"])] == _records(
         tmp_path / "c.parquet")
-    # A quoted CSV field may span lines: CSV is never cut inside a file.
-    (tmp_path / "c.csv").write_text('query,item_id,item_text\n"a\nb",1,t\n' + "q,2,t\n" * 500)
-    assert [p["part"] for p in split_input(str(tmp_path / "c.csv"), 64)] == [None]
+
+
+def test_csv_ranges_end_at_records(tmp_path):
+    """CSV is cut where the csv parser ends a record: never inside a quoted multi-line field."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path / "c.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        fh.write("\ufeff")
+        writer = csv.writer(fh)
+        writer.writerow(["query", "item_id", "item_text"])
+        for i in range(300):
+            text = rng.choice(["plain", "with, comma", "multi\nline\nfield", 'a "quote"', "ü€"])
+            writer.writerow([f"q{i}", i, text * (i % 4 + 1)])
+            if i % 37 == 0:
+                fh.write("\r\n")   # a blank line: not a row
+    whole = list(iter_records(str(path)))
+    assert any("\n" in r["item_text"] for _, r in whole)
+    for split in (1, 50, 333, 2000):
+        pieces = split_input(str(path), split)
+        assert len(pieces) > 1
+        assert [r for p in pieces for r in iter_records(str(path), p["part"])] == whole
+    m = write_shards([str(path)], str(tmp_path / "out"), FieldMap(), shard_size=40, split_bytes=2000,
+                     workers=2)
+    assert m["num_ranges"] > 2
+    keys = [s["__key__"] for sh in load_manifest(tmp_path / "out")["shards"] for s in iter_shard(sh["path"])]
+    assert keys == [f"00000-{r:012d}" for r in range(1, 301)]
 
 
 def test_writers_split_the_input_and_agree(logs, tmp_path):
