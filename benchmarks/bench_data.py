@@ -65,6 +65,33 @@ def bench_write(src: str, work: Path, workers: int, gzip: bool, shard_size: int,
             "bytes_per_pair": round(size / m["num_samples"], 1), "dir": str(out)}
 
 
+def bench_csv(src: str, work: Path, workers: int, shard_size: int, split_bytes: int) -> dict:
+    """The same pairs as a CSV: the serial record-boundary parse that splits it
+    (``split_input``) against writing it with 1 and N writers."""
+    import csv
+
+    from clicktower.data.sources import split_input
+
+    path = work / "pairs.csv"
+    with open(src, encoding="utf-8") as fin, open(path, "w", encoding="utf-8", newline="") as fout:
+        writer = csv.writer(fout)
+        writer.writerow(["query", "item_id", "item_text"])
+        for line in fin:
+            rec = json.loads(line)
+            writer.writerow([rec["query"], rec["item_id"], rec["item_text"]])
+    t = time.perf_counter()
+    parts = split_input(str(path), split_bytes)
+    split_s = time.perf_counter() - t
+    row = {"csv_bytes": path.stat().st_size, "ranges": len(parts), "split_seconds": round(split_s, 2)}
+    for w in (1, workers):
+        r = bench_write(str(path), work, w, False, shard_size, split_bytes)
+        shutil.rmtree(r["dir"])
+        row[f"write_{w}_seconds"], row[f"write_{w}_cpu_seconds"] = r["seconds"], r["cpu_seconds"]
+    row["pairs"] = r["pairs"]
+    path.unlink()
+    return row
+
+
 def _cpu_seconds() -> float:
     """User + system CPU of this process and its finished children (the spawned writers):
     the work done, whatever share of the cores the other jobs on the machine left."""
@@ -224,6 +251,17 @@ def write_md(res: dict, path: Path) -> None:
     for r in res["write"]:
         L.append(f"| {r['workers']} | {r['gzip']} | {r['pairs']} | {r['seconds']} | {r['pairs_per_s']:,} | "
                  f"{', '.join(map(str, r.get('all_seconds', [])))} | {r.get('cpu_seconds', '?')} | {r.get('ranges', '?')} | {r['shards']} | {r['bytes_per_pair']} | {r.get('load_before', '?')} |")
+    if res.get("csv"):
+        c = res["csv"]
+        w = [k.split("_")[1] for k in c if k.startswith("write_") and k.endswith("_cpu_seconds")]
+        L += ["", "## Splitting a CSV" + (f" (`{res['csv_command']}`)" if res.get("csv_command") else ""), "",
+              f"The same pairs as a {c['csv_bytes'] / 2**20:.1f} MiB CSV: the serial csv parse in the parent "
+              f"that finds record boundaries for {c['ranges']} ranges, against writing the shards "
+              f"(parse included). Single runs, load {c.get('load', '?')}.", "",
+              "| split parse (s) | " + " | ".join(f"write, {n} writer(s): s (CPU s)" for n in w) + " |",
+              "|---|" + "---|" * len(w),
+              f"| {c['split_seconds']} | " + " | ".join(
+                  f"{c[f'write_{n}_seconds']} ({c[f'write_{n}_cpu_seconds']})" for n in w) + " |"]
     L += ["", f"## Reading (one rank, batch {BATCH}, shuffle buffer 1000)", "",
           "workers 0 = one reader in the training process; otherwise DataLoader worker processes. "
           "Tokenise: MiniLM fast tokenizer, queries <= 32 and items <= 64 tokens, padded to the "
@@ -258,6 +296,8 @@ def main() -> None:
                         help="writer range size (this ~15 MB input; the CLI default is 64 MiB)")
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--write-rounds", type=int, default=3)
+    parser.add_argument("--csv-only", action="store_true",
+                        help="redo only the CSV split row of an existing results/bench_data.json")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true",
@@ -265,6 +305,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.memory_probe:
         memory_probe(args.memory_probe, args.trace)
+        return
+    if args.csv_only:
+        from clicktower.data.synth import generate
+
+        work = Path(tempfile.mkdtemp(prefix="bench_data_"))
+        try:
+            generate(work / "synth", args.pairs, seed=0)
+            res = json.loads((RESULTS / "bench_data.json").read_text())
+            res["csv"] = bench_csv(str(work / "synth" / "train.jsonl"), work, args.writers,
+                                   args.shard_size, args.split_bytes)
+            res["csv"]["load"] = round(os.getloadavg()[0], 1)
+            res["csv_command"] = "python benchmarks/bench_data.py --csv-only"
+            (RESULTS / "bench_data.json").write_text(json.dumps(res, indent=2) + "\n")
+            write_md(res, RESULTS / "bench_data.md")
+            print((RESULTS / "bench_data.md").read_text())
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         return
     if args.memory_only:
         from clicktower.data.synth import generate
@@ -308,6 +365,9 @@ def main() -> None:
             for w, rs in runs.items():
                 best = min(rs, key=lambda r: r["seconds"])
                 writes.append({**best, "dir": rs[-1]["dir"], "all_seconds": [r["seconds"] for r in rs]})
+        csv_row = bench_csv(src, work, args.writers, args.shard_size, args.split_bytes)
+        csv_row["load"] = round(os.getloadavg()[0], 1)
+        print("[bench_data] csv", csv_row, flush=True)
         plain = writes[0]["dir"]
         reads = []
         for tokenize in (False, True):
@@ -328,7 +388,7 @@ def main() -> None:
                "split_bytes": args.split_bytes, "load": load,
                "bytes_per_pair": writes[0]["bytes_per_pair"],
                "write": [{k: v for k, v in r.items() if k != "dir"} for r in writes],
-               "read": reads, "memory": memory}
+               "read": reads, "memory": memory, "csv": csv_row}
         name = "bench_data_quick" if args.quick else "bench_data"
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
