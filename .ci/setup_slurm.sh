@@ -3,6 +3,8 @@
 #
 #   .ci/setup_slurm.sh         install slurm-wlm + munge if missing, start munged, slurmctld, slurmd
 #   .ci/setup_slurm.sh stop    stop the daemons this script started (and nothing else)
+#   .ci/setup_slurm.sh munge   only install the packages and start munged (the two-node cluster
+#                              of tests/test_multinode.py runs its own daemons in namespaces)
 #
 # Needs root and Debian's apt. The node is this host (`hostname -s`) with its CPUs and its
 # memory minus a margin; select/cons_tres, proctrack/linuxproc (cgroups may be unavailable in
@@ -34,7 +36,7 @@ stop() {
 }
 
 if [[ "${1:-start}" == stop ]]; then stop; exit 0; fi
-[[ "${1:-start}" == start ]] || die "usage: $0 [start|stop]"
+[[ "${1:-start}" == start || $1 == munge ]] || die "usage: $0 [start|stop|munge]"
 [[ $(id -u) == 0 ]] || die "needs root (installs packages, starts daemons)"
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
@@ -59,6 +61,7 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     cp /run/munge/clicktower-munged.pid "$DIR/munged.pid"
     munge -n | unmunge >/dev/null || die "munged does not answer"
 fi
+if [[ "${1:-start}" == munge ]]; then exit 0; fi
 
 host=$(hostname -s)
 cpus=$(nproc)

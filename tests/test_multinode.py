@@ -264,3 +264,62 @@ def test_only_backend_errors_become_peer_lost():
     with pytest.raises(ValueError, match="not a network problem"):
         with peer_loss_errors(lambda: 7, 20.0, lambda: None):
             raise ValueError("not a network problem")
+
+
+def _slurm(cluster, args: list[str], env: dict[str, str]) -> str:
+    result = subprocess.run(cluster.cmd(args), capture_output=True, text=True, timeout=60, env=env)
+    return result.stdout
+
+
+def test_slurm_two_nodes_host_killed_requeues_itself_and_finishes(hosts, one_host, shard_dir, tmp_path):
+    """train.sbatch with --nodes 2 on a cluster of one slurmd per host: host 1's training
+    processes are SIGKILLed after the step-4 checkpoint; the job fails, requeues itself,
+    resumes and finishes with the one-host run's losses."""
+    import slurm_cluster
+
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    with slurm_cluster.TwoNodeCluster(hosts, tmp_path / "slurm") as cluster:
+        env = {**cli_env(), **cluster.env, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+               "GLOO_SOCKET_IFNAME": hosts[0].ifname}
+        submitted = subprocess.run(cluster.cmd([
+            str(Path(ACCELERATE).parent / "clicktower"), "slurm", "submit", "--config", str(TINY_CONFIG),
+            "--nodes", "2", "--gpus-per-node", "0", "--procs-per-node", "1", "--cpus-per-task", str(os.cpu_count()),
+            "--accelerate-config", str(REPO / "configs" / "accelerate" / "cpu_2proc_ddp.yaml"), "--time", "15",
+            "--output", str(log), "--job-name", "clicktower-2node",
+            *_args(shard_dir, out, f"train.collective_timeout_s={TIMEOUT_S}")[2:]]),
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert submitted.returncode == 0, submitted.stderr
+        job = submitted.stdout.strip().splitlines()[-1]
+
+        def state() -> str:
+            return _slurm(cluster, ["scontrol", "show", "job", job], env)
+
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step_00000004").is_dir():
+            assert time.monotonic() < deadline, f"no checkpoint in time:\n{state()}\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
+        killed = []
+        for pid in hosts[1].pids():  # the trainer (agent and worker), not the node's slurmd
+            try:
+                if b"clicktower.launcher.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, 9)
+                    killed.append(pid)
+            except (OSError, ProcessLookupError):
+                pass
+        assert killed, "no trainer ran on host 1"
+        deadline = time.monotonic() + 400
+        while "JobState=COMPLETED" not in state():
+            assert time.monotonic() < deadline and "JobState=FAILED" not in state(), \
+                f"{state()}\n{log.read_text()[-4000:]}"
+            time.sleep(1)
+        assert "Restarts=1" in state() and "NodeList=n[0-1]" in state()
+    text = log.read_text()
+    assert "on 2 node(s) x 1 process(es), main n0:" in text
+    assert "lost contact with the other training processes" in text
+    assert "requeueing job" in text and "train.sbatch: training finished" in text
+    assert re.search(r"resumed from \S+step_0000000[48] at step [48]", text), text[-3000:]
+    losses, expected = _losses(out), _losses(one_host)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert [losses[s] for s in sorted(losses)] == pytest.approx([expected[s] for s in sorted(losses)], abs=1e-5)
+    for host in hosts:
+        assert host.pids() == [], f"processes left on {host.name}"
