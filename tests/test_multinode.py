@@ -10,6 +10,9 @@ one process each, gloo over the hosts' own interfaces (GLOO_SOCKET_IFNAME).
   cut mid-run (a partition, noticed only by train.collective_timeout_s); the main host absent
   at start-up (the rendezvous times out, --rdzv_conf timeout; checked on the killed run's
   folder before its resume).
+- SLURM: slurmctld plus one slurmd per host (tests/slurm_cluster.py TwoNodeCluster);
+  train.sbatch with --nodes 2 trains across them, and when one host's trainer is SIGKILLed
+  the job requeues itself, resumes and finishes with the one-host losses.
 - No namespace, link or process is left behind, also when a test fails.
 
 Needs root (ip netns); skipped otherwise.
