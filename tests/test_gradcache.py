@@ -1,7 +1,11 @@
 """GradCache (train.grad_cache_chunk) makes the same parameter update as one big backward:
 2 processes under DDP, DeepSpeed ZeRO-2 and ZeRO-3, through `accelerate launch` and the real
 Trainer.train_step (dropout off, fp32, SGD lr 1 so the update is the gradient; 8 pairs per
-rank in chunks of 3, 3 and 2; two steps)."""
+rank in chunks of 3, 3 and 2; two steps).
+
+Also plain gradient accumulation (gradient_accumulation_steps=2, `dist_accumulate.py`): one
+update per two micro-batches, equal to the mean of their separate updates, under DDP and
+ZeRO-2; and, in one process, that ``Trainer.fit`` counts optimiser steps."""
 from __future__ import annotations
 
 import json
