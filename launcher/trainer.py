@@ -364,6 +364,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
+        # Hugging Face's from_pretrained returns encoders in eval mode: without this a
+        # pretrained tower would train with its dropout silently off.
+        self.model.train()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (cfg.progress_bar and acc.is_main_process))
         window_loss, window_pairs, window_start = 0.0, 0, time.perf_counter()
