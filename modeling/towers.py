@@ -44,6 +44,18 @@ class TwoTowerConfig:
         max_query_length: token limit for queries.
         max_item_length: token limit for item texts.
         gradient_checkpointing: trade compute for activation memory in the encoders.
+        dropout: set every dropout probability of the encoders (hidden and attention) to
+            this value; None keeps the pretrained config's (0.1 for BERT). Short fine-tuning
+            runs often do as well or better without dropout, and a CPU step is ~13% cheaper.
+        freeze_embeddings: do not train the token/position embeddings (more than half of a
+            MiniLM's parameters: the optimiser step and the embedding gradient go away).
+        freeze_layers: do not train the first N transformer layers either (needs
+            ``freeze_embeddings``: back-propagation then stops at layer N, which is where the
+            compute saving comes from; with trainable embeddings below it would not).
+        length_buckets: run each tower's batch as this many sub-batches of similar length,
+            each padded only to its own longest text (1: one padded batch). The embeddings
+            are the same (padding is masked out everywhere); only less padding is computed:
+            on Home Depot's short queries 3 buckets cut the padded tokens by ~30%.
     """
 
     name_or_path: str | None = None
@@ -59,8 +71,21 @@ class TwoTowerConfig:
     max_query_length: int = 32
     max_item_length: int = 64
     gradient_checkpointing: bool = False
+    dropout: float | None = None
+    freeze_embeddings: bool = False
+    freeze_layers: int = 0
+    length_buckets: int = 1
 
     def __post_init__(self) -> None:
+        if self.length_buckets < 1:
+            raise ValueError(f"model.length_buckets must be >= 1, got {self.length_buckets}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1) or null, got {self.dropout}")
+        if self.freeze_layers < 0:
+            raise ValueError(f"model.freeze_layers must be >= 0, got {self.freeze_layers}")
+        if self.freeze_layers and not self.freeze_embeddings:
+            raise ValueError("model.freeze_layers needs model.freeze_embeddings=true (gradients would "
+                             "still flow through the frozen layers to the embeddings, saving nothing)")
         if (self.name_or_path is None) == (self.bert_config is None):
             raise ValueError("set exactly one of model.name_or_path and model.bert_config")
         if self.bert_config is not None and self.tokenizer is None:
@@ -109,14 +134,17 @@ class Tower(nn.Module):
         pooling: ``mean`` or ``cls``.
         projection_dim: output size of an optional bias-free linear projection.
         normalize: L2-normalise the output.
+        length_buckets: encode the batch as this many sub-batches grouped by length, each
+            padded to its own longest row (same embeddings, less padding computed).
     """
 
     def __init__(self, encoder: nn.Module, pooling: str = "mean",
-                 projection_dim: int | None = None, normalize: bool = True) -> None:
+                 projection_dim: int | None = None, normalize: bool = True, length_buckets: int = 1) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
         self.normalize = normalize
+        self.length_buckets = length_buckets
         hidden = encoder.config.hidden_size
         self.projection = nn.Linear(hidden, projection_dim, bias=False) if projection_dim else None
 
@@ -125,6 +153,36 @@ class Tower(nn.Module):
         return self.projection.out_features if self.projection is not None else self.encoder.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Embed a batch of token rows.
+
+        Args:
+            input_ids: [B, L] token ids, padded on the right.
+            attention_mask: [B, L], 1 for real tokens.
+
+        Returns:
+            [B, D] embeddings.
+        """
+        if self.length_buckets > 1 and input_ids.shape[0] > 1:
+            return self._forward_bucketed(input_ids, attention_mask)
+        return self._embed(input_ids, attention_mask)
+
+    def _forward_bucketed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        lengths = attention_mask.sum(1)
+        width = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        if not torch.equal(attention_mask.bool(), width[None, :] < lengths[:, None]):
+            # Left padding (or holes): cutting columns would cut real tokens.
+            return self._embed(input_ids, attention_mask)
+        order = torch.argsort(lengths, stable=True)
+        parts = []
+        for rows in order.tensor_split(min(self.length_buckets, len(order))):
+            # Right padding: the first max-length columns hold every real token of these rows,
+            # at the same positions, so the embeddings do not change.
+            keep = max(1, int(lengths[rows].max()))
+            parts.append(self._embed(input_ids[rows, :keep], attention_mask[rows, :keep]))
+        # Back to the batch order (a gather, so gradients flow to the right rows).
+        return torch.cat(parts)[torch.argsort(order)]
+
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
             pooled = hidden[:, 0]
@@ -181,19 +239,59 @@ class Tower(nn.Module):
         return tower
 
 
-def load_encoder(path: str | Path) -> nn.Module:
+# Dropout probabilities in the configs of BERT-family encoders (BERT, RoBERTa, MiniLM,
+# DistilBERT, ...): whichever of these a config has are set by ``model.dropout``.
+_DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
+
+
+def load_encoder(path: str | Path, dropout: float | None = None) -> nn.Module:
     """A pretrained Hugging Face encoder without its pooler head.
 
     Args:
         path: the model folder.
+        dropout: override every dropout probability of its config (None: keep them).
     """
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
+    config = AutoConfig.from_pretrained(path)
+    if dropout is not None:
+        # Set on the config before the model is built: attention dropout is read from the
+        # config inside the attention call, so changing nn.Dropout modules afterwards is not enough.
+        found = [k for k in _DROPOUT_KEYS if hasattr(config, k)]
+        if not found:
+            raise ValueError(f"model.dropout: {path}: no dropout setting in its config "
+                             f"(looked for {', '.join(_DROPOUT_KEYS)})")
+        for key in found:
+            setattr(config, key, dropout)
     try:
         # The pooler is unused here; left in, DDP would flag its unused parameters.
-        return AutoModel.from_pretrained(path, add_pooling_layer=False)
+        return AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
     except TypeError:  # encoders without a pooler (DistilBERT ...) reject the flag
-        return AutoModel.from_pretrained(path)
+        return AutoModel.from_pretrained(path, config=config)
+
+
+def freeze_bottom(encoder: nn.Module, layers: int) -> None:
+    """Stop training the embeddings and the first ``layers`` transformer layers.
+
+    Args:
+        encoder: a Hugging Face BERT-family model (``embeddings`` and a layer list).
+        layers: how many of the lowest layers to freeze (0: the embeddings only).
+
+    Raises:
+        ValueError: the model has no ``embeddings`` module or fewer layers than asked.
+    """
+    embeddings = getattr(encoder, "embeddings", None)
+    if embeddings is None:
+        raise ValueError(f"model.freeze_embeddings: {type(encoder).__name__} has no .embeddings module")
+    stack = getattr(getattr(encoder, "encoder", None), "layer", None)  # BERT, RoBERTa, MiniLM
+    if stack is None:
+        stack = getattr(getattr(encoder, "transformer", None), "layer", None)  # DistilBERT
+    if layers and (stack is None or layers > len(stack)):
+        raise ValueError(f"model.freeze_layers={layers}: {type(encoder).__name__} has "
+                         f"{0 if stack is None else len(stack)} layers")
+    for module in [embeddings, *(stack[:layers] if layers else [])]:
+        for param in module.parameters():
+            param.requires_grad_(False)
 
 
 def _sentence_transformers_meta(path: Path) -> dict[str, Any]:
@@ -266,15 +364,20 @@ class TwoTower(nn.Module):
             if cfg.bert_config is not None:
                 from transformers import BertConfig, BertModel
 
-                encoder = BertModel(BertConfig(**cfg.bert_config), add_pooling_layer=False)
+                bert = dict(cfg.bert_config)
+                if cfg.dropout is not None:
+                    bert.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+                encoder = BertModel(BertConfig(**bert), add_pooling_layer=False)
             else:
                 path = resolve_model_path(cfg.name_or_path)
                 if not Path(path, "config.json").is_file():
                     raise FileNotFoundError(f"model.name_or_path: {path} is not a model folder (no config.json)")
-                encoder = load_encoder(path)
+                encoder = load_encoder(path, cfg.dropout)
             if cfg.gradient_checkpointing:
                 encoder.gradient_checkpointing_enable()
-            return Tower(encoder, cfg.pooling, cfg.projection_dim, cfg.normalize)
+            if cfg.freeze_embeddings:
+                freeze_bottom(encoder, cfg.freeze_layers)
+            return Tower(encoder, cfg.pooling, cfg.projection_dim, cfg.normalize, cfg.length_buckets)
 
         query_tower = build_tower()
         item_tower = query_tower if cfg.shared_towers else build_tower()
