@@ -24,6 +24,11 @@ class OptimConfig:
         schedule: decay after warmup, down to ``min_lr_ratio * lr`` at ``train.max_steps``.
         min_lr_ratio: final learning rate as a fraction of the peak.
         max_grad_norm: gradient clipping threshold (None disables clipping).
+        implementation: how AdamW runs its update. ``loop``: one tensor at a time (the same
+            bits whatever the grouping of parameters into tensors, which ZeRO changes: the
+            default, and what the bitwise resume tests rely on); ``foreach``: batched over
+            tensors; ``fused``: one fused kernel per tensor (CPU and CUDA; on a 2-core CPU
+            the MiniLM update takes 17 ms instead of 137 ms).
     """
 
     lr: float = 5e-5
@@ -35,6 +40,7 @@ class OptimConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
+    implementation: Literal["loop", "foreach", "fused"] = "loop"
 
     def __post_init__(self) -> None:
         if self.betas is None:
@@ -75,8 +81,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if scale:
         groups.append({"params": scale, "weight_decay": 0.0,
                        "lr": cfg.lr if cfg.logit_scale_lr is None else cfg.logit_scale_lr})
-    # foreach=False: the per-tensor loop gives the same bits on every run and process count.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+    impl = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.implementation]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **impl)
 
 
 def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:

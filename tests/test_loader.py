@@ -62,3 +62,10 @@ def test_tokenised_batches(shard_dir):
     assert batch["query_input_ids"].shape[0] == 8 and batch["query_input_ids"].shape[1] % 8 == 0
     assert batch["query_input_ids"].shape[1] <= 16 and batch["item_input_ids"].shape[1] <= 24
     assert batch["item_ids"].dtype.is_floating_point is False and len(batch["keys"]) == 8
+    # data.pad_to_multiple_of=1: padded to the longest text exactly (what a CPU wants).
+    exact = next(iter(ClickPairLoader(str(shard_dir), 8, tokenizer=tok, max_length=16, max_item_length=24,
+                                      pad_to_multiple_of=1)))
+    longest = int(exact["query_attention_mask"].sum(1).max())
+    assert exact["query_input_ids"].shape[1] == longest
+    assert batch["query_input_ids"].shape[1] == -(-longest // 8) * 8
+    assert (exact["query_input_ids"] == batch["query_input_ids"][:, :longest]).all()
