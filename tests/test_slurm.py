@@ -6,7 +6,8 @@ none answers and we are root): a tiny 2-process CPU training submitted with the 
 twice mid-run, once with ``scancel --signal=USR1 JOB`` (what reaches the job's steps) and once
 with ``scancel --batch --signal=USR1 JOB`` (what ``#SBATCH --signal=B:USR1@grace`` does before
 the time limit: only the batch shell, which forwards it). Its losses must equal an
-uninterrupted run's bit for bit: the data order continued exactly once.
+uninterrupted run's bit for bit, and so must the sample keys every rank trained on at every
+step: the data order continued exactly once.
 """
 from __future__ import annotations
 
@@ -20,9 +21,8 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster
-from dist_harness import kill_tree
 from conftest import REPO, TINY_CONFIG, cli_env, clicktower
-from dist_harness import free_port
+from dist_harness import assert_exactly_once, consumed_keys, free_port, kill_tree
 from dist_launch import ACCELERATE
 
 STEPS = 60
@@ -31,7 +31,8 @@ CPU_DDP = REPO / "configs" / "accelerate" / "cpu_2proc_ddp.yaml"
 
 def _train_args(shard_dir: Path, out: Path) -> list[str]:
     return [f"data.train_manifest={shard_dir}", f"train.output_dir={out}", f"train.max_steps={STEPS}",
-            "train.log_every_steps=1", "train.progress_bar=false", "checkpoint.every_steps=10"]
+            "train.log_every_steps=1", "train.progress_bar=false", "checkpoint.every_steps=10",
+            "train.sample_keys_log=true"]
 
 
 def _env() -> dict[str, str]:
@@ -146,6 +147,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, shard_dir
         expected, got = _losses(ref_out), _losses(out)
         assert sorted(got) == list(range(1, STEPS + 1))
         assert [got[s] for s in range(1, STEPS + 1)] == [expected[s] for s in range(1, STEPS + 1)]
+        # Exactly-once by the keys themselves: every rank trained on the same samples at every
+        # step as the uninterrupted run, and no sample came twice in an epoch.
+        keys = consumed_keys(out)
+        assert keys == consumed_keys(ref_out)
+        assert_exactly_once(keys, STEPS, 2 * 16)
     finally:
         if job is not None:
             slurm_cluster.cancel_and_wait(job)
