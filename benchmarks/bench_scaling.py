@@ -57,13 +57,18 @@ SMALL = dict(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attenti
 MIB, GIB = 2 ** 20, 2 ** 30
 
 
-def _bert(spec: dict):
+def _bert(spec: dict, zero3_init: bool = False):
     from transformers import BertConfig, BertModel
 
     from clicktower.modeling.towers import Tower, TwoTower
 
-    enc = BertModel(BertConfig(vocab_size=30522, max_position_embeddings=512, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0, **spec), add_pooling_layer=False)
+    config = BertConfig(vocab_size=30522, max_position_embeddings=512, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, **spec)
+    # _from_config under an active HfDeepSpeedConfig (ZeRO-3) builds the encoder inside
+    # deepspeed.zero.Init and initialises each module's weights gathered: no rank ever holds
+    # the whole model.
+    enc = (BertModel._from_config(config, add_pooling_layer=False) if zero3_init
+           else BertModel(config, add_pooling_layer=False))
     tower = Tower(enc, "mean", None, True)
     return TwoTower(tower, tower, 0.05, 100.0, True)
 
@@ -127,9 +132,24 @@ def _zero_worker(rank: int, world: int, port: int, name: str, stage: int, out: s
     from clicktower.modeling.losses import ContrastiveLoss
 
     torch.manual_seed(0)
-    model = _bert(MODELS[name])
+    if stage == 3:
+        import deepspeed
+
+        # As accelerate's zero3_init_flag: true: every parameter is partitioned as it is
+        # created, so no rank ever holds the whole model (BERT-large otherwise built the full
+        # model on both ranks first and was OOM-killed on this 23 GiB machine).
+        deepspeed.init_distributed(dist_backend="gloo")
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # zero.Init patches torch.Tensor.__new__; transformers' lazy imports would then load
+        # torch._dynamo inside it, which rejects the patched signature. Load them first.
+        _bert(dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8))
+        zero3_config = HfDeepSpeedConfig(_ds_config(stage))  # noqa: F841  (held weakly by transformers)
+        model = _bert(MODELS[name], zero3_init=True)
+    else:
+        model = _bert(MODELS[name])
     loss_fn = ContrastiveLoss(True, True)
-    psum = sum(p.numel() for p in model.parameters())
+    psum = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     rec = {"model": name, "stage": stage, "rank": rank, "num_params": psum}
     if stage == 0:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -482,8 +502,8 @@ def markdown(out: dict) -> str:
     lines = ["# bench_scaling", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch {m['torch']}, "
              f"deepspeed {m['deepspeed']}; {m['note']}. Runtime {out['runtime_s']:.0f} s"
-             + (f" ({out['rows_reused_from_cache']} rows reused from --cache, measured by the previous "
-                "invocation on this machine, 1187 s)" if out.get("rows_reused_from_cache") else "")
+             + (f" ({out['rows_reused_from_cache']} rows reused from --cache: measured by an earlier "
+                "invocation of this benchmark (a machine of the same kind) and not re-measured in this one)" if out.get("rows_reused_from_cache") else "")
              + ".", "",
              "## Per-rank memory, 2 ranks, fp32 + AdamW (MEASURED from tensor sizes, MiB)", "",
              "One real forward/backward/step of a shared-tower TwoTower per row; ZeRO rows use the shipped "
@@ -493,7 +513,9 @@ def markdown(out: dict) -> str:
              "then; ZeRO-2/3 reduce bucket by bucket during backward). *reduce buffers*: DDP's buckets "
              "(a second gradient copy) or DeepSpeed's IPG buckets as allocated (reduce_bucket_size, default "
              "5e8 elements; on the CPU only touched pages count in RSS). *total* = parameters + gradients + "
-             "master + moments; *peak RSS* includes building the full model before partitioning.", "",
+             "master + moments; *peak RSS* includes building the full model before partitioning "
+             "(ZeRO-0/1/2; ZeRO-3 rows build it already partitioned, under `deepspeed.zero.Init` as "
+             "accelerate's `zero3_init_flag: true` does).", "",
              "| model | params | ZeRO | parameters | gradients | unreduced .grad | reduce buffers | fp32 master "
              "| Adam moments | total rank 0 | total rank 1 | peak RSS rank 0 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
