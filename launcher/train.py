@@ -76,7 +76,7 @@ def train(cfg: ExperimentConfig) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     # Negatives from every rank when distributed: the loss gathers and scales (nothing else does).
-    loss_fn = ContrastiveLoss(cfg.loss.symmetric, cfg.loss.cross_device and accelerator.num_processes > 1)
+    loss_fn = ContrastiveLoss.from_config(cfg.loss, accelerator.num_processes > 1)
     checkpointer = Checkpointer(accelerator, out, cfg.checkpoint)
     evaluator = None if cfg.eval.every_steps is None else PeriodicEvaluator(
         accelerator, accelerator.unwrap_model(model), tokenizer, cfg.eval, out,

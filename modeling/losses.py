@@ -34,11 +34,16 @@ class LossConfig:
             denominator (needs item ids in the batch; the loader provides them).
         cross_device: when training on several processes, use the items (negatives) of all
             ranks, not only the local batch. Without it the negative pool is the local batch.
+        gather_queries: symmetric + cross-device only: all-gather the queries for the
+            item->query direction (true), or combine partial column log-sum-exps with
+            all-reduces of N floats instead (false: the same loss and gradients, O(N) instead
+            of O(N x D) communication; see :class:`ContrastiveLoss`).
     """
 
     symmetric: bool = True
     mask_duplicate_items: bool = True
     cross_device: bool = True
+    gather_queries: bool = True
 
 
 class ContrastiveLoss(nn.Module):
@@ -75,6 +80,16 @@ class ContrastiveLoss(nn.Module):
         self.symmetric = symmetric
         self.cross_device = cross_device
         self.gather_queries = gather_queries
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig, distributed: bool) -> "ContrastiveLoss":
+        """The loss a ``LossConfig`` describes.
+
+        Args:
+            cfg: loss config.
+            distributed: more than one process trains (cross-device gathering applies).
+        """
+        return cls(cfg.symmetric, cfg.cross_device and distributed, cfg.gather_queries)
 
     def forward(self, query_emb: torch.Tensor, item_emb: torch.Tensor, logit_scale: torch.Tensor,
                 item_ids: torch.Tensor | None = None, query_ids: torch.Tensor | None = None,

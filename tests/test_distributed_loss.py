@@ -96,7 +96,7 @@ def column_lse_worker(rank: int, world: int) -> dict:
     """Per rank: loss and gradients of the symmetric loss with the queries gathered and with
     partial column log-sum-exps all-reduced instead, for ids/hard negatives off and on."""
     from clicktower.modeling import losses
-    from clicktower.modeling.losses import ContrastiveLoss
+    from clicktower.modeling.losses import ContrastiveLoss, LossConfig
 
     losses._COLUMN_BLOCK = 3  # several tiles over the 8 gathered items, one ragged
     data = global_batch(2)
@@ -112,7 +112,9 @@ def column_lse_worker(rank: int, world: int) -> dict:
                           "query_ids": local_slice(data["query_ids"], SIZES, rank)}
             if with_hn:
                 kwargs["hard_negative_emb"] = h
-            loss = ContrastiveLoss(symmetric=True, cross_device=True, gather_queries=gather)(q, k, s, **kwargs)
+            # Built as the trainer builds it, from loss.gather_queries in the config.
+            loss_fn = ContrastiveLoss.from_config(LossConfig(gather_queries=gather), distributed=True)
+            loss = loss_fn(q, k, s, **kwargs)
             loss.backward()
             out[(with_ids, with_hn, gather)] = {"loss": loss.detach(), "q": q.grad, "k": k.grad, "s": s.grad,
                                                 "h": h.grad if with_hn else None}
