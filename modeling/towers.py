@@ -255,19 +255,33 @@ def load_encoder(path: str | Path, dropout: float | None = None) -> nn.Module:
 
     config = AutoConfig.from_pretrained(path)
     if dropout is not None:
-        # Set on the config before the model is built: attention dropout is read from the
-        # config inside the attention call, so changing nn.Dropout modules afterwards is not enough.
-        found = [k for k in _DROPOUT_KEYS if hasattr(config, k)]
-        if not found:
-            raise ValueError(f"model.dropout: {path}: no dropout setting in its config "
-                             f"(looked for {', '.join(_DROPOUT_KEYS)})")
-        for key in found:
-            setattr(config, key, dropout)
+        set_dropout(config, dropout)
     try:
         # The pooler is unused here; left in, DDP would flag its unused parameters.
         return AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
     except TypeError:  # encoders without a pooler (DistilBERT ...) reject the flag
         return AutoModel.from_pretrained(path, config=config)
+
+
+def set_dropout(config: Any, dropout: float) -> None:
+    """Set every dropout probability a Hugging Face config has (``_DROPOUT_KEYS``).
+
+    Set on the config before the model is built: attention dropout is read from the config
+    inside the attention call, so changing nn.Dropout modules afterwards is not enough.
+
+    Args:
+        config: a ``PretrainedConfig``.
+        dropout: the probability.
+
+    Raises:
+        ValueError: the config has none of those settings.
+    """
+    found = [k for k in _DROPOUT_KEYS if hasattr(config, k)]
+    if not found:
+        raise ValueError(f"model.dropout: {type(config).__name__} has no dropout setting "
+                         f"(looked for {', '.join(_DROPOUT_KEYS)})")
+    for key in found:
+        setattr(config, key, dropout)
 
 
 def freeze_bottom(encoder: nn.Module, layers: int) -> None:
@@ -364,10 +378,10 @@ class TwoTower(nn.Module):
             if cfg.bert_config is not None:
                 from transformers import BertConfig, BertModel
 
-                bert = dict(cfg.bert_config)
+                config = BertConfig(**cfg.bert_config)
                 if cfg.dropout is not None:
-                    bert.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
-                encoder = BertModel(BertConfig(**bert), add_pooling_layer=False)
+                    set_dropout(config, cfg.dropout)
+                encoder = BertModel(config, add_pooling_layer=False)
             else:
                 path = resolve_model_path(cfg.name_or_path)
                 if not Path(path, "config.json").is_file():
