@@ -42,9 +42,10 @@ class TrainConfig:
         mixed_precision: ``bf16`` autocast, or ``no`` for fp32.
         deterministic: ask PyTorch for deterministic kernels (bit-reproducible CPU runs).
         progress_bar: show a tqdm bar on rank 0.
-        sample_keys_log: every rank appends ``{"step", "epoch", "keys"}`` per step to
+        sample_keys_log: every rank appends ``{"step", "keys", "epochs"}`` per step to
             ``output_dir/sample_keys/rank_R.jsonl``: the keys of the samples it trained on
-            (all the step's micro-batches under gradient accumulation), for exactly-once
+            (all the step's micro-batches under gradient accumulation) and the loader epoch
+            of each (one step's micro-batches can straddle an epoch end), for exactly-once
             checks across kills and resumes. Off by default (one line per step).
         resume: ``auto`` (newest complete checkpoint in ``output_dir``, if any), ``none``, or
             a checkpoint folder.
@@ -127,19 +128,19 @@ class SampleKeysLog:
         """Start a new file (a fresh run); a resumed run appends to the old one instead."""
         self.path.unlink(missing_ok=True)
 
-    def write(self, step: int, epoch: int, keys: list[str]) -> None:
+    def write(self, step: int, keys: list[str], epochs: list[int]) -> None:
         """Append one step's record.
 
         Args:
             step: the optimiser step just done (1-based).
-            epoch: the loader's epoch of the batch.
-            keys: the batch's sample keys on this rank.
+            keys: the step's sample keys on this rank, all micro-batches in order.
+            epochs: the loader epoch of each key.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as fh:
             # Closed (so handed to the OS) at once, no fsync: it must survive a SIGKILL of this
             # process, which the page cache does; a power cut is not what it is for.
-            fh.write(json.dumps({"step": step, "epoch": epoch, "keys": list(keys)}) + "\n")
+            fh.write(json.dumps({"step": step, "keys": list(keys), "epochs": list(epochs)}) + "\n")
 
 
 class Trainer:
@@ -370,12 +371,13 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (cfg.progress_bar and acc.is_main_process))
         window_loss, window_pairs, window_start = 0.0, 0, time.perf_counter()
-        for batches in self._step_batches():
+        for batches, epochs in self._step_batches():
             loss = self.train_step(*batches)
             self.step += 1
             keys = [key for batch in batches for key in batch["keys"]]
             if self.keys_log is not None:
-                self.keys_log.write(self.step, self.loader.epoch, keys)
+                self.keys_log.write(self.step, keys, [e for batch, e in zip(batches, epochs)
+                                                      for _ in batch["keys"]])
             window_loss += float(loss)
             window_pairs += len(keys) * acc.num_processes
             bar.update(1)
@@ -397,20 +399,25 @@ class Trainer:
                 raise Preempted(self.step, str(self.last_checkpoint) if self.last_checkpoint else None)
         bar.close()
 
-    def _step_batches(self) -> Iterator[list[dict[str, Any]]]:
-        """The micro-batches of each remaining optimiser step, k at a time, until max_steps.
+    def _step_batches(self) -> Iterator[tuple[list[dict[str, Any]], list[int]]]:
+        """The micro-batches of each remaining optimiser step, k at a time, until max_steps,
+        with the loader epoch each came from.
 
         A step whose micro-batches straddle an epoch end continues into the next epoch (no
         batch is dropped); the loader's position is only read between steps, so a
         checkpoint never holds half a step.
         """
         group: list[dict[str, Any]] = []
+        epochs: list[int] = []
         while self.step < self.cfg.max_steps:
             for batch in self.loader:
                 group.append(batch)
+                # Read while the batch's epoch is current: the loader moves it on only after
+                # the epoch's last batch has been taken.
+                epochs.append(self.loader.epoch)
                 if len(group) == self.accumulation_steps:
-                    yield group
-                    group = []
+                    yield group, epochs
+                    group, epochs = [], []
                     if self.step >= self.cfg.max_steps:
                         return
 

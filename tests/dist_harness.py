@@ -127,35 +127,36 @@ def kill_tree(proc: subprocess.Popen, timeout: float = 60) -> None:
     proc.wait(timeout=timeout)
 
 
-def consumed_keys(out: Path) -> dict[tuple[int, int], tuple[int, list[str]]]:
+def consumed_keys(out: Path) -> dict[tuple[int, int], tuple[list[int], list[str]]]:
     """What every rank trained on, from the trainer's ``train.sample_keys_log=true`` files.
 
     Args:
         out: the run's output folder.
 
     Returns:
-        ``{(rank, step): (epoch, sample keys)}``; a step logged twice (before a kill and again
+        ``{(rank, step): (epoch of each key, sample keys)}``; a step logged twice (before a kill and again
         after the resume) keeps its last record, the one the finished run's weights depend on.
     """
     records = {}
     for rank, steps in logged_steps(out).items():
-        for step, epoch, keys in steps:
-            records[(rank, step)] = (epoch, keys)
+        for step, epochs, keys in steps:
+            records[(rank, step)] = (epochs, keys)
     return records
 
 
-def logged_steps(out: Path) -> dict[int, list[tuple[int, int, list[str]]]]:
-    """Every rank's sample-keys records in file order: ``{rank: [(step, epoch, keys), ...]}``."""
+def logged_steps(out: Path) -> dict[int, list[tuple[int, list[int], list[str]]]]:
+    """Every rank's sample-keys records in file order: ``{rank: [(step, epochs, keys), ...]}``
+    (``epochs[i]`` is the loader epoch ``keys[i]`` came from)."""
     files = sorted((out / "sample_keys").glob("rank_*.jsonl"))
     assert files, f"no sample keys logged under {out} (train.sample_keys_log=true?)"
     result = {}
     for path in files:
         lines = [json.loads(line) for line in path.read_text().splitlines()]
-        result[int(path.stem.split("_")[1])] = [(r["step"], r["epoch"], r["keys"]) for r in lines]
+        result[int(path.stem.split("_")[1])] = [(r["step"], r["epochs"], r["keys"]) for r in lines]
     return result
 
 
-def keys_per_step(records: dict[tuple[int, int], tuple[int, list[str]]]) -> dict[int, set[str]]:
+def keys_per_step(records: dict[tuple[int, int], tuple[list[int], list[str]]]) -> dict[int, set[str]]:
     """The global batch's keys (all ranks together) at each step."""
     steps: dict[int, set[str]] = {}
     for (_, step), (_, keys) in records.items():
@@ -163,12 +164,15 @@ def keys_per_step(records: dict[tuple[int, int], tuple[int, list[str]]]) -> dict
     return steps
 
 
-def assert_exactly_once(records: dict[tuple[int, int], tuple[int, list[str]]], steps: int, global_batch: int) -> None:
+def assert_exactly_once(records: dict[tuple[int, int], tuple[list[int], list[str]]], steps: int,
+                        global_batch: int) -> None:
     """Steps 1..``steps`` all logged, ``global_batch`` keys each, and no key twice in an epoch."""
     assert sorted({step for _, step in records}) == list(range(1, steps + 1))
     by_epoch: dict[int, list[str]] = {}
-    for epoch, keys in records.values():
-        by_epoch.setdefault(epoch, []).extend(keys)
+    for epochs, keys in records.values():
+        # Per key: with gradient accumulation one step can straddle an epoch end.
+        for epoch, key in zip(epochs, keys, strict=True):
+            by_epoch.setdefault(epoch, []).append(key)
     assert sum(map(len, by_epoch.values())) == steps * global_batch
     for epoch, keys in by_epoch.items():
         repeated = sorted(k for k, n in Counter(keys).items() if n > 1)

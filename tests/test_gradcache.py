@@ -181,7 +181,10 @@ def test_fit_counts_optimiser_steps_with_accumulation(tmp_path, one_batch_per_st
     records = [json.loads(line) for line in (tmp_path / "sample_keys" / "rank_0.jsonl").read_text().splitlines()]
     keys = [[f"e{e}b{b}k{i}" for e, b in micro for i in range(8)]
             for micro in ([(0, 0), (0, 1)], [(0, 2), (1, 0)], [(1, 1), (1, 2)])]
-    assert [(r["step"], r["epoch"], r["keys"]) for r in records] == [(1, 0, keys[0]), (2, 1, keys[1]), (3, 1, keys[2])]
+    # Step 2's keys are half epoch 0 (its first micro-batch), half epoch 1.
+    epochs = [[0] * 16, [0] * 8 + [1] * 8, [1] * 16]
+    assert [(r["step"], r["epochs"], r["keys"]) for r in records] == \
+        [(step, epochs[step - 1], keys[step - 1]) for step in (1, 2, 3)]
     with pytest.raises(ValueError, match="takes 2 micro-batches"):
         trainer.train_step(next(iter(trainer.loader)))
 
