@@ -69,8 +69,8 @@ POSITIVE, NEGATIVE = 2.67, 1.67
 # clicktower's fast path on a CPU (see the module docstring for what each one changes).
 CLICKTOWER_SPEED = ["model.length_buckets=4", "data.pad_to_multiple_of=1", "optim.implementation=fused",
                     "model.dropout=0.0", "model.freeze_embeddings=true"]
-# Where the clicktower settings were chosen: --seed 1 --val-queries 1000 --catalog-limit 10000.
-TUNING_SPLIT = {"seed": 1, "val_queries": 1000}
+# Where the clicktower settings were chosen (the --seed, --val-queries and --catalog-limit used).
+TUNING_SPLIT = {"seed": 1, "val_queries": 1000, "catalog_limit": 10000}
 METRICS = ("recall@10", "recall@100", "mrr@10", "ndcg@10")
 
 
@@ -355,7 +355,8 @@ def write_tables(results: dict, results_dir: Path) -> None:
     overlap = results["data"].get("val_queries_also_in_tuning_split_val")
     if overlap is not None:
         lines += [f"The clicktower settings were chosen with this script's functions on another split (`--seed "
-                  f"{TUNING_SPLIT['seed']} --val-queries {TUNING_SPLIT['val_queries']} --catalog-limit 10000`); "
+                  f"{TUNING_SPLIT['seed']} --val-queries {TUNING_SPLIT['val_queries']} --catalog-limit "
+                  f"{TUNING_SPLIT['catalog_limit']}`); "
                   f"{overlap} of the {results['data']['val_queries']:,} validation queries here were "
                   "validation queries there too.", ""]
     if results["comparison"]["not_won"]:
