@@ -4,9 +4,11 @@ The four top-level code folders install as subpackages of one import name
 (``clicktower.launcher``, ``clicktower.modeling``, ``clicktower.data``,
 ``clicktower.kernels``), so no bare ``data`` module lands in site-packages.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SUBPACKAGES = ("launcher", "modeling", "data", "kernels")
+# Each folder with its own sub-packages (launcher.commands, launcher.engine, launcher.retrieval).
+PACKAGES = [name for p in SUBPACKAGES for name in [f"clicktower.{p}"] + [f"clicktower.{p}.{sub}" for sub in find_packages(p)]]
 
 setup(
     name="clicktower",
@@ -14,9 +16,9 @@ setup(
     description="Distributed two-tower contrastive retrieval training for e-commerce click logs",
     python_requires=">=3.10",
     # ``clicktower`` itself is an implicit namespace package: only its subpackages ship.
-    packages=[f"clicktower.{p}" for p in SUBPACKAGES],
+    packages=PACKAGES,
     package_dir={f"clicktower.{p}": p for p in SUBPACKAGES},
-    package_data={"clicktower.launcher": ["slurm/*.sbatch"]},
+    package_data={"clicktower.launcher.slurm": ["*.sbatch"]},
     install_requires=[
         # torch is pinned by the Makefile (a local CPU wheel); a range here keeps an
         # installed torch instead of pulling a multi-GB CUDA build.

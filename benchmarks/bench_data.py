@@ -109,11 +109,11 @@ def _drain(batches, limit: int) -> tuple[int, float]:
 
 
 def bench_loader(path: str, workers: int, tokenize: bool, limit: int) -> dict:
-    from clicktower.data.loader import ClickPairLoader
+    from clicktower.data.loader import ClickPairLoader, DataConfig, PairTokenizer
 
-    tok = _tokenizer() if tokenize else None
-    loader = ClickPairLoader(path, BATCH, 0, 1, workers, seed=0, tokenizer=tok, max_length=32,
-                             max_item_length=64, shuffle_buffer=1000)
+    tokens = PairTokenizer(_tokenizer(), 32, 64) if tokenize else None   # query, item token limits
+    loader = ClickPairLoader(DataConfig(num_workers=workers, shuffle_buffer=1000), path, BATCH,
+                             seed=0, tokens=tokens)
     n, dt = _drain(loader, limit)
     return {"reader": "clicktower", "workers": workers, "tokenize": tokenize, "pairs": n,
             "seconds": round(dt, 2), "pairs_per_s": round(n / dt)}
@@ -154,15 +154,17 @@ def memory_probe(path: str, trace: bool = False) -> None:
     the manifest and the loader still hold after those 20 batches, and its peak."""
     import psutil
 
-    from clicktower.data.loader import ClickPairLoader
+    from clicktower.data.loader import ClickPairLoader, DataConfig
     from clicktower.data.shards import load_manifest
+
+    cfg = DataConfig(num_workers=0, shuffle_buffer=1000, infinite=True)
 
     if trace:
         import tracemalloc
 
         tracemalloc.start()
         manifest = load_manifest(path)
-        loader = ClickPairLoader(manifest, BATCH, 0, 1, 0, seed=0, shuffle_buffer=1000, infinite=True)
+        loader = ClickPairLoader(cfg, manifest, BATCH, seed=0)
         it = iter(loader)
         for _ in range(20):
             batch = next(it)
@@ -173,7 +175,7 @@ def memory_probe(path: str, trace: bool = False) -> None:
     base = psutil.Process().memory_info().rss
     t = time.perf_counter()
     manifest = load_manifest(path)
-    loader = ClickPairLoader(manifest, BATCH, 0, 1, 0, seed=0, shuffle_buffer=1000, infinite=True)
+    loader = ClickPairLoader(cfg, manifest, BATCH, seed=0)
     start = time.perf_counter() - t
     it = iter(loader)
     for _ in range(20):

@@ -16,7 +16,7 @@ numbers):
    the reduce buffers: DDP's buckets, DeepSpeed's IPG buckets; fp32 master partitions and
    Adam moments), plus each rank's peak RSS (VmHWM).
 2. Global batch reachable at a fixed per-rank memory with and without GradCache: the peak
-   RSS growth of one real ``Trainer.train_step`` (2-rank DDP, cross-device loss) MEASURED
+   RSS growth of one real ``TrainStep`` (2-rank DDP, cross-device loss) MEASURED
    at several local batches, with ``train.grad_cache_chunk`` and without; the reachable batch
    COMPUTED from the measured slope. Activation bytes per pair of BERT-base/-large MEASURED
    (tensors autograd saves) and the reachable batch on an 80 GiB GPU COMPUTED from them.
@@ -221,14 +221,15 @@ def _zero_worker(rank: int, world: int, port: int, name: str, stage: int, out: s
 
 
 def _gradcache_worker(rank: int, world: int, port: int, local: int, chunk: int, seq: int, out: str) -> None:
-    """One real Trainer.train_step (2-rank DDP via accelerate, cross-device loss) at ``local``
+    """One real TrainStep call (2-rank DDP via accelerate, cross-device loss) at ``local``
     pairs per rank; records the peak RSS growth of that step alone."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true")
     torch.set_num_threads(1)
     from accelerate import Accelerator
 
-    from clicktower.launcher.trainer import Trainer, TrainConfig
+    from clicktower.launcher.engine.optim import Optimization
+    from clicktower.launcher.engine.step import TrainStep
     from clicktower.modeling.losses import ContrastiveLoss
     from clicktower.modeling.towers import TwoTower, TwoTowerConfig
 
@@ -239,8 +240,8 @@ def _gradcache_worker(rank: int, world: int, port: int, local: int, chunk: int, 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     model, opt = acc.prepare(model, opt)
-    cfg = TrainConfig(batch_size=local, output_dir=str(Path(out) / f"run{rank}"), grad_cache_chunk=chunk or None)
-    trainer = Trainer(acc, model, opt, sched, None, ContrastiveLoss(True, True), cfg, None, False)
+    trainer = TrainStep(acc, model, ContrastiveLoss(True, True, mask_duplicate_items=False),
+                        Optimization(opt, sched, None), chunk or None)
     trainer.train_step(_batch(4, seq))  # Adam state and allocator warm-up outside the measurement
     gc.collect()
     base = _proc_status("VmRSS")
@@ -448,7 +449,7 @@ def main() -> None:
     plain, chunked = ([32, 128], [128, 512]) if args.quick else ([64, 256], [256, 1024])
     out["gradcache_step_measured"] = {
         "model": "TwoTower on BERT 256x4 (vocab 30522), shared tower, AdamW, fp32, dropout off",
-        "seq_len": gc_seq, "world": 2, "how": "Trainer.train_step under accelerate DDP (gloo), cross-device "
+        "seq_len": gc_seq, "world": 2, "how": "TrainStep (one training step) under accelerate DDP (gloo), cross-device "
         "symmetric loss; peak RSS (VmHWM, reset before the step) minus RSS before it, max over ranks",
         "rows": gradcache_memory(plain, chunked, gc_chunk, gc_seq, cache)}
     out["gradcache_reachable_computed"] = {

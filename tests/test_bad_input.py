@@ -7,6 +7,8 @@ import pytest
 
 from conftest import TINY_CONFIG, clicktower
 
+pytestmark = pytest.mark.e2e
+
 
 def _assert_user_error(result, *fragments):
     assert result.returncode == 2, (result.returncode, result.stderr)

@@ -8,10 +8,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from clicktower.launcher.checkpoint import (COMPLETE, LATEST, CheckpointConfig, Checkpointer,
-                                            find_resume_checkpoint, list_checkpoints)
-from clicktower.launcher.optim import OptimConfig, build_optimizer, build_scheduler
+from clicktower.launcher.engine.checkpoint import CheckpointConfig, Checkpointer
+from clicktower.launcher.engine.checkpoint_files import COMPLETE, LATEST, find_resume_checkpoint, list_checkpoints
+from clicktower.launcher.engine.optim import OptimConfig, build_optimizer, build_scheduler
 from clicktower.modeling.towers import TwoTower, TwoTowerConfig
+
+pytestmark = pytest.mark.unit
 
 TINY = dict(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=32, max_position_embeddings=32)
@@ -26,7 +28,7 @@ def _setup(tmp_path, keep_last=2):
     scheduler = build_scheduler(optimizer, optim_cfg, 10)
     model, optimizer = acc.prepare(model, optimizer)
     acc.register_for_checkpointing(scheduler)
-    return acc, model, optimizer, scheduler, Checkpointer(acc, tmp_path, CheckpointConfig(keep_last=keep_last))
+    return acc, model, optimizer, scheduler, Checkpointer(acc, tmp_path, CheckpointConfig(keep_last=keep_last), "train: {}\n")
 
 
 def _step(model, optimizer, scheduler):
@@ -42,7 +44,7 @@ def _step(model, optimizer, scheduler):
 def test_save_load_restores_model_optimizer_scheduler_and_rng(tmp_path):
     acc, model, optimizer, scheduler, ckpt = _setup(tmp_path)
     _step(model, optimizer, scheduler)
-    folder = ckpt.save(1, {"loader": {"epoch": 0, "samples_consumed": 4}}, "train: {}\n")
+    folder = ckpt.save(1, {"loader": {"epoch": 0, "samples_consumed": 4}})
     assert folder.name == "step_00000001" and (folder / COMPLETE).is_file()
     assert (tmp_path / "checkpoints" / LATEST).read_text().strip() == "step_00000001"
     expected_rng = torch.rand(3)
@@ -66,7 +68,7 @@ def test_auto_resume_skips_incomplete_and_corrupt_checkpoints(tmp_path, caplog):
     acc, model, optimizer, scheduler, ckpt = _setup(tmp_path, keep_last=5)
     for step in (1, 2, 3):
         _step(model, optimizer, scheduler)
-        ckpt.save(step, {"loader": {}}, "")
+        ckpt.save(step, {"loader": {}})
     root = tmp_path / "checkpoints"
     # step 3 corrupt (a flipped byte), step 4 killed before its marker, plus a half-written temp dir.
     weights = root / "step_00000003" / "model.safetensors"
@@ -91,7 +93,7 @@ def test_keep_last_prunes_old_checkpoints_and_temp_dirs(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / ".tmp-step_00000009").mkdir()
     for step in (1, 2, 3, 4):
-        ckpt.save(step, {"loader": {}}, "")
+        ckpt.save(step, {"loader": {}})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     marker = json.loads((tmp_path / "checkpoints" / "step_00000004" / COMPLETE).read_text())
@@ -100,8 +102,8 @@ def test_keep_last_prunes_old_checkpoints_and_temp_dirs(tmp_path):
 
 def test_due_by_steps_and_minutes(tmp_path):
     acc = Accelerator(cpu=True)
-    by_steps = Checkpointer(acc, tmp_path, CheckpointConfig(every_steps=4))
+    by_steps = Checkpointer(acc, tmp_path, CheckpointConfig(every_steps=4), "")
     assert [s for s in range(1, 13) if by_steps.due(s)] == [4, 8, 12]
-    by_time = Checkpointer(acc, tmp_path, CheckpointConfig(every_minutes=1e-9))
+    by_time = Checkpointer(acc, tmp_path, CheckpointConfig(every_minutes=1e-9), "")
     assert by_time.due(1)
-    assert not Checkpointer(acc, tmp_path, CheckpointConfig()).due(5)
+    assert not Checkpointer(acc, tmp_path, CheckpointConfig(), "").due(5)

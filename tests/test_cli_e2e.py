@@ -10,6 +10,8 @@ import pytest
 
 from conftest import TINY_CONFIG, clicktower, run
 
+pytestmark = pytest.mark.e2e
+
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -28,6 +30,7 @@ def _assert_trained(run_dir: Path, steps: int) -> list[dict]:
     return records
 
 
+@pytest.mark.slow
 def test_synth_shard_train_eval(tmp_path):
     data = tmp_path / "synth"
     result = clicktower("synth", "--out", str(data), "--pairs", "1500", "--seed", "2")

@@ -2,6 +2,7 @@
 values in rank order and each slice's gradient summed over ranks."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clicktower.kernels import gather_with_grad
@@ -9,6 +10,7 @@ from dist_harness import run_ranks
 from dist_workers import gather_worker
 
 
+@pytest.mark.unit
 def test_identity_without_process_group():
     x = torch.randn(3, 4, requires_grad=True)
     y = gather_with_grad(x)
@@ -17,6 +19,7 @@ def test_identity_without_process_group():
     assert torch.equal(x.grad, torch.ones(3, 4))
 
 
+@pytest.mark.multiprocess
 def test_uneven_gather_and_summed_gradient():
     sizes = (2, 3)
     full = torch.arange(10, dtype=torch.float32).view(5, 2)

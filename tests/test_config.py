@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from clicktower.launcher.config import ConfigError, ExperimentConfig, load_config
+from clicktower.launcher.engine.config import ConfigError, ExperimentConfig, load_config
 
 from conftest import TINY_CONFIG
+
+pytestmark = pytest.mark.unit
 
 
 def test_yaml_and_overrides_build_typed_sections(tmp_path):

@@ -8,9 +8,11 @@ import os
 import pytest
 
 from clicktower.data.errors import DataError
-from clicktower.data.loader import ClickPairLoader
+from clicktower.data.loader import ClickPairLoader, DataConfig, Rank
 from clicktower.data.shards import FORMAT, VERSION, _ShardFile, _tar_member, index_path, write_shards
 from clicktower.data.sources import FieldMap
+
+pytestmark = pytest.mark.unit
 
 GOOD = 40
 
@@ -50,9 +52,9 @@ CASES = {
 
 def _epoch(path, world=2, batch=5, on_error="skip", buffer=8):
     per_rank, loaders = [], []
+    cfg = DataConfig(num_workers=0, on_error=on_error, shuffle_buffer=buffer, block_size=4)
     for rank in range(world):
-        loader = ClickPairLoader(str(path), batch, rank, world, 0, 1, on_error=on_error,
-                                 shuffle_buffer=buffer, block_size=4)
+        loader = ClickPairLoader(cfg, str(path), batch, Rank(rank, world), 1)
         per_rank.append([b["keys"] for b in loader])
         loaders.append(loader)
     return per_rank, loaders
@@ -104,7 +106,7 @@ def test_missing_shard(tmp_path):
     path = _hand_made(tmp_path, [])
     os.remove(path / "shard-000000.tar")
     with pytest.raises(DataError, match="shard-000000.tar.*missing"):  # at start, not mid-epoch
-        ClickPairLoader(str(path), 5, on_error="raise")
+        ClickPairLoader(DataConfig(on_error="raise"), str(path), 5)
     per_rank, loaders = _epoch(path)
     _check_skip(per_rank, loaders, "missing_shard", 20, GOOD, at_start=True)
 
@@ -120,7 +122,7 @@ def test_truncated_shard(tmp_path, gz):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="shard-000001.*bytes"):
-        ClickPairLoader(str(out), 5, on_error="raise")
+        ClickPairLoader(DataConfig(on_error="raise"), str(out), 5)
     per_rank, loaders = _epoch(out)
     lost = loaders[0].error_counts()["truncated"]
     assert 10 <= lost <= 20  # about the back half of shard 1; shard 0 and the rest intact

@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.multiprocess
 
 
 def _rank_main(rank: int, world: int, port: int, path: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from clicktower.data.loader import ClickPairLoader
+        from clicktower.data.loader import ClickPairLoader, DataConfig, Rank
 
-        loader = ClickPairLoader(path, 24, rank, world, 0, seed=4, shuffle_buffer=200)
+        loader = ClickPairLoader(DataConfig(num_workers=0, shuffle_buffer=200), path, 24,
+                                 Rank(rank, world), seed=4)
         keys, steps = [], 0
         for batch in loader:
             keys += batch["keys"]

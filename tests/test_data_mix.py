@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from clicktower.data.loader import ClickPairLoader
+from clicktower.data.loader import ClickPairLoader, Rank
 from clicktower.data.shards import write_shards
 from clicktower.data.sources import FieldMap
-from clicktower.launcher.config import ConfigError, load_config
+from clicktower.launcher.engine.config import ConfigError, load_config
 from conftest import TINY_CONFIG, clicktower
 
 # Manifest B's input starts with this many blank lines, so its keys (line numbers) tell its
@@ -32,6 +32,7 @@ def _mix(a, b, wa=0.75, wb=0.25):
     return f"data.mix=[{{manifest: '{a}', weight: {wa}}}, {{manifest: '{b}', weight: {wb}}}]"
 
 
+@pytest.mark.unit
 def test_mix_config_is_validated(tmp_path):
     cfg = load_config(TINY_CONFIG, [_mix("x", "y")])
     assert [(m.manifest, m.weight) for m in cfg.data.mix] == [("x", 0.75), ("y", 0.25)]
@@ -50,6 +51,7 @@ def test_mix_config_is_validated(tmp_path):
         assert "\n" not in str(exc.value)
 
 
+@pytest.mark.e2e
 def test_train_on_a_weighted_mix(two_manifests, tmp_path):
     a, b = two_manifests
     steps, run_dir = 6, tmp_path / "run"
@@ -62,8 +64,8 @@ def test_train_on_a_weighted_mix(two_manifests, tmp_path):
     assert len(trained) == steps
     # Exactly the loader's mixed stream for this config: same seed, order and weights.
     cfg = load_config(TINY_CONFIG, overrides)
-    loader = ClickPairLoader.from_config(cfg.data, [str(a), str(b)], cfg.train.batch_size, 0, 1,
-                                         cfg.train.seed, None, 32, 64)
+    loader = ClickPairLoader(cfg.data, [str(a), str(b)], cfg.train.batch_size, Rank(0, 1),
+                             cfg.train.seed)
     assert loader.infinite
     expected = [batch["keys"] for _, batch in zip(range(steps), loader)]
     assert trained == expected

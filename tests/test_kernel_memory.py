@@ -1,16 +1,19 @@
 """The fused losses' extra memory is linear in the batch, not quadratic.
 
-Each measurement runs in a fresh subprocess (tests/kernel_mem_probe.py) and reports the
+Each measurement runs in a fresh subprocess (tests/support/kernel_mem_probe.py) and reports the
 increase of peak RSS over the RSS after imports and input allocation.
 """
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-PROBE = Path(__file__).resolve().parent / "kernel_mem_probe.py"
+from conftest import SUPPORT
+
+pytestmark = pytest.mark.unit
+
+PROBE = SUPPORT / "kernel_mem_probe.py"
 D, BLOCK = 16, 512
 
 
@@ -20,6 +23,7 @@ def _peak(method, B):
     return json.loads(out.strip().splitlines()[-1])["peak_increase_bytes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fused", "fused_sym"])
 def test_peak_memory_grows_linearly_with_batch(method):
     small, large = 4096, 16384

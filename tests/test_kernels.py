@@ -14,6 +14,8 @@ from clicktower.kernels import (
     symmetric_logsumexp,
 )
 
+pytestmark = pytest.mark.unit
+
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 
 

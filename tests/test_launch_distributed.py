@@ -38,6 +38,8 @@ def single(shard_dir, tmp_path_factory) -> tuple[list[float], Path]:
     return _train("cpu_1proc", shard_dir, out, 32), out
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["cpu_2proc_ddp", "cpu_2proc_zero1", "cpu_2proc_zero2", "cpu_2proc_zero3"])
 def test_two_processes_match_one_process_on_the_global_batch(single, shard_dir, tmp_path, config):
     losses = _train(config, shard_dir, tmp_path / "run", 16)
@@ -51,6 +53,7 @@ def test_two_processes_match_one_process_on_the_global_batch(single, shard_dir, 
             torch.testing.assert_close(tensor, ref[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.e2e
 def test_local_negatives_only_is_a_different_run(single, shard_dir, tmp_path):
     losses = _train("cpu_2proc_ddp", shard_dir, tmp_path / "run", 16, "loss.cross_device=false")
     assert abs(losses[0] - single[0][0]) > 0.1  # 16 negatives per query instead of 32
@@ -59,6 +62,7 @@ def test_local_negatives_only_is_a_different_run(single, shard_dir, tmp_path):
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "accelerate").glob("*.yaml")))
 def test_accelerate_configs_load_and_name_existing_deepspeed_files(name):
     """The GPU, multi-node and CPU launch files are valid accelerate configs (they cannot all be
@@ -71,6 +75,7 @@ def test_accelerate_configs_load_and_name_existing_deepspeed_files(name):
         assert (REPO / cfg.deepspeed_config["deepspeed_config_file"]).is_file()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
 def test_deepspeed_configs_parse(name, monkeypatch):
     """DeepSpeed accepts each shipped file once the values the trainer fills are in (the

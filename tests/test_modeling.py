@@ -8,6 +8,8 @@ import torch
 
 from clicktower.modeling.towers import Tower, TwoTower, TwoTowerConfig, resolve_model_path
 
+pytestmark = pytest.mark.unit
+
 TINY = dict(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=32, max_position_embeddings=32)
 
@@ -127,7 +129,7 @@ def test_frozen_bottom_gets_no_gradient_and_the_rest_trains():
     assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)
     trained = list(encoder.encoder.layer[2].parameters())
     assert all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
-    from clicktower.launcher.optim import OptimConfig, build_optimizer
+    from clicktower.launcher.engine.optim import OptimConfig, build_optimizer
     optimised = {id(p) for g in build_optimizer(model, OptimConfig()).param_groups for p in g["params"]}
     assert not optimised & {id(p) for p in frozen} and {id(p) for p in trained} <= optimised
 
@@ -146,7 +148,7 @@ def test_adamw_implementations_make_the_same_update(implementation):
     """optim.implementation changes how AdamW runs, not what it computes: one step agrees to
     1e-6 in fp32 (the fused kernel rounds differently; over more steps Adam's normalisation
     amplifies those last bits on weights whose gradients are tiny, hence one step)."""
-    from clicktower.launcher.optim import OptimConfig, build_optimizer
+    from clicktower.launcher.engine.optim import OptimConfig, build_optimizer
 
     updated = {}
     for impl in ("loop", implementation):

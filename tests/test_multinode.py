@@ -1,4 +1,4 @@
-"""Two hosts for real: network namespaces joined by a bridge (tests/netns.py), one
+"""Two hosts for real: network namespaces joined by a bridge (tests/support/netns.py), one
 `accelerate launch --num_machines 2 --machine_rank R --main_process_ip <host 0>` per host,
 one process each, gloo over the hosts' own interfaces (GLOO_SOCKET_IFNAME).
 
@@ -10,7 +10,7 @@ one process each, gloo over the hosts' own interfaces (GLOO_SOCKET_IFNAME).
   cut mid-run (a partition, noticed only by train.collective_timeout_s); the main host absent
   at start-up (the rendezvous times out, --rdzv_conf timeout; checked on the killed run's
   folder before its resume).
-- SLURM: slurmctld plus one slurmd per host (tests/slurm_cluster.py TwoNodeCluster);
+- SLURM: slurmctld plus one slurmd per host (tests/support/slurm_cluster.py TwoNodeCluster);
   train.sbatch with --nodes 2 trains across them, and when one host's trainer is SIGKILLed
   the job requeues itself, resumes and finishes with the one-host losses.
 - No namespace, link or process is left behind, also when a test fails.
@@ -169,6 +169,8 @@ def two_hosts_ddp(hosts, shard_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_ddp_across_two_hosts_matches_one_host(two_hosts_ddp, one_host):
     losses, expected = _losses(two_hosts_ddp), _losses(one_host)
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -176,6 +178,8 @@ def test_ddp_across_two_hosts_matches_one_host(two_hosts_ddp, one_host):
     assert losses[STEPS] < losses[1]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_zero2_across_two_hosts_matches_one_host(hosts, one_host, shard_dir, tmp_path):
     out = tmp_path / "run"
     _run_ok(hosts, "cpu_2proc_zero2", _args(shard_dir, out), tmp_path)
@@ -197,6 +201,8 @@ def _assert_main_host_absent_fails_clearly(hosts, shard_dir: Path, out: Path, lo
     assert hosts[1].pids() == []
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_host_killed_mid_run_fails_fast_then_main_host_absent_then_resumes_exactly(hosts, two_hosts_ddp, shard_dir, tmp_path):
     out = tmp_path / "run"
     with Launch(hosts, [0, 1], "cpu_2proc_ddp", _args(shard_dir, out, f"train.collective_timeout_s={TIMEOUT_S}"),
@@ -215,6 +221,8 @@ def test_host_killed_mid_run_fails_fast_then_main_host_absent_then_resumes_exact
     _assert_resumes_exactly(hosts, shard_dir, out, two_hosts_ddp, tmp_path)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_link_cut_mid_run_times_out_then_resumes_exactly(hosts, two_hosts_ddp, shard_dir, tmp_path):
     out = tmp_path / "run"
     with Launch(hosts, [0, 1], "cpu_2proc_ddp", _args(shard_dir, out, f"train.collective_timeout_s={TIMEOUT_S}"),
@@ -234,10 +242,11 @@ def test_link_cut_mid_run_times_out_then_resumes_exactly(hosts, two_hosts_ddp, s
     _assert_resumes_exactly(hosts, shard_dir, out, two_hosts_ddp, tmp_path)
 
 
+@pytest.mark.unit
 def test_collective_timeout_reaches_the_process_group_even_at_accelerates_default():
     from datetime import timedelta
 
-    from clicktower.launcher.distributed import accelerator_kwargs
+    from clicktower.launcher.engine.distributed import accelerator_kwargs
 
     (handler,) = accelerator_kwargs(20)["kwargs_handlers"]
     assert handler.to_kwargs()["timeout"] == timedelta(seconds=20)
@@ -246,16 +255,18 @@ def test_collective_timeout_reaches_the_process_group_even_at_accelerates_defaul
     assert abs(handler.to_kwargs()["timeout"].total_seconds() - 600) < 0.01
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", ["0", "-5", ".nan", "forever"])
 def test_collective_timeout_must_be_a_positive_number(value):
-    from clicktower.launcher.config import ConfigError, load_config
+    from clicktower.launcher.engine.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="collective_timeout_s"):
         load_config(None, [f"train.collective_timeout_s={value}"])
 
 
+@pytest.mark.unit
 def test_only_backend_errors_become_peer_lost():
-    from clicktower.launcher.distributed import PeerLost, peer_loss_errors
+    from clicktower.launcher.engine.distributed import PeerLost, peer_loss_errors
 
     gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
                         "[10.77.0.2]:54436: Connection reset by peer. This is typically caused by a remote "
@@ -274,6 +285,8 @@ def _slurm(cluster, args: list[str], env: dict[str, str]) -> str:
     return result.stdout
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_slurm_two_nodes_host_killed_requeues_itself_and_finishes(hosts, one_host, shard_dir, tmp_path):
     """train.sbatch with --nodes 2 on a cluster of one slurmd per host: host 1's training
     processes are SIGKILLed after the step-4 checkpoint; the job fails, requeues itself,

@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY_CONFIG, cli_env
-from clicktower.launcher.checkpoint import HOLD_SAVE_ENV
 from dist_harness import assert_exactly_once, consumed_keys, free_port, kill_tree, logged_steps, worker_pid
 from dist_launch import ACCELERATE
+from hold_save.sitecustomize import hold_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STEPS = 20
 
@@ -68,8 +70,9 @@ def test_sigkill_inside_a_checkpoint_save_then_resume_is_bitwise_identical(refer
     out = tmp_path / "run"
     root = out / "checkpoints"
     torn = root / ".tmp-step_00000016"
-    # The test hook holds the step-16 save after every rank wrote its files, before the marker.
-    proc = subprocess.Popen(_launch_cmd(_args(shard_dir, out)), cwd=REPO, env={**_env(), HOLD_SAVE_ENV: "16"},
+    # tests/support/hold_save (on the launch's PYTHONPATH) holds the step-16 save after every
+    # rank wrote its files, before the marker.
+    proc = subprocess.Popen(_launch_cmd(_args(shard_dir, out)), cwd=REPO, env=hold_env(16, _env()),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300

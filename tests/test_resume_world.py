@@ -19,6 +19,8 @@ import pytest
 from dist_harness import consumed_keys, keys_per_step
 from test_resume_zero import STEP8, STEP16, STEPS, _args, _losses, _run, _trainer_state
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 
 @pytest.mark.parametrize("before,after", [(("cpu_2proc_ddp", 16), ("cpu_1proc", 32)),
                                           (("cpu_1proc", 32), ("cpu_2proc_ddp", 16))],

@@ -24,9 +24,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY_CONFIG, cli_env, clicktower
-from clicktower.launcher.checkpoint import HOLD_SAVE_ENV
 from dist_harness import assert_exactly_once, consumed_keys, free_port, keys_per_step, logged_steps
 from dist_launch import ACCELERATE
+from hold_save.sitecustomize import hold_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STEPS = 20
 STEP8, STEP16 = "step_00000008", "step_00000016"
@@ -94,8 +96,9 @@ def test_sigkill_inside_a_save_then_resume_is_bitwise_identical(reference, shard
     root = out / "checkpoints"
     torn = root / f".tmp-{STEP16}"
     cmd, env = _cmd(config, _args(shard_dir, out))
-    # The test hook holds the step-16 save after every rank wrote its shards, before the marker.
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, HOLD_SAVE_ENV: "16"}, stdout=subprocess.DEVNULL,
+    # tests/support/hold_save (on the launch's PYTHONPATH) holds the step-16 save after every
+    # rank wrote its shards, before the marker.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=hold_env(16, env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
@@ -162,7 +165,7 @@ def test_ckpt_convert_writes_weights_and_every_optimizer_state(reference, tmp_pa
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
-    from clicktower.launcher.checkpoint import check_checkpoint
+    from clicktower.launcher.engine.checkpoint_files import check_checkpoint
 
     _, ref = reference
     src, dst = ref / "checkpoints" / STEP8, tmp_path / "converted"

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from clicktower.launcher.retrieval import exact_topk, mean_metrics, query_metrics
+from clicktower.launcher.retrieval.metrics import exact_topk, mean_metrics, query_metrics
+
+pytestmark = pytest.mark.unit
 
 
 def test_metrics_by_hand():

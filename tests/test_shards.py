@@ -13,6 +13,8 @@ from clicktower.data.shards import (FORMAT, MANIFEST_NAME, index_path, iter_shar
                                     load_manifest, write_shards)
 from clicktower.data.sources import FieldMap
 
+pytestmark = pytest.mark.unit
+
 # Unicode in queries and texts, numeric and string ids, a comma and a quote for CSV.
 PAIRS = [
     {"query": "red running shoes", "item_id": 101, "item_text": "Nike Air Zoom – red", "label": 1},

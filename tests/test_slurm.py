@@ -25,6 +25,8 @@ from conftest import REPO, TINY_CONFIG, cli_env, clicktower
 from dist_harness import assert_exactly_once, consumed_keys, free_port, kill_tree
 from dist_launch import ACCELERATE
 
+pytestmark = pytest.mark.e2e
+
 STEPS = 60
 CPU_DDP = REPO / "configs" / "accelerate" / "cpu_2proc_ddp.yaml"
 
@@ -97,6 +99,7 @@ def slurm():
     yield from slurm_cluster.cluster()
 
 
+@pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, shard_dir, tmp_path):
     ref_out, out, log = tmp_path / "ref", tmp_path / "run", tmp_path / "job.out"
     # The uninterrupted reference runs beside the job (outside SLURM): same config, no signal.

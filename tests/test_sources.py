@@ -10,6 +10,8 @@ from clicktower.data.errors import DataError
 from clicktower.data.sources import (FieldMap, check_fields, iter_records, record_fields,
                                      to_sample)
 
+pytestmark = pytest.mark.unit
+
 
 def write(path, text: str, encoding="utf-8"):
     path.write_bytes(text.encode(encoding))

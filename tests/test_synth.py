@@ -4,7 +4,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import pytest
+
 from clicktower.data.synth import generate
+
+pytestmark = pytest.mark.unit
 
 
 def _read(path):

@@ -118,7 +118,7 @@ PartitionName=debug Nodes={node_list} Default=YES MaxTime=INFINITE State=UP
 
 
 class TwoNodeCluster:
-    """slurmctld plus one slurmd per test host (tests/netns.py), each node named ``n<i>`` with
+    """slurmctld plus one slurmd per test host (tests/support/netns.py), each node named ``n<i>`` with
     ``NodeAddr`` its host's address, configured by its own ``slurm.conf`` (``SLURM_CONF``) so
     that a one-node cluster of ``.ci/setup_slurm.sh`` can run beside it.
 

@@ -1,67 +1,32 @@
-"""Experiment configuration: typed dataclasses, loaded from YAML with dotted CLI overrides.
+"""YAML sections to typed config dataclasses: dotted overrides, key and type checks.
 
-Each component owns its config dataclass next to its code (``TwoTowerConfig`` in
-``clicktower.modeling.towers``, ``DataConfig`` in ``clicktower.data.loader`` ...) and validates
-itself in ``__post_init__``. This module only composes them and turns YAML plus
-``key.sub=value`` overrides into instances, so that unknown keys and bad types fail before any
-work starts, with the offending key named.
+Generic: it knows dataclasses and type hints, not clicktower's components, so that anything
+(config composition, checkpoint conversion) can build a section without importing the rest.
 """
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
-from clicktower.data.loader import DataConfig
-from clicktower.modeling.losses import LossConfig
-from clicktower.modeling.towers import TwoTowerConfig
-from clicktower.launcher.checkpoint import CheckpointConfig
-from clicktower.launcher.optim import OptimConfig
-from clicktower.launcher.periodic_eval import EvalConfig
-from clicktower.launcher.trainer import TrainConfig
+from clicktower.launcher.errors import ConfigError
 
 
-class ConfigError(ValueError):
-    """A bad experiment config: one line naming the key at fault."""
-
-
-@dataclass
-class ExperimentConfig:
-    """The whole experiment: one section per component."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    model: TwoTowerConfig = field(default_factory=TwoTowerConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def __post_init__(self) -> None:
-        # Checks that span sections; each section validated itself already.
-        if self.data.hard_negatives_per_query and self.train.grad_cache_chunk:
-            raise ValueError("data.hard_negatives_per_query does not work with train.grad_cache_chunk yet")
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a YAML file, apply ``key.sub=value`` overrides, and build a validated config.
+def read_yaml_sections(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """Read a YAML mapping of sections and apply ``key.sub=value`` overrides to it.
 
     Args:
-        path: YAML file whose top-level keys are the sections of ``ExperimentConfig``;
-            None starts from the defaults.
-        overrides: strings ``section.key=value``; the value is parsed as YAML
-            (``train.max_steps=20``, ``model.bert_config={hidden_size: 32}``).
-
-    Returns:
-        The validated ``ExperimentConfig``.
+        path: YAML file whose top level is a mapping; None starts from an empty one.
+        overrides: strings ``section.key=value``; the value is parsed as YAML.
 
     Raises:
-        ConfigError: unreadable file, unknown key, wrong type or invalid value.
+        ConfigError: unreadable file, invalid YAML, a top level that is not a mapping, or a
+            malformed override.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -76,7 +41,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(ExperimentConfig, raw, prefix="")
+    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

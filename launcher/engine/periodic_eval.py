@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from clicktower.launcher.retrieval import embed_texts, exact_topk, mean_metrics, query_metrics
-
-METRIC_NAMES = ("recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10")
+from clicktower.launcher.engine.distributed import gathered_parameters
+from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_sharded
+from clicktower.launcher.retrieval.metrics import (METRIC_NAMES, MIN_RELEVANCE, exact_topk, mean_metrics,
+                                                   query_metrics)
+from clicktower.launcher.retrieval.readers import read_catalog, read_judged_queries
 
 
 @dataclass
@@ -37,9 +39,9 @@ class EvalConfig:
     every_steps: int | None = None
     queries: str | None = None
     catalog: str | None = None
-    min_relevance: float = 2.0
+    min_relevance: float = MIN_RELEVANCE
     metric: str = "ndcg@10"
-    batch_size: int = 128
+    batch_size: int = EMBED_BATCH_SIZE
 
     def __post_init__(self) -> None:
         if self.every_steps is not None:
@@ -51,39 +53,21 @@ class EvalConfig:
             raise ValueError(f"eval.metric must be one of {', '.join(METRIC_NAMES)}, got {self.metric!r}")
 
 
-def _padded_slice(rows: int, rank: int, world: int) -> tuple[list[int], int]:
-    """Row indices of ``rank`` padded to the same count on every rank, and the real count.
-
-    Every rank must run the same number of forward passes: under ZeRO-3 each forward
-    gathers the weights collectively, and a rank with one batch fewer would hang the rest.
-    """
-    per_rank = math.ceil(rows / world)
-    start = min(rank * per_rank, rows)
-    real = list(range(start, min(start + per_rank, rows)))
-    filler = real[-1:] if real else [0]
-    return real + filler * (per_rank - len(real)), len(real)
-
-
 class PeriodicEvaluator:
     """Runs the held-out evaluation from inside the training loop (collective).
 
     Args:
         accelerator: the training accelerator.
-        model: the unwrapped ``TwoTower``.
+        model: the unwrapped ``TwoTower`` (its token limits are the model config's).
         tokenizer: its tokenizer.
         cfg: eval config.
         output_dir: run folder (``best/`` goes there).
-        max_query_length: query token limit.
-        max_item_length: item token limit.
     """
 
-    def __init__(self, accelerator: Any, model: Any, tokenizer: Any, cfg: EvalConfig, output_dir: str | Path,
-                 max_query_length: int, max_item_length: int) -> None:
-        from clicktower.launcher.evaluate import read_catalog, read_judged_queries
-
+    def __init__(self, accelerator: Any, model: Any, tokenizer: Any, cfg: EvalConfig,
+                 output_dir: str | Path) -> None:
         self.acc, self.model, self.tokenizer, self.cfg = accelerator, model, tokenizer, cfg
         self.out = Path(output_dir)
-        self.q_len, self.i_len = max_query_length, max_item_length
         self.judged = read_judged_queries(cfg.queries)
         self.ids, self.texts = read_catalog(cfg.catalog)
         self.best = -math.inf
@@ -92,17 +76,8 @@ class PeriodicEvaluator:
         return self.cfg.every_steps is not None and step % self.cfg.every_steps == 0
 
     def _embed(self, tower: Any, texts: list[str], limit: int) -> torch.Tensor:
-        """This rank's rows of ``texts`` embedded, gathered so every rank holds all rows."""
-        rank, world = self.acc.process_index, self.acc.num_processes
-        rows, real = _padded_slice(len(texts), rank, world)
-        local = embed_texts(tower, self.tokenizer, [texts[i] for i in rows], limit, self.cfg.batch_size)
-        if world == 1:
-            return local[:real]
-        gathered = self.acc.gather(local.to(self.acc.device)).cpu()  # equal sizes: padded
-        per_rank = len(rows)
-        keep = [r * per_rank + j for r in range(world)
-                for j in range(_padded_slice(len(texts), r, world)[1])]
-        return gathered[keep]
+        """Every row of ``texts`` on every rank, each rank embedding its slice."""
+        return embed_sharded(tower, self.tokenizer, texts, limit, self.acc.device, self.cfg.batch_size)
 
     @torch.no_grad()
     def run(self, step: int) -> dict[str, Any]:
@@ -111,8 +86,8 @@ class PeriodicEvaluator:
         Args:
             step: the current optimiser step.
         """
-        catalog = self._embed(self.model.item_tower, self.texts, self.i_len)
-        queries = self._embed(self.model.query_tower, [q for q, _ in self.judged], self.q_len)
+        catalog = self._embed(self.model.item_tower, self.texts, self.model.max_item_length)
+        queries = self._embed(self.model.query_tower, [q for q, _ in self.judged], self.model.max_query_length)
         _, top = exact_topk(queries, catalog, k=100)
         per_query = [query_metrics([self.ids[i] for i in row], grades, self.cfg.min_relevance)
                      for row, (_, grades) in zip(top.tolist(), self.judged)]
@@ -126,12 +101,10 @@ class PeriodicEvaluator:
 
     def save_best(self, step: int, summary: dict[str, Any]) -> None:
         """Write the towers of the best model so far to ``OUTPUT_DIR/best`` (collective)."""
-        from clicktower.launcher.distributed import gathered_parameters
-
         with gathered_parameters(self.acc, self.model):  # ZeRO-3: full weights on the main rank
             if self.acc.is_main_process:
                 best = self.out / "best"
-                self.model.save_pretrained(best, self.tokenizer, self.q_len, self.i_len)
+                self.model.save_pretrained(best, self.tokenizer)
                 (best / "best.json").write_text(json.dumps({"step": step, "metric": self.cfg.metric,
                                                             **summary}, indent=2) + "\n")
         self.acc.wait_for_everyone()

@@ -1,16 +1,78 @@
-"""clicktower plot OUTPUT_DIR: loss, temperature, throughput and retrieval metrics against step.
-
-Reads ``OUTPUT_DIR/metrics.jsonl`` and writes ``OUTPUT_DIR/metrics.png`` (or ``--out``).
+"""The run's metric files: ``metrics.jsonl`` (written during training, read by ``clicktower
+plot``), the per-rank sample-key logs, and the PNG drawn from them.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import os
 from pathlib import Path
+from typing import Any
 
 from clicktower.data.errors import DataError
-from clicktower.launcher.errors import run_cli
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (main process only).
+
+    Args:
+        path: the ``metrics.jsonl`` file.
+        enabled: False on non-main ranks.
+    """
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def reset(self) -> None:
+        """Start a new file (a fresh run); a resumed run appends to the old one instead."""
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (a no-op on non-main ranks).
+
+        Args:
+            record: a JSON-serialisable mapping.
+        """
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())  # a crash must not lose the lines already reported
+
+
+class SampleKeysLog:
+    """Appends the sample keys one rank trained on, one JSON line per step.
+
+    A step logged twice (before a kill, and again after the resume) keeps its last line, as
+    in ``metrics.jsonl``.
+
+    Args:
+        path: this rank's ``sample_keys/rank_R.jsonl``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def reset(self) -> None:
+        """Start a new file (a fresh run); a resumed run appends to the old one instead."""
+        self.path.unlink(missing_ok=True)
+
+    def write(self, step: int, keys: list[str], epochs: list[int]) -> None:
+        """Append one step's record.
+
+        Args:
+            step: the optimiser step just done (1-based).
+            keys: the step's sample keys on this rank, all micro-batches in order.
+            epochs: the loader epoch of each key.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            # Closed (so handed to the OS) at once, no fsync: it must survive a SIGKILL of this
+            # process, which the page cache does; a power cut is not what it is for.
+            fh.write(json.dumps({"step": step, "keys": list(keys), "epochs": list(epochs)}) + "\n")
+
 
 PANELS = (("loss", "training loss"), ("temperature", "temperature"), ("pairs_per_sec", "pairs / s"))
 RETRIEVAL_PREFIXES = ("eval/", "recall@", "mrr@", "ndcg@")
@@ -73,19 +135,3 @@ def plot_metrics(records: list[dict], out: Path, title: str = "") -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clicktower plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("output_dir", help="a training output folder (holds metrics.jsonl)")
-    parser.add_argument("--out", default=None, help="PNG path (default OUTPUT_DIR/metrics.png)")
-    args = parser.parse_args(argv)
-    folder = Path(args.output_dir)
-    out = Path(args.out) if args.out else folder / "metrics.png"
-    plot_metrics(read_metrics(folder / "metrics.jsonl"), out, title=str(folder))
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

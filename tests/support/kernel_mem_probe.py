@@ -1,7 +1,7 @@
 """Helper for tests/test_kernel_memory.py: run one fused loss fwd+bwd in this fresh
 process and print the increase of peak RSS over the RSS after imports and inputs.
 
-    python tests/kernel_mem_probe.py {fused|fused_sym|naive} B D BLOCK
+    python tests/support/kernel_mem_probe.py {fused|fused_sym|naive} B D BLOCK
 """
 import json
 import sys

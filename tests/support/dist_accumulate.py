@@ -1,9 +1,9 @@
 """One process of the gradient-accumulation test, run under `accelerate launch`.
 
     accelerate launch --config_file configs/accelerate/cpu_2proc_ddp.yaml \
-        tests/dist_accumulate.py OUT.pt RUN_DIR
+        tests/support/dist_accumulate.py OUT.pt RUN_DIR
 
-Runs the real ``Trainer.fit`` for ONE optimiser step with gradient_accumulation_steps=2 on
+Runs the real ``TrainLoop.fit`` for ONE optimiser step with gradient_accumulation_steps=2 on
 the tiny TwoTower of ``dist_gradcache.py`` (dropout off, fp32, SGD lr 1 so the update IS the
 gradient) and a fake loader of fixed rank-dependent batches. Under DDP it also makes the
 reference: two separate k=1 steps from the same init, one per micro-batch, whose mean
@@ -14,13 +14,18 @@ the parameters (gathered under ZeRO-3), counters and losses to OUT.pt.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from clicktower.launcher.distributed import (accelerator_kwargs, deepspeed_plugin, gathered_parameters,
+from clicktower.launcher.engine.distributed import (accelerator_kwargs, deepspeed_plugin, gathered_parameters,
                                               prepare_launch)
-from clicktower.launcher.trainer import Trainer, TrainConfig
+from clicktower.launcher.engine.loop import TrainConfig, TrainLoop
+from clicktower.launcher.engine.observers import MetricsObserver, SampleKeysObserver
+from clicktower.launcher.engine.metrics import MetricsLog
+from clicktower.launcher.engine.optim import Optimization
+from clicktower.launcher.engine.step import TrainStep
 from clicktower.modeling.losses import ContrastiveLoss
 from dist_gradcache import BATCH, batch, prepared_sgd_model
 
@@ -44,20 +49,25 @@ class FixedLoader:
         return {}
 
 
-def build(accelerator: Accelerator, run_dir: str, steps: int) -> Trainer:
-    """A Trainer over a freshly seeded tiny model (the same init every call)."""
+def build(accelerator: Accelerator, run_dir: str, steps: int) -> TrainLoop:
+    """A training loop (metrics and sample-keys observers) over a freshly seeded tiny model
+    (the same init every call)."""
     accelerator.gradient_accumulation_steps = steps
     model, optimizer, scheduler = prepared_sgd_model(accelerator, 1.0)
     cfg = TrainConfig(batch_size=BATCH, max_steps=1, log_every_steps=1, output_dir=run_dir,
                       progress_bar=False, sample_keys_log=True)
     loader = FixedLoader(accelerator.process_index, 3)
-    return Trainer(accelerator, model, optimizer, scheduler, loader,
-                   ContrastiveLoss(True, accelerator.num_processes > 1), cfg, None, True)
+    step = TrainStep(accelerator, model, ContrastiveLoss(True, accelerator.num_processes > 1),
+                     Optimization(optimizer, scheduler, None))
+    observers = [MetricsObserver(MetricsLog(Path(run_dir) / "metrics.jsonl", accelerator.is_main_process), cfg,
+                                 accelerator.is_main_process),
+                 SampleKeysObserver(run_dir, accelerator.process_index)]
+    return TrainLoop(step, loader, cfg, observers)
 
 
-def params(accelerator: Accelerator, trainer: Trainer) -> dict[str, torch.Tensor]:
-    with gathered_parameters(accelerator, trainer.model):
-        model = accelerator.unwrap_model(trainer.model)
+def params(accelerator: Accelerator, loop: TrainLoop) -> dict[str, torch.Tensor]:
+    with gathered_parameters(accelerator, loop.train_step.model):
+        model = accelerator.unwrap_model(loop.train_step.model)
         return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
@@ -80,11 +90,11 @@ def main(out: str, run_dir: str) -> None:
         result["reference"] = {k: sum(p[k] for p in singles) / STEPS for k in singles[0]}
         result["reference_loss"] = sum(losses) / STEPS
         result["first_alone"] = singles[0]
-    trainer = build(accelerator, run_dir, STEPS)
-    trainer.start(None)
-    trainer.fit()
-    result.update(params=params(accelerator, trainer), step=trainer.step, served=trainer.loader.served,
-                  scheduler_steps=trainer.scheduler.last_epoch, accumulation_steps=trainer.accumulation_steps)
+    loop = build(accelerator, run_dir, STEPS)
+    loop.fit()
+    result.update(params=params(accelerator, loop), step=loop.step, served=loop.loader.served,
+                  scheduler_steps=loop.train_step.scheduler.last_epoch,
+                  accumulation_steps=loop.train_step.accumulation_steps)
     if accelerator.is_main_process:
         torch.save(result, out)
     accelerator.wait_for_everyone()

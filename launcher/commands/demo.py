@@ -16,10 +16,10 @@ from pathlib import Path
 from clicktower.data.shards import write_shards
 from clicktower.data.sources import FieldMap
 from clicktower.data.synth import generate
-from clicktower.launcher.config import load_config
+from clicktower.launcher.engine.config import load_config
+from clicktower.launcher.engine.training import train
 from clicktower.launcher.errors import run_cli
-from clicktower.launcher.evaluate import evaluate
-from clicktower.launcher.train import train
+from clicktower.launcher.retrieval.evaluation import evaluate
 
 METRICS = ("recall@10", "recall@100", "mrr@10", "ndcg@10")
 

@@ -1,6 +1,6 @@
 """Launcher-side glue for multi-process training: DeepSpeed config filling, warnings,
 ZeRO-3 parameter gathering and rank reductions. All torch.distributed / DeepSpeed
-awareness of the training loop lives here and in ``trainer.py``; models and losses never
+awareness of the training loop lives here and in ``step.py``; models and losses never
 read the rank or the environment.
 """
 from __future__ import annotations
@@ -11,6 +11,8 @@ import os
 from typing import Any, Iterator
 
 import torch
+
+from clicktower.launcher.errors import ConfigError
 
 logger = logging.getLogger("clicktower")
 
@@ -50,8 +52,6 @@ def configure_deepspeed(accelerator: Any, batch_size: int, max_grad_norm: float 
         ConfigError: the DeepSpeed file sets ``gradient_clipping`` or the micro batch to a
             value that disagrees with the experiment config.
     """
-    from clicktower.launcher.config import ConfigError  # config imports the trainer, which imports us
-
     plugin = deepspeed_plugin(accelerator)
     if plugin is None:
         return
@@ -119,8 +119,6 @@ def check_world_size(accelerator: Any) -> None:
     """Refuse a launch where the launcher started N processes but accelerate sees one each
     (e.g. ``accelerate launch`` on a CPU machine without ``ACCELERATE_USE_CPU=true``): each
     process would silently train alone on its shard with local negatives only."""
-    from clicktower.launcher.config import ConfigError
-
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and accelerator.num_processes != launched:
         raise ConfigError(f"WORLD_SIZE={launched} processes were launched but accelerate sees "

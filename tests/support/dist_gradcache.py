@@ -1,9 +1,9 @@
 """One process of the GradCache equivalence test, run under `accelerate launch`.
 
     accelerate launch --config_file configs/accelerate/cpu_2proc_zero2.yaml \
-        tests/dist_gradcache.py OUT.pt CHUNK|none
+        tests/support/dist_gradcache.py OUT.pt CHUNK|none
 
-Builds a tiny TwoTower (dropout off, fp32), runs two real ``Trainer.train_step`` calls on
+Builds a tiny TwoTower (dropout off, fp32), runs two real ``TrainStep`` calls on
 fixed rank-dependent batches with plain SGD (lr 1, so the update IS the gradient), and
 writes the resulting parameters (gathered under ZeRO-3) from rank 0.
 """
@@ -14,8 +14,9 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from clicktower.launcher.distributed import accelerator_kwargs, gathered_parameters, prepare_launch
-from clicktower.launcher.trainer import Trainer, TrainConfig
+from clicktower.launcher.engine.distributed import accelerator_kwargs, gathered_parameters, prepare_launch
+from clicktower.launcher.engine.optim import Optimization
+from clicktower.launcher.engine.step import TrainStep
 from clicktower.modeling.losses import ContrastiveLoss
 from clicktower.modeling.towers import TwoTower, TwoTowerConfig
 
@@ -60,11 +61,9 @@ def main(out: str, chunk: str) -> None:
     accelerator = Accelerator(**accelerator_kwargs())
     prepare_launch(accelerator, BATCH, None)
     model, optimizer, scheduler = prepared_sgd_model(accelerator, 1.0)
-    cfg = TrainConfig(batch_size=BATCH, output_dir="/tmp/unused",
-                      grad_cache_chunk=None if chunk == "none" else int(chunk))
-    trainer = Trainer(accelerator, model, optimizer, scheduler, None,
-                      ContrastiveLoss(True, accelerator.num_processes > 1), cfg, None, True)
-    losses = [float(trainer.train_step(batch(accelerator.process_index, step))) for step in range(2)]
+    train_step = TrainStep(accelerator, model, ContrastiveLoss(True, accelerator.num_processes > 1),
+                           Optimization(optimizer, scheduler, None), None if chunk == "none" else int(chunk))
+    losses = [float(train_step(batch(accelerator.process_index, step))) for step in range(2)]
     with gathered_parameters(accelerator, model):
         params = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).named_parameters()}
     if accelerator.is_main_process:

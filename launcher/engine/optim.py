@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -112,3 +112,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
         max_steps: total steps of the run.
     """
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, max_steps))
+
+
+@dataclass
+class Optimization:
+    """What one optimiser step updates with: the (prepared) optimiser, its LR schedule, and
+    the clipping threshold.
+
+    Args:
+        optimizer: the optimiser, after ``accelerator.prepare``.
+        scheduler: its LR schedule (stepped once per optimiser step on every rank).
+        max_grad_norm: ``optim.max_grad_norm`` (None: no clipping).
+    """
+
+    optimizer: Any
+    scheduler: Any
+    max_grad_norm: float | None

@@ -1,4 +1,4 @@
-"""Embedding texts with a tower, exact top-k search and retrieval metrics."""
+"""Exact top-k search and retrieval metrics: Recall@k, MRR@10, nDCG@10."""
 from __future__ import annotations
 
 import math
@@ -6,35 +6,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from clicktower.modeling.towers import Tower
-
-
-@torch.no_grad()
-def embed_texts(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: int,
-                batch_size: int = 128) -> torch.Tensor:
-    """Embed texts in batches, in eval mode; returns [len(texts), D] float32 on the CPU.
-
-    Args:
-        tower: the tower to use.
-        tokenizer: its tokenizer.
-        texts: the texts.
-        max_length: token limit.
-        batch_size: texts per forward pass.
-    """
-    was_training = tower.training
-    tower.eval()
-    device = next(tower.parameters()).device
-    # Sorting by length keeps padding low; the original order is restored at the end.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(len(texts), tower.embedding_dim)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        emb = tower(enc["input_ids"].to(device), enc["attention_mask"].to(device))
-        out[idx] = emb.float().cpu()
-    tower.train(was_training)
-    return out
+# The metrics every evaluation reports (and ``eval.metric`` may select from).
+METRIC_NAMES = ("recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10")
+# The grade from which a judged item counts as relevant, unless a command or config says otherwise.
+MIN_RELEVANCE = 2.0
 
 
 def exact_topk(queries: torch.Tensor, catalog: torch.Tensor, k: int,

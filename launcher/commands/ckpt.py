@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from clicktower.launcher.checkpoint import check_checkpoint, convert_to_ddp
+    from clicktower.launcher.engine.checkpoint_files import check_checkpoint
+    from clicktower.launcher.engine.convert import convert_to_ddp
 
     problem = check_checkpoint(Path(args.checkpoint), verify_checksums=True) if Path(args.checkpoint).is_dir() \
         else "no such folder"

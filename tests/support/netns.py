@@ -1,8 +1,8 @@
 """Test hosts on one machine: N network namespaces joined by a bridge, each with its own address.
 
-    python tests/netns.py up 2      # create hosts ctmn<pid>h0, ctmn<pid>h1 (prints name, ifname, address)
-    python tests/netns.py down      # remove test hosts whose creating process is gone
-    python tests/netns.py down all  # remove every test host (ctmn* namespaces)
+    python tests/support/netns.py up 2      # create hosts ctmn<pid>h0, ctmn<pid>h1 (prints name, ifname, address)
+    python tests/support/netns.py down      # remove test hosts whose creating process is gone
+    python tests/support/netns.py down all  # remove every test host (ctmn* namespaces)
     ip netns exec <name> <command>  # run something "on" a host
 
 Topology: a hub namespace holds a bridge ``br0``; host i is a namespace with one veth ``eth0``

@@ -1,6 +1,5 @@
-"""clicktower export: consolidated fp32 towers as Hugging Face and sentence-transformers folders.
-
-    clicktower export runs/x/checkpoints/step_00001000 --out exported/
+"""Export a trained model: consolidated fp32 towers as Hugging Face and sentence-transformers
+folders (``clicktower export``).
 
 Input: a checkpoint folder (accelerate ``model.safetensors``, or DeepSpeed ZeRO shards of any
 stage, consolidated to fp32 with DeepSpeed's ``zero_to_fp32``) or a ``final/`` folder.
@@ -12,15 +11,13 @@ Output::
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clicktower.launcher.errors import run_cli
+from clicktower.launcher.engine.config import load_config
 from clicktower.modeling.towers import Tower, TwoTower
 
 
@@ -34,8 +31,6 @@ def load_checkpoint_model(folder: Path) -> tuple[TwoTower, Any, Any]:
         ``(model, tokenizer, experiment config)``.
     """
     from transformers import AutoTokenizer
-
-    from clicktower.launcher.config import load_config
 
     cfg = load_config(folder / "config.yaml")
     model = TwoTower.from_config(cfg.model)
@@ -117,16 +112,3 @@ def export(source: str, out: str) -> dict[str, Any]:
     summary = {"out": str(dst), "source": str(src), "towers": sorted(towers)}
     (dst / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clicktower export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="checkpoint folder (any ZeRO stage) or final/ folder")
-    parser.add_argument("--out", required=True, help="output folder")
-    args = parser.parse_args(argv)
-    print(json.dumps(export(args.checkpoint, args.out)), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

@@ -1,0 +1,40 @@
+"""clicktower embed: embed a catalog on every rank and build a FAISS index.
+
+    clicktower embed --model runs/demo/final --catalog catalog.jsonl --out index/
+    accelerate launch -m clicktower.launcher.index --model ... --catalog ... --out index/
+
+Every rank embeds its slice of the catalog and writes it; the main process builds the index
+(see ``clicktower.launcher.retrieval.faiss_index`` for the folder layout).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from clicktower.launcher.errors import run_cli
+from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE
+from clicktower.launcher.retrieval.faiss_index import embed_catalog
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``clicktower embed``; returns the exit status.
+
+    Args:
+        argv: the command's arguments (default: ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(prog="clicktower embed", description="embed a catalog and build a FAISS index")
+    parser.add_argument("--model", required=True, help="final/ folder or pretrained encoder folder")
+    parser.add_argument("--catalog", required=True, help="catalog file (item_id, item_text)")
+    parser.add_argument("--out", required=True, help="index folder")
+    parser.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat", help="FAISS index kind")
+    parser.add_argument("--batch-size", type=int, default=EMBED_BATCH_SIZE, help="texts per forward pass")
+    args = parser.parse_args(argv)
+    meta = embed_catalog(args.model, args.catalog, args.out, args.index, args.batch_size)
+    if meta is not None:
+        print(json.dumps({"out": args.out, **meta}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

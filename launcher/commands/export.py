@@ -1,0 +1,33 @@
+"""clicktower export: checkpoint to Hugging Face + sentence-transformers folders.
+
+    clicktower export runs/x/checkpoints/step_00001000 --out exported/
+
+The input is a checkpoint folder of any ZeRO stage or a ``final/`` folder; the output layout
+is described in ``clicktower.launcher.engine.export``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from clicktower.launcher.engine.export import export
+from clicktower.launcher.errors import run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``clicktower export``; returns the exit status.
+
+    Args:
+        argv: the command's arguments (default: ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(prog="clicktower export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="checkpoint folder (any ZeRO stage) or final/ folder")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    print(json.dumps(export(args.checkpoint, args.out)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,49 @@
+"""clicktower mine: mine hard negatives with a model into a new shard set.
+
+    clicktower mine --model runs/x/final --manifest data/shards --out data/shards_mined
+    accelerate launch -m clicktower.launcher.mine --model ... --manifest ... --out ...
+
+The rules (rank window, margin, exclusions) are those of
+``clicktower.launcher.retrieval.mining``; the last stdout line is the JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from clicktower.launcher.errors import run_cli
+from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE
+from clicktower.launcher.retrieval.mining import mine
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``clicktower mine``; returns the exit status.
+
+    Args:
+        argv: the command's arguments (default: ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(prog="clicktower mine", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="final/ folder or pretrained encoder folder")
+    parser.add_argument("--manifest", required=True, help="input shard manifest (or its folder)")
+    parser.add_argument("--out", required=True, help="output shard folder")
+    parser.add_argument("--catalog", help="extra candidate items (item_id, item_text)")
+    parser.add_argument("--ranks", type=int, nargs=2, default=(10, 100), metavar=("START", "END"),
+                        help="1-based inclusive rank window of candidates (default 10 100)")
+    parser.add_argument("--margin", type=float, default=0.05,
+                        help="drop candidates scoring above the positive's score minus this")
+    parser.add_argument("--negatives", type=int, default=5, help="hard negatives per sample")
+    parser.add_argument("--keep-existing", action="store_true", help="keep the samples' own hard negatives first")
+    parser.add_argument("--batch-size", type=int, default=EMBED_BATCH_SIZE, help="texts per forward pass")
+    parser.add_argument("--shard-size", type=int, help="samples per output shard (default: the input's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output shard folder")
+    args = parser.parse_args(argv)
+    summary = mine(args.model, args.manifest, args.out, args.catalog, tuple(args.ranks), args.margin,
+                   args.negatives, args.keep_existing, args.batch_size, args.shard_size, args.overwrite)
+    if summary is not None:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,56 @@
+"""clicktower train: train a two-tower retrieval model from a YAML config.
+
+    clicktower train --config configs/demo.yaml train.max_steps=50
+    accelerate launch -m clicktower.launcher.train --config configs/demo.yaml
+
+The work is ``clicktower.launcher.engine.training.train``; this is its command line: parse,
+load the config, train, report (exit 75 after a preemption checkpoint, for requeueing).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from clicktower.launcher.engine.config import load_config
+from clicktower.launcher.engine.preemption import EXIT_PREEMPTED, Preempted
+from clicktower.launcher.engine.training import train
+from clicktower.launcher.errors import run_cli
+
+
+def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
+    """The config path and the ``key.sub=value`` overrides.
+
+    Args:
+        argv: the command's arguments (default: ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(prog="clicktower train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML file")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=20")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``clicktower train``; returns the exit status.
+
+    Args:
+        argv: the command's arguments (default: ``sys.argv[1:]``).
+    """
+    config_path, overrides = parse_args(argv)
+    cfg = load_config(config_path, overrides)
+    # One line per job, not per rank (the launcher sets RANK for every worker).
+    main_rank = os.environ.get("RANK", "0") == "0"
+    try:
+        final = train(cfg)
+    except Preempted as stop:
+        if main_rank:
+            print(f"{stop}; resume with train.resume=auto", flush=True)
+        return EXIT_PREEMPTED
+    if main_rank:
+        print(f"saved {final}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

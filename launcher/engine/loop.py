@@ -1,0 +1,200 @@
+"""The training loop: optimiser steps until ``train.max_steps``, over epochs, with observers.
+
+``TrainLoop`` feeds the loader's micro-batches to a ``TrainStep`` and, after every optimiser
+step, hands a ``StepReport`` to its observers (metrics and progress, sample keys, periodic
+evaluation, checkpoints and preemption: ``observers.py``) in order. Its own state is the step
+count and the loader position, which the checkpoint observer saves.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Protocol, Sequence
+
+import torch
+
+from clicktower.launcher.engine.distributed import gathered_parameters
+from clicktower.launcher.engine.step import TrainStep
+
+
+@dataclass
+class TrainConfig:
+    """Train section of the experiment config.
+
+    Args:
+        batch_size: pairs per device per step (the global batch is this x world size).
+        max_steps: optimiser steps of the run.
+        output_dir: where ``metrics.jsonl``, ``config.yaml`` and ``final/`` go.
+        seed: seeds model init, dropout and the data order.
+        log_every_steps: one ``metrics.jsonl`` line (and progress update) every N steps.
+        mixed_precision: ``bf16`` autocast, or ``no`` for fp32.
+        deterministic: ask PyTorch for deterministic kernels (bit-reproducible CPU runs).
+        progress_bar: show a tqdm bar on rank 0.
+        sample_keys_log: every rank appends ``{"step", "keys", "epochs"}`` per step to
+            ``output_dir/sample_keys/rank_R.jsonl``: the keys of the samples it trained on
+            (all the step's micro-batches under gradient accumulation) and the loader epoch
+            of each (one step's micro-batches can straddle an epoch end), for exactly-once
+            checks across kills and resumes. Off by default (one line per step).
+        resume: ``auto`` (newest complete checkpoint in ``output_dir``, if any), ``none``, or
+            a checkpoint folder.
+        grad_cache_chunk: GradCache: embed the local batch in chunks of this many pairs
+            without activations, compute the loss and its gradient w.r.t. the embeddings on
+            the whole (global) batch, then re-run each chunk with grad and back-propagate the
+            cached gradient. Same update as without (bit-for-bit up to float reassociation;
+            dropout replays via saved RNG state), activation memory of one chunk. None: off.
+        collective_timeout_s: how long any collective (and the process group's set-up) may
+            wait for a peer before failing. A dead process closes its sockets and fails its
+            peers at once; a cut network or a hung host is only noticed by this timeout, so
+            keep it minutes, not PyTorch's default half hour. Longer than the slowest step
+            plus a checkpoint write.
+    """
+
+    batch_size: int = 32
+    max_steps: int = 100
+    output_dir: str = "runs/default"
+    seed: int = 0
+    log_every_steps: int = 10
+    mixed_precision: Literal["no", "bf16"] = "no"
+    deterministic: bool = True
+    progress_bar: bool = True
+    sample_keys_log: bool = False
+    grad_cache_chunk: int | None = None
+    resume: str = "auto"
+    collective_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
+            raise ValueError(f"train.grad_cache_chunk must be >= 1 or null, got {self.grad_cache_chunk}")
+        if not self.output_dir:
+            raise ValueError("train.output_dir must not be empty")
+        if not 0 < self.collective_timeout_s < math.inf:
+            raise ValueError(f"train.collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
+
+
+@dataclass
+class StepReport:
+    """What one optimiser step did, as observers see it.
+
+    Args:
+        step: optimiser steps done (1-based).
+        loss: the step's loss, detached, averaged over micro-batches and ranks.
+        keys: this rank's sample keys, all micro-batches in order.
+        epochs: the loader epoch of each key.
+        pairs: pairs trained on in this step over all ranks.
+    """
+
+    step: int
+    loss: torch.Tensor
+    keys: list[str]
+    epochs: list[int]
+    pairs: int
+
+
+class Observer(Protocol):
+    """Called by ``TrainLoop``; every rank calls every method (some are collective)."""
+
+    def on_start(self, loop: "TrainLoop", resumed: bool) -> None: ...
+
+    def after_step(self, loop: "TrainLoop", report: StepReport) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TrainLoop:
+    """Runs optimiser steps until ``cfg.max_steps``, looping over epochs.
+
+    Args:
+        train_step: the step to run (it holds the accelerator and the model).
+        loader: a ``ClickPairLoader`` yielding tokenised micro-batches.
+        cfg: train config.
+        observers: called in this order after every step.
+    """
+
+    def __init__(self, train_step: TrainStep, loader: Any, cfg: TrainConfig,
+                 observers: Sequence[Observer] = ()) -> None:
+        self.train_step, self.loader, self.cfg = train_step, loader, cfg
+        self.observers = list(observers)
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's part of a checkpoint: the step count and the data position."""
+        return {"step": self.step, "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()`` output (model/optimiser/RNG: the checkpointer)."""
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+
+    def fit(self, resume_state: dict[str, Any] | None = None) -> None:
+        """Train until ``cfg.max_steps``.
+
+        Args:
+            resume_state: the loop state of the checkpoint resumed from, or None for a fresh
+                run (``Checkpointer.resume`` gives it).
+
+        Raises:
+            Preempted: after the checkpoint, when a stop signal arrived (checkpoint observer).
+        """
+        if resume_state is not None:
+            self.load_state_dict(resume_state)
+        # Hugging Face's from_pretrained returns encoders in eval mode: without this a
+        # pretrained tower would train with its dropout silently off.
+        self.train_step.model.train()
+        world = self.train_step.accelerator.num_processes
+        for observer in self.observers:
+            observer.on_start(self, resume_state is not None)
+        try:
+            for batches, epochs in self._step_batches():
+                loss = self.train_step(*batches)
+                self.step += 1
+                keys = [key for batch in batches for key in batch["keys"]]
+                key_epochs = [e for batch, e in zip(batches, epochs) for _ in batch["keys"]]
+                report = StepReport(self.step, loss, keys, key_epochs, len(keys) * world)
+                for observer in self.observers:
+                    observer.after_step(self, report)
+        finally:
+            for observer in self.observers:
+                observer.close()
+
+    def _step_batches(self) -> Iterator[tuple[list[dict[str, Any]], list[int]]]:
+        """The micro-batches of each remaining optimiser step, k at a time, until max_steps,
+        with the loader epoch each came from.
+
+        A step whose micro-batches straddle an epoch end continues into the next epoch (no
+        batch is dropped); the loader's position is only read between steps, so a
+        checkpoint never holds half a step.
+        """
+        group: list[dict[str, Any]] = []
+        epochs: list[int] = []
+        while self.step < self.cfg.max_steps:
+            for batch in self.loader:
+                group.append(batch)
+                # Read while the batch's epoch is current: the loader moves it on only after
+                # the epoch's last batch has been taken.
+                epochs.append(self.loader.epoch)
+                if len(group) == self.train_step.accumulation_steps:
+                    yield group, epochs
+                    group, epochs = [], []
+                    if self.step >= self.cfg.max_steps:
+                        return
+
+
+def save_final(accelerator: Any, model: Any, folder: Path, tokenizer: Any) -> Path:
+    """Write the trained towers as Hugging Face folders (collective: every rank calls it).
+
+    Args:
+        accelerator: the training accelerator.
+        model: the prepared model.
+        folder: the ``final/`` folder.
+        tokenizer: saved beside each tower.
+    """
+    accelerator.wait_for_everyone()
+    with gathered_parameters(accelerator, model):  # ZeRO-3 partitions the weights; all ranks enter
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(folder, tokenizer)
+    accelerator.wait_for_everyone()
+    return folder

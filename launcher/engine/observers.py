@@ -1,0 +1,164 @@
+"""Observers of the training loop: what happens after each optimiser step besides the step.
+
+* ``MetricsObserver``: ``metrics.jsonl`` every ``train.log_every_steps`` and the progress bar;
+* ``SampleKeysObserver``: each rank's sample keys per step (``train.sample_keys_log``);
+* ``EvalObserver``: the held-out evaluation every ``eval.every_steps``;
+* ``CheckpointObserver``: a checkpoint when due or when a stop signal arrived, then
+  ``Preempted``.
+
+Every rank calls every observer (evaluation and checkpoints are collective).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from clicktower.launcher.engine.checkpoint import Checkpointer
+from clicktower.launcher.engine.loop import StepReport, TrainConfig, TrainLoop
+from clicktower.launcher.engine.metrics import MetricsLog, SampleKeysLog
+from clicktower.launcher.engine.periodic_eval import PeriodicEvaluator
+from clicktower.launcher.engine.preemption import Preempted, PreemptionHandler
+
+
+class MetricsObserver:
+    """The ``metrics.jsonl`` lines (mean loss over the window, lr, temperature, pairs/s, bad
+    sample counts) and rank 0's progress bar.
+
+    Args:
+        metrics: the run's ``metrics.jsonl`` writer.
+        cfg: train config (``log_every_steps``, ``max_steps``, ``progress_bar``).
+        main_process: whether this rank shows the progress bar.
+    """
+
+    def __init__(self, metrics: MetricsLog, cfg: TrainConfig, main_process: bool) -> None:
+        self.metrics, self.cfg, self.main_process = metrics, cfg, main_process
+        self.bar: Any = None
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self.window_loss, self.window_pairs, self.window_start = 0.0, 0, time.perf_counter()
+
+    def on_start(self, loop: TrainLoop, resumed: bool) -> None:
+        from tqdm.auto import tqdm
+
+        if not resumed:
+            self.metrics.reset()  # a resumed run appends to its old file instead
+        self.bar = tqdm(total=self.cfg.max_steps, initial=loop.step, desc="train", dynamic_ncols=True,
+                        disable=not (self.cfg.progress_bar and self.main_process))
+        self._reset_window()
+
+    def after_step(self, loop: TrainLoop, report: StepReport) -> None:
+        self.window_loss += float(report.loss)
+        self.window_pairs += report.pairs
+        self.bar.update(1)
+        if report.step % self.cfg.log_every_steps and report.step != self.cfg.max_steps:
+            return
+        elapsed = time.perf_counter() - self.window_start
+        steps = report.step % self.cfg.log_every_steps or self.cfg.log_every_steps
+        record = self.record(loop, report.step, self.window_loss / steps, self.window_pairs / max(elapsed, 1e-9))
+        self.metrics.write(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", pairs_s=f"{record['pairs_per_sec']:.1f}",
+                             lr=f"{record['lr']:.2e}")
+        self._reset_window()
+
+    @staticmethod
+    def record(loop: TrainLoop, step: int, mean_loss: float, pairs_per_sec: float) -> dict[str, Any]:
+        """One metrics line: the mean loss over the logging window, lr, temperature, speed.
+
+        Args:
+            loop: the training loop (its step, scheduler, loader).
+            step: the optimiser step just done.
+            mean_loss: mean loss over the window's steps.
+            pairs_per_sec: global pairs per second over the window.
+
+        Raises:
+            FloatingPointError: the loss is not finite.
+        """
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"loss is {mean_loss} at step {step}: lower optim.lr "
+                                     "or check the data")
+        scale = float(loop.train_step.last_logit_scale)
+        return {"step": step, "epoch": loop.loader.epoch, "loss": mean_loss,
+                "lr": loop.train_step.scheduler.get_last_lr()[0], "temperature": 1.0 / scale,
+                "logit_scale": scale, "pairs_per_sec": pairs_per_sec,
+                # Bad samples skipped so far, by reason (this rank's counts).
+                **{f"data_{k}": v for k, v in loop.loader.error_counts().items()}}
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class SampleKeysObserver:
+    """Appends this rank's sample keys of every step to ``sample_keys/rank_R.jsonl``.
+
+    Args:
+        output_dir: the run folder.
+        rank: this rank.
+    """
+
+    def __init__(self, output_dir: str | Path, rank: int) -> None:
+        self.log = SampleKeysLog(Path(output_dir) / "sample_keys" / f"rank_{rank}.jsonl")
+
+    def on_start(self, loop: TrainLoop, resumed: bool) -> None:
+        if not resumed:
+            self.log.reset()
+
+    def after_step(self, loop: TrainLoop, report: StepReport) -> None:
+        self.log.write(report.step, report.keys, report.epochs)
+
+    def close(self) -> None:
+        pass
+
+
+class EvalObserver:
+    """Runs the periodic evaluation when due and logs its record to ``metrics.jsonl``.
+
+    Args:
+        evaluator: the held-out evaluation (collective).
+        metrics: the run's ``metrics.jsonl`` writer.
+    """
+
+    def __init__(self, evaluator: PeriodicEvaluator, metrics: MetricsLog) -> None:
+        self.evaluator, self.metrics = evaluator, metrics
+
+    def on_start(self, loop: TrainLoop, resumed: bool) -> None:
+        pass
+
+    def after_step(self, loop: TrainLoop, report: StepReport) -> None:
+        if self.evaluator.due(report.step):
+            self.metrics.write(self.evaluator.run(report.step))
+
+    def close(self) -> None:
+        pass
+
+
+class CheckpointObserver:
+    """Saves a checkpoint when one is due or a stop signal arrived; then stops the run.
+
+    Args:
+        checkpointer: saves the full state (the loop's ``state_dict`` included).
+        preemption: the installed signal handler (None: no stop requests).
+
+    Raises (from ``after_step``):
+        Preempted: after the checkpoint, when a stop signal arrived.
+    """
+
+    def __init__(self, checkpointer: Checkpointer, preemption: PreemptionHandler | None = None) -> None:
+        self.checkpointer, self.preemption = checkpointer, preemption
+
+    def on_start(self, loop: TrainLoop, resumed: bool) -> None:
+        pass
+
+    def after_step(self, loop: TrainLoop, report: StepReport) -> None:
+        stop = self.preemption is not None and self.preemption.requested()
+        if stop or self.checkpointer.due(report.step):
+            self.checkpointer.save(report.step, loop.state_dict())
+        if stop:
+            saved = self.checkpointer.last_saved
+            raise Preempted(report.step, str(saved) if saved else None)
+
+    def close(self) -> None:
+        pass

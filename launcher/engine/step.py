@@ -1,0 +1,221 @@
+"""One optimiser step of the two-tower model, under ``accelerate`` (one process, DDP or
+DeepSpeed ZeRO-1/2/3): forward and backward of each micro-batch, GradCache when the batch is
+embedded in chunks, then clipping, the optimiser and the LR schedule.
+
+``TrainStep`` knows nothing of epochs, logs or checkpoints (``loop.TrainLoop`` drives it), so a
+test can run one step alone and compare the update with a reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from clicktower.launcher.engine.distributed import deepspeed_plugin, gradient_accumulation_steps, mean_over_ranks
+from clicktower.launcher.engine.optim import Optimization
+from clicktower.launcher.errors import ConfigError
+from clicktower.modeling.losses import ContrastiveLoss
+
+MODEL_INPUTS = ("query_input_ids", "query_attention_mask", "item_input_ids", "item_attention_mask")
+
+
+class TrainStep:
+    """Forward, loss, backward and the optimiser update of one step.
+
+    One optimiser step consumes k micro-batches, k being the ``gradient_accumulation_steps``
+    of accelerate or of the DeepSpeed config (1 by default).
+
+    Args:
+        accelerator: the prepared accelerator.
+        model: the prepared ``TwoTower`` (possibly DDP-wrapped or a DeepSpeed engine).
+        loss_fn: the contrastive loss (it owns its duplicate masks: the step passes every id).
+        optimization: the prepared optimiser, its LR schedule and the clipping threshold.
+        grad_cache_chunk: GradCache chunk size in pairs (``train.grad_cache_chunk``; None: off).
+
+    Raises:
+        ConfigError: ``grad_cache_chunk`` together with gradient accumulation.
+    """
+
+    def __init__(self, accelerator: Any, model: nn.Module, loss_fn: ContrastiveLoss,
+                 optimization: Optimization, grad_cache_chunk: int | None = None) -> None:
+        self.accelerator, self.model, self.loss_fn = accelerator, model, loss_fn
+        self.optimizer, self.scheduler = optimization.optimizer, optimization.scheduler
+        self.max_grad_norm, self.grad_cache_chunk = optimization.max_grad_norm, grad_cache_chunk
+        self.deepspeed = deepspeed_plugin(accelerator) is not None
+        self.accumulation_steps = gradient_accumulation_steps(accelerator)
+        if self.accumulation_steps > 1 and grad_cache_chunk is not None:
+            # GradCache's chunk loop drives the sync state itself; nesting it in accumulation
+            # would synchronise (DDP) or step (DeepSpeed) after the first micro-batch.
+            raise ConfigError(f"train.grad_cache_chunk cannot be combined with gradient_accumulation_steps="
+                              f"{self.accumulation_steps}; use GradCache alone (raise train.batch_size)")
+        # From the last forward (logged): under ZeRO-3 the parameter itself is a partition.
+        self.last_logit_scale = torch.tensor(float("nan"))
+
+    def __call__(self, *batches: dict[str, Any]) -> torch.Tensor:
+        """One optimiser step; see ``train_step``."""
+        return self.train_step(*batches)
+
+    def train_step(self, *batches: dict[str, Any]) -> torch.Tensor:
+        """One optimiser step: forward, loss and backward of each micro-batch, then clip and step.
+
+        Args:
+            *batches: the step's micro-batches, exactly ``gradient_accumulation_steps`` of
+                them (one batch without accumulation).
+
+        Returns:
+            The loss, detached, averaged over the micro-batches and over ranks.
+        """
+        if len(batches) != self.accumulation_steps:
+            raise ValueError(f"one optimiser step takes {self.accumulation_steps} micro-batches "
+                             f"(gradient_accumulation_steps), got {len(batches)}")
+        losses = []
+        for index, batch in enumerate(batches):
+            # All but the last micro-batch only accumulate local gradients: no DDP all-reduce,
+            # and under DeepSpeed no engine step (accelerate steps the engine at the boundary).
+            with self._accumulating(index < len(batches) - 1):
+                losses.append(self.forward_backward(batch))
+        self.optimizer_step()
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        return mean_over_ranks(self.accelerator, loss)
+
+    def forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Forward, loss and backward of one (micro-)batch, no optimiser step.
+
+        The gradient is that of loss / k: ``accelerator.backward`` divides by the accumulation
+        steps, or under DeepSpeed the engine's backward does (accelerate then does not).
+
+        Args:
+            batch: a tokenised batch from the loader.
+
+        Returns:
+            This rank's loss, detached and undivided.
+        """
+        device = self.accelerator.device
+        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
+        ids = {k: batch[k].to(device) for k in ("item_ids", "query_ids") if k in batch}
+        chunks = 1 if self.grad_cache_chunk is None else self._num_chunks(inputs, self.grad_cache_chunk)
+        if chunks > 1:
+            loss = self.grad_cache_backward(inputs, ids, chunks)
+        else:
+            with self.accelerator.autocast():
+                query_emb, item_emb, logit_scale = self.model(**inputs)
+            if "hard_negative_ids" in batch:
+                # The item rows after the batch's own items are its hard negatives.
+                count = batch["num_items"]
+                ids["hard_negative_emb"] = item_emb[count:]
+                ids["hard_negative_ids"] = batch["hard_negative_ids"].to(device)
+                item_emb = item_emb[:count]
+            loss = self.loss_fn(query_emb, item_emb, logit_scale, **ids)
+            self.last_logit_scale = logit_scale.detach()
+            # Under DeepSpeed this is the engine's backward AND, at an accumulation boundary,
+            # its step (clip, optimiser, zero_grad).
+            self.accelerator.backward(loss)
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        """Clip, step the optimiser and the LR schedule, zero the gradients."""
+        if self.max_grad_norm is not None and not self.deepspeed:
+            # DeepSpeed clips inside engine.step (gradient_clipping, filled from
+            # optim.max_grad_norm by configure_deepspeed); clipping here would be too late.
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()  # a no-op under DeepSpeed: accelerator.backward stepped the engine
+        self.scheduler.step()  # a LambdaLR on the base optimiser's param groups, which ZeRO uses
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _num_chunks(self, inputs: dict[str, torch.Tensor], chunk: int) -> int:
+        """Chunks per step, the max over ranks: every rank must run the same number of
+        forward/backward calls (DDP broadcasts buffers per forward, ZeRO-3 gathers weights)."""
+        n = int(inputs[MODEL_INPUTS[0]].shape[0])
+        count = torch.tensor([math.ceil(n / chunk)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.reduce(count, reduction="max")
+        count = int(count[0])
+        if count > n:
+            raise ValueError(f"local batch of {n} pairs cannot be split into {count} chunks")
+        return count
+
+    def grad_cache_backward(self, inputs: dict[str, torch.Tensor], ids: dict[str, torch.Tensor],
+                            num_chunks: int) -> torch.Tensor:
+        """GradCache: the gradients of the full-batch loss with one chunk's activations alive.
+
+        1. Embed each chunk under no_grad, saving the RNG state first.
+        2. Loss (cross-device gather included) on the concatenated embeddings, and its
+           gradient w.r.t. the embeddings and the logit scale.
+        3. Per chunk: restore its RNG state (same dropout), embed with grad, and backward
+           the surrogate ``sum(emb * cached_grad)`` through ``accelerator.backward`` -- the
+           DeepSpeed engine's own backward under ZeRO -- synchronising only on the last.
+
+        Args:
+            inputs: the model inputs of the local batch.
+            ids: item/query ids for the loss's duplicate masks.
+            num_chunks: how many near-equal chunks (the same on every rank).
+
+        Returns:
+            The (local) loss.
+        """
+        acc, model = self.accelerator, self.model
+        n = int(inputs[MODEL_INPUTS[0]].shape[0])
+        spans = [(int(t[0]), int(t[-1]) + 1) for t in torch.arange(n).tensor_split(num_chunks)]
+        states, queries, items = [], [], []
+        with torch.no_grad():
+            for a, b in spans:
+                states.append(_rng_state(acc.device))
+                with acc.autocast():
+                    q, i, scale = model(**{k: v[a:b] for k, v in inputs.items()})
+                queries.append(q)
+                items.append(i)
+        query_emb = torch.cat(queries).requires_grad_()
+        item_emb = torch.cat(items).requires_grad_()
+        scale = scale.detach().requires_grad_()
+        loss = self.loss_fn(query_emb, item_emb, scale, **ids)
+        query_grad, item_grad, scale_grad = torch.autograd.grad(loss, [query_emb, item_emb, scale])
+        self.last_logit_scale = scale.detach()
+        for index, (a, b) in enumerate(spans):
+            last = index == len(spans) - 1
+            _set_rng_state(acc.device, states[index])
+            with self._accumulating(not last):
+                with acc.autocast():
+                    q, i, s = model(**{k: v[a:b] for k, v in inputs.items()})
+                surrogate = (q.float() * query_grad[a:b].float()).sum() + (i.float() * item_grad[a:b].float()).sum()
+                # The logit scale's whole-batch gradient, spread evenly over the chunks (the
+                # scale is the same in each): every chunk's backward then reaches every
+                # parameter. Added on the last chunk only, ZeRO-3 applied it twice.
+                surrogate = surrogate + s.float() * (scale_grad.float() / len(spans))
+                acc.backward(surrogate)
+        return loss.detach()
+
+    @contextlib.contextmanager
+    def _accumulating(self, accumulate: bool):
+        """Backward without gradient synchronisation (all but the last GradCache chunk or
+        micro-batch of a step)."""
+        if not accumulate:
+            yield
+        elif self.deepspeed:
+            # accelerate's DeepSpeed backward calls engine.set_gradient_accumulation_boundary
+            # (sync_gradients) and only runs engine.step() at a boundary: the engine then
+            # accumulates (ZeRO-1/2) or reduce-scatters into its partitions (ZeRO-3) and
+            # steps once, after the last chunk or micro-batch. (DeepSpeed's no_sync refuses
+            # ZeRO-2/3.)
+            state = self.accelerator.gradient_state
+            state._set_sync_gradients(False)
+            try:
+                yield
+            finally:
+                state._set_sync_gradients(True)
+        else:
+            with self.accelerator.no_sync(self.model):
+                yield
+
+def _rng_state(device: torch.device) -> tuple:
+    """CPU (and this CUDA device's) RNG state, to replay a chunk's dropout."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
