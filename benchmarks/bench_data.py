@@ -284,7 +284,50 @@ def write_md(res: dict, path: Path) -> None:
                  f"{r['rss_after_imports'] / 2**20:.0f} MiB | {r['peak_rss'] / 2**20:.0f} MiB | "
                  f"{(r['peak_rss'] - r['rss_after_imports']) / 2**20:.0f} MiB | "
                  f"{r['heap_kept'] / 2**20:.2f} MiB | {r['heap_peak'] / 2**20:.2f} MiB | {r['loader_start_s']} |")
+    if res.get("remote"):
+        L += write_remote_md(res["remote"])
     path.write_text("\n".join(L) + "\n")
+
+
+def write_remote_md(r: dict) -> list[str]:
+    """The object-storage rows (``--remote-only``) as markdown lines."""
+    L = ["", "## Shards on object storage and HTTP" + f" (`{r['command']}`)", "",
+         f"{r['machine']}; {r['date']}; 1-minute load average {r['load']} at the start. "
+         f"{r['pairs']} synthetic pairs in shards of {r['shard_size']}, the same shards on local "
+         "disk, in moto's S3 server and behind Python's http.server (both on 127.0.0.1, in the "
+         "benchmark's process, so they share its cores). One reader (`num_workers=0`), batches of "
+         f"{BATCH}, the default `data.block_size` (1024), `io_threads` and `prefetch_blocks`; "
+         f"decode-only rows read a whole epoch, tokenised rows the first {r['tokenize_limit']:,} pairs; "
+         "a fresh subprocess per row (peak RSS includes torch). Requests count the ranged reads of "
+         "sample runs and index chunks; bytes fetched include the index.", "",
+         "| store | tokenise | pairs | pairs/s | requests / 1,000 samples | bytes fetched / used | peak RSS |",
+         "|---|---|---|---|---|---|---|"]
+    for x in r["stores"]:
+        L.append(f"| {x['store']} | {x['tokenize']} | {x['pairs']} | {x['pairs_per_s']:,} | "
+                 f"{x['requests_per_1000'] or '-'} | {x['fetched_per_used'] or '-'} | {x['peak_rss_mib']} MiB |")
+    L += ["", "Simulated ranks (every rank of the world size in turn, a whole epoch each, from S3):", "",
+          "| world size | samples read | requests / 1,000 samples | bytes fetched / used |", "|---|---|---|---|"]
+    for x in r["ranks"]:
+        L.append(f"| {x['world_size']} | {x['samples']} | {x['requests_per_1000']} | {x['fetched_per_used']} |")
+    L += ["", "Distinct shards per global batch (mean, min), from the orders alone; before: the "
+          "previous order (shard permutation, 64-sample blocks shuffled inside shards, 1000-position "
+          "windows), after: the defaults (`interleave_shards` 16). Query repeats: samples per "
+          "global batch whose query another sample of the batch has (synthetic Zipf clicks).", "",
+          "| shards x size | ranks x batch | global batches | target | before (min) | after (min) | query repeats before | after |",
+          "|---|---|---|---|---|---|---|---|"]
+    for x in r["mixing"]:
+        L.append(f"| {x['shards']} x {x['shard_size']:,} | {x['world_size']} x {x['batch_per_rank']} | "
+                 f"{x['global_batches']} | {x['target']:g} | {x.get('distinct_before', '-')} "
+                 f"({x.get('min_before', '-')}) | {x['distinct_after']} ({x['min_after']}) | "
+                 f"{x.get('query_repeats_before', '-')} | {x.get('query_repeats_after', '-')} |")
+    s = r["startup"]
+    L += ["", f"Start-up on a {s['shards']:,}-shard manifest at {s['ranks']} ranks: before, every "
+          f"rank statted every shard and index (4 calls a shard: {s['before_calls']:,} in all); after, "
+          f"{s['after_calls']} HTTP requests at the S3 server in all (rank 0: "
+          f"{s['per_rank'][0]['http_requests']}, the manifest and the folder listing, 1,000 keys a "
+          f"page; rank 1: {s['per_rank'][1]['http_requests']}, the manifest; "
+          f"{s['per_rank'][0]['seconds']} s and {s['per_rank'][1]['seconds']} s)."]
+    return L
 
 
 def main() -> None:
@@ -304,7 +347,28 @@ def main() -> None:
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true",
                         help="redo only the memory rows of an existing results/bench_data.json")
+    parser.add_argument("--remote-only", action="store_true",
+                        help="redo only the object-storage rows (bench_data_remote.py) of an "
+                             "existing results/bench_data.json")
     args = parser.parse_args()
+    if args.remote_only:
+        from bench_data_remote import run
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        res = json.loads((RESULTS / "bench_data.json").read_text())
+        load = round(os.getloadavg()[0], 1)
+        res["remote"] = run(60_000 if not args.quick else 6_000, 5_000 if not args.quick else 500,
+                            args.read_limit if not args.quick else 3_000, 10_000 if not args.quick else 1_000)
+        res["remote"].update(command="python benchmarks/bench_data.py --remote-only", load=load,
+                             machine=machine(),
+                             date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        name = "bench_data_quick" if args.quick else "bench_data"
+        if not args.quick:
+            (RESULTS / "bench_data.json").write_text(json.dumps(res, indent=2) + "\n")
+        write_md(res, RESULTS / f"{name}.md")
+        print((RESULTS / f"{name}.md").read_text())
+        return
     if args.memory_probe:
         memory_probe(args.memory_probe, args.trace)
         return

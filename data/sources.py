@@ -444,21 +444,58 @@ class _HFDatasetReader(_Reader):
                 yield row, dict(zip(columns, values))
 
 
+_DOWNLOADS: dict[str, str] = {}   # URL -> local copy, for this process
+
+
+def _localize(url: str) -> str:
+    """A local copy of the file at ``url`` (downloaded once per process into a temporary
+    folder removed at exit): the readers seek, split and reopen their input."""
+    local = _DOWNLOADS.get(url)
+    if local is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        from clicktower.data.storage import Storage
+
+        if not _DOWNLOADS:
+            folder = tempfile.mkdtemp(prefix="clicktower-inputs-")
+            _DOWNLOADS[""] = folder
+            atexit.register(shutil.rmtree, folder, True)
+        name = str(len(_DOWNLOADS)) + "-" + url.rstrip("/").rsplit("/", 1)[-1]
+        local = os.path.join(_DOWNLOADS[""], name)
+        try:
+            data = Storage().read_bytes(url)
+        except (FileNotFoundError, IsADirectoryError):
+            raise DataError("no such file", source=url) from None
+        with open(local, "wb") as fh:
+            fh.write(data)
+        _DOWNLOADS[url] = local
+    return local
+
+
 def _open_reader(path) -> _Reader:
-    """Pick the reader for ``path`` and check, eagerly, that it exists and is supported."""
+    """Pick the reader for ``path`` and check, eagerly, that it exists and is supported.
+    A URL (``s3://...``, ``https://...``) is downloaded first and named as the URL."""
     display = os.fspath(path)
     if not isinstance(display, str):
         display = os.fsdecode(display)
-    if os.path.isdir(display):
+    from clicktower.data.storage import is_url
+
+    if is_url(display):
+        local = _localize(display)
+    elif os.path.isdir(display):
         return _HFDatasetReader(display, display, None)
-    if not os.path.exists(display) and ":" in display:
-        base, split = display.rsplit(":", 1)
-        if split and os.path.isdir(base):
-            return _HFDatasetReader(base, display, split)
-    if not os.path.exists(display):
-        raise DataError("no such file", source=display)
-    if not os.path.isfile(display):
-        raise DataError("not a regular file", source=display)
+    else:
+        local = display
+        if not os.path.exists(display) and ":" in display:
+            base, split = display.rsplit(":", 1)
+            if split and os.path.isdir(base):
+                return _HFDatasetReader(base, display, split)
+        if not os.path.exists(display):
+            raise DataError("no such file", source=display)
+        if not os.path.isfile(display):
+            raise DataError("not a regular file", source=display)
 
     name = display.lower()
     gz = name.endswith(".gz")
@@ -466,16 +503,16 @@ def _open_reader(path) -> _Reader:
     ext = os.path.splitext(stem)[1]
     kind = _TEXT_FORMATS.get(ext)
     if ext == ".parquet" and not gz:
-        reader: _Reader = _ParquetReader(display, display)
+        reader: _Reader = _ParquetReader(local, display)
     elif kind == "jsonl":
-        reader = _JsonlReader(display, display, gz)
+        reader = _JsonlReader(local, display, gz)
     elif kind in ("csv", "tsv"):
-        reader = _CsvReader(display, display, gz, "," if kind == "csv" else "\t")
+        reader = _CsvReader(local, display, gz, "," if kind == "csv" else "\t")
     else:
         raise DataError(f"unsupported input type {ext + ('.gz' if gz else '') or '(none)'!r}; "
                         f"expected one of {', '.join(SUPPORTED_EXTENSIONS)} "
                         f"or a datasets folder", source=display)
-    if os.path.getsize(display) == 0:
+    if os.path.getsize(local) == 0:
         raise DataError("empty file, no rows", source=display)
     return reader
 

@@ -1,10 +1,12 @@
 """Property tests of the ClickPairLoader order: exactly once per epoch, equal batch counts,
-resumes onto other world sizes and worker counts (worker split simulated in-process)."""
+resumes onto other world sizes, batch sizes and worker counts (worker split simulated
+in-process), ranks reading whole blocks, global batches mixing shards."""
 from __future__ import annotations
 
 import json
 from unittest import mock
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.unit
@@ -12,10 +14,11 @@ pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from clicktower.data.loader import ClickPairLoader, DataConfig, Rank, _EpochOrder, _Source
-from clicktower.data.shards import ShardTable
+from clicktower.data.loader import ClickPairLoader, DataConfig, Rank
+from clicktower.data.order import MIX_PERIOD, EpochOrder
 from clicktower.data.shards import write_shards
 from clicktower.data.sources import FieldMap
+from clicktower.data.stream import Plan, Source
 
 N = 257  # a prime: no batch size divides it
 _DIRS: dict = {}
@@ -80,9 +83,10 @@ def in_process_workers():
     return mock.patch.object(ClickPairLoader, "_batches", _in_process_batches)
 
 
-def _loaders(path, batch, world, workers, seed, buffer, block, state=None):
+def _loaders(path, batch, world, workers, seed, buffer, block, state=None, interleave=16):
     out = []
-    cfg = DataConfig(num_workers=workers, shuffle_buffer=buffer, block_size=block)
+    cfg = DataConfig(num_workers=workers, shuffle_buffer=buffer, block_size=block,
+                     interleave_shards=interleave)
     for rank in range(world):
         loader = ClickPairLoader(cfg, path, batch, Rank(rank, world), seed)
         if state is not None:
@@ -92,98 +96,186 @@ def _loaders(path, batch, world, workers, seed, buffer, block, state=None):
 
 
 cut = st.sampled_from([(N, None), (100, None), (7, None), (64, 9000), (13, 4096)])
+layout = st.tuples(st.integers(1, 4), st.integers(0, 3), st.integers(1, 40))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cut=cut, seed=st.integers(0, 3), buffer=st.sampled_from([1, 16, 100, 1000]),
-       block=st.sampled_from([1, 5, 64]),
-       first=st.tuples(st.integers(1, 4), st.integers(0, 3), st.integers(1, 40)),
-       second=st.tuples(st.integers(1, 4), st.integers(0, 3), st.integers(1, 40)),
-       stop_at=st.floats(0, 1))
-def test_exactly_once_across_resumes(shard_dirs, cut, seed, buffer, block, first, second, stop_at):
+       block=st.sampled_from([1, 5, 64]), interleave=st.sampled_from([1, 3, 16]),
+       layouts=st.lists(layout, min_size=2, max_size=3),
+       stops=st.lists(st.floats(0, 1), min_size=2, max_size=2))
+def test_exactly_once_across_resumes(shard_dirs, cut, seed, buffer, block, interleave, layouts,
+                                     stops):
+    """An epoch read under up to three layouts (world size, workers, batch size), stopped
+    and resumed at random steps: no key twice, equal batch counts, and what is left at the
+    end is less than a global batch plus two samples a rank."""
     path = shard_dirs[cut]
-    world1, workers1, batch1 = first
-    world2, workers2, batch2 = second
-    if N < world1 * batch1:
-        batch1 = N // world1
-    run1 = _loaders(path, batch1, world1, workers1, seed, buffer, block)
-    steps1 = int(stop_at * run1[0].batches_per_epoch)
-    with in_process_workers():
-        keys1 = _run(run1, steps1)
-    assert all(len(k) == steps1 for k in keys1)
-    state = run1[0].state_dict()
-    assert all(loader.state_dict() == state for loader in run1)  # no rank in the state
-    assert "rank" not in state and "worker" not in state
-    consumed = state["samples_consumed"]
-    assert consumed == steps1 * world1 * batch1
-
-    run2 = _loaders(path, batch2, world2, workers2, seed, buffer, block, state)
-    with in_process_workers():
-        keys2 = _run(run2)
-    counts = {len(k) for k in keys2}
-    assert len(counts) == 1  # every rank the same number of batches
-    expected_rest = (N - consumed) // (world2 * batch2) * (world2 * batch2)
-    flat = [k for rank in keys1 + keys2 for b in rank for k in b]
+    state, flat = None, []
+    for i, (world, workers, batch) in enumerate(layouts):
+        batch = min(batch, N // world)
+        loaders = _loaders(path, batch, world, workers, seed, buffer, block, state, interleave)
+        last = i == len(layouts) - 1
+        steps = None if last else int(stops[i] * loaders[0].remaining_batches())
+        with in_process_workers():
+            keys = _run(loaders, steps)
+        assert len({len(k) for k in keys}) == 1   # every rank the same number of batches
+        flat += [k for rank in keys for b in rank for k in b]
+        if not last:
+            state = loaders[0].state_dict()
+            assert all(loader.state_dict() == state for loader in loaders)  # no rank in the state
+            assert "rank" not in state and "worker" not in state
+            assert state["samples_consumed"] == len(flat)
     assert len(flat) == len(set(flat))  # no sample twice within the epoch
-    assert len(flat) == consumed + expected_rest  # every sample once but the remainder
-    assert N - len(flat) < world2 * batch2
-    assert all(loader.state_dict()["epoch"] == 1 for loader in run2)
+    assert 0 <= N - len(flat) < world * (batch + 2)   # only the remainder is left out
+    assert all(loader.state_dict()["epoch"] == 1 for loader in loaders)
 
 
 def _counts_source(counts):
-    """A _Source over shards that exist only as counts (the order never reads files)."""
-    n = len(counts)
-    table = ShardTable("/nowhere", [f"s{i}.tar" for i in range(n)], counts, [0] * n, ["0" * 64] * n,
-                       [0] * n, True, {})
-    return _Source({"shards": table})
+    """A Source over shards that exist only as counts (the order never reads files)."""
+    return Source.from_counts(counts)
 
 
 @settings(max_examples=30, deadline=None)
 @given(counts=st.lists(st.integers(0, 60), min_size=1, max_size=12), seed=st.integers(0, 9),
-       window=st.integers(1, 80), block=st.integers(1, 20), epoch=st.integers(0, 3))
-def test_epoch_order_is_a_permutation(counts, seed, window, block, epoch):
+       block=st.integers(1, 20), interleave=st.integers(1, 5), epoch=st.integers(0, 3))
+def test_epoch_order_is_a_permutation(counts, seed, block, interleave, epoch):
     if sum(counts) == 0:
         counts[0] = 1
-    order = _EpochOrder(_counts_source(counts), seed, epoch, window, block)
-    seen = [order.locate(t) for t in range(sum(counts))]
+    n = sum(counts)
+    order = EpochOrder(np.asarray(counts), seed, epoch, block, interleave)
+    shards, samples = order.locate(np.arange(n))
+    seen = list(zip(shards.tolist(), samples.tolist()))
     assert sorted(seen) == sorted((s, i) for s, c in enumerate(counts) for i in range(c))
-    again = _EpochOrder(_counts_source(counts), seed, epoch, window, block)
-    assert [again.locate(t) for t in reversed(range(sum(counts)))] == seen[::-1]  # random access
+    again = EpochOrder(np.asarray(counts), seed, epoch, block, interleave)
+    back = again.locate(np.arange(n)[::-1])
+    assert list(zip(back[0].tolist(), back[1].tolist())) == seen[::-1]  # random access
+    # A block is a contiguous run of samples (of at most two shards when they are long).
+    for u in range(n // block):
+        s, i = shards[u * block:(u + 1) * block], samples[u * block:(u + 1) * block]
+        assert all(i[j + 1] == i[j] + 1 for j in range(block - 1) if s[j + 1] == s[j])
+
+
+def _read_all(plan, epoch, layouts, stops):
+    """Every rank's (epoch, shard, sample) read under ``layouts`` [(world, batch)], each
+    stopped after ``stops`` of its batches (the last: to the end); the pure order, no files."""
+    history, read = [], []
+    for i, (world, batch) in enumerate(layouts):
+        seg, consumed = plan.segment(epoch, [list(h) for h in history], world, batch)
+        left = seg.num_batches(consumed)
+        steps = left if i == len(layouts) - 1 else int(stops[i] * left)
+        for r in range(world):
+            slots = np.arange(consumed, consumed + steps * batch)
+            windows = slots // seg.window
+            for w in np.unique(windows):
+                pos = seg.positions(r, int(w))[slots[windows == w] - w * seg.window]
+                got = seg.locate(r, pos)[1]
+                read += list(zip(got.epochs.tolist(), got.shards.tolist(), got.samples.tolist()))
+        if history and history[-1][:2] == [world, batch]:   # as the loader: go on reading
+            history[-1][2] = consumed + steps * batch
+        else:
+            history.append([world, batch, consumed + steps * batch])
+    return read, seg, consumed + steps * batch
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(0, 300), min_size=1, max_size=30), seed=st.integers(0, 9),
+       block=st.integers(1, 64), interleave=st.integers(1, 20), buffer=st.integers(1, 500),
+       layouts=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 50)), min_size=1, max_size=4),
+       stops=st.lists(st.floats(0, 1), min_size=4, max_size=4))
+def test_order_exactly_once_through_layout_changes(counts, seed, block, interleave, buffer,
+                                                   layouts, stops):
+    """The pure order over many shard layouts: through up to three changes of world and
+    batch size, every sample is read at most once and all but the end's remainder are."""
+    n = sum(counts)
+    layouts = [(w, min(b, max(1, n // w))) for w, b in layouts if n >= w]
+    if not layouts:
+        return
+    plan = Plan([_counts_source(counts)], None, seed, block, interleave, buffer, False)
+    read, seg, consumed = _read_all(plan, 0, layouts, stops)
+    assert len(read) == len(set(read))
+    world, batch = layouts[-1]
+    totals = [seg.total(r) - consumed for r in range(world)]
+    assert max(totals) - min(totals) <= 2          # ranks differ by at most one per region
+    assert min(totals) < batch                      # no full batch left on some rank
+    assert n - len(read) == sum(totals)             # the rest is exactly the remainder
+
+
+@settings(max_examples=30, deadline=None)
+@given(shards=st.integers(1, 40), size=st.integers(50, 400), block=st.sampled_from([16, 64]),
+       world=st.integers(1, 8), seed=st.integers(0, 5))
+def test_ranks_read_whole_blocks(shards, size, block, world, seed):
+    """In a fresh epoch a rank's samples are runs of whole blocks: its requests are at most
+    its blocks plus the shard ends they cross, and no rank reads another's samples."""
+    counts = [size] * shards
+    plan = Plan([_counts_source(counts)], None, seed, block, 16, 1, False)
+    seg, _ = plan.segment(0, [], world, 1)
+    owners = {}
+    for r in range(world):
+        total = seg.total(r)
+        got = seg.sources[0].locate(r, np.arange(total))
+        keys = sorted(zip(got.shards.tolist(), got.samples.tolist()))
+        runs = 1 + sum(1 for a, b in zip(keys, keys[1:]) if a[0] != b[0] or b[1] != a[1] + 1)
+        assert runs <= -(-total // block) + min(shards, -(-total // block) + 1) + 1
+        for key in keys:
+            assert owners.setdefault(key, r) == r
+
+
+def test_global_batches_mix_many_shards():
+    """The issue's example: 20 shards of 500 pairs, 2 ranks x 128, the defaults: on average
+    at least half of min(20, interleave_shards=16) shards per global batch (before: ~3)."""
+    cfg = DataConfig()
+    plan = Plan([_counts_source([500] * 20)], None, 0, cfg.block_size, cfg.interleave_shards,
+                cfg.shuffle_buffer, False)
+    seg, _ = plan.segment(0, [], 2, 128)
+    distinct = []
+    for g in range(seg.num_batches(0)):
+        shards = set()
+        for r in range(2):
+            slots = np.arange(g * 128, (g + 1) * 128)
+            w = g * 128 // seg.window
+            pos = seg.positions(r, w)[slots - w * seg.window]
+            shards |= set(seg.locate(r, pos)[1].shards.tolist())
+        distinct.append(len(shards))
+    assert np.mean(distinct) >= 8, distinct
 
 
 def test_real_dataloader_workers_match_in_process_split(shard_dirs):
     path = shard_dirs[(7, None)]
-    two_workers = DataConfig(num_workers=2, shuffle_buffer=50)
+    two_workers = DataConfig(num_workers=2, shuffle_buffer=50, block_size=8)
     real = [b["keys"] for b in ClickPairLoader(two_workers, path, 16, Rank(1, 2), 5)]
     sim = ClickPairLoader(two_workers, path, 16, Rank(1, 2), 5)
     with in_process_workers():
         assert real == [b["keys"] for b in sim]
     # and a real-worker resume onto one rank, another batch size
-    loader = ClickPairLoader(DataConfig(num_workers=0, shuffle_buffer=50), path, 16, Rank(0, 1), 5)
+    loader = ClickPairLoader(DataConfig(num_workers=0, shuffle_buffer=50, block_size=8), path, 16,
+                             Rank(0, 1), 5)
     it = iter(loader)
     head = [k for _ in range(5) for k in next(it)["keys"]]
     resumed = ClickPairLoader(two_workers, path, 24, Rank(0, 1), 5)
     resumed.load_state_dict(loader.state_dict())
     tail = [k for b in resumed for k in b["keys"]]
-    assert len(set(head + tail)) == len(head + tail) == 80 + (N - 80) // 24 * 24
+    assert len(set(head + tail)) == len(head + tail) > N - 24 - 2
 
 
 def test_infinite_and_mixed(shard_dirs):
     a, b = shard_dirs[(7, None)], shard_dirs[(100, None)]
-    endless = DataConfig(infinite=True, shuffle_buffer=30)
+    endless = DataConfig(infinite=True, shuffle_buffer=30, block_size=8)
     loader = ClickPairLoader(endless, a, 50)
     it = iter(loader)
     keys = [k for _ in range(12) for k in next(it)["keys"]]  # 600 > 2 passes of 257
-    assert len(set(keys[:N])) == N and set(keys[N:2 * N]) == set(keys[:N])
+    assert len(set(keys)) == N   # every sample is read...
+    assert max(keys.count(k) for k in set(keys)) <= 3   # ...and none more than its passes
     state = loader.state_dict()
     assert state["samples_consumed"] == 600 and state["epoch"] == 0
-    resumed = ClickPairLoader(endless, a, 25, Rank(1, 2))
-    resumed.load_state_dict(state)
-    first = ClickPairLoader(endless, a, 25, Rank(0, 2))
-    first.load_state_dict(state)
-    nxt = next(iter(first))["keys"] + next(iter(resumed))["keys"]
-    cont = [k for _ in range(1) for k in next(it)["keys"]]
-    assert nxt == cont  # same global stream on another world size
+    # On another world size the stream goes on from the same state on every rank: the
+    # two ranks' next batches are disjoint and none of the first pass's samples repeats
+    # before the pass ends.
+    nxt = []
+    for rank in range(2):
+        resumed = ClickPairLoader(endless, a, 25, Rank(rank, 2))
+        resumed.load_state_dict(state)
+        nxt.append(next(iter(resumed))["keys"])
+    assert len(set(nxt[0]) | set(nxt[1])) == 50
 
     mix = DataConfig(mix=[{"manifest": a, "weight": 0.7}, {"manifest": b, "weight": 0.3}])
     mixed = ClickPairLoader(mix, [a, b], 100, seed=3)
@@ -196,13 +288,13 @@ def test_infinite_and_mixed(shard_dirs):
         ClickPairLoader(DataConfig(), [a, b], 10)
 
 
-def test_mix_proportions_exact_per_period(shard_dirs):
-    from clicktower.data.loader import MIX_PERIOD, _Plan
-
+def test_mix_proportions_exact_per_period():
     a, b = _counts_source([50]), _counts_source([7])
-    plan = _Plan([a, b], [0.7, 0.3], 0, 10, 4, True)
-    picks = [plan.locate(0, p) for p in range(2 * MIX_PERIOD)]
-    assert sum(1 for s, *_ in picks if s == 0) == 1400
+    plan = Plan([a, b], [0.7, 0.3], 0, 4, 16, 10, True)
+    seg, _ = plan.segment(0, [], 1, 10)
+    src, got = seg.locate(0, np.arange(2 * MIX_PERIOD))
+    assert int((src == 0).sum()) == 1400
     # each source is read in its own passes: the first 50 draws of source 0 are a permutation
-    first_a = [(shard, i) for s, e, shard, i in picks if s == 0][:50]
-    assert sorted(first_a) == [(0, i) for i in range(50)]
+    first_a = sorted(zip(got.shards[src == 0][:50].tolist(), got.samples[src == 0][:50].tolist()))
+    assert first_a == [(0, i) for i in range(50)]
+    assert set(got.epochs[src == 0][:50].tolist()) == {0}

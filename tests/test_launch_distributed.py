@@ -13,13 +13,17 @@ from conftest import TINY_CONFIG
 from dist_launch import accelerate_launch
 
 STEPS = 10
+# Blocks of one sample dealt round-robin and shuffle windows of one batch: the same global
+# batch at every step on any world size (the default order differs per world size, each
+# exactly-once; see docs/data.md), so that 1 and 2 processes can be compared step by step.
+SAME_BATCHES = ("data.block_size=1", "data.interleave_shards=1", "data.shuffle_buffer=1")
 
 
 def _train(config: str, shard_dir: Path, out: Path, batch: int, *extra: str) -> list[float]:
     result = accelerate_launch(config, [
         "-m", "clicktower.launcher.train", "--config", str(TINY_CONFIG), f"data.train_manifest={shard_dir}",
         f"train.output_dir={out}", f"train.max_steps={STEPS}", "train.log_every_steps=1",
-        "train.progress_bar=false", f"train.batch_size={batch}", *extra])
+        "train.progress_bar=false", f"train.batch_size={batch}", *SAME_BATCHES, *extra])
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))

@@ -73,3 +73,21 @@ def test_tokenised_batches(shard_dir):
     assert exact["query_input_ids"].shape[1] == longest
     assert batch["query_input_ids"].shape[1] == -(-longest // 8) * 8
     assert (exact["query_input_ids"] == batch["query_input_ids"][:, :longest]).all()
+
+
+def test_storage_and_prefetch_keys_are_validated():
+    from clicktower.launcher.engine.config import ConfigError, load_config
+    from conftest import TINY_CONFIG
+
+    cfg = load_config(TINY_CONFIG, ["data.storage_options={anon: true, client_kwargs: {region_name: eu}}",
+                                    "data.cache_dir=/tmp/cache", "data.max_retries=0"])
+    assert cfg.data.storage_options == {"anon": True, "client_kwargs": {"region_name": "eu"}}
+    assert (cfg.data.cache_dir, cfg.data.max_retries, cfg.data.interleave_shards) == ("/tmp/cache", 0, 16)
+    for override, words in [("data.interleave_shards=0", "interleave_shards must be >= 1"),
+                            ("data.prefetch_blocks=0", "prefetch_blocks must be >= 1"),
+                            ("data.io_threads=0", "io_threads must be >= 1"),
+                            ("data.max_retries=-1", "max_retries must be >= 0"),
+                            ("data.storage_options=[1]", "storage_options"),
+                            ("data.cache_max_bytes=0", "cache_max_bytes must be >= 1")]:
+        with pytest.raises(ConfigError, match=words):
+            load_config(TINY_CONFIG, [override])

@@ -321,3 +321,32 @@ def test_iter_shard_rejects_non_tar(tmp_path):
     with pytest.raises(DataError) as excinfo:
         list(iter_shard(str(path)))
     assert str(path) in str(excinfo.value)
+
+
+def test_append_grows_a_set_without_rewriting_it(tmp_path):
+    a = write_csv(tmp_path / "a.csv", PAIRS[:4])
+    b = write_jsonl(tmp_path / "b.jsonl", PAIRS[4:])
+    out = tmp_path / "out"
+    write_shards([a], str(out), FM, shard_size=2)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()
+              if p.name != MANIFEST_NAME}
+    grown = write_shards([b], str(out), FM, shard_size=2, append=True)
+    assert grown["num_samples"] == 7 and grown["sources"] == [a, b] and grown["appends"] == 1
+    assert [s["path"] for s in grown["shards"]] == [f"shard-00000{i}.tar" for i in range(4)]
+    for name, (data, mtime) in before.items():   # the old shards are not touched
+        assert (out / name).read_bytes() == data and (out / name).stat().st_mtime_ns == mtime
+    assert load_manifest(out, verify_checksums=True) == {**grown, "shards": load_manifest(out)["shards"],
+                                                         "path": str(out / MANIFEST_NAME),
+                                                         "root": str(out), "on_missing": "raise"}
+    _, samples = read_back(str(out))
+    assert {(s["query"], s["item_id"], s["item_text"], s["label"]) for s in samples} == EXPECTED
+    # the appended input is input number 1: its keys cannot collide with input 0's
+    assert sorted(s["__key__"][:5] for s in samples) == ["00000"] * 4 + ["00001"] * 3
+    assert leftovers(tmp_path) == ["out"]
+    with pytest.raises(DataError, match="field mapping differs"):
+        write_shards([b], str(out), FieldMap(), append=True)
+    with pytest.raises(DataError, match="gzip"):
+        write_shards([b], str(out), FM, append=True, gzip=True)
+    with pytest.raises(DataError, match="no manifest.json"):
+        write_shards([b], str(tmp_path), FM, append=True)
+    assert len(load_manifest(out)["shards"]) == 4 and leftovers(tmp_path) == ["out"]

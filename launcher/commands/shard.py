@@ -4,6 +4,11 @@
         --item-id-field product_uid --label-field relevance --min-label 2.67
     clicktower shard 'logs/2024-*/part-*.jsonl.gz' --out shards --workers 8 --gzip \
         --shard-size 100000 --max-shard-bytes 256MB --split-bytes 256MB
+    clicktower shard logs/2024-06-02.jsonl --out s3://bucket/clicks/v3 --append
+
+--out may be a URL (s3://, gs://, ...: the manifest is uploaded last; credentials and
+endpoints come from the store's standard settings, e.g. AWS_ENDPOINT_URL). --append adds the
+inputs' shards to the set already there without rewriting it.
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clicktower shard", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+",
                         help="input files (.csv .tsv .jsonl .parquet, .gz), HF dataset folders, or globs")
-    parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    parser.add_argument("--out", required=True,
+                        help="output folder or URL (s3://bucket/prefix) for shards and manifest.json")
     parser.add_argument("--query-field", default="query")
     parser.add_argument("--item-field", default="item_text")
     parser.add_argument("--item-id-field", default="item_id")
@@ -54,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
                              "(uncompressed JSONL by lines, CSV/TSV by records, Parquet by row "
                              "groups; gzip and datasets folders whole); a shard never spans two ranges "
                              "(default 64MiB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
+    replace = parser.add_mutually_exclusive_group()
+    replace.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
+    replace.add_argument("--append", action="store_true",
+                         help="add the inputs' shards to the shard set at --out (same field mapping "
+                              "and --gzip) without rewriting it; the manifest is replaced last")
     args = parser.parse_args(argv)
     if args.shard_size < 1:
         parser.error("--shard-size must be >= 1")
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = write_shards(args.inputs, args.out, field_map, shard_size=args.shard_size,
                             overwrite=args.overwrite, workers=args.workers,
                             max_shard_bytes=args.max_shard_bytes, gzip=args.gzip,
-                            split_bytes=args.split_bytes)
+                            split_bytes=args.split_bytes, append=args.append)
     print(json.dumps({"out": args.out, "num_samples": manifest["num_samples"], "shards": len(manifest["shards"])}))
     return 0
 

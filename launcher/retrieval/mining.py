@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -30,6 +31,7 @@ import torch
 from clicktower.data.errors import DataError
 from clicktower.data.shards import iter_shard, load_manifest, write_shards
 from clicktower.data.sources import FieldMap
+from clicktower.data.storage import Storage, is_url, join
 from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_sharded
 from clicktower.launcher.retrieval.metrics import exact_topk
 from clicktower.launcher.retrieval.readers import load_towers, read_catalog, token_limits
@@ -105,9 +107,9 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
 
     Args:
         model: ``final/`` folder or pretrained encoder folder.
-        manifest_path: the input ``manifest.json`` or its folder.
-        out: the output shard folder (must not exist unless ``overwrite``).
-        catalog: optional extra candidate items (``item_id``, ``item_text``).
+        manifest_path: the input ``manifest.json`` or its folder (path or URL).
+        out: the output shard folder or URL (must not exist unless ``overwrite``).
+        catalog: optional extra candidate items (``item_id``, ``item_text``; path or URL).
         ranks: 1-based inclusive rank window of kept candidates.
         margin: drop candidates scoring above the positive's score minus this.
         negatives: hard negatives per sample.
@@ -125,7 +127,7 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
         raise DataError(f"--ranks {ranks[0]} {ranks[1]}: need 1 <= START <= END")
     if negatives < 1:
         raise DataError(f"--negatives {negatives}: must be >= 1")
-    if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+    if not is_url(out) and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
         raise DataError(f"{out}: output exists and is not empty; pass --overwrite to replace it")
     manifest = load_manifest(manifest_path)
     samples = list(iter_manifest_samples(manifest))
@@ -165,7 +167,7 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
     summary.update({"model": str(model), "manifest": str(manifest_path), "pool_items": len(pool_ids),
                     "queries": len(queries), "ranks": list(ranks), "margin": margin,
                     "negatives_per_sample": negatives, "num_processes": world})
-    (Path(out) / "mining.json").write_text(json.dumps(summary, indent=2) + "\n")
+    Storage().write_bytes(join(out, "mining.json"), (json.dumps(summary, indent=2) + "\n").encode())
     state.wait_for_everyone()
     return summary
 
@@ -174,7 +176,10 @@ def _write(samples: list[dict], mined: list[list[dict]], manifest: dict, out: st
            keep_existing: bool, shard_size: int | None, overwrite: bool) -> dict[str, Any]:
     """Write the samples with their negatives as JSONL, then shard it with ``write_shards``."""
     fields = set(manifest.get("fields") or ())
-    tmp = Path(f"{out.rstrip(os.sep)}.mine-{os.getpid()}")
+    # The samples go through a JSONL file next to a local output (same disk), or in a
+    # temporary folder for a URL output (s3://...).
+    tmp = Path(tempfile.mkdtemp(prefix="clicktower-mine-") if is_url(out)
+               else f"{out.rstrip(os.sep)}.mine-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         jsonl = tmp / "samples.jsonl"

@@ -31,7 +31,8 @@ def load_towers(model: str) -> tuple[Tower, Tower, Any]:
 
 
 def read_catalog(path: str) -> tuple[list[str], list[str]]:
-    """Item ids and texts of a catalog file (JSONL/CSV/Parquet with item_id, item_text)."""
+    """Item ids and texts of a catalog file (JSONL/CSV/Parquet with item_id, item_text), a
+    local path or a URL (``s3://...``, ``https://...``: read through ``clicktower.data``)."""
     ids, texts = [], []
     for row, record in iter_records(path):
         for name in ("item_id", "item_text"):
@@ -43,7 +44,8 @@ def read_catalog(path: str) -> tuple[list[str], list[str]]:
 
 
 def read_judged_queries(path: str) -> list[tuple[str, dict[str, float]]]:
-    """Queries with graded judgements: JSONL lines ``{"query", "relevance": {item_id: grade}}``."""
+    """Queries with graded judgements: JSONL lines ``{"query", "relevance": {item_id: grade}}``
+    (a local path or a URL, as ``read_catalog``)."""
     out = []
     for row, record in iter_records(path):
         query, grades = record.get("query"), record.get("relevance")
