@@ -4,6 +4,7 @@ from .contrastive import (
     contrastive_logsumexp,
     fused_contrastive_loss,
     fused_symmetric_contrastive_loss,
+    paired_logsumexp,
     positive_logits,
     symmetric_logsumexp,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "contrastive_logsumexp",
     "fused_contrastive_loss",
     "fused_symmetric_contrastive_loss",
+    "paired_logsumexp",
     "positive_logits",
     "symmetric_logsumexp",
 ]

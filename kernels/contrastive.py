@@ -1,23 +1,41 @@
 """Fused, tiled contrastive (InfoNCE / NT-Xent) losses in plain PyTorch.
 
-The [B, N] similarity matrix is never materialised. Key (and query) blocks are streamed
-through a fixed tile buffer; the forward pass keeps only per-row (and, for the symmetric
-loss, per-column) running max / sum-of-exp vectors (an online log-sum-exp), and the
-backward pass recomputes each tile once and feeds it straight into the two gradient
-matmuls. No Triton, no compiled extension: the same code runs on CPU and CUDA.
+The [B, N] similarity matrix is never materialised. Query and key blocks are streamed
+through a fixed tile buffer; the forward pass keeps only per-row and per-column running
+max / sum-of-exp vectors (an online log-sum-exp), and the backward pass recomputes each tile
+once and feeds it straight into the two gradient matmuls. No Triton, no compiled extension:
+the same code runs on CPU and CUDA.
 
-Memory: besides the inputs, O((B + N) * D) for fp32 working copies / gradient
-accumulators plus O(block_q * block_k) <= O(B * block_size) for the tile buffers.
+One kernel (``_PairLSE``) serves every loss: for B queries against N keys it returns the
+row log-sum-exps over all N keys and, from the same tiles, the column log-sum-exps over the
+B queries for the first C keys (the in-batch items; the keys after them, hard negatives, get
+no column). C = 0 is the one-direction loss, C = B the symmetric loss, and across devices
+each rank's columns are partial sums over its own queries, combined by the caller.
+
+Memory: besides the inputs, O((B + N) * D) for working copies / gradient accumulators plus
+two tiles of min(B, block_size) x block_size.
 
 FLOPs: 2*B*N*D in the forward (logits), 2*B*N*D (recompute) + 4*B*N*D (the grad_query
-and grad_keys matmuls) in the backward: 8*B*N*D in all, for the one-direction and for
-the symmetric loss alike (both directions share one tiled pass).
+and grad_keys matmuls) in the backward: 8*B*N*D in all, for one direction and for both
+(both directions share the tiles, their exps and the gradient matmuls).
+
+Paths, chosen from one bound on the spread of the call's logits (2 |s| max|q| max|k|): within
+_FLAT_SPAN every row and column shares one constant shift and the forward just sums exps;
+beyond it rows keep online maxima and columns are rescaled from the same exps while the tile
+allows (_FAST_SPREAD), with an exact second exp where it does not. The backward shares one
+exp between both directions while the log-sum-exps span at most _FAST_SPREAD.
+
+Host synchronisation: on a GPU each call reads one value back per pass (forward: the spread
+bound; backward: the span of the log-sum-exps), never per tile; on the CPU, where such reads
+are free, the kernel also decides per tile and finds masked pairs up front.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+
+from .pair_masks import PairMask, fill_
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -25,6 +43,7 @@ __all__ = [
     "fused_symmetric_contrastive_loss",
     "contrastive_logsumexp",
     "symmetric_logsumexp",
+    "paired_logsumexp",
     "positive_logits",
 ]
 
@@ -36,12 +55,41 @@ DEFAULT_BLOCK_SIZE = 4096
 
 _NEG_INF = float("-inf")
 
-# Fast paths of the symmetric kernel share one exp per tile between the two directions by
-# rescaling with exp(+-spread); they are taken only while the spread of the values involved
-# stays below this many nats (fp32 keeps e^-50 ~ 2e-22 as a normal number with full
-# precision, and products of such factors stay far from overflow). Beyond it (logit scales
-# near 100 on well-separated embeddings) the exact two-exp path runs instead.
+# The symmetric fast paths share one exp per tile between the two directions by rescaling
+# with exp(+-spread); they are taken only while the spread of the values involved stays
+# below this many nats (fp32 keeps e^-50 ~ 2e-22 as a normal number with full precision,
+# and products of such factors stay far from overflow). Beyond it (logit scales near 100 on
+# well-separated embeddings) the exact two-exp path runs instead.
 _FAST_SPREAD = 50.0
+
+# When no two logits of a call can differ by more than this many nats (2 |s| max|q| max|k|,
+# e.g. unit-norm embeddings at logit scale <= 40), the forward shifts every row and column by
+# the same constant, the largest possible logit: every exp lies in [e^-80, 1], normal fp32
+# numbers at full precision, so no running maxima and no rescaling are needed.
+_FLAT_SPAN = 80.0
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_NATIVE_LOW_MM: dict = {}
+
+
+def _on_host(device: torch.device) -> bool:
+    """Reading a tensor value is free here (CPU), so the kernel may branch per tile on data
+    (skip clean tiles, pick the one-exp path). On a GPU every such read stalls the host until
+    the queue drains, so decisions are taken once per call there."""
+    return device.type == "cpu"
+
+
+def _native_low_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` operands here
+    (CUDA builds: a bf16/fp16 GEMM with fp32 output). Probed once per device type and dtype."""
+    key = (device.type, dtype)
+    if key not in _NATIVE_LOW_MM:
+        try:
+            one = torch.ones(1, 1, dtype=dtype, device=device)
+            _NATIVE_LOW_MM[key] = torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, NotImplementedError, TypeError):
+            _NATIVE_LOW_MM[key] = False
+    return _NATIVE_LOW_MM[key]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -59,108 +107,89 @@ def _scale_tensor(logit_scale, like: torch.Tensor) -> torch.Tensor:
     return logit_scale
 
 
-def _clamp_floor(q: torch.Tensor, k: torch.Tensor, s: torch.Tensor) -> Optional[float]:
-    """Lower clamp for shifted logits before exp(), or None when no clamp is needed.
+class _Operands:
+    """One call's matmul operands: ``s * q`` and ``k`` in the operand dtype, with fp32 (fp64
+    for fp64 inputs) results.
 
-    exp() of arguments below ~-87 (fp32) yields denormals, which are ~30x slower on x86
-    CPUs. Terms that small are below fp32 resolution of any row sum (each row holds its
-    max, which contributes exp(0) = 1), so clamping them changes no result bit that
-    matters (relative error <= N * 1.6e-38). GPUs handle denormals at full speed, and
-    when |s| * max|q| * max|k| is small no shifted logit can get there, so skip it.
+    bf16/fp16 inputs keep bf16/fp16 operands: the tile matmuls run as low-precision GEMMs with
+    fp32 accumulation and output (``out_dtype``; where the build has none, as on the CPU, the
+    operands are widened per tile, which gives the same products exactly), and the softmax
+    statistics stay fp32. ``s * q`` is rounded to the operand dtype once.
     """
-    if q.device.type != "cpu":
-        return None
-    lo = -700.0 if q.dtype == torch.float64 else -87.0
-    bound = 2.0 * abs(float(s)) * float(q.norm(dim=1).max()) * float(k.norm(dim=1).max())
-    return lo if bound >= -lo - 1.0 else None
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, s: torch.Tensor, keep_query: bool = False) -> None:
+        self.cd = _compute_dtype(q, k)
+        low = q.dtype == k.dtype and q.dtype in _LOW_PRECISION
+        self.dtype = q.dtype if low else self.cd
+        self.native = low and _native_low_mm(q.device, q.dtype)
+        self.scale = s.to(self.cd)
+        qf = q.to(self.cd)
+        self.qs = (qf * self.scale).to(self.dtype)
+        self.k = k.to(self.dtype)
+        self.qf = qf if keep_query else None
+        self.host = _on_host(q.device)
+
+    def spread_bound(self) -> float:
+        """2 * max|s q_i| * max|k_j|: no two logits of the call differ by more (one host read)."""
+        if not (self.qs.numel() and self.k.numel()):
+            return 0.0
+        nq = torch.linalg.vector_norm(self.qs, dim=1, dtype=self.cd).max()
+        nk = torch.linalg.vector_norm(self.k, dim=1, dtype=self.cd).max()
+        return float(2.0 * nq * nk)
+
+    def floor(self, bound: float) -> Optional[float]:
+        """Lower clamp for shifted logits before exp(), or None when no clamp is needed.
+
+        exp() of arguments below ~-87 (fp32) yields denormals, which are ~30x slower on x86
+        CPUs. Terms that small are below fp32 resolution of any row sum (each row holds its
+        max, which contributes exp(0) = 1), so clamping them changes no result bit that
+        matters (relative error <= N * 1.6e-38). GPUs handle denormals at full speed, and
+        when the logits span less than the clamp no shifted logit can get there.
+        """
+        if not self.host:
+            return None
+        lo = -700.0 if self.cd == torch.float64 else -87.0
+        return lo if bound >= -lo - 1.0 else None
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+        """``a @ b`` in the compute dtype (into ``out`` where the operands allow)."""
+        if a.dtype == self.cd:
+            return torch.mm(a, b, out=out)
+        if self.native:
+            return torch.mm(a, b, out_dtype=self.cd)
+        return torch.mm(a.to(self.cd), b.to(self.cd), out=out)
+
+    def logits(self, r0: int, r1: int, c0: int, c1: int, out: torch.Tensor,
+               shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tile ``s q[r0:r1] @ k[c0:c1].T``, plus ``shift`` (broadcast: [rows, 1] or [1, 1])."""
+        a, b = self.qs[r0:r1], self.k[c0:c1].t()
+        if shift is not None and self.dtype == self.cd:
+            # The shift rides along in the GEMM's beta term.
+            return torch.addmm(shift, a, b, out=out)
+        x = self.mm(a, b, out)
+        return x if shift is None else x.add_(shift)
+
+    def accumulate(self, A, dK, g: torch.Tensor, r0: int, r1: int, c0: int, c1: int,
+                   q_rows: torch.Tensor) -> None:
+        """``A[r0:r1] += g @ k[c0:c1]`` and ``dK[c0:c1] += g.T @ q_rows[r0:r1]``."""
+        if self.dtype != self.cd:
+            g = g.to(self.dtype)  # low-precision operands for the gradient GEMMs too
+        if A is not None:
+            _add_product(A[r0:r1], g, self.k[c0:c1], self)
+        if dK is not None:
+            _add_product(dK[c0:c1], g.t(), q_rows[r0:r1], self)
 
 
-def _pair_mask(anchor_ids, other_ids, anchor_pos, other_start: int, dim: int):
-    """Bool tile: True where an anchor's id equals another item's id, excluding the
-    anchor's own positive and id -1.
-
-    Anchors lie along ``dim`` of the tile (dim 0: rows are anchors, dim 1: columns are).
-    ``anchor_ids`` have -1 already replaced by a value that matches nothing.
-    ``anchor_pos`` is each anchor's positive index along the other dimension (global).
-    """
-    if dim == 0:
-        eq = anchor_ids[:, None] == other_ids[None, :]
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ops: _Operands) -> None:
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
     else:
-        eq = other_ids[:, None] == anchor_ids[None, :]
-    n_other = other_ids.shape[0]
-    local = anchor_pos - other_start
-    inside = (local >= 0) & (local < n_other)
-    idx = local.clamp(0, n_other - 1)
-    # Clear the positive itself without a host sync (no nonzero()).
-    if dim == 0:
-        idx = idx[:, None]
-        eq.scatter_(1, idx, eq.gather(1, idx) & ~inside[:, None])
-    else:
-        idx = idx[None, :]
-        eq.scatter_(0, idx, eq.gather(0, idx) & ~inside[None, :])
-    return eq
-
-
-def _never_matching(anchor_ids: torch.Tensor, other_ids: torch.Tensor) -> torch.Tensor:
-    """Replace -1 anchors by an id that no other item has (so -1 never matches)."""
-    sentinel = other_ids.min() - 1 if other_ids.numel() else anchor_ids.new_tensor(-2)
-    return torch.where(anchor_ids == -1, sentinel, anchor_ids)
-
-
-def _online_update(t, m_run, s_run, dim: int, floor: Optional[float]):
-    """Fold one tile of logits ``t`` into running (max, sum-exp) along ``dim`` (1: rows,
-    0: columns). ``t`` is overwritten with exp(t - new_max). Updates m_run/s_run in place."""
-    t_max = t.amax(dim)
-    m_new = torch.maximum(m_run, t_max)
-    # A fully masked row/column so far has max -inf: shift by 0 instead (avoids inf - inf).
-    m_safe = torch.where(m_new == _NEG_INF, torch.zeros_like(m_new), m_new)
-    t.sub_(m_safe[:, None] if dim == 1 else m_safe[None, :])
-    if floor is not None:
-        t.clamp_min_(floor)
-    t.exp_()
-    s_run.mul_(torch.exp(m_run - m_safe)).add_(t.sum(dim))
-    m_run.copy_(m_new)
-
-
-def _fold(m_run, s_run, t_max, t_sum):
-    """Fold a tile's (max, sum of exp(t - max)) into running (max, sum-exp), in place."""
-    m_new = torch.maximum(m_run, t_max)
-    s_run.mul_(torch.exp(m_run - m_new)).add_(t_sum * torch.exp(t_max - m_new))
-    m_run.copy_(m_new)
-
-
-def _sym_tile_fast(x, m_r, s_r, m_c, s_c, floor) -> bool:
-    """Row AND column (max, sum-exp) of one unmasked tile from a single exp pass.
-
-    With E = exp(x - rowmax) the column sums follow from a matrix-vector product,
-    sum_i exp(x_ij - M) = (E.T @ w)_j with w_i = exp(rowmax_i - M), M the tile max:
-    one read pass instead of a second copy + exp over the tile. It is exact while no
-    column's max lies more than _FAST_SPREAD below M (each column's largest term then stays
-    >= exp(-_FAST_SPREAD), a normal fp32 number, and the clamp floor's error stays below
-    ~1e-12 of every column sum). Otherwise returns False with ``x`` untouched, and the
-    caller takes the exact two-exp path.
-    """
-    c_max = x.amax(0)
-    r_max = x.amax(1)
-    M = r_max.max()
-    if float(c_max.min()) < float(M) - _FAST_SPREAD:  # host sync: a CPU no-op, rare on GPU
-        return False
-    x.sub_(r_max[:, None])
-    if floor is not None:
-        x.clamp_min_(floor)
-    x.exp_()
-    _fold(m_r, s_r, r_max, x.sum(1))
-    _fold(m_c, s_c, M.expand_as(m_c), torch.mv(x.t(), torch.exp(r_max - M)))
-    return True
+        acc.add_(ops.mm(a, b, None))
 
 
 def _tile(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     # A contiguous [rows, cols] view of the flat buffer (out= needs contiguity).
     return buf[: rows * cols].view(rows, cols)
-
-
-def _any(mask: Optional[torch.Tensor]) -> bool:
-    return mask is not None and bool(mask.any())
 
 
 def _blocks(n: int, b: int):
@@ -169,7 +198,7 @@ def _blocks(n: int, b: int):
 
 def _no_autocast(t: torch.Tensor):
     # Under torch.autocast the tile matmuls would silently drop to bf16/fp16; the kernel
-    # casts by itself and accumulates in fp32.
+    # picks its operand dtype by itself and accumulates in fp32.
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
@@ -182,208 +211,260 @@ def _check_block(block_size) -> int:
     return block_size
 
 
-class _RowLSE(torch.autograd.Function):
-    """Masked row log-sum-exp of s * q @ k.T, tiled; differentiable in q, k, s."""
+def _exp_(x: torch.Tensor, floor: Optional[float]) -> torch.Tensor:
+    if floor is not None:
+        x.clamp_min_(floor)
+    return x.exp_()
+
+
+def _fold(m_run, s_run, t_max, t_sum):
+    """Fold a tile's (max, sum of exp(t - max)) into running (max, sum-exp), in place. A max
+    of -inf (nothing unmasked yet, or in this tile) contributes nothing."""
+    m_new = torch.maximum(m_run, t_max)
+    m_safe = torch.where(m_new == _NEG_INF, torch.zeros_like(m_new), m_new)
+    s_run.mul_(torch.exp(m_run - m_safe)).add_(t_sum * torch.exp(t_max - m_safe))
+    m_run.copy_(m_new)
+
+
+def _online_update(t, m_run, s_run, dim: int, floor: Optional[float]):
+    """Fold one tile of logits ``t`` into running (max, sum-exp) along ``dim`` (1: rows,
+    0: columns). ``t`` is overwritten with exp(t - tile max)."""
+    t_max = t.amax(dim)
+    # A fully masked row/column has max -inf: shift by 0 instead (avoids inf - inf).
+    safe = torch.where(t_max == _NEG_INF, torch.zeros_like(t_max), t_max)
+    t.sub_(safe[:, None] if dim == 1 else safe[None, :])
+    _fold(m_run, s_run, t_max, _exp_(t, floor).sum(dim))
+
+
+def _sym_tile_fast(x, m_r, s_r, m_c, s_c, floor, check=True, scratch=None, flat=False) -> bool:
+    """Row AND column (max, sum-exp) of one tile (masked entries already -inf) from a
+    single exp pass.
+
+    ``flat``: ``x`` already holds the logits minus the call's common shift (which ``m_r`` and
+    ``m_c`` hold): one exp, then row sums and column sums. Otherwise, with E = exp(x - rowmax)
+    the column sums follow from a matrix-vector product, sum_i exp(x_ij - M) = (E.T @ w)_j
+    with w_i = exp(rowmax_i - M), M the tile max: one read pass instead of a second copy +
+    exp over the tile. It is exact while no column's max lies more than _FAST_SPREAD below M
+    (each column's largest term then stays >= exp(-_FAST_SPREAD), a normal fp32 number, and
+    the clamp floor's error stays below ~1e-12 of every column sum). ``check`` (CPU): test
+    that, and return False with ``x`` untouched when it fails, so the caller takes the exact
+    two-exp path. ``scratch`` (GPU): also sum exp(x - colmax) per column in ``scratch`` and
+    pick per column on the device, without reading anything back.
+    """
+    if flat:
+        _exp_(x, floor)
+        s_r.add_(x.sum(1))
+        s_c.add_(torch.mv(x.t(), torch.ones(x.shape[0], dtype=x.dtype, device=x.device)))
+        return True
+    c_max = x.amax(0)
+    r_max = x.amax(1)
+    top = r_max.max()
+    empty = c_max == _NEG_INF  # every entry of the column masked in this tile
+    ok = (c_max >= top - _FAST_SPREAD) | empty
+    if check and not bool(ok.all()):  # host read: only with check, i.e. on the CPU
+        return False
+    exact = None
+    if scratch is not None:
+        shift = torch.where(empty, torch.zeros_like(c_max), c_max)
+        exact = _exp_(torch.sub(x, shift[None, :], out=scratch), None).sum(0)
+    _exp_(x.sub_(torch.where(r_max == _NEG_INF, torch.zeros_like(r_max), r_max)[:, None]), floor)
+    _fold(m_r, s_r, r_max, x.sum(1))
+    top_safe = torch.where(top == _NEG_INF, torch.zeros_like(top), top)
+    col_sum = torch.mv(x.t(), torch.exp(r_max - top_safe))
+    col_max = torch.where(empty, c_max, top.expand_as(c_max))
+    if exact is not None:
+        col_sum, col_max = torch.where(ok, col_sum, exact), torch.where(ok, col_max, c_max)
+    _fold(m_c, s_c, col_max, col_sum)
+    return True
+
+
+def _add_stats(t, m_run, s_run, dim: int, floor: Optional[float], flat: bool) -> None:
+    """Fold a tile into running (max, sum-exp) along ``dim``; ``flat``: ``t`` is already
+    shifted by the call's common shift, so its exps just add up."""
+    if flat:
+        s_run.add_(_exp_(t, floor).sum(dim))
+    else:
+        _online_update(t, m_run, s_run, dim, floor)
+
+
+class _Plan:
+    """Tiling and masks of one kernel call.
+
+    Rows in blocks of min(block, B); the first ``columns`` keys (those that get a column
+    log-sum-exp) and the rest in separate blocks of min(block, N), so that every tile is
+    either a two-direction tile or a row-only one.
+
+    Args:
+        batch, n_keys, columns: B, N and C.
+        block: tile side.
+        device: where the ids live.
+        targets: [B] positive column per row.
+        row_kinds: id kinds of the row mask (see :mod:`pair_masks`); empty: no mask.
+        col_kinds: None: the column direction uses the row mask (one rule for both
+            directions); else its own kinds (the per-direction masks of
+            :func:`symmetric_logsumexp`).
+    """
+
+    def __init__(self, batch: int, n_keys: int, columns: int, block: int, device: torch.device,
+                 targets: torch.Tensor, row_kinds: List, col_kinds: Optional[List] = None) -> None:
+        bq, bk = max(1, min(block, batch)), max(1, min(block, n_keys))
+        self.batch, self.columns, self.tile_elems = batch, columns, bq * bk
+        self.rows = _blocks(batch, bq)
+        self.cols = _blocks(columns, bk) + [(a + columns, b + columns) for a, b in _blocks(n_keys - columns, bk)]
+        host = _on_host(device)
+        self.row_mask = PairMask(row_kinds, targets, self.rows, self.cols, host) if row_kinds else None
+        self.shared = col_kinds is None
+        if self.shared:
+            self.col_mask = self.row_mask
+        else:
+            self.col_mask = PairMask(col_kinds, targets, self.rows, self.cols, host) if col_kinds else None
+
+    def masks(self, ri: int, ci: int):
+        """(row mask, column mask) of a tile for :func:`fill_`."""
+        rm = self.row_mask.tile(ri, ci) if self.row_mask is not None else None
+        if self.shared:
+            return rm, rm
+        return rm, (self.col_mask.tile(ri, ci) if self.col_mask is not None else None)
+
+    def one_mask(self, rm, cm) -> bool:
+        """The tile's two directions share their mask (the one-exp paths apply)."""
+        return self.shared or (rm is None and cm is None)
+
+
+def _forward_pass(ops: _Operands, plan: _Plan) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """Row [B] and column [C] log-sum-exps of one call, and the call's logit spread bound."""
+    B, C, cd, dev = plan.batch, plan.columns, ops.cd, ops.qs.device
+    m_r = torch.full((B,), _NEG_INF, dtype=cd, device=dev)
+    s_r = torch.zeros(B, dtype=cd, device=dev)
+    m_c = torch.full((C,), _NEG_INF, dtype=cd, device=dev)
+    s_c = torch.zeros(C, dtype=cd, device=dev)
+    bound = ops.spread_bound()  # the one host read of the forward
+    floor = ops.floor(bound)
+    flat = bound <= _FLAT_SPAN
+    shift = None
+    if flat:  # one shift, the largest possible logit, for every row and column
+        m_r.fill_(0.5 * bound)
+        m_c.fill_(0.5 * bound)
+        shift = torch.full((1, 1), -0.5 * bound, dtype=cd, device=dev)
+    buf = torch.empty(plan.tile_elems, dtype=cd, device=dev)
+    cbuf = torch.empty(plan.tile_elems if C else 0, dtype=cd, device=dev)
+    for ri, (r0, r1) in enumerate(plan.rows):
+        for ci, (c0, c1) in enumerate(plan.cols):
+            nr, nc = r1 - r0, c1 - c0
+            x = ops.logits(r0, r1, c0, c1, _tile(buf, nr, nc), shift)
+            rm, cm = plan.masks(ri, ci)
+            if c0 >= C:  # hard negatives: row direction only
+                _add_stats(fill_(x, rm, _NEG_INF), m_r[r0:r1], s_r[r0:r1], 1, floor, flat)
+                continue
+            if plan.one_mask(rm, cm):
+                fill_(x, rm, _NEG_INF)
+                # Non-flat calls: the CPU checks each tile, a GPU picks per column on the device.
+                device_side = None if (ops.host or flat) else _tile(cbuf, nr, nc)
+                if _sym_tile_fast(x, m_r[r0:r1], s_r[r0:r1], m_c[c0:c1], s_c[c0:c1], floor,
+                                  ops.host and not flat, device_side, flat):
+                    continue
+                y = _tile(cbuf, nr, nc).copy_(x)
+            else:
+                y = fill_(_tile(cbuf, nr, nc).copy_(x), cm, _NEG_INF)
+                fill_(x, rm, _NEG_INF)
+            _add_stats(y, m_c[c0:c1], s_c[c0:c1], 0, floor, flat)
+            _add_stats(x, m_r[r0:r1], s_r[r0:r1], 1, floor, flat)
+    return m_r + s_r.log(), m_c + s_c.log(), bound
+
+
+def _rescaling(lse_r: torch.Tensor, lse_c: torch.Tensor, g_c: torch.Tensor):
+    """``(u, vg, log u)`` with ``P_col * g_c = P_row * u_i * vg_j`` (one exp serves both
+    directions), or None when the log-sum-exps span more than _FAST_SPREAD nats. One host
+    read.
+
+    ``P_col = P_row * exp(lse_r_i - lse_c_j)`` is split around the midpoint of the range so
+    that u, v and u*v stay normal fp32 numbers; computed in fp64 so the rescaling adds no
+    error beyond the fp32 rounding the direct exp has anyway. Columns without any unmasked
+    entry (lse -inf, possible for partial column sums across devices) get vg = 0.
+    """
+    if not (lse_r.numel() and lse_c.numel()):
+        return None
+    finite = torch.isfinite(lse_c)
+    lo = torch.minimum(lse_r.min(), torch.where(finite, lse_c, torch.full_like(lse_c, float("inf"))).min())
+    hi = torch.maximum(lse_r.max(), torch.where(finite, lse_c, torch.full_like(lse_c, _NEG_INF)).max())
+    if not float(hi - lo) <= _FAST_SPREAD:
+        return None
+    mid = (0.5 * (hi + lo)).double()
+    log_u = lse_r.double() - mid
+    vg = torch.where(finite, torch.exp(mid - lse_c.double()) * g_c.double(), torch.zeros_like(g_c, dtype=torch.float64))
+    return torch.exp(log_u).to(lse_r.dtype), vg.to(lse_r.dtype), log_u.to(lse_r.dtype)
+
+
+def _backward_pass(ops: _Operands, plan: _Plan, lse_r, lse_c, g_r, g_c, bound: float, need_a: bool,
+                   need_k: bool):
+    """``A = G @ k`` and ``dK = G.T @ (s q)`` for ``G = diag(g_r) P_row + P_col diag(g_c)``.
+
+    A row factor of G rides in the operands instead of the tiles (``A`` scaled at the end,
+    ``s q`` scaled once): ``g`` for one direction; for both, ``u`` of the one-exp rescaling,
+    leaving ``P_row * (g_r_i / u_i + vg_j)`` per tile, one broadcast add and one multiply.
+    """
+    B, C, cd, dev = plan.batch, plan.columns, ops.cd, ops.qs.device
+    floor = ops.floor(bound)
+    scaled = _rescaling(lse_r, lse_c, g_c) if C else None  # the one host read of the backward
+    row_scale = g_r if not C else (scaled[0] if scaled is not None else None)
+    row_g = g_r if row_scale is None or not C else g_r / row_scale  # what a tile's rows keep of g_r
+    q_rows = ops.qs if row_scale is None else (ops.qs.to(cd) * row_scale[:, None]).to(ops.dtype)
+    A = torch.zeros(ops.qs.shape, dtype=cd, device=dev) if need_a else None
+    dK = torch.zeros(ops.k.shape, dtype=cd, device=dev) if need_k else None
+    neg_lse_r = -lse_r
+    # A column with no unmasked entry here has lse -inf; +inf makes its P_col exp(-inf) = 0.
+    lse_c_safe = torch.where(lse_c == _NEG_INF, torch.full_like(lse_c, float("inf")), lse_c)
+    buf = torch.empty(plan.tile_elems, dtype=cd, device=dev)
+    cbuf = torch.empty(plan.tile_elems if C else 0, dtype=cd, device=dev)
+    for ri, (r0, r1) in enumerate(plan.rows):
+        for ci, (c0, c1) in enumerate(plan.cols):
+            nr, nc = r1 - r0, c1 - c0
+            rm, cm = plan.masks(ri, ci)
+            if c0 >= C or (scaled is not None and plan.one_mask(rm, cm)):
+                x = fill_(_exp_(ops.logits(r0, r1, c0, c1, _tile(buf, nr, nc), neg_lse_r[r0:r1, None]), floor), rm, 0.0)
+                if c0 < C:  # G = diag(u) P_row (g_r / u + vg): the sum of both directions' weights
+                    x.mul_(torch.add(row_g[r0:r1, None], scaled[1][None, c0:c1], out=_tile(cbuf, nr, nc)))
+                elif C:  # hard negatives in a two-direction call
+                    x.mul_(row_g[r0:r1, None])
+            else:
+                x = ops.logits(r0, r1, c0, c1, _tile(buf, nr, nc))
+                y = torch.sub(x, lse_c_safe[None, c0:c1], out=_tile(cbuf, nr, nc))
+                if row_scale is not None:  # P_col / u_i for the folded row factor
+                    y.sub_(scaled[2][r0:r1, None])
+                fill_(_exp_(y, floor), cm, 0.0)
+                fill_(_exp_(x.add_(neg_lse_r[r0:r1, None]), floor), rm, 0.0)
+                x.mul_(row_g[r0:r1, None]).addcmul_(y, g_c[None, c0:c1])
+            ops.accumulate(A, dK, x, r0, r1, c0, c1, q_rows)
+    if A is not None and row_scale is not None:
+        A.mul_(row_scale[:, None])
+    return A, dK
+
+
+class _PairLSE(torch.autograd.Function):
+    """Row log-sum-exps over all keys and column log-sum-exps over the queries for the first
+    ``plan.columns`` keys of ``s * q @ k.T``, masked, from one tiled pass; differentiable in
+    q, k and s."""
 
     @staticmethod
-    def forward(ctx, q, k, s, targets, key_ids, block):
-        cd = _compute_dtype(q, k)
-        B, N = q.shape[0], k.shape[0]
+    def forward(ctx, q, k, s, plan):
         with torch.no_grad(), _no_autocast(q):
-            sc = s.to(cd)
-            kf = k.to(cd)
-            qs = q.to(cd) * sc
-            floor = _clamp_floor(qs, kf, torch.ones((), dtype=cd))
-            qid = None
-            if key_ids is not None:
-                qid = _never_matching(key_ids[targets], key_ids)
-            bq, bk = min(block, B), min(block, N)
-            buf = torch.empty(bq * bk, dtype=cd, device=q.device)
-            m = torch.full((B,), _NEG_INF, dtype=cd, device=q.device)
-            ssum = torch.zeros(B, dtype=cd, device=q.device)
-            for r0, r1 in _blocks(B, bq):
-                m_r, s_r = m[r0:r1], ssum[r0:r1]
-                for c0, c1 in _blocks(N, bk):
-                    x = torch.mm(qs[r0:r1], kf[c0:c1].t(), out=_tile(buf, r1 - r0, c1 - c0))
-                    if qid is not None:
-                        x.masked_fill_(_pair_mask(qid[r0:r1], key_ids[c0:c1], targets[r0:r1], c0, 0), _NEG_INF)
-                    _online_update(x, m_r, s_r, 1, floor)
-            lse = m + ssum.log()
-        ctx.save_for_backward(q, k, s, targets, key_ids if key_ids is not None else None, lse)
-        ctx.has_ids = key_ids is not None
-        ctx.block = block
-        return lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the backward runs under no_grad
-    def backward(ctx, g):
-        q, k, s, targets, key_ids, lse = ctx.saved_tensors
-        block = ctx.block
-        need_q, need_k, need_s = ctx.needs_input_grad[:3]
-        cd = lse.dtype
-        B, N = q.shape[0], k.shape[0]
-        with torch.no_grad(), _no_autocast(q):
-            g = g.to(cd)
-            sc = s.to(cd)
-            qf = q.to(cd)
-            kf = k.to(cd)
-            qs = qf * sc
-            # Row weights of G = diag(g) P are folded into the operands, not the tile.
-            qs_g = qs * g[:, None] if need_k else None
-            floor = _clamp_floor(qs, kf, torch.ones((), dtype=cd))
-            qid = _never_matching(key_ids[targets], key_ids) if ctx.has_ids else None
-            neg_lse = -lse
-            bq, bk = min(block, B), min(block, N)
-            buf = torch.empty(bq * bk, dtype=cd, device=q.device)
-            A = torch.zeros_like(qf) if (need_q or need_s) else None
-            dK = torch.zeros_like(kf) if need_k else None
-            for r0, r1 in _blocks(B, bq):
-                for c0, c1 in _blocks(N, bk):
-                    kb = kf[c0:c1]
-                    # P = exp(s q k^T - lse): the shift rides along in the GEMM's beta term.
-                    x = torch.addmm(neg_lse[r0:r1, None], qs[r0:r1], kb.t(), out=_tile(buf, r1 - r0, c1 - c0))
-                    if floor is not None:
-                        x.clamp_min_(floor)
-                    x.exp_()
-                    if qid is not None:
-                        x.masked_fill_(_pair_mask(qid[r0:r1], key_ids[c0:c1], targets[r0:r1], c0, 0), 0.0)
-                    if A is not None:
-                        A[r0:r1].addmm_(x, kb)
-                    if dK is not None:
-                        dK[c0:c1].addmm_(x.t(), qs_g[r0:r1])
-            if A is not None:
-                A.mul_(g[:, None])  # A = G @ k
-            dq, dk, ds = _final_grads(A, dK, qf, sc, s, q, k, need_s, need_q)
-        return dq, dk, ds, None, None, None
-
-
-class _SymLSE(torch.autograd.Function):
-    """Row and column masked log-sum-exps of s * q @ k.T from one tiled pass."""
-
-    @staticmethod
-    def forward(ctx, q, k, s, query_ids, key_ids, block):
-        cd = _compute_dtype(q, k)
-        B = q.shape[0]
-        dev = q.device
-        with torch.no_grad(), _no_autocast(q):
-            kf = k.to(cd)
-            qs = q.to(cd) * s.to(cd)
-            floor = _clamp_floor(qs, kf, torch.ones((), dtype=cd))
-            pos = torch.arange(B, device=dev)
-            rid = _never_matching(key_ids, key_ids) if key_ids is not None else None
-            cid = _never_matching(query_ids, query_ids) if query_ids is not None else None
-            b = min(block, B)
-            buf = torch.empty(b * b, dtype=cd, device=dev)
-            cbuf = torch.empty(b * b, dtype=cd, device=dev)
-            m_r = torch.full((B,), _NEG_INF, dtype=cd, device=dev)
-            s_r = torch.zeros(B, dtype=cd, device=dev)
-            m_c = torch.full((B,), _NEG_INF, dtype=cd, device=dev)
-            s_c = torch.zeros(B, dtype=cd, device=dev)
-            for r0, r1 in _blocks(B, b):
-                for c0, c1 in _blocks(B, b):
-                    nr, nc = r1 - r0, c1 - c0
-                    x = torch.mm(qs[r0:r1], kf[c0:c1].t(), out=_tile(buf, nr, nc))
-                    cmask = rmask = None
-                    if cid is not None:
-                        cmask = _pair_mask(cid[c0:c1], query_ids[r0:r1], pos[c0:c1], r0, 1)
-                    if rid is not None:
-                        rmask = _pair_mask(rid[r0:r1], key_ids[c0:c1], pos[r0:r1], c0, 0)
-                    # Tiles without masked entries (all but those holding duplicate ids) take
-                    # the one-exp path; the rest keep separate row and column passes.
-                    if not _any(cmask) and not _any(rmask) and \
-                            _sym_tile_fast(x, m_r[r0:r1], s_r[r0:r1], m_c[c0:c1], s_c[c0:c1], floor):
-                        continue
-                    y = _tile(cbuf, nr, nc).copy_(x)
-                    if cmask is not None:
-                        y.masked_fill_(cmask, _NEG_INF)
-                    if rmask is not None:
-                        x.masked_fill_(rmask, _NEG_INF)
-                    _online_update(y, m_c[c0:c1], s_c[c0:c1], 0, floor)
-                    _online_update(x, m_r[r0:r1], s_r[r0:r1], 1, floor)
-            lse_r = m_r + s_r.log()
-            lse_c = m_c + s_c.log()
-        ctx.save_for_backward(q, k, s, query_ids, key_ids, lse_r, lse_c)
-        ctx.block = block
-        ctx.has_qids, ctx.has_kids = query_ids is not None, key_ids is not None
+            lse_r, lse_c, bound = _forward_pass(_Operands(q, k, s), plan)
+        ctx.save_for_backward(q, k, s, lse_r, lse_c)
+        ctx.plan, ctx.bound = plan, bound
         return lse_r, lse_c
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the backward runs under no_grad
     def backward(ctx, g_r, g_c):
-        q, k, s, query_ids, key_ids, lse_r, lse_c = ctx.saved_tensors
+        q, k, s, lse_r, lse_c = ctx.saved_tensors
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
-        cd = lse_r.dtype
-        B = q.shape[0]
-        dev = q.device
         with torch.no_grad(), _no_autocast(q):
-            g_r = torch.zeros_like(lse_r) if g_r is None else g_r.to(cd)
-            g_c = torch.zeros_like(lse_c) if g_c is None else g_c.to(cd)
-            sc = s.to(cd)
-            qf = q.to(cd)
-            kf = k.to(cd)
-            qs = qf * sc
-            floor = _clamp_floor(qs, kf, torch.ones((), dtype=cd))
-            pos = torch.arange(B, device=dev)
-            rid = _never_matching(key_ids, key_ids) if ctx.has_kids else None
-            cid = _never_matching(query_ids, query_ids) if ctx.has_qids else None
-            neg_lse_r = -lse_r
-            b = min(ctx.block, B)
-            buf = torch.empty(b * b, dtype=cd, device=dev)
-            cbuf = torch.empty(b * b, dtype=cd, device=dev)
-            A = torch.zeros_like(qf) if (need_q or need_s) else None
-            dK = torch.zeros_like(kf) if need_k else None
-            # One exp per tile: P_col = P_row * exp(lse_r_i - lse_c_j) = P_row * u_i * v_j, so
-            # G = P_row * (g_r_i + u_i * v_j * g_c_j) -- exact while the lse values span less
-            # than _FAST_SPREAD nats (u, v, u*v stay normal fp32 numbers); u, v in fp64 so the
-            # rescaling adds no error beyond the fp32 rounding the direct exp has anyway.
-            lo = torch.minimum(lse_r.min(), lse_c.min())
-            hi = torch.maximum(lse_r.max(), lse_c.max())
-            fast = float(hi - lo) <= _FAST_SPREAD
-            if fast:
-                mid = (0.5 * (hi + lo)).double()
-                u = torch.exp(lse_r.double() - mid).to(cd)
-                vg = (torch.exp(mid - lse_c.double()) * g_c.double()).to(cd)
-            for r0, r1 in _blocks(B, b):
-                for c0, c1 in _blocks(B, b):
-                    nr, nc = r1 - r0, c1 - c0
-                    kb = kf[c0:c1]
-                    cmask = rmask = None
-                    if cid is not None:
-                        cmask = _pair_mask(cid[c0:c1], query_ids[r0:r1], pos[c0:c1], r0, 1)
-                    if rid is not None:
-                        rmask = _pair_mask(rid[r0:r1], key_ids[c0:c1], pos[r0:r1], c0, 0)
-                    if fast and not _any(cmask) and not _any(rmask):
-                        x = torch.addmm(neg_lse_r[r0:r1, None], qs[r0:r1], kb.t(), out=_tile(buf, nr, nc))
-                        if floor is not None:
-                            x.clamp_min_(floor)
-                        x.exp_()
-                        x.mul_(torch.addr(g_r[r0:r1, None], u[r0:r1], vg[c0:c1], out=_tile(cbuf, nr, nc)))
-                        if A is not None:
-                            A[r0:r1].addmm_(x, kb)
-                        if dK is not None:
-                            dK[c0:c1].addmm_(x.t(), qs[r0:r1])
-                        continue
-                    x = torch.mm(qs[r0:r1], kb.t(), out=_tile(buf, nr, nc))
-                    y = torch.sub(x, lse_c[None, c0:c1], out=_tile(cbuf, nr, nc))
-                    if floor is not None:
-                        y.clamp_min_(floor)
-                    y.exp_()
-                    if cmask is not None:
-                        y.masked_fill_(cmask, 0.0)
-                    x.add_(neg_lse_r[r0:r1, None])
-                    if floor is not None:
-                        x.clamp_min_(floor)
-                    x.exp_()
-                    if rmask is not None:
-                        x.masked_fill_(rmask, 0.0)
-                    # G = diag(g_r) P_r + P_c diag(g_c)
-                    x.mul_(g_r[r0:r1, None]).addcmul_(y, g_c[None, c0:c1])
-                    if A is not None:
-                        A[r0:r1].addmm_(x, kb)
-                    if dK is not None:
-                        dK[c0:c1].addmm_(x.t(), qs[r0:r1])
-            dq, dk, ds = _final_grads(A, dK, qf, sc, s, q, k, need_s, need_q)
-        return dq, dk, ds, None, None, None
+            ops = _Operands(q, k, s, keep_query=True)
+            g_r = torch.zeros_like(lse_r) if g_r is None else g_r.to(ops.cd)
+            g_c = torch.zeros_like(lse_c) if g_c is None else g_c.to(ops.cd)
+            A, dK = _backward_pass(ops, ctx.plan, lse_r, lse_c, g_r, g_c, ctx.bound, need_q or need_s, need_k)
+            dq, dk, ds = _final_grads(A, dK, ops.qf, ops.scale, s, q, k, need_s, need_q)
+        return dq, dk, ds, None
 
 
 def _final_grads(A, dK, qf, sc, s, q, k, need_s: bool, need_q: bool):
@@ -418,12 +499,25 @@ def _check_ids(ids, n, name):
     return ids
 
 
-def _reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return per_row.mean()
-    if reduction == "sum":
-        return per_row.sum()
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+def _check_targets(targets, B: int, device) -> torch.Tensor:
+    if targets is None:
+        return torch.arange(B, device=device)
+    if targets.shape != (B,) or targets.dtype != torch.int64:
+        raise ValueError(f"targets must be an int64 tensor of shape [{B}]")
+    return targets
+
+
+def _reduce(per_row: torch.Tensor, reduction: str, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if weights is None:
+        return per_row.mean() if reduction == "mean" else per_row.sum()
+    if weights.shape != per_row.shape or not weights.is_floating_point():
+        raise ValueError(f"weights must be a float tensor of shape {tuple(per_row.shape)}, "
+                         f"got {weights.dtype} {tuple(weights.shape)}")
+    w = weights.detach().to(per_row.dtype)
+    total = (w * per_row).sum()
+    return total / w.sum() if reduction == "mean" else total
 
 
 def positive_logits(query, keys, logit_scale, targets=None) -> torch.Tensor:
@@ -442,7 +536,58 @@ def positive_logits(query, keys, logit_scale, targets=None) -> torch.Tensor:
     return (query.to(cd) * k_pos[: query.shape[0]].to(cd)).sum(1) * s.to(cd)
 
 
-def contrastive_logsumexp(query, keys, logit_scale, targets=None, key_ids=None, block_size=None):
+def paired_logsumexp(query, keys, logit_scale, targets=None, key_ids=None, query_ids=None, key_query_ids=None,
+                     num_columns: int = 0, block_size=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row log-sum-exps of ``logit_scale * query @ keys.T`` over all keys and column
+    log-sum-exps over these queries for ``keys[:num_columns]``, from ONE tiled pass, with one
+    mask rule for both directions.
+
+    Entry (i, j) is left out of row i's and column j's sums when j is not ``targets[i]`` and
+    key j shares the item id of row i's positive (``key_ids``) or the query id of row i
+    (``query_ids`` against ``key_query_ids``); id -1 never matches. Building block of the
+    training loss (``clicktower.modeling.losses.ContrastiveLoss``): keys are the batch's items
+    (the columns) followed by hard negatives; across devices the columns are partial sums
+    over this rank's queries. 8 * B * N * D FLOPs forward + backward, whatever num_columns.
+
+    Args:
+        query: [B, D] queries (fp32, bf16, fp16 or fp64).
+        keys: [N, D] keys, same device.
+        logit_scale: 0-dim tensor multiplying the dot products; receives a gradient.
+        targets: [B] int64 column of each row's positive; default ``arange(B)``.
+        key_ids: [N] int64 item id of every key.
+        query_ids: [B] int64 query id of every row; needs ``key_query_ids``.
+        key_query_ids: [N] int64 query id of the pair each key comes from (-1 for hard
+            negatives); needs ``query_ids``.
+        num_columns: C, how many leading keys get a column log-sum-exp (0 <= C <= N).
+        block_size: queries and keys per tile; default ``DEFAULT_BLOCK_SIZE``.
+
+    Returns:
+        (row_lse [B], col_lse [C]) in fp32 (fp64 for fp64 inputs); a column whose every
+        entry is masked has -inf.
+    """
+    _check_common(query, keys)
+    B, N = query.shape[0], keys.shape[0]
+    s = _scale_tensor(logit_scale, query)
+    targets = _check_targets(targets, B, query.device)
+    key_ids = _check_ids(key_ids, N, "key_ids")
+    query_ids = _check_ids(query_ids, B, "query_ids")
+    key_query_ids = _check_ids(key_query_ids, N, "key_query_ids")
+    if (query_ids is None) != (key_query_ids is None):
+        raise ValueError("query_ids and key_query_ids are given together or not at all")
+    num_columns = int(num_columns)
+    if not 0 <= num_columns <= N:
+        raise ValueError(f"num_columns must lie in [0, {N}], got {num_columns}")
+    kinds = []
+    if key_ids is not None:
+        kinds.append((key_ids[targets], key_ids))
+    if query_ids is not None:
+        kinds.append((query_ids, key_query_ids))
+    plan = _Plan(B, N, num_columns, _check_block(block_size), query.device, targets, kinds)
+    return _PairLSE.apply(query, keys, s, plan)
+
+
+def contrastive_logsumexp(query, keys, logit_scale, targets=None, key_ids=None, block_size=None,
+                          query_ids=None, key_query_ids=None):
     """Per-query log-sum-exp over keys of ``logit_scale * query @ keys.T`` (masked as in
     :func:`fused_contrastive_loss`), without materialising the [B, N] logits.
 
@@ -458,19 +603,16 @@ def contrastive_logsumexp(query, keys, logit_scale, targets=None, key_ids=None, 
         key_ids: [N] int64 ids; keys sharing the id of a query's positive (other than the
             positive itself) are left out of that query's sum. -1 never matches.
         block_size: keys (and queries) per tile; default ``DEFAULT_BLOCK_SIZE``.
+        query_ids: [B] int64 optional query id per row; with ``key_query_ids`` ([N], the query
+            id of the pair each key comes from), keys of a pair with the row's query id (other
+            than the positive) are left out too. -1 never matches.
+        key_query_ids: see ``query_ids``.
 
     Returns:
         [B] fp32 (fp64 for fp64 inputs) log-sum-exp per query.
     """
-    _check_common(query, keys)
-    B, N = query.shape[0], keys.shape[0]
-    s = _scale_tensor(logit_scale, query)
-    key_ids = _check_ids(key_ids, N, "key_ids")
-    if targets is None:
-        targets = torch.arange(B, device=query.device)
-    elif targets.shape != (B,) or targets.dtype != torch.int64:
-        raise ValueError(f"targets must be an int64 tensor of shape [{B}]")
-    return _RowLSE.apply(query, keys, s, targets, key_ids, _check_block(block_size))
+    lse, _ = paired_logsumexp(query, keys, logit_scale, targets, key_ids, query_ids, key_query_ids, 0, block_size)
+    return lse
 
 
 def symmetric_logsumexp(query, keys, logit_scale, query_ids=None, key_ids=None, block_size=None
@@ -493,11 +635,16 @@ def symmetric_logsumexp(query, keys, logit_scale, query_ids=None, key_ids=None, 
     s = _scale_tensor(logit_scale, query)
     query_ids = _check_ids(query_ids, B, "query_ids")
     key_ids = _check_ids(key_ids, B, "key_ids")
-    return _SymLSE.apply(query, keys, s, query_ids, key_ids, _check_block(block_size))
+    # Each direction its own ids: rows by key ids, columns by query ids.
+    row_kinds = [(key_ids, key_ids)] if key_ids is not None else []
+    col_kinds = [(query_ids, query_ids)] if query_ids is not None else []
+    plan = _Plan(B, B, B, _check_block(block_size), query.device, torch.arange(B, device=query.device),
+                 row_kinds, col_kinds)
+    return _PairLSE.apply(query, keys, s, plan)
 
 
 def fused_contrastive_loss(query, keys, logit_scale, targets=None, key_ids=None, block_size=None,
-                           reduction: str = "mean"):
+                           reduction: str = "mean", query_ids=None, key_query_ids=None, weights=None):
     """InfoNCE loss ``F.cross_entropy(logit_scale * query @ keys.T, targets)`` (with masked
     entries set to -inf) without materialising the [B, N] logits.
 
@@ -517,17 +664,23 @@ def fused_contrastive_loss(query, keys, logit_scale, targets=None, key_ids=None,
             matches.
         block_size: keys (and queries) per tile; default ``DEFAULT_BLOCK_SIZE`` (4096).
         reduction: "mean" (default) or "sum" over queries.
+        query_ids: [B] int64 optional, with ``key_query_ids`` [N]: keys of a pair with query
+            i's id, other than the positive, are left out too (see
+            :func:`contrastive_logsumexp`).
+        key_query_ids: see ``query_ids``.
+        weights: [B] float optional per-query weights: "mean" gives
+            ``sum_i w_i l_i / sum_i w_i``, "sum" gives ``sum_i w_i l_i``.
 
     Returns:
         0-dim fp32 loss (fp64 for fp64 inputs).
     """
-    lse = contrastive_logsumexp(query, keys, logit_scale, targets, key_ids, block_size)
+    lse = contrastive_logsumexp(query, keys, logit_scale, targets, key_ids, block_size, query_ids, key_query_ids)
     pos = positive_logits(query, keys, logit_scale, targets)
-    return _reduce(lse - pos, reduction)
+    return _reduce(lse - pos, reduction, weights)
 
 
 def fused_symmetric_contrastive_loss(query, keys, logit_scale, query_ids=None, key_ids=None,
-                                     block_size=None, reduction: str = "mean"):
+                                     block_size=None, reduction: str = "mean", weights=None):
     """Symmetric (CLIP-style) loss for paired rows (N == B): the mean of the query->key
     and key->query InfoNCE losses, from ONE tiled pass.
 
@@ -549,10 +702,12 @@ def fused_symmetric_contrastive_loss(query, keys, logit_scale, query_ids=None, k
         block_size: tile side; default ``DEFAULT_BLOCK_SIZE``.
         reduction: "mean" (default): 0.5 * (mean_i l_qk + mean_j l_kq); "sum":
             0.5 * (sum_i l_qk + sum_j l_kq), i.e. B times the mean.
+        weights: [B] float optional per-pair weights, the same for both directions of pair
+            i: "mean" divides the weighted sums by ``sum_i w_i`` instead of B.
 
     Returns:
         0-dim fp32 loss (fp64 for fp64 inputs).
     """
     lse_r, lse_c = symmetric_logsumexp(query, keys, logit_scale, query_ids, key_ids, block_size)
     pos = positive_logits(query, keys, logit_scale)
-    return 0.5 * (_reduce(lse_r - pos, reduction) + _reduce(lse_c - pos, reduction))
+    return 0.5 * (_reduce(lse_r - pos, reduction, weights) + _reduce(lse_c - pos, reduction, weights))

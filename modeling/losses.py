@@ -1,13 +1,17 @@
 """Contrastive losses over (query, item) embedding pairs: in-batch NT-Xent / InfoNCE.
 
-Row i of the query batch is paired with row i of the item batch; every other item of the
-batch (and every hard negative) is a negative, except items that share the positive's id:
-the same product clicked by two queries of one batch is not a negative for either.
+Row a of the query batch is paired with row a of the item batch; every other pair's item (and
+every hard negative) is a negative for query a, and every other pair's query is a negative for
+item a -- except false negatives. One rule for both directions: for an anchor pair a and a
+candidate pair c != a, c leaves a's denominators when c has a's item id (the same product
+clicked twice) or a's query id (the same query text clicked on another product); id -1 never
+matches. Hard negatives carry item ids only and are masked for the anchors of the same item.
 
 Across devices (``cross_device=True`` under an initialised process group) the batch is the
 global one: each local query is scored against the items and hard negatives of every rank,
 gathered with :func:`clicktower.kernels.gather_with_grad`. The loss is the ONLY place that
-scales for distributed gradients (see :class:`ContrastiveLoss`).
+scales for distributed gradients (see :class:`ContrastiveLoss`). The tiled kernels live in
+:mod:`clicktower.kernels`; this module only combines their outputs.
 """
 from __future__ import annotations
 
@@ -16,12 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clicktower.kernels import (all_reduce_sum, distributed_world, fused_contrastive_loss, gather_sizes,
-                                gather_with_grad)
+from clicktower.kernels import all_reduce_sum, distributed_world, gather_sizes, gather_with_grad
+from clicktower.kernels import paired_logsumexp, positive_logits
 from clicktower.kernels.collectives import all_reduce_max
-
-# Keys per tile of the column log-sum-exp (memory: block x local batch logits).
-_COLUMN_BLOCK = 1024
 
 
 @dataclass
@@ -30,20 +31,24 @@ class LossConfig:
 
     Args:
         symmetric: average the query->item and item->query losses.
-        mask_duplicate_items: leave items that share the positive's id out of the
-            denominator (needs item ids in the batch; the loader provides them).
+        mask_duplicate_items: a pair (or hard negative) with the anchor's item id is not a
+            negative, in both directions (needs item ids in the batch; the loader provides them).
+        mask_duplicate_queries: a pair with the anchor's query id is not a negative, in both
+            directions (query ids from the loader).
         cross_device: when training on several processes, use the items (negatives) of all
             ranks, not only the local batch. Without it the negative pool is the local batch.
-        gather_queries: symmetric + cross-device only: all-gather the queries for the
-            item->query direction (true), or combine partial column log-sum-exps with
-            all-reduces of N floats instead (false: the same loss and gradients, O(N) instead
-            of O(N x D) communication; see :class:`ContrastiveLoss`).
+        gather_queries: symmetric + cross-device only: all-gather the queries for a second
+            item->query pass (true), or get both directions from ONE tiled pass, combining
+            partial column log-sum-exps across ranks with all-reduces of N floats (false, the
+            default: the same loss and gradients, O(N) instead of O(N x D) communication and
+            half the loss FLOPs; see :class:`ContrastiveLoss`).
     """
 
     symmetric: bool = True
     mask_duplicate_items: bool = True
+    mask_duplicate_queries: bool = True
     cross_device: bool = True
-    gather_queries: bool = True
+    gather_queries: bool = False
 
 
 class ContrastiveLoss(nn.Module):
@@ -51,40 +56,48 @@ class ContrastiveLoss(nn.Module):
 
     Per rank the loss is
 
-        sum over local queries i of CE(s * q_i @ K.T, positive of i)  /  (G / W)
+        sum over local pairs a of w_a * CE_a  /  (sum of w over the global batch / W)
 
-    where K are the items of every rank followed by every rank's hard negatives, G the
-    global number of pairs and W the world size: the local mean when all ranks hold equal
-    batches, and exact when they do not (the last batch of an epoch). The mean of this loss
-    over ranks is the single-process mean loss over the global batch, and the gradient each
-    rank gets for its local embeddings (through the gather's backward) is W times the
-    gradient of that single-process loss; DDP's / DeepSpeed's averaging over W ranks then
-    makes exactly the update of one process holding the whole global batch. With one
-    process (or ``cross_device=False``) it is the plain in-batch mean.
+    where CE_a is pair a's cross-entropy (symmetric: the mean of its query->item and
+    item->query ones) against every rank's items followed by every rank's hard negatives, w
+    the sample weights (1 without ``weights``: the denominator is then G / W, G the global
+    number of pairs) and W the world size. The mean of this loss over ranks is the
+    single-process weighted mean loss over the global batch, exact also when ranks hold
+    uneven batches (the last batch of an epoch), and the gradient each rank gets for its
+    local embeddings (through the gather's backward) is W times the gradient of that
+    single-process loss; DDP's / DeepSpeed's averaging over W ranks then makes exactly the
+    update of one process holding the whole global batch. With one process (or
+    ``cross_device=False``) it is the plain in-batch weighted mean.
 
     Args:
-        symmetric: also compute item->query (each local item against every rank's
-            queries) and return the mean of both directions.
+        symmetric: also compute item->query (each local item against every rank's queries)
+            and return the mean of both directions.
         cross_device: gather keys from all ranks when a process group is initialised.
-        gather_queries: how the symmetric item->query direction sees the other ranks'
-            queries. True: all-gather them (N x D floats, with gradient). False: never move
-            queries; each rank computes, for every gathered item, the log-sum-exp over its
-            OWN queries (the same b x N scores as the query->item direction), and the ranks
-            combine these partial column log-sum-exps with two all-reduces of N floats
-            (max, then sum of exponentials; the backward is one more). Same value and
-            gradients; communication O(N) instead of O(N x D).
-        mask_duplicate_items: use the ids passed to ``forward`` to leave duplicates out of the
-            denominators; False ignores every id (plain in-batch NT-Xent). The caller always
-            passes the batch's ids: the loss alone decides what they mask.
+        gather_queries: how the item->query direction sees the other ranks' queries. False
+            (default): never move queries; in the same tiled pass as the query->item
+            direction each rank computes, for every gathered item, the log-sum-exp over its
+            OWN queries, and the ranks combine these partial column log-sum-exps with two
+            all-reduces of N floats (max, then sum of exponentials; the backward is one
+            more). True: all-gather the queries (N x D floats, with gradient) and run a
+            second one-direction pass. Same value and gradients.
+        mask_duplicate_items: apply the item half of the false-negative rule (both
+            directions, hard negatives included); False ignores item ids.
+        mask_duplicate_queries: apply the query half of the rule (both directions); False
+            ignores query ids. The caller always passes the batch's ids: the loss alone
+            decides what they mask.
+        block_size: tile side of the kernel; default ``clicktower.kernels.DEFAULT_BLOCK_SIZE``.
     """
 
-    def __init__(self, symmetric: bool = True, cross_device: bool = True, gather_queries: bool = True,
-                 mask_duplicate_items: bool = True) -> None:
+    def __init__(self, symmetric: bool = True, cross_device: bool = True, gather_queries: bool = False,
+                 mask_duplicate_items: bool = True, mask_duplicate_queries: bool = True,
+                 block_size: int | None = None) -> None:
         super().__init__()
         self.symmetric = symmetric
         self.cross_device = cross_device
         self.gather_queries = gather_queries
         self.mask_duplicate_items = mask_duplicate_items
+        self.mask_duplicate_queries = mask_duplicate_queries
+        self.block_size = block_size
 
     @classmethod
     def from_config(cls, cfg: LossConfig, distributed: bool) -> "ContrastiveLoss":
@@ -94,151 +107,121 @@ class ContrastiveLoss(nn.Module):
             cfg: loss config.
             distributed: more than one process trains (cross-device gathering applies).
         """
-        return cls(cfg.symmetric, cfg.cross_device and distributed, cfg.gather_queries, cfg.mask_duplicate_items)
+        return cls(cfg.symmetric, cfg.cross_device and distributed, cfg.gather_queries, cfg.mask_duplicate_items,
+                   cfg.mask_duplicate_queries)
 
     def forward(self, query_emb: torch.Tensor, item_emb: torch.Tensor, logit_scale: torch.Tensor,
                 item_ids: torch.Tensor | None = None, query_ids: torch.Tensor | None = None,
-                hard_negative_emb: torch.Tensor | None = None,
-                hard_negative_ids: torch.Tensor | None = None) -> torch.Tensor:
+                hard_negative_emb: torch.Tensor | None = None, hard_negative_ids: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the loss.
 
         Args:
             query_emb: [B, D] local query embeddings.
             item_emb: [B, D] embeddings of each query's clicked item.
             logit_scale: 0-dim inverse temperature.
-            item_ids: [B] int64 product ids; keys sharing a query's positive id are masked
-                (-1 never matches).
-            query_ids: [B] int64 query ids, masking the item->query direction the same way.
+            item_ids: [B] int64 product ids (-1 = unknown, never matches).
+            query_ids: [B] int64 query ids (-1 = unknown, never matches).
             hard_negative_emb: [H, D] extra negatives for every query (query->item only).
             hard_negative_ids: [H] int64 product ids of the hard negatives (-1 = unknown);
-                a hard negative with the positive's id is masked. Default: never masked.
+                a hard negative with the anchor's item id is masked. Default: never masked.
+            weights: [B] float sample weights (data, no gradient); default 1 each.
 
         Returns:
             The scalar loss (fp32).
         """
         if not self.mask_duplicate_items:
-            item_ids = query_ids = hard_negative_ids = None
+            item_ids = hard_negative_ids = None
+        if not self.mask_duplicate_queries:
+            query_ids = None
         rank, world = distributed_world() if self.cross_device else (0, 1)
         batch, device = query_emb.shape[0], query_emb.device
-        sizes = gather_sizes(batch, device) if world > 1 else [batch]
-        offset, global_batch = sum(sizes[:rank]), sum(sizes)
+        if weights is not None:
+            weights = weights.detach().to(device)
+        sizes, total_weight = _sizes_and_total_weight(batch, weights, world, device)
+        offset, total = sum(sizes[:rank]), sum(sizes)
         # Rows of the gathered keys holding this rank's positives.
         targets = offset + torch.arange(batch, device=device)
-        # Sum over local rows / (G / W): the one place distributed gradients are scaled.
-        norm = global_batch / world
-
-        keys = _gather(item_emb, sizes, world)
-        key_ids = _gather(item_ids, sizes, world) if item_ids is not None else None
-        if hard_negative_emb is not None:
-            hn_sizes = gather_sizes(hard_negative_emb.shape[0], device) if world > 1 else None
-            keys = torch.cat([keys, _gather(hard_negative_emb, hn_sizes, world)])
-            if key_ids is not None:
-                if hard_negative_ids is None:
-                    hard_negative_ids = torch.full((hard_negative_emb.shape[0],), -1,
-                                                   dtype=key_ids.dtype, device=device)
-                key_ids = torch.cat([key_ids, _gather(hard_negative_ids, hn_sizes, world)])
-        loss = fused_contrastive_loss(query_emb, keys, logit_scale, targets, key_ids,
-                                      reduction="sum") / norm
+        keys, key_ids, key_query_ids = _negatives(item_emb, item_ids, query_ids, hard_negative_emb,
+                                                  hard_negative_ids, sizes, world)
+        # The item->query direction from the same tiles (one pass): column log-sum-exps over
+        # this rank's queries for every gathered item; in one process they are complete.
+        columns = total if self.symmetric and (world == 1 or not self.gather_queries) else 0
+        lse, partial = paired_logsumexp(query_emb, keys, logit_scale, targets, key_ids, query_ids,
+                                        key_query_ids, columns, self.block_size)
+        positive = positive_logits(query_emb, item_emb, logit_scale)
+        if weights is not None:
+            weights = weights.to(lse.dtype)
+        # Sum over local pairs / (sum of w over the global batch / W): the one place
+        # distributed gradients are scaled.
+        norm = (weights.sum() if total_weight is None else total_weight) / world
+        loss = _weighted_sum(lse - positive, weights)
         if not self.symmetric:
-            return loss
-        if world > 1 and not self.gather_queries:
-            item_loss = _item_loss_from_column_lse(query_emb, item_emb, keys[:global_batch], logit_scale,
-                                                   query_ids, sizes, offset, world) / norm
-            return 0.5 * (loss + item_loss)
-        # Item->query: each local item against every rank's queries, its own mask (query_ids).
-        queries = _gather(query_emb, sizes, world)
-        q_ids = _gather(query_ids, sizes, world) if query_ids is not None else None
-        item_loss = fused_contrastive_loss(item_emb, queries, logit_scale, targets, q_ids,
-                                           reduction="sum") / norm
-        return 0.5 * (loss + item_loss)
+            return loss / norm
+        if columns:
+            item_lse = partial if world == 1 else _combine_partials(partial)[offset:offset + batch]
+        else:
+            # gather_queries: each local item against every rank's queries, a second pass.
+            # Rows are now items: row a's ids are still pair a's (item via targets, query
+            # local), the keys' ids those of the gathered pairs -- the same rule.
+            queries = _gather(query_emb, sizes, world)
+            item_lse, _ = paired_logsumexp(
+                item_emb, queries, logit_scale, targets, None if key_ids is None else key_ids[:total],
+                query_ids, None if key_query_ids is None else key_query_ids[:total], 0, self.block_size)
+        return 0.5 * (loss + _weighted_sum(item_lse - positive, weights)) / norm
 
 
 def _gather(x: torch.Tensor, sizes: list[int] | None, world: int) -> torch.Tensor:
     return x if world == 1 else gather_with_grad(x, sizes=sizes)
 
 
-def _item_loss_from_column_lse(query_emb: torch.Tensor, item_emb: torch.Tensor, items: torch.Tensor,
-                               logit_scale: torch.Tensor, query_ids: torch.Tensor | None,
-                               sizes: list[int], offset: int, world: int) -> torch.Tensor:
-    """Sum over local items of the item->query cross-entropy against every rank's queries,
-    without gathering queries: partial column log-sum-exps all-reduced (O(N) floats)."""
-    batch, device, total = query_emb.shape[0], query_emb.device, sum(sizes)
-    # Each gathered item's positive is the query of the same global row: local column
-    # (row - offset) on the rank that holds it, absent (-1) elsewhere.
-    rows = torch.arange(total, device=device)
-    pos_col = torch.where((rows >= offset) & (rows < offset + batch), rows - offset, torch.full_like(rows, -1))
-    pos_ids = _gather(query_ids, sizes, world) if query_ids is not None else None
-    scale = logit_scale.reshape(())
-    partial = _ColumnLSE.apply(items, query_emb, scale, pos_ids, query_ids, pos_col, _COLUMN_BLOCK)
-    # log sum_r exp(partial_r) = M + log sum_r exp(partial_r - M), M the max over ranks
-    # (no gradient: the shift cancels). A rank whose queries are all masked for an item
-    # contributes exp(-inf) = 0; the positive's own rank always contributes.
+def _weighted_sum(per_pair: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return per_pair.sum() if weights is None else (weights * per_pair).sum()
+
+
+def _sizes_and_total_weight(batch: int, weights: torch.Tensor | None, world: int, device: torch.device):
+    """Every rank's local batch size and the sum of w over the global batch (G without
+    weights; None in one process with weights: the caller sums them in the loss's dtype).
+
+    Across ranks both come from ONE all_gather of (size, local sum of w) per rank; a rank
+    without weights counts 1 per pair (the loader's default weight), so ranks need not agree
+    on whether their batch carries weights."""
+    if world == 1:
+        return [batch], (float(batch) if weights is None else None)
+    local = torch.full((1, 2), float(batch), dtype=torch.float64, device=device)
+    if weights is not None:
+        local[0, 1] = weights.sum()
+    rows = gather_with_grad(local, sizes=[1] * world).tolist()
+    return [int(n) for n, _ in rows], sum(w for _, w in rows)
+
+
+def _negatives(item_emb, item_ids, query_ids, hard_negative_emb, hard_negative_ids, sizes, world):
+    """Keys (every rank's items, then every rank's hard negatives), their item ids and the
+    query ids of the pairs they come from (-1 for hard negatives: they have no query)."""
+    keys = _gather(item_emb, sizes, world)
+    key_ids = _gather(item_ids, sizes, world) if item_ids is not None else None
+    key_query_ids = _gather(query_ids, sizes, world) if query_ids is not None else None
+    if hard_negative_emb is None:
+        return keys, key_ids, key_query_ids
+    device = item_emb.device
+    hn_sizes = gather_sizes(hard_negative_emb.shape[0], device) if world > 1 else None
+    keys = torch.cat([keys, _gather(hard_negative_emb, hn_sizes, world)])
+    n_hard = keys.shape[0] - sum(sizes)
+    if key_ids is not None:
+        if hard_negative_ids is None:
+            hard_negative_ids = torch.full((hard_negative_emb.shape[0],), -1, dtype=key_ids.dtype, device=device)
+        key_ids = torch.cat([key_ids, _gather(hard_negative_ids, hn_sizes, world)])
+    if key_query_ids is not None:
+        key_query_ids = torch.cat([key_query_ids, key_query_ids.new_full((n_hard,), -1)])
+    return keys, key_ids, key_query_ids
+
+
+def _combine_partials(partial: torch.Tensor) -> torch.Tensor:
+    """Column log-sum-exps over every rank's queries from each rank's partial ones:
+    log sum_r exp(partial_r) = M + log sum_r exp(partial_r - M), M the max over ranks (no
+    gradient: the shift cancels). A rank whose queries are all masked for an item contributes
+    exp(-inf) = 0; the positive's own rank always contributes. The sum's backward is an
+    all-reduce too, so each rank's partials get every rank's use of them."""
     shift = all_reduce_max(partial)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    lse = shift + all_reduce_sum(torch.exp(partial - shift)).log()
-    positive = (query_emb.to(lse.dtype) * item_emb.to(lse.dtype)).sum(1) * scale.to(lse.dtype)
-    return (lse[offset:offset + batch] - positive).sum()
-
-
-def _column_mask(pos_ids, query_ids, pos_col, c0: int, c1: int):
-    """[c1 - c0, b] True where local query c shares the id of item j's positive query but is
-    not that positive (-1 never matches); None without ids."""
-    if pos_ids is None or query_ids is None:
-        return None
-    ids = pos_ids[c0:c1, None]
-    own = pos_col[c0:c1, None] == torch.arange(query_ids.shape[0], device=query_ids.device)[None, :]
-    return (ids == query_ids[None, :]) & (ids != -1) & ~own
-
-
-class _ColumnLSE(torch.autograd.Function):
-    """Per item: log-sum-exp over this rank's queries of ``scale * item @ queries.T``,
-    masked; tiled over items and recomputed in backward, so memory stays O((N + b) * D +
-    block * b). Differentiable in items, queries and scale."""
-
-    @staticmethod
-    def forward(ctx, items, queries, scale, pos_ids, query_ids, pos_col, block):
-        cd = torch.float64 if items.dtype == torch.float64 else torch.float32
-        n = items.shape[0]
-        lse = torch.full((n,), float("-inf"), dtype=cd, device=items.device)
-        with torch.no_grad():
-            qf, s = queries.to(cd), scale.to(cd)
-            if qf.shape[0]:
-                for c0 in range(0, n, block):
-                    c1 = min(n, c0 + block)
-                    x = (items[c0:c1].to(cd) @ qf.T) * s
-                    mask = _column_mask(pos_ids, query_ids, pos_col, c0, c1)
-                    if mask is not None:
-                        x.masked_fill_(mask, float("-inf"))
-                    lse[c0:c1] = torch.logsumexp(x, dim=1)
-        ctx.save_for_backward(items, queries, scale, pos_ids, query_ids, pos_col, lse)
-        ctx.block = block
-        return lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        items, queries, scale, pos_ids, query_ids, pos_col, lse = ctx.saved_tensors
-        cd, n = lse.dtype, items.shape[0]
-        with torch.no_grad():
-            qf, s, g = queries.to(cd), scale.to(cd), g.to(cd)
-            # Items with every query masked have lse = -inf and no gradient.
-            base = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-            d_items = torch.zeros(items.shape, dtype=cd, device=items.device)
-            d_queries = torch.zeros(qf.shape, dtype=cd, device=qf.device)
-            d_scale = torch.zeros((), dtype=cd, device=qf.device)
-            if qf.shape[0]:
-                for c0 in range(0, n, ctx.block):
-                    c1 = min(n, c0 + ctx.block)
-                    kb = items[c0:c1].to(cd)
-                    dot = kb @ qf.T
-                    x = dot * s - base[c0:c1, None]
-                    mask = _column_mask(pos_ids, query_ids, pos_col, c0, c1)
-                    if mask is not None:
-                        x.masked_fill_(mask, float("-inf"))
-                    # dlse_j/dlogit_jc = softmax over c; weighted by the incoming gradient.
-                    w = x.exp_() * g[c0:c1, None]
-                    d_items[c0:c1] = (w @ qf) * s
-                    d_queries.addmm_(w.T, kb, alpha=float(s))
-                    d_scale += (w * dot).sum()
-        return (d_items.to(items.dtype), d_queries.to(queries.dtype), d_scale.to(scale.dtype).reshape(scale.shape),
-                None, None, None, None)
+    return shift + all_reduce_sum(torch.exp(partial - shift)).log()

@@ -24,7 +24,7 @@ def _peak(method, B):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fused", "fused_sym"])
+@pytest.mark.parametrize("method", ["fused", "fused_sym", "loss_sym"])
 def test_peak_memory_grows_linearly_with_batch(method):
     small, large = 4096, 16384
     p_small, p_large = _peak(method, small), _peak(method, large)

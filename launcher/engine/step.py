@@ -95,7 +95,7 @@ class TrainStep:
         """
         device = self.accelerator.device
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
-        ids = {k: batch[k].to(device) for k in ("item_ids", "query_ids") if k in batch}
+        ids = {k: batch[k].to(device) for k in ("item_ids", "query_ids", "weights") if k in batch}
         chunks = 1 if self.grad_cache_chunk is None else self._num_chunks(inputs, self.grad_cache_chunk)
         if chunks > 1:
             loss = self.grad_cache_backward(inputs, ids, chunks)
@@ -122,7 +122,8 @@ class TrainStep:
             # optim.max_grad_norm by configure_deepspeed); clipping here would be too late.
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()  # a no-op under DeepSpeed: accelerator.backward stepped the engine
-        self.scheduler.step()  # a LambdaLR on the base optimiser's param groups, which ZeRO uses
+        if not getattr(self.optimizer, "step_was_skipped", False):  # fp16: the scaler skipped an overflow step
+            self.scheduler.step()  # a LambdaLR on the base optimiser's param groups, which ZeRO uses
         self.optimizer.zero_grad(set_to_none=True)
 
     def _num_chunks(self, inputs: dict[str, torch.Tensor], chunk: int) -> int:
@@ -167,8 +168,10 @@ class TrainStep:
                     q, i, scale = model(**{k: v[a:b] for k, v in inputs.items()})
                 queries.append(q)
                 items.append(i)
-        query_emb = torch.cat(queries).requires_grad_()
-        item_emb = torch.cat(items).requires_grad_()
+        # fp32 leaves: under fp16 autocast the cached gradients would be fp16 and underflow
+        # before the scaler sees them.
+        query_emb = torch.cat(queries).float().requires_grad_()
+        item_emb = torch.cat(items).float().requires_grad_()
         scale = scale.detach().requires_grad_()
         loss = self.loss_fn(query_emb, item_emb, scale, **ids)
         query_grad, item_grad, scale_grad = torch.autograd.grad(loss, [query_emb, item_emb, scale])

@@ -1,7 +1,10 @@
 """Helper for tests/test_kernel_memory.py: run one fused loss fwd+bwd in this fresh
 process and print the increase of peak RSS over the RSS after imports and inputs.
 
-    python tests/support/kernel_mem_probe.py {fused|fused_sym|naive} B D BLOCK
+    python tests/support/kernel_mem_probe.py {fused|fused_sym|loss_sym|naive} B D BLOCK
+
+loss_sym is the training loss (ContrastiveLoss, symmetric, one process) with item and query
+ids drawn from a large space, a few of them repeated.
 """
 import json
 import sys
@@ -9,6 +12,7 @@ import sys
 import torch
 
 from clicktower.kernels import fused_contrastive_loss, fused_symmetric_contrastive_loss
+from clicktower.modeling.losses import ContrastiveLoss
 
 
 def _status_kib(field):
@@ -25,6 +29,9 @@ def main():
     q = torch.nn.functional.normalize(torch.randn(B, D), dim=1).requires_grad_()
     k = torch.nn.functional.normalize(torch.randn(B, D), dim=1).requires_grad_()
     s = torch.tensor(20.0, requires_grad=True)
+    item_ids = torch.randint(0, 1 << 40, (B,))
+    query_ids = torch.randint(0, 1 << 40, (B,))
+    item_ids[: B // 100] = 7  # one popular product clicked by 1% of the batch
     try:  # reset the peak (VmHWM) to the current RSS
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -35,6 +42,8 @@ def main():
         loss = fused_contrastive_loss(q, k, s, block_size=block)
     elif method == "fused_sym":
         loss = fused_symmetric_contrastive_loss(q, k, s, block_size=block)
+    elif method == "loss_sym":
+        loss = ContrastiveLoss(symmetric=True, cross_device=False, block_size=block)(q, k, s, item_ids, query_ids)
     else:
         loss = torch.nn.functional.cross_entropy(s * q @ k.T, torch.arange(B))
     loss.backward()

@@ -1,0 +1,153 @@
+"""Which logits leave the denominators of the fused contrastive kernels.
+
+Entry (i, j) of the [B, N] logits (query row i, key column j) is masked when j is not row i's
+positive (``targets[i]``) and, for at least one id kind, row i's id equals key j's id; id -1
+never matches. A kind is a pair ``(row_ids [B], col_ids [N])``: for the item half of the
+training rule the row ids are the items of each row's positive and the column ids the items
+of the keys; for the query half, each row's query id and the query id of the pair each key
+came from. Both halves are symmetric relations between pairs, so one mask serves the
+query->item direction (rows as anchors) and the item->query direction (columns as anchors).
+
+Two representations, chosen once per kernel call:
+
+* sparse (CPU, the usual case): every masked (i, j) is found up front by sorting the column
+  ids (O((B + N) log N), no [B, N] comparison), bucketed per tile, and applied with one
+  ``index_fill_`` of the few entries a tile holds; tiles without any are known to be clean.
+  In real batches ids rarely collide, so most tiles need no mask work at all.
+* dense (on GPUs, or when ids collide so often that the pair list would outgrow
+  ``_SPARSE_PAIRS_PER_ROW * (B + N)`` entries): each tile's bool mask is recomputed from the
+  ids. This needs no host synchronisation (the sparse list's length is data-dependent).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+# Beyond this many masked entries per row and key the sparse list would cost more memory than
+# the O((B + N) * D) the kernel promises (a popular item clicked by half the batch gives
+# B^2 / 4 pairs): the dense per-tile comparison takes over.
+_SPARSE_PAIRS_PER_ROW = 8
+
+Kind = Tuple[torch.Tensor, torch.Tensor]
+Blocks = Sequence[Tuple[int, int]]
+
+
+def fill_(x: torch.Tensor, mask: Optional[torch.Tensor], value: float) -> torch.Tensor:
+    """Set the masked entries of tile ``x`` to ``value`` in place.
+
+    Args:
+        x: a contiguous [rows, cols] tile.
+        mask: what :meth:`PairMask.tile` returned: None (nothing masked), a bool tile, or the
+            flat indices of the masked entries.
+        value: the fill value (-inf before an exp, 0 after it).
+    """
+    if mask is None:
+        return x
+    if mask.dtype == torch.bool:
+        return x.masked_fill_(mask, value)
+    x.view(-1).index_fill_(0, mask, value)
+    return x
+
+
+class PairMask:
+    """The masked entries of one kernel call's logits, tile by tile.
+
+    Args:
+        kinds: one ``(row_ids [B], col_ids [N])`` int64 pair per id kind (see the module doc).
+        targets: [B] int64 column of each row's positive (never masked).
+        rows: row blocks ``[(r0, r1), ...]`` of the tiling.
+        cols: column blocks ``[(c0, c1), ...]`` of the tiling.
+        host: the ids live where reading values is free (CPU): build the sparse list and
+            report clean tiles. Otherwise dense tiles, every tile treated as masked.
+    """
+
+    def __init__(self, kinds: List[Kind], targets: torch.Tensor, rows: Blocks, cols: Blocks, host: bool) -> None:
+        self.rows, self.cols, self.targets, self.host = list(rows), list(cols), targets, host
+        # Dense form: -1 rows replaced by an id no column has, so -1 never matches.
+        self.kinds = [(_never_matching(r, c), c) for r, c in kinds]
+        self.flat: Optional[torch.Tensor] = None
+        self.bounds: Optional[List[int]] = None
+        if host:
+            self._build_sparse(kinds)
+
+    def _build_sparse(self, kinds: List[Kind]) -> None:
+        counted = [_match_counts(r, c) for r, c in kinds]
+        total = sum(int(counts.sum()) for _, _, counts in counted)
+        n_rows, n_cols = self.targets.shape[0], kinds[0][1].shape[0]
+        if total > _SPARSE_PAIRS_PER_ROW * (n_rows + n_cols):
+            return  # dense tiles instead
+        pairs = [_expand(*c) for c in counted]
+        rows = torch.cat([p[0] for p in pairs])
+        cols = torch.cat([p[1] for p in pairs])
+        keep = cols != self.targets[rows]  # each row's own positive matches its own ids
+        rows, cols = rows[keep], cols[keep]
+        dev = rows.device
+        r_start = torch.tensor([r0 for r0, _ in self.rows], dtype=torch.int64, device=dev)
+        c_start = torch.tensor([c0 for c0, _ in self.cols], dtype=torch.int64, device=dev)
+        c_width = torch.tensor([c1 - c0 for c0, c1 in self.cols], dtype=torch.int64, device=dev)
+        ri = torch.searchsorted(r_start, rows, right=True) - 1
+        ci = torch.searchsorted(c_start, cols, right=True) - 1
+        tile = ri * len(self.cols) + ci
+        order = torch.argsort(tile)
+        flat = (rows - r_start[ri]) * c_width[ci] + (cols - c_start[ci])
+        # A pair matched by both kinds appears twice: harmless, both write the same value.
+        self.flat = flat[order]
+        n_tiles = len(self.rows) * len(self.cols)
+        self.bounds = torch.searchsorted(tile[order], torch.arange(n_tiles + 1, device=dev)).tolist()
+
+    def tile(self, ri: int, ci: int) -> Optional[torch.Tensor]:
+        """The mask of tile (row block ``ri``, column block ``ci``) for :func:`fill_`; None when
+        the tile is known to hold no masked entry (only ever on the host).
+
+        Args:
+            ri: row block index.
+            ci: column block index.
+        """
+        if self.bounds is not None:
+            t = ri * len(self.cols) + ci
+            lo, hi = self.bounds[t], self.bounds[t + 1]
+            return self.flat[lo:hi] if hi > lo else None
+        (r0, r1), (c0, c1) = self.rows[ri], self.cols[ci]
+        eq = None
+        for row_ids, col_ids in self.kinds:
+            e = row_ids[r0:r1, None] == col_ids[None, c0:c1]
+            eq = e if eq is None else eq.logical_or_(e)
+        _clear_positives(eq, self.targets[r0:r1], c0)
+        if self.host and not bool(eq.any()):  # a CPU read: free
+            return None
+        return eq
+
+
+def _never_matching(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
+    """Replace -1 rows by an id that no column has (so -1 never matches)."""
+    sentinel = col_ids.min() - 1 if col_ids.numel() else row_ids.new_tensor(-2)
+    return torch.where(row_ids == -1, sentinel, row_ids)
+
+
+def _clear_positives(eq: torch.Tensor, targets: torch.Tensor, c0: int) -> None:
+    """Unmask each row's positive in a [rows, cols] tile starting at column ``c0``, without
+    a host sync (no nonzero())."""
+    n_cols = eq.shape[1]
+    local = targets - c0
+    inside = (local >= 0) & (local < n_cols)
+    idx = local.clamp(0, max(n_cols - 1, 0))[:, None]
+    if n_cols:
+        eq.scatter_(1, idx, eq.gather(1, idx) & ~inside[:, None])
+
+
+def _match_counts(row_ids: torch.Tensor, col_ids: torch.Tensor):
+    """For each row, where its id's run starts in the sorted column ids and how long it is."""
+    order = torch.argsort(col_ids)
+    ranked = col_ids[order]
+    lo = torch.searchsorted(ranked, row_ids)
+    counts = torch.searchsorted(ranked, row_ids, right=True) - lo
+    return order, lo, counts.masked_fill_(row_ids == -1, 0)
+
+
+def _expand(order: torch.Tensor, lo: torch.Tensor, counts: torch.Tensor):
+    """Every (row, column) with equal ids, from :func:`_match_counts`."""
+    rows = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    within = torch.arange(rows.shape[0], device=rows.device) - first[rows]
+    return rows, order[lo[rows] + within]
