@@ -1,10 +1,12 @@
 """Scaling benchmark for distributed two-tower training, on 2 CPU ranks (gloo).
 
     .venv/bin/python benchmarks/bench_scaling.py [--quick] [--models bert-base,bert-large]
+        [--sections memory,gradcache,loss,launch]
 
-Writes benchmarks/results/bench_scaling.json and .md. Every figure is labelled MEASURED (from
-tensors, RSS or timings on this machine) or COMPUTED (a formula, possibly fed by measured
-numbers):
+Writes benchmarks/results/bench_scaling.json and .md. ``--sections`` re-measures only those
+sections and keeps the others' rows from the existing JSON (the markdown says which were
+measured when). Every figure is labelled MEASURED (from tensors, RSS or timings on this
+machine) or COMPUTED (a formula, possibly fed by measured numbers):
 
 1. Per-rank memory of parameters, gradients and optimiser state for a shared-tower TwoTower
    on BERT-base and BERT-large (random init from BertConfig, fp32, AdamW) under ZeRO 0 (DDP)
@@ -22,6 +24,16 @@ numbers):
    (tensors autograd saves) and the reachable batch on an 80 GiB GPU COMPUTED from them.
 3. Time per step (forward + backward) of the cross-device loss against the local-only loss,
    MEASURED on 2 gloo ranks; extrapolation to 8 / 64 / 512 GPUs COMPUTED by formula.
+4. Launch: ``configs/tiny.yaml`` for 20 steps under ``accelerate launch`` on 2 CPU ranks,
+   exactly as docs/distributed.md's commands (DDP with ACCELERATE_USE_CPU=true, DeepSpeed with
+   DS_ACCELERATOR=cpu), with the shipped ``configs/accelerate/cpu_2proc_*.yaml``: DDP and
+   ZeRO-1/2/3, plus ZeRO-2 with DeepSpeed's default bucket sizes, side by side in rounds of
+   alternating order; MEASURED median step time (from ``metrics.jsonl``), wall and CPU time
+   of each launch, the loss at step 20, and the 1-minute load average before each launch.
+   Also MEASURED: what used to make ZeRO-1/2 slow (``torch.empty`` of DeepSpeed's default
+   reduce bucket with deterministic mode's NaN fill on and off) and the cost of DeepSpeed's
+   ``deepspeed_shm_comm`` extension the trainer now skips (first build and cached load in a
+   fresh ``TORCH_EXTENSIONS_DIR``).
 
 Heavy rows (BERT-large under ZeRO-0 needs ~7 GB per rank) run one at a time, and each
 waits until the machine has the memory free.
@@ -34,10 +46,14 @@ import json
 import os
 import platform
 import re
+import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -408,6 +424,144 @@ def _loss_worker(rank: int, world: int, port: int, local: int, dim: int, reps: i
     dist.destroy_process_group()
 
 
+# Section 4: what a user gets from docs/distributed.md's CPU commands on configs/tiny.yaml.
+LAUNCH_STEPS = 20
+LAUNCH_GLOBAL_BATCH = 2 * 16  # 2 ranks x tiny.yaml's train.batch_size (pairs_per_sec is global)
+LAUNCH_VARIANTS = (  # (label, accelerate config, DeepSpeed JSON keys to drop: None = shipped file)
+    ("DDP", "cpu_2proc_ddp", None),
+    ("ZeRO-1", "cpu_2proc_zero1", None),
+    ("ZeRO-2", "cpu_2proc_zero2", None),
+    ("ZeRO-3", "cpu_2proc_zero3", None),
+    ("ZeRO-2, DeepSpeed's default buckets (5e8)", "cpu_2proc_zero2", ("reduce_bucket_size", "allgather_bucket_size")),
+)
+
+
+def _variant_config(config: str, drop: tuple[str, ...] | None, tmp: Path) -> Path:
+    """The shipped accelerate config, or a copy whose DeepSpeed file lacks the ``drop`` keys
+    of ``zero_optimization`` (so DeepSpeed's defaults apply)."""
+    path = ROOT / "configs" / "accelerate" / f"{config}.yaml"
+    if drop is None:
+        return path
+    text = path.read_text()
+    ds_file = re.search(r"deepspeed_config_file: (\S+)", text).group(1)
+    ds = json.loads((ROOT / ds_file).read_text())
+    for key in drop:
+        ds["zero_optimization"].pop(key)
+    (tmp / f"{config}-defaults.json").write_text(json.dumps(ds, indent=2))
+    out = tmp / f"{config}-defaults.yaml"
+    out.write_text(text.replace(ds_file, str(tmp / f"{config}-defaults.json")))
+    return out
+
+
+def _launch_once(config: Path, shards: Path, out: Path) -> dict:
+    """One ``accelerate launch`` of the tiny config, as docs/distributed.md runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "DS_", "OMP_"))}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    if "zero" in config.name:
+        env["DS_ACCELERATOR"] = "cpu"
+    else:
+        env["ACCELERATE_USE_CPU"] = "true"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config),
+           "--main_process_port", str(_free_port()), "-m", "clicktower.launcher.train",
+           "--config", str(ROOT / "configs" / "tiny.yaml"), f"data.train_manifest={shards}",
+           f"train.output_dir={out}", f"train.max_steps={LAUNCH_STEPS}", "train.log_every_steps=1",
+           "train.progress_bar=false"]
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise RuntimeError(f"{config.name}: exit {result.returncode}\n{result.stderr[-3000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out)
+    return {"wall_s": wall, "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime,
+            "load_1min_before": load, "loss_last": records[-1]["loss"],
+            # Per-step time from the logged throughput; step 1 (warm-up) left out.
+            "step_s": [LAUNCH_GLOBAL_BATCH / r["pairs_per_sec"] for r in records[1:]]}
+
+
+def launch_step_times(rounds: int) -> dict:
+    """MEASURED: each ``LAUNCH_VARIANTS`` entry launched ``rounds`` times, the order reversed
+    every other round so that a change in the machine's load hits all variants alike."""
+    from clicktower.data.shards import write_shards
+    from clicktower.data.sources import FieldMap
+    from clicktower.data.synth import generate
+
+    rows = {label: [] for label, _, _ in LAUNCH_VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        generate(tmp / "synth", 20000, seed=0)  # as the README: 20,000 pairs, shards of 5,000
+        write_shards([str(tmp / "synth" / "train.jsonl")], str(tmp / "shards"), FieldMap(), shard_size=5000)
+        configs = {label: _variant_config(config, drop, tmp) for label, config, drop in LAUNCH_VARIANTS}
+        for index in range(rounds):
+            order = list(configs) if index % 2 == 0 else list(reversed(configs))
+            for label in order:
+                run = _launch_once(configs[label], tmp / "shards", tmp / "run")
+                print(f"launch {label}: {run['wall_s']:.1f} s wall, median step "
+                      f"{statistics.median(run['step_s']) * 1e3:.0f} ms, load {run['load_1min_before']:.1f}", flush=True)
+                rows[label].append(run)
+    out = []
+    for label, config, drop in LAUNCH_VARIANTS:
+        runs = rows[label]
+        out.append({"variant": label, "accelerate_config": f"configs/accelerate/{config}.yaml",
+                    "deepspeed_defaults_for": list(drop or ()), "launches": len(runs),
+                    "median_step_s": statistics.median(s for r in runs for s in r["step_s"]),
+                    "wall_s": statistics.mean(r["wall_s"] for r in runs),
+                    "user_s": statistics.mean(r["user_s"] for r in runs),
+                    "sys_s": statistics.mean(r["sys_s"] for r in runs),
+                    "loss_step_20": [r["loss_last"] for r in runs],
+                    "load_1min_before": [r["load_1min_before"] for r in runs]})
+    return {"model": "configs/tiny.yaml (random BERT 32x2, vocab 30522, projection 16)", "steps": LAUNCH_STEPS,
+            "global_batch": LAUNCH_GLOBAL_BATCH, "world": 2, "rounds": rounds, "rows": out,
+            "deterministic_fill": _empty_fill_cost(), "shm_comm": _shm_comm_cost()}
+
+
+def _empty_fill_cost(numel: int = 500_000_000) -> dict:
+    """Seconds of one ``torch.empty(numel)`` (fp32): plain, in deterministic mode (which
+    NaN-fills it), and in deterministic mode with ``fill_uninitialized_memory`` off."""
+    def timed() -> float:
+        t0 = time.perf_counter()
+        buffer = torch.empty(numel)
+        del buffer
+        return time.perf_counter() - t0
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    try:
+        plain = timed()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        filled = statistics.median(timed() for _ in range(3))
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        unfilled = statistics.median(timed() for _ in range(3))
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.utils.deterministic.fill_uninitialized_memory = saved[1]
+    return {"numel": numel, "plain_s": plain, "deterministic_fill_s": filled, "deterministic_no_fill_s": unfilled}
+
+
+def _shm_comm_cost() -> dict:
+    """Seconds DeepSpeed spends on ``deepspeed_shm_comm`` in a fresh TORCH_EXTENSIONS_DIR: the
+    first load (a JIT build) and the next (cached), each in its own process."""
+    code = ("import time; from deepspeed.comm.torch import build_shm_op; t0 = time.perf_counter(); "
+            "op = build_shm_op(); print('SECONDS', op is not None, time.perf_counter() - t0)")
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": cache,
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        for name in ("first_load_s", "cached_load_s"):
+            result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
+            line = next((x for x in result.stdout.splitlines() if x.startswith("SECONDS")), None)
+            if line is None:
+                return {"not_measured": result.stderr[-500:]}
+            _, built, seconds = line.split()
+            out[name] = float(seconds)
+            out["built"] = built == "True"
+    return out
+
+
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -426,19 +580,25 @@ def zero_formula(psi: float, n: int, stage: int) -> float:
     return {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n, 3: 16 * psi / n}[stage]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="BERT-base only, fewer points and reps")
-    ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
-    ap.add_argument("--cache", type=Path, default=None, help="JSON of rows measured so far (resume)")
-    ap.add_argument("--patience", type=int, default=900, help="seconds a row waits for free memory")
-    args = ap.parse_args()
-    cache = _Cache(args.cache)
-    t_start = time.perf_counter()
-    models = (args.models.split(",") if args.models else ["bert-base"] if args.quick else list(MODELS))
-    out: dict = {"machine": machine(), "world_size_measured": 2}
-    out["zero_memory_measured"] = zero_memory(models, cache, args.patience)
+# Each section's keys in the results JSON (``--sections`` re-measures a subset).
+SECTIONS = {
+    "memory": ("zero_memory_measured", "zero_extrapolated_computed"),
+    "gradcache": ("activation_bytes_per_pair_measured", "gradcache_step_measured", "gradcache_reachable_computed",
+                  "reachable_batch_gpu_computed"),
+    "loss": ("loss_step_measured", "loss_step_extrapolated_computed"),
+    "launch": ("launch_step_time_measured",),
+}
 
+
+def measure_memory(out: dict, models: list[str], cache: "_Cache", patience: int) -> None:
+    out["zero_memory_measured"] = zero_memory(models, cache, patience)
+    out["zero_extrapolated_computed"] = [
+        {"model": r_model, "gpus": n, **{f"zero{st}_gib": zero_formula(psi_m, n, st) / GIB for st in range(4)}}
+        for r_model, psi_m in {r["model"]: r["num_params"] for r in out["zero_memory_measured"]}.items()
+        for n in (8, 64, 512)]
+
+
+def measure_gradcache(out: dict, models: list[str], cache: "_Cache", quick: bool) -> None:
     seq = 32
     acts = {name: activation_bytes_per_pair(MODELS[name], seq) for name in models}
     acts["small(256x4)"] = activation_bytes_per_pair({k: v for k, v in SMALL.items()
@@ -446,7 +606,7 @@ def main() -> None:
     out["activation_bytes_per_pair_measured"] = {"seq_len_query_and_item": seq, **acts}
 
     gc_seq, gc_chunk, budget = 16, 32, 1 * GIB
-    plain, chunked = ([32, 128], [128, 512]) if args.quick else ([64, 256], [256, 1024])
+    plain, chunked = ([32, 128], [128, 512]) if quick else ([64, 256], [256, 1024])
     out["gradcache_step_measured"] = {
         "model": "TwoTower on BERT 256x4 (vocab 30522), shared tower, AdamW, fp32, dropout off",
         "seq_len": gc_seq, "world": 2, "how": "TrainStep (one training step) under accelerate DDP (gloo), cross-device "
@@ -456,7 +616,7 @@ def main() -> None:
         "budget_bytes_per_rank": budget, "note": "line through the two largest measured points of each mode",
         **reachable_from_slope(out["gradcache_step_measured"]["rows"], budget)}
 
-    budget_gpu, chunk, dim, gpus = 80 * GIB, 256, 768, 8
+    budget_gpu, chunk, gpus = 80 * GIB, 256, 8
     out["reachable_batch_gpu_computed"] = []
     for name in models:
         psi = next(r["num_params"] for r in out["zero_memory_measured"] if r["model"] == name)
@@ -472,8 +632,10 @@ def main() -> None:
             "without_gradcache_global": gpus * int((budget_gpu - states) / act),
             "with_gradcache_global": gpus * int((budget_gpu - states - chunk * act) / per_pair)})
 
+
+def measure_loss(out: dict, cache: "_Cache", quick: bool) -> None:
     local, dim_loss = (1024, 256)
-    reps = 3 if args.quick else 5
+    reps = 3 if quick else 5
     recs = cache.get(f"loss:{local}:{dim_loss}:{reps}", lambda: _spawn(_loss_worker, local, dim_loss, reps))
     t_local = max(r["local_only"] for r in recs)
     t_cross = max(r["cross_device"] for r in recs)
@@ -486,10 +648,51 @@ def main() -> None:
         {"gpus": w, "global_batch": w * local, "cross_device_loss_s_at_this_cpu_speed": per_cell * local * w * local,
          "gathered_bytes_per_rank": 2 * w * local * dim_loss * 4}
         for w in (8, 64, 512)]
-    out["zero_extrapolated_computed"] = [
-        {"model": r_model, "gpus": n, **{f"zero{st}_gib": zero_formula(psi_m, n, st) / GIB for st in range(4)}}
-        for r_model, psi_m in {r["model"]: r["num_params"] for r in out["zero_memory_measured"]}.items()
-        for n in (8, 64, 512)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="BERT-base only, fewer points and reps")
+    ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
+    ap.add_argument("--cache", type=Path, default=None, help="JSON of rows measured so far (resume)")
+    ap.add_argument("--patience", type=int, default=900, help="seconds a row waits for free memory")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="comma-separated subset of " + ",".join(SECTIONS) + "; the others keep their rows "
+                    "from the existing results JSON")
+    ap.add_argument("--launch-rounds", type=int, default=2, help="launches per variant in the launch section")
+    args = ap.parse_args()
+    sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(unknown)}")
+    cache = _Cache(args.cache)
+    t_start = time.perf_counter()
+    models = (args.models.split(",") if args.models else ["bert-base"] if args.quick else list(MODELS))
+    previous = json.loads((RESULTS / "bench_scaling.json").read_text()) if (RESULTS / "bench_scaling.json").exists() else {}
+    kept = [name for name in SECTIONS if name not in sections]
+    missing = [name for name in kept if not all(key in previous for key in SECTIONS[name])]
+    if missing:
+        ap.error(f"section(s) {', '.join(missing)} not in {RESULTS / 'bench_scaling.json'}: measure them too")
+    if "gradcache" in sections and "memory" not in sections and \
+            not set(models) <= {r["model"] for r in previous["zero_memory_measured"]}:
+        ap.error("the gradcache section needs the memory rows of the same --models")
+    out: dict = {"machine": machine(), "world_size_measured": 2, "sections_this_invocation": sections}
+    for name in kept:  # rows of sections not re-measured, and when they were measured
+        out.update({key: previous[key] for key in SECTIONS[name]})
+    # When and where each section was measured (a results file from before this record: the
+    # date is unknown, the machine is the one it names).
+    out["sections_measured"] = {**{name: {"date": None, "machine": previous.get("machine")} for name in kept},
+                                **previous.get("sections_measured", {}),
+                                **{name: {"date": date.today().isoformat(), "machine": out["machine"]}
+                                   for name in sections}}
+    if "memory" in sections:
+        measure_memory(out, models, cache, args.patience)
+    if "gradcache" in sections:
+        measure_gradcache(out, models, cache, args.quick)
+    if "loss" in sections:
+        measure_loss(out, cache, args.quick)
+    if "launch" in sections:
+        out["launch_step_time_measured"] = launch_step_times(args.launch_rounds)
     out["runtime_s"] = time.perf_counter() - t_start
     out["rows_reused_from_cache"] = cache.reused
     RESULTS.mkdir(exist_ok=True)
@@ -500,20 +703,29 @@ def main() -> None:
 
 def markdown(out: dict) -> str:
     m = out["machine"]
+    measured = out.get("sections_measured", {})
+    this_run = out.get("sections_this_invocation", list(SECTIONS))
+    kept = [name for name in SECTIONS if name not in this_run]
     lines = ["# bench_scaling", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch {m['torch']}, "
              f"deepspeed {m['deepspeed']}; {m['note']}. Runtime {out['runtime_s']:.0f} s"
              + (f" ({out['rows_reused_from_cache']} rows reused from --cache: measured by an earlier "
                 "invocation of this benchmark (a machine of the same kind) and not re-measured in this one)" if out.get("rows_reused_from_cache") else "")
-             + ".", "",
+             + f". Sections measured in this invocation: {', '.join(this_run)}"
+             + (f"; kept from the previous results file (`--sections`): " + "; ".join(
+                 f"{name} (measured {measured[name]['date'] or 'before dates were recorded'}"
+                 + (f", {measured[name]['machine']['cpu']}, torch {measured[name]['machine']['torch']}, "
+                    f"deepspeed {measured[name]['machine']['deepspeed']}" if measured[name].get("machine") else "") + ")"
+                 for name in kept) if kept else "") + ".", "",
              "## Per-rank memory, 2 ranks, fp32 + AdamW (MEASURED from tensor sizes, MiB)", "",
              "One real forward/backward/step of a shared-tower TwoTower per row; ZeRO rows use the shipped "
              "`configs/deepspeed/zero{1,2,3}.json`. *gradients*: what enters the optimiser step (DDP: full "
              "`.grad`; ZeRO-1/2: the rank's reduced partition; ZeRO-3: its flat partition buffer). "
              "*unreduced .grad*: full gradients alive when the local backward ends (ZeRO-1 reduces only "
              "then; ZeRO-2/3 reduce bucket by bucket during backward). *reduce buffers*: DDP's buckets "
-             "(a second gradient copy) or DeepSpeed's IPG buckets as allocated (reduce_bucket_size, default "
-             "5e8 elements; on the CPU only touched pages count in RSS). *total* = parameters + gradients + "
+             "(a second gradient copy) or DeepSpeed's IPG buckets as allocated (`reduce_bucket_size`: 5e7 "
+             "elements in the shipped files, DeepSpeed's default 5e8 before; on the CPU only touched pages "
+             "count in RSS). *total* = parameters + gradients + "
              "master + moments; *peak RSS* includes building the full model before partitioning "
              "(ZeRO-0/1/2; ZeRO-3 rows build it already partitioned, under `deepspeed.zero.Init` as "
              "accelerate's `zero3_init_flag: true` does).", "",
@@ -573,7 +785,42 @@ def markdown(out: dict) -> str:
     for r in out["loss_step_extrapolated_computed"]:
         lines.append(f"| {r['gpus']} | {r['global_batch']:,} | {r['cross_device_loss_s_at_this_cpu_speed']:.2f} | "
                      f"{r['gathered_bytes_per_rank'] / MIB:.0f} |")
+    if "launch_step_time_measured" in out:
+        lines += markdown_launch(out["launch_step_time_measured"])
     return "\n".join(lines) + "\n"
+
+
+def markdown_launch(launch: dict) -> list[str]:
+    """The launch section's table and the two cause measurements."""
+    lines = ["", f"## Step time under `accelerate launch`: DDP vs ZeRO-1/2/3 (MEASURED, 2 CPU ranks)", "",
+             f"{launch['model']}, {launch['steps']} steps at a global batch of {launch['global_batch']}, launched as "
+             "docs/distributed.md's CPU commands (DDP: `ACCELERATE_USE_CPU=true`, DeepSpeed: `DS_ACCELERATOR=cpu`) "
+             f"with the shipped `configs/accelerate/cpu_2proc_*.yaml`; {launch['rounds']} launch(es) per row, the "
+             "order reversed every other round. *step*: median over all launches of 32 / pairs_per_sec of steps "
+             "2-20 (metrics.jsonl); *wall*, *user*, *sys*: whole launch (start-up, 20 steps, saving), mean per "
+             "launch, CPU seconds of all processes; *load*: 1-minute load average before each launch.", "",
+             "| variant | step ms | wall s | user s | sys s | loss at step 20 | load before |",
+             "|---|---|---|---|---|---|---|"]
+    for r in launch["rows"]:
+        lines.append(f"| {r['variant']} | {r['median_step_s'] * 1e3:.0f} | {r['wall_s']:.1f} | {r['user_s']:.1f} | "
+                     f"{r['sys_s']:.1f} | {', '.join(f'{x:.6f}' for x in r['loss_step_20'])} | "
+                     f"{', '.join(f'{x:.1f}' for x in r['load_1min_before'])} |")
+    f = launch["deterministic_fill"]
+    lines += ["", f"Cause of the slow ZeRO-1/2 launches before (MEASURED, one process): `torch.empty` of "
+              f"{f['numel']:.0e} fp32 elements, DeepSpeed's default `reduce_bucket_size`, which ZeRO-1/2 allocate at "
+              f"every step: {f['plain_s'] * 1e3:.1f} ms plain, {f['deterministic_fill_s'] * 1e3:.0f} ms under "
+              f"`torch.use_deterministic_algorithms(True)` (it fills uninitialised memory with NaN), "
+              f"{f['deterministic_no_fill_s'] * 1e3:.1f} ms with `torch.utils.deterministic.fill_uninitialized_memory "
+              "= False`, which the trainer now sets."]
+    c = launch["shm_comm"]
+    if "not_measured" in c:
+        lines.append(f"DeepSpeed's `deepspeed_shm_comm` extension: not measured ({c['not_measured']}).")
+    else:
+        lines += ["", f"DeepSpeed's `deepspeed_shm_comm` extension (MEASURED, `build_shm_op()` in a fresh "
+                  f"`TORCH_EXTENSIONS_DIR`, each in its own process): first load (JIT build) {c['first_load_s']:.1f} s, "
+                  f"cached load {c['cached_load_s']:.1f} s. Only tensor-parallel inference uses it; the trainer marks "
+                  "it incompatible on CPU-only DeepSpeed launches, so neither is paid."]
+    return lines
 
 
 if __name__ == "__main__":

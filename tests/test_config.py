@@ -72,3 +72,26 @@ def test_typo_in_yaml_file_names_key_and_missing_file(tmp_path):
 def test_model_needs_exactly_one_source():
     with pytest.raises(ConfigError, match="exactly one of model.name_or_path and model.bert_config"):
         load_config(TINY_CONFIG, ["model.name_or_path=/m"])
+
+
+def test_precision_and_determinism_default_to_null_and_parse():
+    cfg = load_config(TINY_CONFIG)
+    assert (cfg.train.mixed_precision, cfg.train.deterministic) == (None, None)  # resolved at launch
+    cfg = load_config(TINY_CONFIG, ["train.mixed_precision=fp16", "train.deterministic=true"])
+    assert (cfg.train.mixed_precision, cfg.train.deterministic) == ("fp16", True)
+    cfg = load_config(TINY_CONFIG, ["train.mixed_precision=bf16", "train.mixed_precision=null"])
+    assert cfg.train.mixed_precision is None
+    with pytest.raises(ConfigError, match="train.mixed_precision: must be one of 'no', 'bf16', 'fp16', got 'fp8'"):
+        load_config(TINY_CONFIG, ["train.mixed_precision=fp8"])
+    from clicktower.launcher.engine.loop import TrainConfig
+
+    with pytest.raises(ValueError, match="train.mixed_precision must be one of no, bf16, fp16 or null"):
+        TrainConfig(mixed_precision="fp32")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in TINY_CONFIG.parent.glob("*.yaml")))
+def test_shipped_experiment_configs_leave_precision_to_the_launcher(name):
+    """A precision pinned in an experiment config would override the accelerate config's
+    (``configs/accelerate/gpu8_*.yaml`` say bf16)."""
+    cfg = load_config(TINY_CONFIG.parent / name)
+    assert cfg.train.mixed_precision is None

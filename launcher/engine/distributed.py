@@ -1,11 +1,13 @@
-"""Launcher-side glue for multi-process training: DeepSpeed config filling, warnings,
-ZeRO-3 parameter gathering and rank reductions. All torch.distributed / DeepSpeed
-awareness of the training loop lives here and in ``step.py``; models and losses never
-read the rank or the environment.
+"""Launcher-side glue for multi-process training: the ``Accelerator``'s arguments, the
+precision and numerics the launch resolves to, DeepSpeed config filling, warnings, ZeRO-3
+parameter gathering and rank reductions. All torch.distributed / DeepSpeed awareness of the
+training loop lives here and in ``step.py``; models and losses never read the rank or the
+environment.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from typing import Any, Iterator
@@ -139,26 +141,43 @@ def prepare_launch(accelerator: Any, batch_size: int, max_grad_norm: float | Non
     warn_gradient_accumulation(accelerator, batch_size)
 
 
-def accelerator_kwargs(collective_timeout_s: float | None = None) -> dict[str, Any]:
-    """Extra ``Accelerator`` arguments for this host: the process-group backend where
-    accelerate cannot pick it, and the collective timeout.
+def accelerator_kwargs(collective_timeout_s: float | None = None,
+                       mixed_precision: str | None = None) -> dict[str, Any]:
+    """``Accelerator`` arguments for this host and config: the precision when the config sets
+    one, the process-group backend where accelerate cannot pick it, and the collective timeout.
 
     DeepSpeed on a CPU-only host (DS_ACCELERATOR=cpu): accelerate finds no GPU backend for the
     process group, leaves it unset and then sees ONE process; gloo must be named. (With
-    ACCELERATE_USE_CPU=true accelerate would instead drop DeepSpeed for plain DDP.)
+    ACCELERATE_USE_CPU=true accelerate would instead drop DeepSpeed for plain DDP.) DeepSpeed's
+    shared-memory collective extension is skipped there (see ``skip_deepspeed_shm_comm``).
 
     Args:
         collective_timeout_s: ``train.collective_timeout_s``: how long a collective waits for a
             lost peer (dead host, cut link) before failing; reaches
             ``torch.distributed.init_process_group`` (DDP) and ``deepspeed.init_distributed``.
             None keeps the libraries' defaults (30 minutes for gloo).
+        mixed_precision: ``train.mixed_precision``. None passes nothing, so accelerate takes
+            the launcher's (``ACCELERATE_MIXED_PRECISION``, set by ``accelerate launch`` from
+            its config or ``--mixed_precision``); a value overrides the launcher's.
+
+    Raises:
+        ConfigError: ``fp16`` on a host without CUDA (its gradient scaler needs a GPU).
     """
     from datetime import timedelta
 
     from accelerate.utils import InitProcessGroupKwargs
 
+    kwargs: dict[str, Any] = {}
+    if mixed_precision is not None:
+        if mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (accelerate's fp16 "
+                              "gradient scaler); use bf16 or \"no\" on this host")
+        # Only when set: Accelerator(mixed_precision=...) overrides the launcher's value.
+        kwargs["mixed_precision"] = mixed_precision
     handler: dict[str, Any] = {}
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and not torch.cuda.is_available():
+        skip_deepspeed_shm_comm()
     if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handler["backend"] = "gloo"
     if collective_timeout_s is not None:
@@ -167,7 +186,93 @@ def accelerator_kwargs(collective_timeout_s: float | None = None) -> dict[str, A
             # accelerate passes on only what differs from ITS default (600 s, the nccl one);
             # torch's gloo and DeepSpeed's own defaults are 30 minutes, so 600 s would be lost.
             handler["timeout"] += timedelta(milliseconds=1)
-    return {"kwargs_handlers": [InitProcessGroupKwargs(**handler)]} if handler else {}
+    if handler:
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**handler)]
+    return kwargs
+
+
+def skip_deepspeed_shm_comm() -> None:
+    """Stop DeepSpeed from JIT-compiling its CPU shared-memory collectives
+    (``deepspeed_shm_comm``) when it sets up its process group.
+
+    The extension serves only ``inference_all_reduce`` (tensor-parallel inference), never
+    ZeRO training, yet DeepSpeed builds it at every ``init_distributed`` on a CPU-only host:
+    ~90 s of compiling on a 2-core machine for the first launch, and again whenever the
+    cached build is invalidated -- torch keys its extension cache (``~/.cache/torch_extensions``)
+    by Python version only, so two virtualenvs, or two ``ninja`` versions on the PATH, rebuild
+    each other's copy. Marking the op incompatible makes DeepSpeed skip it (its probe result
+    is a module-level dict that is read, not recomputed). No-op where DeepSpeed lacks it.
+    """
+    try:
+        import deepspeed.ops
+    except ImportError:
+        return
+    try:
+        compatible = deepspeed.ops.__compatible_ops__
+    except AttributeError:
+        return
+    if isinstance(compatible, dict) and "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
+
+
+def resolve_numerics(accelerator: Any, train: Any) -> Any:
+    """``train`` with ``mixed_precision`` and ``deterministic`` resolved: what this run trains
+    with, as ``config.yaml`` and every checkpoint record it.
+
+    mixed_precision: the precision accelerate settled on (the config's value, else the
+    launcher's, else ``no``; under DeepSpeed what the DeepSpeed config enables). deterministic:
+    the config's value, else true on a CPU and false on any accelerator.
+
+    Args:
+        accelerator: the ``Accelerator`` (built with ``accelerator_kwargs``).
+        train: the ``TrainConfig`` as configured (None: not set).
+
+    Raises:
+        ConfigError: the config asks for a precision accelerate does not train in (a DeepSpeed
+            config file whose ``fp16``/``bf16`` ``enabled`` contradicts it).
+    """
+    resolved = str(accelerator.mixed_precision)
+    requested = train.mixed_precision
+    if requested is not None and resolved != requested:
+        # Only DeepSpeed overrides what was passed: its config file's fp16/bf16 "enabled" decide.
+        raise ConfigError(f"train.mixed_precision={requested} but accelerate trains in {resolved}: set "
+                          f"\"enabled\" of {requested} to \"auto\" in the DeepSpeed config file")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if requested is None and launcher not in (None, "no", resolved):
+        logger.warning(f"the launcher asked for mixed_precision={launcher} but accelerate trains in {resolved} "
+                       f"(under DeepSpeed the DeepSpeed config file's fp16/bf16 settings decide)")
+    deterministic = train.deterministic
+    if deterministic is None:
+        deterministic = accelerator.device.type == "cpu"
+    return dataclasses.replace(train, mixed_precision=resolved, deterministic=deterministic)
+
+
+def set_numerics(device: torch.device, deterministic: bool) -> None:
+    """Process-wide numerics for training on ``device``: deterministic kernels, or TF32.
+
+    Deterministic: ``torch.use_deterministic_algorithms`` (warn-only where an op has no
+    deterministic kernel), no TF32 and, on CUDA, cuBLAS's deterministic workspace. Otherwise
+    on CUDA, TF32 matmuls and convolutions (fp32 matmuls at tensor-core speed, ~1e-3 relative
+    error; bf16/fp16 autocast matmuls are unaffected).
+
+    Args:
+        device: the training device (``accelerator.device``).
+        deterministic: the resolved ``train.deterministic``.
+    """
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic:
+        # Deterministic mode also fills every torch.empty with NaN, a debugging aid. DeepSpeed
+        # ZeRO-1/2 allocate their reduce bucket (reduce_bucket_size elements: 2 GiB fp32 at
+        # DeepSpeed's default) with torch.empty at EVERY step: the fill made a tiny-BERT CPU
+        # step ~20x slower than DDP's, mostly page-fault time. Valid code never reads memory it
+        # did not write, so results stay deterministic without it (PyTorch's documentation).
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
+        if deterministic:
+            # Read when cuBLAS creates its handle (the first matmul, after this).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 class PeerLost(RuntimeError):
@@ -219,3 +324,17 @@ def peer_loss_errors(step: Any, timeout_s: float, checkpoint: Any) -> Iterator[N
             f"({_cause(exc)}): a process or host died, or the network between hosts was cut "
             f"(train.collective_timeout_s={timeout_s:g}); restart the job on all hosts to resume "
             f"from {saved or 'the newest checkpoint'} (train.resume=auto)") from None
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``torch.distributed.broadcast_object_list``): what the
+    data loader calls so that one rank checks the shard files and the others reuse its answer.
+
+    Args:
+        obj: this rank's object (only rank 0's matters).
+    """
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

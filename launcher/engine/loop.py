@@ -8,14 +8,20 @@ count and the loader position, which the checkpoint observer saves.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Protocol, Sequence
+from typing import Any, Iterator, Literal, Protocol, Sequence, get_args
 
 import torch
 
 from clicktower.launcher.engine.distributed import gathered_parameters
 from clicktower.launcher.engine.step import TrainStep
+
+
+# Training precisions accelerate knows (its ``mixed_precision``); fp8 is not supported.
+Precision = Literal["no", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 @dataclass
@@ -28,8 +34,16 @@ class TrainConfig:
         output_dir: where ``metrics.jsonl``, ``config.yaml`` and ``final/`` go.
         seed: seeds model init, dropout and the data order.
         log_every_steps: one ``metrics.jsonl`` line (and progress update) every N steps.
-        mixed_precision: ``bf16`` autocast, or ``no`` for fp32.
-        deterministic: ask PyTorch for deterministic kernels (bit-reproducible CPU runs).
+        mixed_precision: ``bf16`` or ``fp16`` autocast (fp16 with a gradient scaler: CUDA
+            only), ``no`` for fp32, or null: what the launcher says (the accelerate config's
+            ``mixed_precision`` / ``accelerate launch --mixed_precision``, which reach the
+            processes as ``ACCELERATE_MIXED_PRECISION``), else ``no``. A value set here wins
+            over the launcher's. ``OUTPUT_DIR/config.yaml`` records the precision the run
+            trained in.
+        deterministic: deterministic kernels (``torch.use_deterministic_algorithms``) and no
+            TF32; bitwise-reproducible runs and resumes need it. null: true on a CPU, false on
+            a GPU (TF32 matmuls on, the faster non-deterministic kernels). ``config.yaml``
+            records the resolved value.
         progress_bar: show a tqdm bar on rank 0.
         sample_keys_log: every rank appends ``{"step", "keys", "epochs"}`` per step to
             ``output_dir/sample_keys/rank_R.jsonl``: the keys of the samples it trained on
@@ -48,6 +62,10 @@ class TrainConfig:
             peers at once; a cut network or a hung host is only noticed by this timeout, so
             keep it minutes, not PyTorch's default half hour. Longer than the slowest step
             plus a checkpoint write.
+        report_to: experiment trackers, a name or a list (``tensorboard``, ``wandb``, or any
+            other accelerate supports: ``comet_ml``, ``aim``, ``mlflow``...); None: none.
+            TensorBoard writes under ``output_dir/tensorboard/``; a resumed run continues the
+            same tracker run (``launcher/engine/tracking.py``).
     """
 
     batch_size: int = 32
@@ -55,13 +73,14 @@ class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     log_every_steps: int = 10
-    mixed_precision: Literal["no", "bf16"] = "no"
-    deterministic: bool = True
+    mixed_precision: Precision | None = None
+    deterministic: bool | None = None
     progress_bar: bool = True
     sample_keys_log: bool = False
     grad_cache_chunk: int | None = None
     resume: str = "auto"
     collective_timeout_s: float = 300.0
+    report_to: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "log_every_steps"):
@@ -71,6 +90,10 @@ class TrainConfig:
             raise ValueError(f"train.grad_cache_chunk must be >= 1 or null, got {self.grad_cache_chunk}")
         if not self.output_dir:
             raise ValueError("train.output_dir must not be empty")
+        # The YAML schema checks the Literal; this catches TrainConfig(...) built in Python.
+        if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)} or null, "
+                             f"got {self.mixed_precision!r}")
         if not 0 < self.collective_timeout_s < math.inf:
             raise ValueError(f"train.collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
 
@@ -85,6 +108,9 @@ class StepReport:
         keys: this rank's sample keys, all micro-batches in order.
         epochs: the loader epoch of each key.
         pairs: pairs trained on in this step over all ranks.
+        step_time_s: wall time of the step itself (on CUDA without a synchronisation: the
+            host-side time, which the next step's wait absorbs).
+        data_wait_s: wall time spent waiting for the step's micro-batches from the loader.
     """
 
     step: int
@@ -92,10 +118,16 @@ class StepReport:
     keys: list[str]
     epochs: list[int]
     pairs: int
+    step_time_s: float = 0.0
+    data_wait_s: float = 0.0
 
 
 class Observer(Protocol):
-    """Called by ``TrainLoop``; every rank calls every method (some are collective)."""
+    """Called by ``TrainLoop``; every rank calls every method (some are collective). An
+    observer with a ``state_dict()`` has it saved in checkpoints under its ``name`` and finds
+    it in ``loop.observer_states`` on a resumed start."""
+
+    name: str
 
     def on_start(self, loop: "TrainLoop", resumed: bool) -> None: ...
 
@@ -119,15 +151,22 @@ class TrainLoop:
         self.train_step, self.loader, self.cfg = train_step, loader, cfg
         self.observers = list(observers)
         self.step = 0
+        self.observer_states: dict[str, Any] = {}  # from the checkpoint resumed from
 
     def state_dict(self) -> dict[str, Any]:
-        """The loop's part of a checkpoint: the step count and the data position."""
-        return {"step": self.step, "loader": self.loader.state_dict()}
+        """The loop's part of a checkpoint: the step count, the data position, and the state
+        of every observer that has one (e.g. the tracker run), by observer ``name``."""
+        observers = {o.name: o.state_dict() for o in self.observers if hasattr(o, "state_dict")}
+        return {"step": self.step, "loader": self.loader.state_dict(), "observers": observers}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state_dict()`` output (model/optimiser/RNG: the checkpointer)."""
+        """Continue from ``state_dict()`` output (model/optimiser/RNG: the checkpointer).
+
+        Observers read their part in ``on_start`` from ``observer_states``.
+        """
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
+        self.observer_states = dict(state.get("observers") or {})
 
     def fit(self, resume_state: dict[str, Any] | None = None) -> None:
         """Train until ``cfg.max_steps``.
@@ -148,12 +187,19 @@ class TrainLoop:
         for observer in self.observers:
             observer.on_start(self, resume_state is not None)
         try:
-            for batches, epochs in self._step_batches():
+            steps = self._step_batches()
+            while True:
+                waited = time.perf_counter()
+                batches, epochs = next(steps, (None, None))
+                if batches is None:
+                    break
+                started = time.perf_counter()
                 loss = self.train_step(*batches)
                 self.step += 1
                 keys = [key for batch in batches for key in batch["keys"]]
                 key_epochs = [e for batch, e in zip(batches, epochs) for _ in batch["keys"]]
-                report = StepReport(self.step, loss, keys, key_epochs, len(keys) * world)
+                report = StepReport(self.step, loss, keys, key_epochs, len(keys) * world,
+                                    time.perf_counter() - started, started - waited)
                 for observer in self.observers:
                     observer.after_step(self, report)
         finally:

@@ -20,31 +20,46 @@ from clicktower.launcher.engine.loop import StepReport, TrainConfig, TrainLoop
 from clicktower.launcher.engine.metrics import MetricsLog, SampleKeysLog
 from clicktower.launcher.engine.periodic_eval import PeriodicEvaluator
 from clicktower.launcher.engine.preemption import Preempted, PreemptionHandler
+from clicktower.launcher.engine.tracking import Tracker
 
 
 class MetricsObserver:
     """The ``metrics.jsonl`` lines (mean loss over the window, lr, temperature, pairs/s, bad
-    sample counts) and rank 0's progress bar.
+    sample counts), the same values (plus step and data-wait times) to the experiment
+    trackers, and rank 0's progress bar.
 
     Args:
         metrics: the run's ``metrics.jsonl`` writer.
         cfg: train config (``log_every_steps``, ``max_steps``, ``progress_bar``).
         main_process: whether this rank shows the progress bar.
+        tracker: the run's experiment trackers (None: none); its run is resumed from the
+            checkpoint (this observer's state).
     """
 
-    def __init__(self, metrics: MetricsLog, cfg: TrainConfig, main_process: bool) -> None:
-        self.metrics, self.cfg, self.main_process = metrics, cfg, main_process
+    name = "metrics"
+
+    def __init__(self, metrics: MetricsLog, cfg: TrainConfig, main_process: bool,
+                 tracker: Tracker | None = None) -> None:
+        self.metrics, self.cfg, self.main_process, self.tracker = metrics, cfg, main_process, tracker
         self.bar: Any = None
         self._reset_window()
 
     def _reset_window(self) -> None:
         self.window_loss, self.window_pairs, self.window_start = 0.0, 0, time.perf_counter()
+        self.window_step_s, self.window_wait_s = 0.0, 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tracker run to continue after a resume (empty without trackers)."""
+        return {"tracker": self.tracker.state_dict() if self.tracker is not None else {}}
 
     def on_start(self, loop: TrainLoop, resumed: bool) -> None:
         from tqdm.auto import tqdm
 
         if not resumed:
             self.metrics.reset()  # a resumed run appends to its old file instead
+        if self.tracker is not None:
+            saved = loop.observer_states.get(self.name, {}).get("tracker") if resumed else None
+            self.tracker.start(saved or None)
         self.bar = tqdm(total=self.cfg.max_steps, initial=loop.step, desc="train", dynamic_ncols=True,
                         disable=not (self.cfg.progress_bar and self.main_process))
         self._reset_window()
@@ -52,6 +67,8 @@ class MetricsObserver:
     def after_step(self, loop: TrainLoop, report: StepReport) -> None:
         self.window_loss += float(report.loss)
         self.window_pairs += report.pairs
+        self.window_step_s += report.step_time_s
+        self.window_wait_s += report.data_wait_s
         self.bar.update(1)
         if report.step % self.cfg.log_every_steps and report.step != self.cfg.max_steps:
             return
@@ -59,6 +76,9 @@ class MetricsObserver:
         steps = report.step % self.cfg.log_every_steps or self.cfg.log_every_steps
         record = self.record(loop, report.step, self.window_loss / steps, self.window_pairs / max(elapsed, 1e-9))
         self.metrics.write(record)
+        if self.tracker is not None:
+            self.tracker.log_train(record, {"step_time_s": self.window_step_s / steps,
+                                            "data_wait_s": self.window_wait_s / steps})
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", pairs_s=f"{record['pairs_per_sec']:.1f}",
                              lr=f"{record['lr']:.2e}")
         self._reset_window()
@@ -99,6 +119,8 @@ class SampleKeysObserver:
         rank: this rank.
     """
 
+    name = "sample_keys"
+
     def __init__(self, output_dir: str | Path, rank: int) -> None:
         self.log = SampleKeysLog(Path(output_dir) / "sample_keys" / f"rank_{rank}.jsonl")
 
@@ -119,17 +141,23 @@ class EvalObserver:
     Args:
         evaluator: the held-out evaluation (collective).
         metrics: the run's ``metrics.jsonl`` writer.
+        tracker: the run's experiment trackers (None: none).
     """
 
-    def __init__(self, evaluator: PeriodicEvaluator, metrics: MetricsLog) -> None:
-        self.evaluator, self.metrics = evaluator, metrics
+    name = "eval"
+
+    def __init__(self, evaluator: PeriodicEvaluator, metrics: MetricsLog, tracker: Tracker | None = None) -> None:
+        self.evaluator, self.metrics, self.tracker = evaluator, metrics, tracker
 
     def on_start(self, loop: TrainLoop, resumed: bool) -> None:
         pass
 
     def after_step(self, loop: TrainLoop, report: StepReport) -> None:
         if self.evaluator.due(report.step):
-            self.metrics.write(self.evaluator.run(report.step))
+            record = self.evaluator.run(report.step)
+            self.metrics.write(record)
+            if self.tracker is not None:
+                self.tracker.log_eval(record)
 
     def close(self) -> None:
         pass
@@ -137,6 +165,10 @@ class EvalObserver:
 
 class CheckpointObserver:
     """Saves a checkpoint when one is due or a stop signal arrived; then stops the run.
+
+    With ``checkpoint.async_save`` it also commits a background save once every rank has
+    written its part (checked at each step boundary), and a stop waits for the save (and
+    rank 0's upload) before the run exits.
 
     Args:
         checkpointer: saves the full state (the loop's ``state_dict`` included).
@@ -146,6 +178,8 @@ class CheckpointObserver:
         Preempted: after the checkpoint, when a stop signal arrived.
     """
 
+    name = "checkpoint"
+
     def __init__(self, checkpointer: Checkpointer, preemption: PreemptionHandler | None = None) -> None:
         self.checkpointer, self.preemption = checkpointer, preemption
 
@@ -153,10 +187,12 @@ class CheckpointObserver:
         pass
 
     def after_step(self, loop: TrainLoop, report: StepReport) -> None:
+        self.checkpointer.poll()  # commits a finished background save (collective)
         stop = self.preemption is not None and self.preemption.requested()
         if stop or self.checkpointer.due(report.step):
             self.checkpointer.save(report.step, loop.state_dict())
         if stop:
+            self.checkpointer.finish()  # the save on disk (and uploaded) before the exit
             saved = self.checkpointer.last_saved
             raise Preempted(report.step, str(saved) if saved else None)
 

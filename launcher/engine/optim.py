@@ -72,7 +72,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
             continue
         if name.endswith("log_logit_scale"):
             scale.append(param)
-        elif param.ndim < 2:  # biases and LayerNorm weights: decay would only hurt them
+        # Under ZeRO-3's zero.Init (zero3_init_flag: true) a parameter is an empty 1-D
+        # partition; ds_shape is its real shape.
+        elif len(getattr(param, "ds_shape", param.shape)) < 2:  # biases and LayerNorm weights: decay would only hurt them
             no_decay.append(param)
         else:
             decay.append(param)

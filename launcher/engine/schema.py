@@ -124,6 +124,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: invalid value {_show(value)}")
     if origin is Literal:
         plain = value.value if isinstance(value, _RawScalar) else value
+        if plain is False and "no" in args:  # YAML 1.1 reads a bare no/off as false
+            plain = "no"
         if plain not in args:
             raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {_show(value)}")
         return plain

@@ -6,6 +6,7 @@ it (``launcher/commands/train.py``); so can Python code.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -14,7 +15,8 @@ from clicktower.data.loader import ClickPairLoader, PairTokenizer, Rank
 from clicktower.data.shards import load_manifest
 from clicktower.launcher.engine.checkpoint import Checkpointer
 from clicktower.launcher.engine.config import ExperimentConfig, to_dict
-from clicktower.launcher.engine.distributed import accelerator_kwargs, peer_loss_errors, prepare_launch
+from clicktower.launcher.engine.distributed import (accelerator_kwargs, broadcast_object, peer_loss_errors,
+                                                     prepare_launch, resolve_numerics, set_numerics)
 from clicktower.launcher.engine.loop import TrainLoop, save_final
 from clicktower.launcher.engine.metrics import MetricsLog
 from clicktower.launcher.engine.observers import (CheckpointObserver, EvalObserver, MetricsObserver,
@@ -23,6 +25,7 @@ from clicktower.launcher.engine.optim import Optimization, build_optimizer, buil
 from clicktower.launcher.engine.periodic_eval import PeriodicEvaluator
 from clicktower.launcher.engine.preemption import PreemptionHandler
 from clicktower.launcher.engine.step import TrainStep
+from clicktower.launcher.engine.tracking import Tracker, accelerator_tracking_kwargs
 from clicktower.launcher.errors import ConfigError
 from clicktower.modeling.losses import ContrastiveLoss
 from clicktower.modeling.towers import TwoTower
@@ -38,32 +41,35 @@ def train(cfg: ExperimentConfig) -> Path:
         Preempted: a stop signal arrived; the state was checkpointed first.
         PeerLost: another process, host or link died (bounded by ``train.collective_timeout_s``).
     """
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
     if not cfg.data.manifests():
         raise ConfigError("data.train_manifest (or data.mix) is required for training")
-    # Everything a user can get wrong on disk is checked before anything is written.
-    manifests = [load_manifest(m) for m in cfg.data.manifests()]
+    # Everything a user can get wrong is checked before anything is written: the manifests
+    # here (every rank), the shard files by the loader (one rank, the others get its answer).
+    manifests = [load_manifest(m, check_files=False, storage_options=cfg.data.storage_options)
+                 for m in cfg.data.manifests()]
     manifest = manifests if cfg.data.mix is not None else manifests[0]
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                              **accelerator_kwargs(cfg.train.collective_timeout_s))
+    accelerator = Accelerator(**accelerator_kwargs(cfg.train.collective_timeout_s, cfg.train.mixed_precision),
+                              **accelerator_tracking_kwargs(cfg.train.report_to, cfg.train.output_dir))
+    # Precision (null: the launcher's) and determinism (null: by device) as run: config.yaml records these.
+    cfg = replace(cfg, train=resolve_numerics(accelerator, cfg.train))
+    set_seed(cfg.train.seed)
+    set_numerics(accelerator.device, cfg.train.deterministic)  # deterministic kernels, or TF32 on CUDA
+
+    prepare_launch(accelerator, cfg.train.batch_size, cfg.optim.max_grad_norm)  # DeepSpeed "auto"s, checks
+    loader = ClickPairLoader(cfg.data, manifest, cfg.train.batch_size,
+                             Rank(accelerator.process_index, accelerator.num_processes), cfg.train.seed,
+                             PairTokenizer(tokenizer, cfg.model.max_query_length, cfg.model.max_item_length),
+                             broadcast_object if accelerator.num_processes > 1 else None)
     out = Path(cfg.train.output_dir)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
-    set_seed(cfg.train.seed)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-    prepare_launch(accelerator, cfg.train.batch_size, cfg.optim.max_grad_norm)  # DeepSpeed "auto"s, checks
-    loader = ClickPairLoader(cfg.data, manifest, cfg.train.batch_size,
-                             Rank(accelerator.process_index, accelerator.num_processes), cfg.train.seed,
-                             PairTokenizer(tokenizer, cfg.model.max_query_length, cfg.model.max_item_length))
     model = TwoTower.from_config(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
@@ -78,12 +84,13 @@ def train(cfg: ExperimentConfig) -> Path:
 
     metrics = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
     checkpointer = Checkpointer(accelerator, out, cfg.checkpoint, config_yaml)
-    observers = [MetricsObserver(metrics, cfg.train, accelerator.is_main_process)]
+    tracker = Tracker(accelerator, out.name, to_dict(cfg))  # TensorBoard, W&B...: train.report_to
+    observers = [MetricsObserver(metrics, cfg.train, accelerator.is_main_process, tracker)]
     if cfg.train.sample_keys_log:
         observers.append(SampleKeysObserver(out, accelerator.process_index))
     if cfg.eval.every_steps is not None:
         evaluator = PeriodicEvaluator(accelerator, accelerator.unwrap_model(model), tokenizer, cfg.eval, out)
-        observers.append(EvalObserver(evaluator, metrics))
+        observers.append(EvalObserver(evaluator, metrics, tracker))
     observers.append(CheckpointObserver(checkpointer, PreemptionHandler(accelerator).install()))
     loop = TrainLoop(step, loader, cfg.train, observers)
 
@@ -91,5 +98,6 @@ def train(cfg: ExperimentConfig) -> Path:
     with peer_loss_errors(lambda: loop.step, cfg.train.collective_timeout_s, lambda: checkpointer.last_saved):
         loop.fit(resume_state)  # raises Preempted after checkpointing when a stop signal arrived
     final = save_final(accelerator, model, out / "final", tokenizer)
+    checkpointer.finish(final)  # the last save committed; final/ and best/ uploaded (remote_dir)
     accelerator.end_training()
     return final
