@@ -19,7 +19,7 @@ TINY = dict(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_h
             intermediate_size=32, max_position_embeddings=32)
 
 
-def _setup(tmp_path, keep_last=2):
+def _setup(tmp_path, keep_last=2, cfg=None):
     torch.manual_seed(0)
     acc = Accelerator(cpu=True)
     model = TwoTower.from_config(TwoTowerConfig(bert_config=TINY, tokenizer="unused"))
@@ -28,7 +28,8 @@ def _setup(tmp_path, keep_last=2):
     scheduler = build_scheduler(optimizer, optim_cfg, 10)
     model, optimizer = acc.prepare(model, optimizer)
     acc.register_for_checkpointing(scheduler)
-    return acc, model, optimizer, scheduler, Checkpointer(acc, tmp_path, CheckpointConfig(keep_last=keep_last), "train: {}\n")
+    cfg = cfg or CheckpointConfig(keep_last=keep_last)
+    return acc, model, optimizer, scheduler, Checkpointer(acc, tmp_path, cfg, "train: {}\n")
 
 
 def _step(model, optimizer, scheduler):
@@ -107,3 +108,72 @@ def test_due_by_steps_and_minutes(tmp_path):
     by_time = Checkpointer(acc, tmp_path, CheckpointConfig(every_minutes=1e-9), "")
     assert by_time.due(1)
     assert not Checkpointer(acc, tmp_path, CheckpointConfig(), "").due(5)
+
+
+def test_marker_takes_the_ranks_digests_and_hashes_only_the_rest(tmp_path, monkeypatch):
+    """Rank 0 hashes only files no rank reported; a reported file that is not there fails."""
+    from clicktower.launcher.engine import checkpoint_files
+    from clicktower.launcher.engine.checkpoint_files import HashingFile, check_checkpoint, write_complete_marker
+
+    (tmp_path / "pytorch_model").mkdir()
+    with open(tmp_path / "pytorch_model" / "shard_1.pt", "wb") as fh:
+        out = HashingFile(fh)
+        out.write(b"x" * 5000)
+    (tmp_path / "trainer_state.json").write_text("{}")
+    hashed = []
+    real = checkpoint_files.sha256_file
+    monkeypatch.setattr(checkpoint_files, "sha256_file", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    write_complete_marker(tmp_path, 3, {"pytorch_model/shard_1.pt": out.record()})
+    assert hashed == ["trainer_state.json"]  # the shard's digest came from the rank that wrote it
+    monkeypatch.undo()
+    assert check_checkpoint(tmp_path) is None  # and it is the file's real sha256
+    with pytest.raises(FileNotFoundError, match="not there"):
+        write_complete_marker(tmp_path, 3, {"pytorch_model/shard_2.pt": out.record()})
+
+
+def test_async_save_writes_the_state_of_its_step_in_the_background(tmp_path, monkeypatch):
+    """The state is copied at the step boundary: training on while the write is held does not
+    leak into the checkpoint; until every write is done nothing is committed (no marker, no
+    rename, no ``latest``); then ``poll`` commits it, with the files a synchronous save writes."""
+    import threading
+
+    from clicktower.launcher.engine.checkpoint_files import check_checkpoint
+    from clicktower.launcher.engine.checkpoint_state import Snapshot
+
+    release, real_write = threading.Event(), Snapshot.write
+    monkeypatch.setattr(Snapshot, "write", lambda self: release.wait(60) and real_write(self))
+    acc, model, optimizer, scheduler, ckpt = _setup(tmp_path)
+    ckpt.cfg.async_save = True
+    _step(model, optimizer, scheduler)
+    saved_params = [p.detach().clone() for p in model.parameters()]
+    folder = ckpt.save(1, {"loader": {}})
+    _step(model, optimizer, scheduler)  # the live tensors change while the write waits
+    ckpt.poll()
+    root = tmp_path / "checkpoints"
+    assert not folder.exists() and (root / ".tmp-step_00000001").is_dir() and not (root / LATEST).exists()
+    release.set()
+    ckpt.pending.join()
+    ckpt.poll()
+    assert ckpt.last_saved == folder and check_checkpoint(folder) is None
+    assert (root / LATEST).read_text().strip() == "step_00000001"
+    sync_dir = tmp_path / "sync"
+    Checkpointer(acc, sync_dir, CheckpointConfig(), "train: {}\n").save(2, {"loader": {}})
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (sync_dir / "checkpoints" /
+                                                                                "step_00000002").iterdir())
+    ckpt.load(folder)
+    assert all(torch.equal(a, b) for a, b in zip(saved_params, model.parameters()))
+
+
+def test_checkpoint_config_keys_are_validated():
+    from clicktower.launcher.engine.config import load_config
+    from clicktower.launcher.errors import ConfigError
+    from conftest import TINY_CONFIG
+
+    cfg = load_config(TINY_CONFIG, ["checkpoint.async_save=true", "checkpoint.remote_dir=s3://bucket/runs/x",
+                             "checkpoint.storage_options={anon: false}", "checkpoint.remote_retries=2"])
+    assert (cfg.checkpoint.async_save, cfg.checkpoint.remote_dir) == (True, "s3://bucket/runs/x")
+    assert cfg.checkpoint.storage_options == {"anon": False} and cfg.checkpoint.remote_retries == 2
+    for bad, key in (("checkpoint.remote_retries=-1", "remote_retries"), ("checkpoint.remote_dir=' '", "remote_dir"),
+                     ("checkpoint.async_save=maybe", "async_save")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(TINY_CONFIG, [bad])

@@ -10,6 +10,20 @@
   moments, schedule and data position all carried over), trains on the same global batches
   and reaches max_steps.
 - ``clicktower ckpt convert``: consolidated weights and every parameter's optimiser state.
+- ZeRO to ZeRO on another world size (2 -> 1 for ZeRO-2 and ZeRO-3, 1 -> 2 for ZeRO-2, the
+  global batch kept): converted through DeepSpeed's universal checkpoint when the resume
+  finds the mismatch; the losses stay within 1e-5 of the run that never changed size, on the
+  same global batches, each sample once.
+- ``checkpoint.async_save`` (ZeRO-2): SIGKILL while the step-16 write is held in its
+  background thread, after training went on to the end: step 8 stays the latest, the resume
+  is bitwise identical, verification ran in one process of the node, and the async
+  checkpoints load through ``zero_to_fp32`` and the universal conversion like synchronous ones.
+
+Every run reads with ``data.block_size=1 data.interleave_shards=1 data.shuffle_buffer=1``:
+blocks of one sample dealt round-robin and shuffle windows of one batch make the global batch
+at every step the same set of samples on any world size (the default block and window sizes
+give every world size its own, equally exactly-once, order), so that runs of different sizes
+can be compared step by step.
 
 DeepSpeed on the CPU: DS_ACCELERATOR=cpu and no ACCELERATE_USE_CPU (the trainer names gloo).
 """
@@ -32,28 +46,34 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STEPS = 20
 STEP8, STEP16 = "step_00000008", "step_00000016"
+# The same global batches on every world size (module docstring).
+SAME_BATCHES = ("data.block_size=1", "data.interleave_shards=1", "data.shuffle_buffer=1")
 
 
 def _args(shard_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", str(TINY_CONFIG), f"data.train_manifest={shard_dir}", f"train.output_dir={out}",
             f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.progress_bar=false",
-            "checkpoint.every_steps=8", "train.sample_keys_log=true", *extra]
+            "checkpoint.every_steps=8", "train.sample_keys_log=true", *SAME_BATCHES, *extra]
 
 
-def _cmd(config: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
+def _config_file(config: str | Path) -> Path:
+    return Path(config) if isinstance(config, Path) else REPO / "configs" / "accelerate" / f"{config}.yaml"
+
+
+def _cmd(config: str | Path, args: list[str]) -> tuple[list[str], dict[str, str]]:
     env = {**cli_env(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    if "zero" in config:
+    if "zero" in str(config):
         # ACCELERATE_USE_CPU=true would make accelerate drop DeepSpeed for plain DDP (MULTI_CPU).
         env.pop("ACCELERATE_USE_CPU", None)
     else:
         env["ACCELERATE_USE_CPU"] = "true"
     entry = ["-m", "clicktower.launcher.train"]
-    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "configs" / "accelerate" / f"{config}.yaml"),
+    cmd = [ACCELERATE, "launch", "--config_file", str(_config_file(config)),
            "--main_process_port", str(free_port()), *entry, *args]
     return cmd, env
 
 
-def _run(config: str, args: list[str]) -> subprocess.CompletedProcess:
+def _run(config: str | Path, args: list[str]) -> subprocess.CompletedProcess:
     cmd, env = _cmd(config, args)
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -72,6 +92,12 @@ def _weights(out: Path) -> dict:
 
 def _trainer_state(folder: Path) -> dict:
     return json.loads((folder / "trainer_state.json").read_text())
+
+
+def _position(state: dict) -> tuple[int, int]:
+    """The data position (epoch, global samples consumed); the loader state also lists the
+    layouts the epoch was read under, which differ on another world size."""
+    return state["loader"]["epoch"], state["loader"]["samples_consumed"]
 
 
 @pytest.fixture(scope="module", params=["zero2", "zero3"])
@@ -153,7 +179,7 @@ def test_zero_checkpoint_resumes_on_one_process(reference, shard_dir, tmp_path):
                                                                   abs=1e-3)
     assert got[STEPS] < got[9]
     ref_state, state = _trainer_state(ref / "checkpoints" / STEP16), _trainer_state(out / "checkpoints" / STEP16)
-    assert state["loader"] == ref_state["loader"] and state["loader"]["samples_consumed"] == 16 * 32
+    assert _position(state) == _position(ref_state) == (0, 16 * 32)
     assert state["topology"] == {"world_size": 1, "zero_stage": 0}
     # One rank now takes the global batch the two ranks took: the same keys at every step.
     expected_keys = keys_per_step(consumed_keys(ref))
@@ -186,3 +212,115 @@ def test_ckpt_convert_writes_weights_and_every_optimizer_state(reference, tmp_pa
     assert _trainer_state(dst)["topology"]["converted_from"]["zero_stage"] == summary["zero_stage"]
     again = clicktower("ckpt", "convert", str(dst), "--out", str(tmp_path / "twice"))
     assert again.returncode == 2 and "not a DeepSpeed checkpoint" in again.stderr
+
+
+@pytest.fixture(scope="module")
+def one_process_configs(tmp_path_factory) -> dict[str, Path]:
+    """accelerate configs for ONE DeepSpeed process on the CPU (ZeRO-2, ZeRO-3): the 2-process
+    ones with ``num_processes: 1``."""
+    folder = tmp_path_factory.mktemp("accelerate")
+    out = {}
+    for stage in ("zero2", "zero3"):
+        text = (REPO / "configs" / "accelerate" / f"cpu_2proc_{stage}.yaml").read_text()
+        out[f"cpu_2proc_{stage}"] = folder / f"cpu_1proc_{stage}.yaml"
+        out[f"cpu_2proc_{stage}"].write_text(text.replace("num_processes: 2", "num_processes: 1"))
+    return out
+
+
+def _check_resized(ref: Path, out: Path, result: subprocess.CompletedProcess, world: int, stage: int) -> None:
+    """The resized run continued the never-resized one: converted through the universal
+    format, losses within 1e-5, the same global batches, each sample once, the same data
+    position at step 16."""
+    assert "converting to a universal checkpoint" in result.stderr and "resumed from" in result.stdout
+    assert not (out / "checkpoints" / f".universal-{STEP8}").exists()  # removed after the load
+    expected, got = _losses(ref), _losses(out)
+    assert sorted(got) == list(range(9, STEPS + 1))
+    assert max(abs(got[s] - expected[s]) for s in range(9, STEPS + 1)) <= 1e-5
+    ref_keys, keys = keys_per_step(consumed_keys(ref)), keys_per_step(consumed_keys(out))
+    assert keys == {s: ref_keys[s] for s in range(9, STEPS + 1)}
+    seen = [k for s in range(1, 9) for k in ref_keys[s]] + [k for s in range(9, STEPS + 1) for k in keys[s]]
+    assert len(seen) == len(set(seen)) == STEPS * 32
+    state = _trainer_state(out / "checkpoints" / STEP16)
+    assert _position(state) == _position(_trainer_state(ref / "checkpoints" / STEP16)) == (0, 16 * 32)
+    assert state["topology"] == {"world_size": world, "zero_stage": stage}
+
+
+def test_zero_checkpoint_resumes_under_zero_on_one_process(reference, shard_dir, tmp_path, one_process_configs):
+    config, ref = reference
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref / "checkpoints" / STEP8, out / "checkpoints" / STEP8)
+    result = _run(one_process_configs[config], _args(shard_dir, out, "train.batch_size=32"))
+    _check_resized(ref, out, result, world=1, stage=int(config[-1]))
+
+
+@pytest.mark.parametrize("reference", ["zero2"], indirect=True)
+def test_one_process_zero_checkpoint_resumes_under_zero_on_two(reference, shard_dir, tmp_path, one_process_configs):
+    """1 -> 2 under ZeRO-2: the new rank 1 holds no parameter of the one-scalar temperature
+    group, which DeepSpeed's universal loader cannot handle by itself."""
+    config, _ = reference
+    ref = tmp_path / "ref"
+    _run(one_process_configs[config], _args(shard_dir, ref, "train.resume=none", "train.batch_size=32"))
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref / "checkpoints" / STEP8, out / "checkpoints" / STEP8)
+    result = _run(config, _args(shard_dir, out, "train.batch_size=16"))
+    _check_resized(ref, out, result, world=2, stage=2)
+
+
+@pytest.mark.parametrize("reference", ["zero2"], indirect=True)
+def test_async_save_killed_while_writing_then_resumed(reference, shard_dir, tmp_path):
+    """The step-16 write held in its background thread: training goes on to step 20 while
+    the save is in flight; a SIGKILL then leaves step 8 as the latest. The resume is bitwise
+    identical, verified by one process of the node; async checkpoints load through
+    ``load_state`` (the resume), ``zero_to_fp32`` and the universal conversion."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from clicktower.launcher.engine.checkpoint_files import check_checkpoint
+    from dist_harness import kill_tree
+
+    config, ref = reference
+    out, record = tmp_path / "run", tmp_path / "verified.txt"
+    root = out / "checkpoints"
+    torn = root / f".tmp-{STEP16}"
+    cmd, env = _cmd(config, _args(shard_dir, out, "checkpoint.async_save=true"))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=hold_env(16, env, "HOLD_WRITE_STEP"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").is_file() or max(_losses(out)) < STEPS:
+            assert proc.poll() is None, "the run ended with its step-16 save held"
+            assert time.monotonic() < deadline, "no step 20 in time"
+            time.sleep(0.05)
+    finally:
+        kill_tree(proc, timeout=30)
+    # Trained to the end while step 16 was being written: both ranks' shards there, no marker.
+    assert len(list((torn / "pytorch_model").glob("*optim_states.pt"))) == 2
+    assert not (torn / "COMPLETE").exists() and not (root / STEP16).exists()
+    assert (root / "latest").read_text().strip() == STEP8 and check_checkpoint(root / STEP8) is None
+
+    cmd, env = _cmd(config, _args(shard_dir, out, "checkpoint.async_save=true"))
+    result = subprocess.run(cmd, cwd=REPO, env=hold_env(None, env, record=str(record)), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {root / STEP8} at step 8" in result.stdout
+    assert f"skipping checkpoint {torn}: incomplete" in result.stderr
+    expected, got = _losses(ref), _losses(out)
+    assert [got[s] for s in range(9, STEPS + 1)] == [expected[s] for s in range(9, STEPS + 1)]
+    assert all(bool((a == b).all()) for a, b in zip(_weights(ref).values(), _weights(out).values()))
+    assert consumed_keys(out) == consumed_keys(ref)
+    # Two ranks on one node: one process verified the checksums, the other got its answer.
+    verified = [line.split() for line in record.read_text().splitlines()]
+    assert verified and len({pid for pid, _ in verified}) == 1
+
+    assert check_checkpoint(root / STEP16) is None  # the ranks' gathered digests hold
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(root / STEP16), tag="pytorch_model")
+    ref_fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ref / "checkpoints" / STEP16), tag="pytorch_model")
+    assert fp32.keys() == ref_fp32.keys() and all(torch.equal(fp32[k], ref_fp32[k]) for k in fp32)
+    universal = tmp_path / "universal"
+    converted = clicktower("ckpt", "convert", str(root / STEP16), "--out", str(universal), "--to", "universal")
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    for name, tensor in fp32.items():
+        saved = torch.load(universal / "pytorch_model" / "zero" / name / "fp32.pt", weights_only=False)
+        assert torch.equal(saved["param"].flatten(), tensor.flatten()), name

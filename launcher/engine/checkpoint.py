@@ -4,8 +4,9 @@ Layout::
 
     OUTPUT_DIR/checkpoints/
         step_00000800/            complete checkpoints only (renamed into place when done)
-            model / optimizer / scheduler / RNG files   (accelerate ``save_state``: one file set
-                                                         per rank, DeepSpeed ZeRO shards included)
+            model / optimizer / scheduler / RNG files   (what accelerate ``save_state`` writes:
+                                                         one file set per rank, DeepSpeed ZeRO
+                                                         shards included)
             trainer_state.json    step, data loader position, counters
             config.yaml           the resolved experiment config
             COMPLETE              checksums of every file above, written last
@@ -16,13 +17,28 @@ A kill at any moment leaves either the previous checkpoint set or a complete new
 ``resume=auto`` takes the newest checkpoint whose ``COMPLETE`` marker and checksums hold
 and names every one it skips.
 
+A save: every rank captures its state (``checkpoint_state.capture_state``), writes its files
+and hashes them as it writes; rank 0 gathers the digests into ``COMPLETE``, renames the folder
+into place and writes ``latest``. With ``checkpoint.async_save`` the capture copies the state
+to host memory and the writing and hashing run in a background thread while training goes
+on; at each later step boundary the ranks agree (one tiny all-reduce) whether every rank's
+write is done, and rank 0 then commits it as above. At most one save is in flight: the next
+save, a stop signal and the end of training wait for it.
+
+``checkpoint.remote_dir`` (``checkpoint_remote.py``): rank 0 uploads each committed
+checkpoint in the background, then ``final/`` and ``best/``; ``resume=auto`` takes the newest
+complete checkpoint, local or remote (downloaded and verified).
+
+Resume verification (checksums, the remote listing, downloads) runs once per node, on its
+first process, and the answer is shared with every rank (one all-gather).
+
 ``trainer_state.json`` records the saving topology (``world_size``, ``zero_stage``). A
 DeepSpeed checkpoint (``pytorch_model/`` ZeRO shards) resumed without DeepSpeed -- e.g. on
-one process, or under DDP -- is converted on the fly (``convert_to_ddp``: consolidated fp32
-weights, AdamW moments and step gathered from the shards, scheduler, RNG files, trainer
-state); ``clicktower ckpt convert`` does the same offline. What a world-size change keeps:
-weights, optimiser moments and step, LR schedule position, and the data position (a global
-sample count, so every sample is still seen exactly once). It cannot keep per-rank RNG
+one process, or under DDP -- is converted on the fly (``convert_to_ddp``); resumed under ZeRO
+on another number of processes, it goes through DeepSpeed's universal checkpoint format
+(``convert_to_universal``, then the engine's universal loading). What a world-size change
+keeps: weights, optimiser moments and step, LR schedule position, and the data position (a
+global sample count, so every sample is still seen exactly once). It cannot keep per-rank RNG
 streams: ranks that exist in both topologies get their saved state back, new ranks keep
 their seeded state.
 """
@@ -32,29 +48,27 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clicktower.launcher.engine.checkpoint_files import (CHECKPOINT_DIR, COMPLETE, DS_MODEL_DIR, LATEST,
-                                                         TRAINER_STATE, check_checkpoint, find_resume_checkpoint,
-                                                         fsync_dir, list_checkpoints, step_dir_name,
-                                                         write_atomic, write_complete_marker)
-from clicktower.launcher.engine.convert import convert_to_ddp
-from clicktower.launcher.engine.distributed import zero_stage
+from clicktower.data.storage import describe_failure
+from clicktower.launcher.engine.checkpoint_files import (CHECKPOINT_DIR, COMPLETE, LATEST, TRAINER_STATE,
+                                                         check_checkpoint, find_resume_checkpoint, fsync_dir,
+                                                         list_checkpoints, step_dir_name, write_atomic,
+                                                         write_complete_marker)
+from clicktower.launcher.engine.checkpoint_load import (all_gather_objects, load_checkpoint, resolve_resume,
+                                                        topology)
+from clicktower.launcher.engine.checkpoint_remote import RemoteCheckpoints
+from clicktower.launcher.engine.checkpoint_state import Snapshot, capture_state
 from clicktower.launcher.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointConfig", "Checkpointer", "check_checkpoint", "find_resume_checkpoint",
            "list_checkpoints", "topology"]
-
-
-def topology(accelerator: Any) -> dict[str, int]:
-    """The saving/loading topology recorded in ``trainer_state.json``."""
-    return {"world_size": int(accelerator.num_processes), "zero_stage": zero_stage(accelerator)}
 
 
 @dataclass
@@ -65,14 +79,31 @@ class CheckpointConfig:
         every_steps: save every N optimiser steps (None: not by steps).
         every_minutes: save when this many minutes passed since the last save (None: not by
             time). Both may be set; the first due triggers a save.
-        keep_last: complete checkpoints kept; older ones are deleted after a new one lands.
+        keep_last: complete checkpoints kept; older ones are deleted after a new one lands
+            (in ``remote_dir`` too).
         verify_checksums: check every file's sha256 before resuming from a checkpoint.
+        async_save: copy the state to host memory at the step boundary and write and hash
+            it in a background thread while training goes on (at most one save in flight;
+            costs one copy of the state in host memory).
+        remote_dir: also keep checkpoints in object storage (``s3://bucket/runs/x``, any
+            URL the data layer reads, or a folder path): each complete checkpoint, then
+            ``final/`` and ``best/``, is uploaded by rank 0 in the background;
+            ``train.resume=auto`` looks there too. Credentials and endpoints come from the
+            store library's own settings (``AWS_ENDPOINT_URL``...) or ``storage_options``.
+        storage_options: fsspec options for ``remote_dir``.
+        remote_retries: retries of a transient remote failure per request (backoff doubling
+            from 0.2 s); an upload that still fails is warned about and counted, and
+            training goes on.
     """
 
     every_steps: int | None = None
     every_minutes: float | None = None
     keep_last: int = 2
     verify_checksums: bool = True
+    async_save: bool = False
+    remote_dir: str | None = None
+    storage_options: dict[str, Any] | None = None
+    remote_retries: int = 5
 
     def __post_init__(self) -> None:
         if self.every_steps is not None and self.every_steps < 1:
@@ -81,14 +112,54 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.every_minutes must be > 0, got {self.every_minutes}")
         if self.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+        if self.remote_dir is not None and not str(self.remote_dir).strip():
+            raise ValueError("checkpoint.remote_dir must be a URL or folder path (or null)")
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            raise ValueError(f"checkpoint.storage_options must be a mapping, got {self.storage_options!r}")
+        if self.remote_retries < 0:
+            raise ValueError(f"checkpoint.remote_retries must be >= 0, got {self.remote_retries}")
+
+
+class _PendingSave:
+    """A rank's part of a save: its snapshot being written (in a thread when async).
+
+    Args:
+        step: the step saved.
+        snapshot: the captured state.
+        background: write in a background thread.
+    """
+
+    def __init__(self, step: int, snapshot: Snapshot, background: bool) -> None:
+        self.step, self.snapshot, self.folder = step, snapshot, snapshot.folder
+        self.digests: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.thread: threading.Thread | None = None
+        if background:
+            self.thread = threading.Thread(target=self._write, daemon=True, name="clicktower-checkpoint")
+            self.thread.start()
+        else:
+            self._write()
+
+    def _write(self) -> None:
+        try:
+            self.digests = self.snapshot.write()
+        except Exception as exc:  # noqa: BLE001 - reported to every rank at the commit
+            self.error = describe_failure(exc)
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
 
 
 class Checkpointer:
     """Saves and restores the full training state through an ``accelerate.Accelerator``.
 
     Model, optimiser, registered objects (LR scheduler), grad scaler and every rank's RNG
-    states go through ``accelerator.save_state`` (the DeepSpeed engine writes its ZeRO
-    shards, one file set per rank); the trainer's counters, the data loader position and
+    states are the files accelerate's ``save_state`` writes (the DeepSpeed engine writes its
+    ZeRO shards, one file set per rank); the trainer's counters, the data loader position and
     the resolved config go into ``trainer_state.json`` and ``config.yaml``.
 
     Args:
@@ -104,6 +175,9 @@ class Checkpointer:
         self.root = Path(output_dir) / CHECKPOINT_DIR
         self.last_save_time = time.monotonic()
         self.last_saved: Path | None = None
+        self.pending: _PendingSave | None = None
+        self.remote = (RemoteCheckpoints(cfg.remote_dir, cfg.keep_last, cfg.storage_options, cfg.remote_retries)
+                       if cfg.remote_dir else None)
 
     def due(self, step: int) -> bool:
         """Whether a save is due after ``step`` (every rank must get the same answer).
@@ -115,73 +189,150 @@ class Checkpointer:
         if by_steps or self.cfg.every_minutes is None:
             return by_steps
         elapsed = (time.monotonic() - self.last_save_time) / 60.0
-        return bool(self._broadcast_flag(elapsed >= self.cfg.every_minutes))
+        return self._agree(elapsed >= self.cfg.every_minutes, "broadcast")
 
-    def _broadcast_flag(self, flag: bool) -> bool:
+    def _agree(self, flag: bool, how: str) -> bool:
+        """``flag`` of rank 0 (``broadcast``), or true only if true on every rank (``all``)."""
         import torch
         import torch.distributed as dist
 
         if self.accelerator.num_processes == 1 or not dist.is_initialized():
             return flag
         tensor = torch.tensor([1 if flag else 0], device=self.accelerator.device)
-        dist.broadcast(tensor, src=0)
+        if how == "broadcast":
+            dist.broadcast(tensor, src=0)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
         return bool(tensor.item())
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
-        """Write a complete checkpoint for ``step`` (collective: call on every rank).
+        """Save ``step`` (collective: call on every rank). Synchronous saves are complete on
+        return; async ones are committed by a later ``poll`` or ``wait``.
 
         Args:
             step: optimiser steps done.
             trainer_state: counters and loader position (JSON-serialisable).
 
         Returns:
-            The checkpoint folder.
+            The checkpoint folder (there once committed).
         """
+        self.wait()  # at most one save in flight
         acc = self.accelerator
-        final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-step_*"):  # left by a kill in the middle of a save
-                shutil.rmtree(stale, ignore_errors=True)
-            if final.exists():  # a re-save of the same step after a resume
-                shutil.rmtree(final)
+            # Left by a kill in the middle of a save, a download or a universal conversion.
+            for pattern in (".tmp-step_*", ".download-step_*", ".universal-step_*"):
+                for stale in self.root.glob(pattern):
+                    shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
         acc.wait_for_everyone()
-        # Under DeepSpeed every rank writes its ZeRO shards (pytorch_model/) and its RNG file
-        # here; the marker and the rename below wait for all of them (barrier).
-        acc.save_state(str(tmp), safe_serialization=True)
+        self.last_save_time = time.monotonic()
+        # Collective under DeepSpeed; the small files (RNG, scheduler) are written here.
+        snapshot = capture_state(acc, tmp, copy=self.cfg.async_save)
         if acc.is_main_process:
             (tmp / "config.yaml").write_text(self.config_yaml, encoding="utf-8")
             state = {**trainer_state, "step": step, "topology": topology(acc)}
+            if self.remote is not None:
+                state["remote"] = dict(self.remote.counts)
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
-        acc.wait_for_everyone()
+        self.pending = _PendingSave(step, snapshot, background=self.cfg.async_save)
+        if not self.cfg.async_save:
+            self.wait()
+        return self.root / step_dir_name(step)
+
+    def poll(self) -> None:
+        """Commit the save in flight if every rank has written its part (collective: call on
+        every rank at every step boundary; free when no save is in flight)."""
+        if self.pending is not None and self._agree(self.pending.done(), "all"):
+            self.wait()
+
+    def wait(self) -> None:
+        """Finish the save in flight, if any (collective): every rank's write done, the
+        digests gathered into ``COMPLETE``, the folder renamed into place, ``latest`` written.
+
+        Raises:
+            RuntimeError: a rank failed to write its files (on every rank).
+        """
+        pending, acc = self.pending, self.accelerator
+        if pending is None:
+            return
+        pending.join()
+        self.pending = None
+        results = all_gather_objects((acc.process_index, pending.digests, pending.error), acc)
+        errors = [f"rank {rank}: {error}" for rank, _, error in results if error]
+        if errors:
+            raise RuntimeError(f"checkpoint {pending.folder} failed: {'; '.join(errors)}")
+        final = self.root / step_dir_name(pending.step)
         if acc.is_main_process:
-            write_complete_marker(tmp, step)
-            os.replace(tmp, final)
+            digests = {name: entry for _, files, _ in results for name, entry in files.items()}
+            write_complete_marker(pending.folder, pending.step, digests)
+            if final.exists():  # a re-save of the same step after a resume
+                shutil.rmtree(final)
+            os.replace(pending.folder, final)
             fsync_dir(self.root)
             write_atomic(self.root / LATEST, final.name + "\n")  # the pointer last
+            if self.remote is not None:
+                self.remote.wait()  # its upload reads a folder the pruning may delete
             self._prune()
+            if self.remote is not None:
+                best = self.root.parent / "best"
+                self.remote.upload_async(final, best if best.is_dir() else None)
         acc.wait_for_everyone()
-        self.last_save_time = time.monotonic()
         self.last_saved = final
-        return final
 
     def _prune(self) -> None:
         complete = [p for p in list_checkpoints(self.root.parent) if (p / COMPLETE).is_file()]
         for old in complete[:-self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def resume(self, setting: str) -> dict[str, Any] | None:
-        """Resolve ``train.resume`` and restore that checkpoint (collective when resuming).
+    def finish(self, final: Path | None = None) -> None:
+        """End of the run or a stop (collective): commit the save in flight; rank 0 uploads
+        ``final`` and ``best/`` and waits for its uploads.
 
         Args:
-            setting: ``auto`` (the newest usable checkpoint of the run, if any), ``none``, or
-                a checkpoint folder.
+            final: the ``final/`` towers folder, once written (None: not yet, e.g. a stop).
+        """
+        self.wait()
+        if self.remote is None or not self.accelerator.is_main_process:
+            return
+        self.remote.wait()
+        try:
+            if final is not None and final.is_dir():
+                self.remote.upload_tree(final, "final")
+            if (self.root.parent / "best").is_dir():
+                self.remote.upload_best(self.root.parent / "best")
+        except Exception as exc:  # noqa: BLE001 - the local folders are there
+            self.remote.counts["failures"] += 1
+            logger.warning("checkpoint.remote_dir: uploading final/ or best/ failed (%s)", describe_failure(exc))
+        counts = self.remote.counts
+        print(f"checkpoint.remote_dir: {counts['uploaded']} checkpoint(s) uploaded to {self.remote.url} "
+              f"({counts['retries']} retries, {counts['failures']} failed upload(s))", flush=True)
+
+    def resume(self, setting: str) -> dict[str, Any] | None:
+        """Resolve ``train.resume`` and restore that checkpoint (collective).
+
+        Args:
+            setting: ``auto`` (the newest usable checkpoint of the run, local or remote, if
+                any), ``none``, or a checkpoint folder.
 
         Returns:
             The trainer state saved with it (step, data position), or None for a fresh run.
+
+        Raises:
+            ConfigError: ``checkpoint.remote_dir`` cannot be written (before any training).
         """
-        folder = find_resume_checkpoint(self.root.parent, setting, self.cfg.verify_checksums)
+        if self.remote is not None:
+            problem = None
+            if self.accelerator.is_main_process:
+                try:
+                    self.remote.check()
+                except ConfigError as exc:
+                    problem = str(exc)
+            problem = all_gather_objects(problem, self.accelerator)[0]
+            if problem:
+                raise ConfigError(problem)
+        folder = resolve_resume(self.accelerator, self.root, setting, self.cfg.verify_checksums, self.remote)
         if folder is None:
             return None
         state = self.load(folder)
@@ -189,10 +340,8 @@ class Checkpointer:
         return state
 
     def load(self, folder: Path) -> dict[str, Any]:
-        """Restore everything ``save`` wrote; returns the trainer state (collective).
-
-        A DeepSpeed checkpoint resumed without DeepSpeed is converted first (every rank
-        converts into its own temporary folder: no shared file system or collective needed).
+        """Restore everything ``save`` wrote; returns the trainer state (collective). On
+        another topology a ZeRO checkpoint is converted (``checkpoint_load.load_checkpoint``).
 
         Args:
             folder: a complete checkpoint folder.
@@ -200,37 +349,4 @@ class Checkpointer:
         Raises:
             ConfigError: a checkpoint that this topology cannot load (the message says why).
         """
-        acc = self.accelerator
-        state = json.loads((folder / TRAINER_STATE).read_text())
-        # The saving topology is the checkpointer's own record, not part of the trainer state.
-        saved = state.pop("topology", None) or {"world_size": None, "zero_stage": 0}
-        now = topology(acc)
-        saved_stage = int(saved.get("zero_stage") or 0)
-        is_ds_checkpoint = (folder / DS_MODEL_DIR).is_dir()
-        if now["zero_stage"] == 0 and is_ds_checkpoint:
-            if acc.is_main_process:  # checkpoints older than the topology record say "?"
-                logger.warning("%s: DeepSpeed ZeRO-%s checkpoint of %s processes, resumed without DeepSpeed on %s: "
-                               "converting (weights, optimiser moments, schedule, data position kept)",
-                               folder, saved_stage or "?", saved.get("world_size") or "?", now["world_size"])
-            with tempfile.TemporaryDirectory(prefix="clicktower-ckpt-") as tmp:
-                converted = Path(tmp) / folder.name
-                convert_to_ddp(folder, converted)
-                acc.load_state(str(converted))
-        elif now["zero_stage"] > 0 and not is_ds_checkpoint:
-            raise ConfigError(f"{folder}: a non-DeepSpeed checkpoint cannot be resumed under DeepSpeed "
-                              "ZeRO; resume it without DeepSpeed (DDP or one process)")
-        elif now["zero_stage"] > 0 and (saved.get("world_size") not in (None, now["world_size"])
-                                        or saved_stage != now["zero_stage"]):
-            raise ConfigError(
-                f"{folder}: saved by ZeRO-{saved_stage} on {saved.get('world_size')} processes, resumed by "
-                f"ZeRO-{now['zero_stage']} on {now['world_size']}: resume it without DeepSpeed (it is converted "
-                "automatically) or on the same topology")
-        else:
-            acc.load_state(str(folder))
-        if saved.get("world_size") not in (None, now["world_size"]) and acc.is_main_process:
-            # accelerate restores random_states_{rank}.pkl where it exists and skips it otherwise.
-            logger.warning("%s: saved by %s processes, resumed on %s: weights, optimiser, schedule and data "
-                           "position are restored; per-rank RNG streams only for ranks below %s",
-                           folder, saved["world_size"], now["world_size"],
-                           min(saved["world_size"], now["world_size"]))
-        return state
+        return load_checkpoint(self.accelerator, folder, self.root)

@@ -2,6 +2,10 @@
 usable checkpoint. Plain files only (no accelerate, no torch): what the checkpointer writes and
 what resume, conversion and ``clicktower ckpt`` read. The layout is described in
 ``clicktower.launcher.engine.checkpoint``.
+
+Checksums scale with the ranks: every rank hashes the files it wrote while writing them
+(``HashingFile``), rank 0 gathers the digests into the ``COMPLETE`` marker and hashes only
+what no rank claimed (its own few small files: config, trainer state, DeepSpeed's scripts).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 DS_MODEL_DIR = "pytorch_model"  # accelerate's folder name for the DeepSpeed engine's files
 COPIED_AS_IS = ("config.yaml", "custom_checkpoint_*.pkl", "random_states_*.pkl", "scheduler*.bin",
                 "scaler.pt", "sampler*.bin")
-
+Digests = dict[str, dict[str, object]]  # relative path -> {"sha256": hex, "bytes": size}
 
 
 def step_dir_name(step: int) -> str:
@@ -35,6 +39,36 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+class HashingFile:
+    """A write-only file that hashes what passes through it: a rank's digest of the bytes it
+    wrote, without reading the file back (``torch.save`` and ``write`` take it as a file).
+
+    Args:
+        fh: the open binary file written to.
+    """
+
+    def __init__(self, fh) -> None:
+        self.fh, self.digest, self.size = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def record(self) -> dict[str, object]:
+        """The marker entry of what was written."""
+        return {"sha256": self.digest.hexdigest(), "bytes": self.size}
+
+
+def hash_files(folder: Path, names: list[str]) -> Digests:
+    """Marker entries of files already on disk (``names`` relative to ``folder``)."""
+    return {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+            for name in names}
 
 
 def fsync_dir(path: Path) -> None:
@@ -55,11 +89,27 @@ def write_atomic(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def write_complete_marker(folder: Path, step: int) -> None:
-    """Checksum every file of a checkpoint folder and write the ``COMPLETE`` marker last."""
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE):
-        files[str(path.relative_to(folder))] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+def write_complete_marker(folder: Path, step: int, digests: Digests | None = None) -> None:
+    """Write the ``COMPLETE`` marker of a checkpoint folder (last: it makes the folder usable).
+
+    Args:
+        folder: the checkpoint folder, every file written.
+        step: its step.
+        digests: entries the ranks computed while writing (gathered); every other file of
+            the folder is hashed here. None: hash every file here.
+
+    Raises:
+        FileNotFoundError: a file a rank reported is not in the folder (a rank wrote
+            elsewhere, or the folders are not on one shared file system).
+    """
+    digests = dict(digests or {})
+    on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE}
+    missing = sorted(set(digests) - on_disk)
+    if missing:
+        raise FileNotFoundError(f"{folder}: {len(missing)} file(s) written by the ranks are not there, "
+                                f"e.g. {missing[0]} (is the output folder on a file system every rank shares?)")
+    digests.update(hash_files(folder, sorted(on_disk - set(digests))))
+    files = {name: digests[name] for name in sorted(digests)}
     write_atomic(folder / COMPLETE, json.dumps({"step": step, "files": files}, indent=1) + "\n")
 
 

@@ -1,9 +1,18 @@
-"""DeepSpeed ZeRO checkpoint -> accelerate (non-DeepSpeed) checkpoint, resumable on any
-number of processes: consolidated fp32 weights, AdamW moments and step, scheduler, RNG files,
-trainer state. Used on the fly by ``Checkpointer.load`` and offline by ``clicktower ckpt``.
+"""Converting DeepSpeed ZeRO checkpoints, on the fly (``Checkpointer.load``) or offline
+(``clicktower ckpt convert``):
+
+* ``convert_to_ddp``: an accelerate (non-DeepSpeed) checkpoint, resumable on any number of
+  processes without DeepSpeed: consolidated fp32 weights, AdamW moments and step, scheduler,
+  RNG files, trainer state.
+* ``convert_to_universal``: DeepSpeed's universal checkpoint (``ds_to_universal``: one folder
+  per parameter with its fp32 weights, Adam moments and step), which a ZeRO engine of any
+  world size loads (``load_universal``), plus the same accelerate files and trainer state.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -131,14 +140,86 @@ def convert_to_ddp(src: str | Path, dst: str | Path) -> dict[str, Any]:
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.bin")
+    step = _copy_accelerate_files(src, tmp, stage, world, "ddp")
+    state = json.loads((tmp / TRAINER_STATE).read_text())
+    state["topology"]["zero_stage"] = 0  # resumes without DeepSpeed
+    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+    write_complete_marker(tmp, step)
+    os.replace(tmp, dst)
+    return {"source": str(src), "out": str(dst), "zero_stage": stage, "world_size": world,
+            "step": step, "parameters": len(names)}
+
+
+def _copy_accelerate_files(src: Path, tmp: Path, stage: int, world: int | None, kind: str) -> int:
+    """Copy the scheduler, RNG, config files; write ``trainer_state.json`` recording the
+    conversion. Returns the step."""
     for pattern in COPIED_AS_IS:
         for path in src.glob(pattern):
             shutil.copy2(path, tmp / path.name)
     state = json.loads((src / TRAINER_STATE).read_text())
-    state["topology"] = {**state.get("topology", {}), "zero_stage": 0,
-                         "converted_from": {"zero_stage": stage, "world_size": world, "path": str(src)}}
+    state["topology"] = {**state.get("topology", {}),
+                         "converted_from": {"zero_stage": stage, "world_size": world, "path": str(src), "to": kind}}
     (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
-    write_complete_marker(tmp, int(state["step"]))
+    return int(state["step"])
+
+
+def convert_to_universal(src: str | Path, dst: str | Path, workers: int = 1) -> dict[str, Any]:
+    """Turn a DeepSpeed ZeRO-1/2/3 checkpoint folder into a universal one that a ZeRO engine
+    of any number of processes resumes from (same stage; ``Checkpointer.load`` sets the
+    engine's ``load_universal``).
+
+    Writes ``pytorch_model/`` through DeepSpeed's ``ds_to_universal`` (every parameter's
+    fp32 weights, ``exp_avg``, ``exp_avg_sq`` and step, gathered from all ranks' partitions;
+    the model-states files copied), copies the scheduler, RNG and config files, records the
+    conversion in ``trainer_state.json`` and writes a ``COMPLETE`` marker last.
+
+    Args:
+        src: a DeepSpeed checkpoint folder (with ``pytorch_model/``).
+        dst: the output folder (must not exist).
+        workers: processes extracting and merging the shards (1: in this process, the
+            choice inside a training process).
+
+    Returns:
+        A summary (source, stage, world size, step).
+    """
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    from deepspeed.utils import zero_to_fp32 as zf
+
+    src, dst = Path(src), Path(dst)
+    if not (src / DS_MODEL_DIR).is_dir():
+        raise ConfigError(f"{src}: not a DeepSpeed checkpoint (no {DS_MODEL_DIR}/ folder)")
+    if (src / DS_MODEL_DIR / "zero").is_dir():
+        raise ConfigError(f"{src}: already a universal checkpoint")
+    if dst.exists():
+        raise FileExistsError(f"{dst}: already exists")
+    optim_files = zf.get_optim_files(str(src / DS_MODEL_DIR))
+    head = torch_load(optim_files[0])["optimizer_state_dict"]
+    stage = int(head["zero_stage"])
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    args = argparse.Namespace(input_folder=str(src / DS_MODEL_DIR), output_folder=str(tmp / DS_MODEL_DIR),
+                              num_extract_workers=workers, num_merge_workers=workers, keep_temp_folder=False,
+                              strict=True,
+                              # clicktower's model carries no tensor-parallel layout description;
+                              # DeepSpeed's default one (no TP) is what it needs.
+                              inject_missing_state=True)
+    log = io.StringIO()
+    try:  # DeepSpeed prints every stage and a progress bar per stage
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal(args)
+    except Exception as exc:
+        tail = " | ".join(log.getvalue().strip().splitlines()[-3:])
+        raise RuntimeError(f"{src}: universal conversion failed: {exc} ({tail})") from exc
+    step = _copy_accelerate_files(src, tmp, stage, len(optim_files), "universal")
+    write_complete_marker(tmp, step)
     os.replace(tmp, dst)
-    return {"source": str(src), "out": str(dst), "zero_stage": stage, "world_size": world,
-            "step": int(state["step"]), "parameters": len(names)}
+    return {"source": str(src), "out": str(dst), "zero_stage": stage, "world_size": len(optim_files),
+            "step": step, "format": "universal"}
+
+
+def torch_load(path: str | Path) -> Any:
+    """A DeepSpeed checkpoint file (pickled objects beyond tensors: trusted, our own)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,267 @@
+"""Resuming: which checkpoint (``resolve_resume``) and restoring it on this topology
+(``load_checkpoint``). Used by ``Checkpointer.resume`` / ``Checkpointer.load``; the layout and
+the conversions are described in ``clicktower.launcher.engine.checkpoint``.
+
+Verification (checksums, the remote listing, downloads) runs once per node, on the node's
+first process; the answer reaches every rank through one all-gather.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from clicktower.data.storage import describe_failure
+from clicktower.launcher.engine.checkpoint_files import (CHECKPOINT_DIR, DS_MODEL_DIR, STEP_DIR, TRAINER_STATE,
+                                                         find_resume_checkpoint)
+from clicktower.launcher.engine.checkpoint_remote import RemoteCheckpoints
+from clicktower.launcher.engine.convert import convert_to_ddp, convert_to_universal
+from clicktower.launcher.engine.distributed import zero_stage
+from clicktower.launcher.errors import ConfigError
+
+logger = logging.getLogger("clicktower.launcher.engine.checkpoint")
+
+
+def all_gather_objects(obj: Any, accelerator: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (collective; no communication on one process).
+
+    Args:
+        obj: a picklable object.
+        accelerator: the training accelerator.
+    """
+    import torch.distributed as dist
+
+    if accelerator.num_processes == 1 or not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * accelerator.num_processes
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def topology(accelerator: Any) -> dict[str, int]:
+    """The saving/loading topology recorded in ``trainer_state.json``."""
+    return {"world_size": int(accelerator.num_processes), "zero_stage": zero_stage(accelerator)}
+
+
+def resolve_resume(accelerator: Any, root: Path, setting: str, verify_checksums: bool,
+                   remote: RemoteCheckpoints | None) -> Path | None:
+    """The checkpoint to resume from, found and verified by each node's first process and
+    shared with the node's other processes (collective: one all-gather).
+
+    Args:
+        accelerator: the training accelerator.
+        root: the run's ``checkpoints/`` folder.
+        setting: ``train.resume``: ``auto``, ``none`` or a checkpoint folder.
+        verify_checksums: recompute every file's sha256 while checking.
+        remote: the run's remote checkpoints (``auto`` looks there too), or None.
+
+    Raises:
+        FileNotFoundError: ``setting`` names a folder that is not a usable checkpoint.
+        ConfigError: the nodes found different checkpoints (no shared file system).
+    """
+    answer = None
+    if accelerator.is_local_main_process:
+        try:
+            found = _find(root, setting, verify_checksums, remote)
+            answer = ("ok", str(found) if found is not None else None)
+        except FileNotFoundError as exc:
+            answer = ("missing", str(exc))
+    answers = all_gather_objects(answer, accelerator)
+    leaders = [a for a in answers if a is not None]
+    for kind, text in leaders:
+        if kind == "missing":
+            raise FileNotFoundError(text)
+    names = sorted({Path(text).name if text else "none" for _, text in leaders})
+    if len(names) > 1:
+        raise ConfigError(f"train.resume={setting}: the nodes found different checkpoints ({', '.join(names)}); "
+                          "the output folder must be on a file system every node shares")
+    # Launchers number a node's processes consecutively: its first has local index 0.
+    mine = answers[accelerator.process_index - accelerator.local_process_index][1]
+    return Path(mine) if mine else None
+
+
+def _find(root: Path, setting: str, verify_checksums: bool, remote: RemoteCheckpoints | None) -> Path | None:
+    """Local resolution, then (``auto`` with a remote) a newer remote checkpoint, downloaded
+    and verified; a broken one is named and passed over."""
+    local = find_resume_checkpoint(root.parent, setting, verify_checksums)
+    if setting != "auto" or remote is None:
+        return local
+    newest_local = int(STEP_DIR.match(local.name).group(1)) if local is not None else -1
+    for name in reversed(remote.complete_steps()):
+        if int(STEP_DIR.match(name).group(1)) <= newest_local:
+            break
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            folder = remote.download(name, root, verify_checksums)
+        except Exception as exc:  # noqa: BLE001 - a broken remote copy: try the next one
+            logger.warning("skipping remote checkpoint %s: %s", remote.path(CHECKPOINT_DIR, name),
+                           describe_failure(exc))
+            continue
+        print(f"downloaded {remote.path(CHECKPOINT_DIR, name)} to {folder}", flush=True)
+        return folder
+    return local
+
+
+def load_checkpoint(accelerator: Any, folder: Path, root: Path) -> dict[str, Any]:
+    """Restore everything a save wrote; returns the trainer state (collective).
+
+    A DeepSpeed checkpoint resumed without DeepSpeed is converted first (every rank converts
+    into its own temporary folder: no shared file system or collective needed); one resumed
+    under ZeRO on another number of processes goes through DeepSpeed's universal format
+    (``_load_universal``).
+
+    Args:
+        accelerator: the training accelerator (objects prepared and registered).
+        folder: a complete checkpoint folder.
+        root: the run's ``checkpoints/`` folder (where a universal conversion goes).
+
+    Raises:
+        ConfigError: a checkpoint that this topology cannot load (the message says why).
+    """
+    acc = accelerator
+    state = json.loads((folder / TRAINER_STATE).read_text())
+    state.pop("remote", None)  # the uploader's counters: informative only
+    # The saving topology is the checkpointer's own record, not part of the trainer state.
+    saved = state.pop("topology", None) or {"world_size": None, "zero_stage": 0}
+    now = topology(acc)
+    saved_stage, saved_world = int(saved.get("zero_stage") or 0), saved.get("world_size")
+    is_ds_checkpoint = (folder / DS_MODEL_DIR).is_dir()
+    is_universal = (folder / DS_MODEL_DIR / "zero").is_dir()  # converted offline (ckpt convert)
+    if now["zero_stage"] == 0 and is_universal:
+        raise ConfigError(f"{folder}: a universal checkpoint resumes under DeepSpeed ZeRO only; convert the "
+                          "original with clicktower ckpt convert --to ddp to resume without DeepSpeed")
+    if now["zero_stage"] == 0 and is_ds_checkpoint:
+        if acc.is_main_process:  # checkpoints older than the topology record say "?"
+            logger.warning("%s: DeepSpeed ZeRO-%s checkpoint of %s processes, resumed without DeepSpeed on %s: "
+                           "converting (weights, optimiser moments, schedule, data position kept)",
+                           folder, saved_stage or "?", saved_world or "?", now["world_size"])
+        with tempfile.TemporaryDirectory(prefix="clicktower-ckpt-") as tmp:
+            converted = Path(tmp) / folder.name
+            convert_to_ddp(folder, converted)
+            acc.load_state(str(converted))
+    elif now["zero_stage"] > 0 and not is_ds_checkpoint:
+        raise ConfigError(f"{folder}: a non-DeepSpeed checkpoint cannot be resumed under DeepSpeed "
+                          "ZeRO; resume it without DeepSpeed (DDP or one process)")
+    elif now["zero_stage"] > 0 and saved_stage != now["zero_stage"]:
+        raise ConfigError(
+            f"{folder}: saved by ZeRO-{saved_stage}, resumed by ZeRO-{now['zero_stage']}: resume it with "
+            f"ZeRO-{saved_stage} (on any number of processes) or without DeepSpeed (converted automatically)")
+    elif now["zero_stage"] > 0 and (is_universal or saved_world not in (None, now["world_size"])):
+        _load_universal(acc, folder, root, saved_world)
+    else:
+        acc.load_state(str(folder))
+    if saved_world not in (None, now["world_size"]) and acc.is_main_process:
+        # accelerate restores random_states_{rank}.pkl where it exists and skips it otherwise.
+        logger.warning("%s: saved by %s processes, resumed on %s: weights, optimiser, schedule and data "
+                       "position are restored; per-rank RNG streams only for ranks below %s",
+                       folder, saved_world, now["world_size"], min(saved_world, now["world_size"]))
+    return state
+
+
+class _ElsewherePartition:
+    """Stands in, during a universal load, for a ZeRO-1/2 parameter group of which this rank
+    holds no parameter (the whole group lies in other ranks' partitions: e.g. the one-scalar
+    temperature group on every rank but the first). DeepSpeed 0.19's
+    ``load_hp_checkpoint_state_from_checkpoint_dir`` reads ``steps[0]`` of the parameters it
+    loaded for each group and fails on such a rank with an IndexError; with this stand-in the
+    group loads nothing (step None: left as it is) and takes its hyper-parameters (lr) as
+    usual."""
+
+    class _Mapping:
+        @staticmethod
+        def get_optim_state_keys() -> list[str]:
+            return []
+
+    _hp_mapping = _Mapping()
+
+    def load_hp_checkpoint_state(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def _universal_loading(accelerator: Any) -> Iterator[None]:
+    """Make the DeepSpeed engines load universal checkpoints (their ``checkpoint.
+    load_universal`` setting) for the duration, with ``_ElsewherePartition`` in the ZeRO-1/2
+    groups this rank has no parameter of."""
+    engines = list(accelerator._models)
+    before = [e._config.load_universal_checkpoint for e in engines]
+    swapped = []
+    for engine in engines:
+        engine._config.load_universal_checkpoint = True
+        groups = getattr(engine.optimizer, "bit16_groups", None)  # ZeRO-1/2 only
+        for i, group in enumerate(groups or []):
+            if not any(getattr(p, "_hp_mapping", None) is not None for p in group):
+                stand_in = _ElsewherePartition()
+                swapped.append((engine.optimizer, i, group, stand_in))
+                groups[i] = [stand_in]
+                engine.optimizer.param_names[stand_in] = ""  # looked up before the (no-op) load
+    try:
+        yield
+    finally:
+        for optimizer, i, group, stand_in in swapped:
+            optimizer.bit16_groups[i] = group
+            optimizer.param_names.pop(stand_in, None)
+        for engine, value in zip(engines, before):
+            engine._config.load_universal_checkpoint = value
+
+
+def _repair_zero3_universal_load(accelerator: Any, universal: Path) -> None:
+    """Undo two things DeepSpeed 0.19's ZeRO-3 universal loader gets wrong (ZeRO-1/2 load
+    both right):
+
+    * it gives every sub-group's optimiser state the SAME ``step`` tensor, which AdamW then
+      increments in place once per sub-group at every step (3 groups: +3 a step, so wrong
+      bias corrections from the first step on): each gets its own copy;
+    * it copies the first parameter group's settings into every group, which would put
+      weight decay on biases, LayerNorm weights and the temperature (clicktower's second and
+      third groups): each group gets its own saved settings back.
+    """
+    from clicktower.launcher.engine.convert import torch_load
+
+    for engine in accelerator._models:
+        optimizer = engine.optimizer
+        if not hasattr(optimizer, "fp32_partitioned_groups_flat"):  # not ZeRO-3
+            continue
+        for flat in optimizer.fp32_partitioned_groups_flat:
+            state = optimizer.optimizer.state.get(flat, {})
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+        saved = torch_load(universal / DS_MODEL_DIR / "zero" / "optimizer_state.pt")["param_groups"]
+        live = optimizer.optimizer.param_groups
+        if len(saved) != len(live):
+            raise ConfigError(f"{universal}: {len(saved)} optimiser groups saved, {len(live)} built")
+        for group, settings in zip(live, saved):
+            group.update({k: v for k, v in settings.items() if k != "params"})
+
+
+def _load_universal(acc: Any, folder: Path, root: Path, saved_world: int | None) -> None:
+    """A ZeRO checkpoint of ``saved_world`` processes into this run's ZeRO engine on another
+    number: rank 0 converts it to DeepSpeed's universal format next to the checkpoints
+    (``.universal-step_X``; every rank reads it, so a shared file system, as for saving),
+    every rank loads its new partition from it, rank 0 removes it.
+
+    The conversion reads every shard once, on rank 0, while the other ranks wait at a barrier
+    bounded by ``train.collective_timeout_s``; for a model too big for that, convert once
+    offline (``clicktower ckpt convert --to universal``) and resume from the output folder.
+    """
+    converted = not (folder / DS_MODEL_DIR / "zero").is_dir()
+    universal = root / f".universal-{folder.name}" if converted else folder
+    if acc.is_main_process and converted:
+        logger.warning("%s: DeepSpeed ZeRO checkpoint of %s processes, resumed under ZeRO on %s: converting "
+                       "to a universal checkpoint (%s)", folder, saved_world or "?", acc.num_processes, universal)
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(universal, ignore_errors=True)
+        convert_to_universal(folder, universal)
+    acc.wait_for_everyone()
+    with _universal_loading(acc):
+        acc.load_state(str(universal))
+    _repair_zero3_universal_load(acc, universal)
+    acc.wait_for_everyone()
+    if acc.is_main_process and converted:
+        shutil.rmtree(universal, ignore_errors=True)

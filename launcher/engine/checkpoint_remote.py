@@ -1,0 +1,265 @@
+"""Checkpoints in object storage (``checkpoint.remote_dir``): upload, prune, list, download.
+
+Layout under the remote folder mirrors the run folder::
+
+    REMOTE/checkpoints/step_00000800/...   every file of a complete local checkpoint,
+                                           its COMPLETE marker uploaded last
+    REMOTE/checkpoints/latest              the newest uploaded checkpoint (for people)
+    REMOTE/final/, REMOTE/best/            the towers, after the run / when the best changes
+
+A remote checkpoint without its ``COMPLETE`` object is an upload that did not finish: never a
+resume candidate, deleted by the next prune. A resume downloads into a staging folder next to
+the local checkpoints, verifies every checksum of the marker and renames it into place.
+
+Any URL ``clicktower.data.storage`` reads works (``s3://``, ``gs://`` ..., or a plain folder
+path, e.g. a shared file system). Filesystems come from ``Storage.filesystem`` (fsspec; s3fs
+and gcsfs told to try each request once); the retries are this module's: transient failures
+(``clicktower.data.storage.is_transient``) retried with exponential backoff and counted.
+``Storage``'s own read/write methods are not used because it has no recursive listing,
+download to a file or recursive delete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from clicktower.data.storage import Storage, describe_failure, is_transient, is_url, join
+from clicktower.launcher.engine.checkpoint_files import (CHECKPOINT_DIR, COMPLETE, LATEST, STEP_DIR,
+                                                         check_checkpoint)
+from clicktower.launcher.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RemoteCheckpoints:
+    """A run's checkpoints in object storage; uploads run in one background thread.
+
+    Args:
+        url: ``checkpoint.remote_dir``.
+        keep_last: complete checkpoints kept remotely (``checkpoint.keep_last``).
+        options: fsspec storage options (``checkpoint.storage_options``).
+        max_retries: retries of a transient failure per request.
+        backoff_s: first wait between retries (doubled each time, with jitter).
+    """
+
+    def __init__(self, url: str, keep_last: int, options: dict[str, Any] | None = None,
+                 max_retries: int = 5, backoff_s: float = 0.2) -> None:
+        self.url, self.keep_last = url.rstrip("/"), keep_last
+        self.max_retries, self.backoff_s = max_retries, backoff_s
+        self.counts = {"uploaded": 0, "retries": 0, "failures": 0}
+        self._storage = Storage(options, max_retries, backoff_s)
+        self._thread: threading.Thread | None = None
+        self._jitter = random.Random()  # private: the training RNGs stay untouched
+        self._best_step: int | None = None
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _fs(self) -> Any:
+        if is_url(self.url):
+            return self._storage.filesystem(self.url)
+        import fsspec
+
+        return fsspec.filesystem("file")
+
+    def path(self, *parts: str) -> str:
+        """``REMOTE/part/part`` (URL or path)."""
+        out = self.url
+        for part in parts:
+            out = join(out, part)
+        return out
+
+    def _retry(self, call: Callable[[], T]) -> T:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return call()
+            except Exception as exc:  # noqa: BLE001 - every store library has its own types
+                if attempt == self.max_retries or not is_transient(exc):
+                    raise
+                self.counts["retries"] += 1
+                time.sleep(min(self.backoff_s * 2 ** attempt, 10.0) * (0.5 + self._jitter.random()))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _put(self, local: Path, remote: str) -> None:
+        fs = self._fs()
+        if not is_url(remote):
+            os.makedirs(os.path.dirname(remote), exist_ok=True)
+        self._retry(lambda: fs.put_file(str(local), remote))
+
+    # -- start-up ------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Fail fast when the remote folder cannot be written (before any training).
+
+        Raises:
+            ConfigError: unreachable endpoint, missing bucket, no permission (after the retries).
+        """
+        probe = self.path(f".clicktower-probe-{socket.gethostname()}-{os.getpid()}")
+        fs = self._fs()
+        try:
+            if not is_url(self.url):
+                os.makedirs(self.url, exist_ok=True)
+            self._retry(lambda: fs.pipe_file(probe, b"ok"))
+            self._retry(lambda: fs.rm_file(probe))
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"checkpoint.remote_dir={self.url}: cannot write there "
+                              f"({describe_failure(exc)})") from None
+
+    # -- uploads (main process, background) ----------------------------------------
+
+    def wait(self) -> None:
+        """Wait for the upload in flight, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def upload_async(self, folder: Path, best: Path | None = None) -> None:
+        """Upload a complete local checkpoint (then prune remotely), and ``best`` when its
+        step changed, in the background; waits for the previous upload first.
+
+        Args:
+            folder: a complete ``step_XXXXXXXX`` folder (not pruned locally before ``wait``).
+            best: the run's ``best/`` folder, if any.
+        """
+        self.wait()
+        self._thread = threading.Thread(target=self._upload_job, args=(folder, best), daemon=True,
+                                        name="clicktower-upload")
+        self._thread.start()
+
+    def _upload_job(self, folder: Path, best: Path | None) -> None:
+        try:
+            self.upload_checkpoint(folder)
+            self.counts["uploaded"] += 1
+            self.prune()
+            if best is not None:
+                self.upload_best(best)
+        except Exception as exc:  # noqa: BLE001 - a failed upload must not stop training
+            self.counts["failures"] += 1
+            logger.warning("checkpoint.remote_dir: uploading %s to %s failed (%s); the local checkpoint is kept "
+                           "(%d upload failure(s), %d retries so far)", folder, self.url,
+                           describe_failure(exc), self.counts["failures"], self.counts["retries"])
+
+    def upload_checkpoint(self, folder: Path) -> str:
+        """Upload ``folder`` under ``REMOTE/checkpoints/`` (its marker last), then ``latest``."""
+        remote = self.path(CHECKPOINT_DIR, folder.name)
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
+        for path in files + [folder / COMPLETE]:  # the marker last: it makes it a candidate
+            self._put(path, join(remote, str(path.relative_to(folder))))
+        fs = self._fs()
+        self._retry(lambda: fs.pipe_file(self.path(CHECKPOINT_DIR, LATEST), (folder.name + "\n").encode()))
+        return remote
+
+    def upload_tree(self, folder: Path, name: str, last: str | None = None) -> None:
+        """Upload a folder (``final/``, ``best/``) to ``REMOTE/name/``, file ``last`` last."""
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name == last)  # stable: only moves ``last`` to the end
+        for path in files:
+            self._put(path, self.path(name, str(path.relative_to(folder))))
+
+    def upload_best(self, best: Path) -> None:
+        """``best/`` when it holds a newer best model than the one uploaded."""
+        marker = best / "best.json"
+        if not marker.is_file():
+            return
+        step = json.loads(marker.read_text()).get("step")
+        if step != self._best_step:
+            self.upload_tree(best, "best", last="best.json")
+            self._best_step = step
+
+    # -- listing, pruning, download --------------------------------------------------
+
+    def _listing_fs(self) -> Any:
+        """The filesystem with its listing cache dropped: s3fs keeps every folder listing it
+        made (the step folders' too, not only ``root``), which would hide what was uploaded
+        since, by this process or another node."""
+        fs = self._fs()
+        fs.invalidate_cache()
+        return fs
+
+    def complete_steps(self) -> list[str]:
+        """Names of the complete remote checkpoints, oldest first."""
+        root = self.path(CHECKPOINT_DIR)
+        fs = self._listing_fs()
+        try:
+            found = self._retry(lambda: fs.find(root, maxdepth=2))
+        except FileNotFoundError:
+            return []
+        base = fs._strip_protocol(root).rstrip("/")
+        names = set()
+        for entry in found:
+            rel = str(entry)[len(base):].strip("/")
+            head, _, tail = rel.partition("/")
+            if tail == COMPLETE and STEP_DIR.match(head):
+                names.add(head)
+        return sorted(names, key=lambda n: int(STEP_DIR.match(n).group(1)))
+
+    def all_steps(self) -> list[str]:
+        """Names of every remote ``step_`` folder, complete or not."""
+        root = self.path(CHECKPOINT_DIR)
+        fs = self._listing_fs()
+        try:
+            entries = self._retry(lambda: fs.ls(root, detail=False))
+        except FileNotFoundError:
+            return []
+        names = [os.path.basename(str(e).rstrip("/")) for e in entries]
+        return [name for name in names if STEP_DIR.match(name)]
+
+    def prune(self) -> None:
+        """Keep the newest ``keep_last`` complete remote checkpoints; delete older ones and
+        unfinished uploads older than the newest complete one (marker first, so that a
+        half-deleted checkpoint is never a candidate)."""
+        complete = self.complete_steps()
+        if not complete:
+            return
+        keep = set(complete[-self.keep_last:])
+        newest = int(STEP_DIR.match(complete[-1]).group(1))
+        fs = self._fs()
+        for name in self.all_steps():
+            if name in keep or int(STEP_DIR.match(name).group(1)) > newest:
+                continue
+            remote = self.path(CHECKPOINT_DIR, name)
+            if name in complete:
+                self._retry(lambda: fs.rm_file(join(remote, COMPLETE)))
+            self._retry(lambda: fs.rm(remote, recursive=True))
+
+    def download(self, name: str, root: Path, verify_checksums: bool = True) -> Path:
+        """Download complete remote checkpoint ``name`` into ``root/name``, verified.
+
+        Args:
+            name: a ``step_XXXXXXXX`` name from ``complete_steps``.
+            root: the local ``checkpoints/`` folder.
+            verify_checksums: verify every file's sha256 (else sizes only).
+
+        Raises:
+            ValueError: the downloaded files do not match the marker.
+        """
+        fs, remote = self._fs(), self.path(CHECKPOINT_DIR, name)
+        marker = self._retry(lambda: fs.cat_file(join(remote, COMPLETE)))
+        files = json.loads(marker)["files"]
+        # Node-unique staging: nodes sharing a file system may download at the same time.
+        staging = root / f".download-{name}-{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        for rel in files:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            self._retry(lambda: fs.get_file(join(remote, rel), str(staging / rel)))
+        (staging / COMPLETE).write_bytes(marker)
+        problem = check_checkpoint(staging, verify_checksums)
+        if problem:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ValueError(f"{remote}: {problem}")
+        final = root / name
+        if final.exists() and check_checkpoint(final, verify_checksums) is not None:
+            shutil.rmtree(final, ignore_errors=True)  # a broken local copy of the same step
+        try:
+            os.replace(staging, final)
+        except OSError:  # another node renamed its copy first (shared file system)
+            shutil.rmtree(staging, ignore_errors=True)
+        return final

@@ -1,0 +1,211 @@
+"""Checkpoints in object storage (``checkpoint.remote_dir``), against moto's S3 server on
+127.0.0.1 (``tests/support/store_servers.py``, started by the ``s3`` fixture; the standard AWS
+settings point the store library at it, clicktower reads none of them):
+
+- uploads with the marker last, ``keep_last`` applied remotely (unfinished uploads older than
+  the newest complete one deleted too), verified downloads, corrupt remote copies refused;
+- transient errors retried with backoff and counted; an unreachable endpoint is one
+  ``ConfigError``; a failed upload is warned about and counted, the local checkpoint kept;
+- a run whose local output folder is lost resumes from the bucket with the uninterrupted
+  run's losses (``clicktower train`` on one process: a requeued job on a fresh node);
+- an unreachable ``remote_dir`` at start: one line and exit status 2 before any training.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from clicktower.launcher.engine.checkpoint import CheckpointConfig, Checkpointer
+from clicktower.launcher.engine.checkpoint_files import check_checkpoint, write_complete_marker
+from clicktower.launcher.engine.checkpoint_remote import RemoteCheckpoints
+from clicktower.launcher.errors import ConfigError
+from conftest import REPO, TINY_CONFIG, cli_env, clicktower
+from dist_harness import consumed_keys, free_port, keys_per_step, kill_tree
+from hold_save.sitecustomize import hold_env
+from store_servers import S3_ENV, make_bucket, moto_s3
+from test_checkpoint import _setup, _step
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+BUCKET = "ckpts"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server for this module, the standard AWS settings pointing at it."""
+    with pytest.MonkeyPatch.context() as mp, moto_s3() as (endpoint, faults):
+        env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+        for key, value in env.items():
+            mp.setenv(key, value)
+        make_bucket(endpoint, BUCKET)
+        yield SimpleNamespace(endpoint=endpoint, faults=faults, env=env)
+
+
+def _fake_checkpoint(root: Path, step: int) -> Path:
+    folder = root / f"step_{step:08d}"
+    (folder / "pytorch_model").mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (folder / "pytorch_model" / "shard.pt").write_bytes(bytes([step]) * 3000)
+    write_complete_marker(folder, step)
+    return folder
+
+
+@pytest.mark.unit
+def test_upload_prune_and_verified_download(s3, tmp_path):
+    remote = RemoteCheckpoints(f"s3://{BUCKET}/unit", keep_last=2, backoff_s=0.01)
+    remote.check()
+    for step in (1, 2, 3):
+        remote.upload_checkpoint(_fake_checkpoint(tmp_path / "local", step))
+        remote.prune()
+    fs = remote._fs()
+    # An unfinished older upload (no marker) is garbage; a newer one may be in progress.
+    for step in (0, 4):
+        fs.pipe_file(remote.path("checkpoints", f"step_{step:08d}", "trainer_state.json"), b"{}")
+    remote.prune()
+    assert remote.complete_steps() == ["step_00000002", "step_00000003"]
+    assert sorted(remote.all_steps()) == ["step_00000002", "step_00000003", "step_00000004"]
+    assert fs.cat_file(remote.path("checkpoints", "latest")) == b"step_00000003\n"
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    got = remote.download("step_00000003", fresh)
+    assert got == fresh / "step_00000003" and check_checkpoint(got) is None
+    assert (got / "pytorch_model" / "shard.pt").read_bytes() == bytes([3]) * 3000
+    # A remote copy whose bytes changed (same size): refused by its checksum, nothing left.
+    fs.pipe_file(remote.path("checkpoints", "step_00000002", "pytorch_model", "shard.pt"), b"\0" * 3000)
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        remote.download("step_00000002", fresh)
+    assert sorted(p.name for p in fresh.iterdir()) == ["step_00000003"]
+
+
+@pytest.mark.unit
+def test_transient_errors_are_retried_and_counted_unreachable_is_one_error(s3, tmp_path, monkeypatch):
+    remote = RemoteCheckpoints(f"s3://{BUCKET}/retry", keep_last=2, backoff_s=0.01)
+    s3.faults.fail("/retry/checkpoints/step_00000001/", times=2, status=503, method="PUT")
+    remote.upload_checkpoint(_fake_checkpoint(tmp_path, 1))
+    assert remote.counts["retries"] == 2 and remote.complete_steps() == ["step_00000001"]
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    unreachable = RemoteCheckpoints(f"s3://{BUCKET}/x", keep_last=2, max_retries=2, backoff_s=0.01)
+    with pytest.raises(ConfigError, match=rf"checkpoint.remote_dir=s3://{BUCKET}/x: cannot write there \("):
+        unreachable.check()
+    assert unreachable.counts["retries"] == 2
+
+
+@pytest.mark.unit
+def test_failed_upload_keeps_the_local_checkpoint_and_a_fresh_node_resumes_from_the_bucket(s3, tmp_path,
+                                                                                         caplog, capsys):
+    cfg = CheckpointConfig(keep_last=2, remote_dir=f"s3://{BUCKET}/inproc", remote_retries=1)
+    acc, model, optimizer, scheduler, ckpt = _setup(tmp_path / "node_a", cfg=cfg)
+    assert ckpt.resume("auto") is None  # reachable, nothing to resume
+    s3.faults.fail("/inproc/checkpoints/step_00000001/", times=10, status=503, method="PUT")
+    best = tmp_path / "node_a" / "best"  # what the periodic evaluation writes
+    with caplog.at_level(logging.WARNING):
+        _step(model, optimizer, scheduler)
+        ckpt.save(1, {"loader": {}})
+        _step(model, optimizer, scheduler)
+        best.mkdir()
+        (best / "weights.bin").write_bytes(b"best")
+        (best / "best.json").write_text(json.dumps({"step": 2}))
+        ckpt.save(2, {"loader": {}})
+        saved = [p.detach().clone() for p in model.parameters()]
+        ckpt.finish()
+    assert "step_00000001" in caplog.text and "the local checkpoint is kept" in caplog.text
+    assert ckpt.remote.counts == {"uploaded": 1, "retries": 1, "failures": 1}  # one retry, then given up
+    assert check_checkpoint(tmp_path / "node_a" / "checkpoints" / "step_00000001") is None
+    assert ckpt.remote.complete_steps() == ["step_00000002"]
+    fs = ckpt.remote._fs()
+    assert fs.cat_file(ckpt.remote.path("best", "weights.bin")) == b"best"
+    # The local copy is as new as the remote one: resumed from the disk, nothing downloaded.
+    assert ckpt.resume("auto")["step"] == 2 and "downloaded" not in capsys.readouterr().out
+
+    _step(model, optimizer, scheduler)  # the live state moves on; node B starts with an empty disk
+    node_b = Checkpointer(acc, tmp_path / "node_b", cfg, "")
+    state = node_b.resume("auto")
+    assert "downloaded s3://ckpts/inproc/checkpoints/step_00000002" in capsys.readouterr().out
+    assert state["step"] == 2 and check_checkpoint(tmp_path / "node_b" / "checkpoints" / "step_00000002") is None
+    assert all(torch.equal(a, b) for a, b in zip(saved, model.parameters()))
+
+
+# -- end to end: clicktower train on one process ---------------------------------------
+
+STEPS = 12
+
+
+def _train_args(shards: Path, out: Path, remote: str, *extra: str) -> list[str]:
+    return ["train", "--config", str(TINY_CONFIG), f"data.train_manifest={shards}", f"train.output_dir={out}",
+            f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.progress_bar=false",
+            "train.sample_keys_log=true", "checkpoint.every_steps=4", "checkpoint.keep_last=3",
+            f"checkpoint.remote_dir={remote}", "checkpoint.remote_retries=1", *extra]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_lost_local_folder_resumes_from_the_bucket_with_the_uninterrupted_losses(s3, shard_dir, tmp_path):
+    # The uninterrupted run; the step-4 upload fails for good, the step-8 one once.
+    ref = tmp_path / "ref"
+    s3.faults.fail("/ref/checkpoints/step_00000004/", times=100, status=503, method="PUT")
+    s3.faults.fail("/ref/checkpoints/step_00000008/", times=1, status=503, method="PUT")
+    result = clicktower(*_train_args(shard_dir, ref, f"s3://{BUCKET}/ref"), env=s3.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step_00000004" in result.stderr and "the local checkpoint is kept" in result.stderr
+    assert (f"checkpoint.remote_dir: 2 checkpoint(s) uploaded to s3://{BUCKET}/ref "
+            "(2 retries, 1 failed upload(s))") in result.stdout
+    assert check_checkpoint(ref / "checkpoints" / "step_00000004") is None
+    remote = RemoteCheckpoints(f"s3://{BUCKET}/ref", keep_last=3)
+    assert remote.complete_steps() == ["step_00000008", "step_00000012"]
+    assert remote._fs().exists(remote.path("final", "query_tower", "model.safetensors"))
+
+    # The same run, killed while its step-12 save is held, once step 8 is in the bucket.
+    out, url = tmp_path / "run", f"s3://{BUCKET}/run"
+    log = tmp_path / "killed_run.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "clicktower"), *_train_args(shard_dir, out, url)],
+                                cwd=REPO, env=hold_env(12, {**cli_env(), **s3.env}), stdout=fh, stderr=fh)
+    bucket = RemoteCheckpoints(url, keep_last=3)
+    try:
+        deadline = time.monotonic() + 300
+        while "step_00000008" not in bucket.complete_steps():
+            assert proc.poll() is None, f"the run ended before its step-12 save:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "step 8 never reached the bucket"
+            time.sleep(0.2)
+    finally:
+        kill_tree(proc, timeout=30)
+    shutil.rmtree(out)  # a fresh node: nothing on the local disk
+
+    result = clicktower(*_train_args(shard_dir, out, url), env=s3.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"downloaded {url}/checkpoints/step_00000008 to {out / 'checkpoints' / 'step_00000008'}" in result.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step_00000008'} at step 8" in result.stdout
+    expected, got = _losses(ref), _losses(out)
+    assert sorted(got) == list(range(9, STEPS + 1))
+    assert [got[s] for s in got] == [expected[s] for s in got]
+    ref_keys = keys_per_step(consumed_keys(ref))
+    assert keys_per_step(consumed_keys(out)) == {s: ref_keys[s] for s in range(9, STEPS + 1)}
+
+
+@pytest.mark.e2e
+def test_unreachable_remote_dir_is_one_line_and_exit_2_before_training(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
+    result = clicktower(*_train_args(shard_dir, out, f"s3://{BUCKET}/x"), env=env)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("clicktower: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"clicktower: error: checkpoint.remote_dir=s3://{BUCKET}/x: "
+                                                     "cannot write there ("), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
