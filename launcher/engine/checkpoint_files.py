@@ -66,7 +66,12 @@ class HashingFile:
 
 
 def hash_files(folder: Path, names: list[str]) -> Digests:
-    """Marker entries of files already on disk (``names`` relative to ``folder``)."""
+    """Marker entries of files already on disk.
+
+    Args:
+        folder: the checkpoint folder.
+        names: paths relative to ``folder``.
+    """
     return {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
             for name in names}
 

@@ -45,7 +45,11 @@ def all_gather_objects(obj: Any, accelerator: Any) -> list[Any]:
 
 
 def topology(accelerator: Any) -> dict[str, int]:
-    """The saving/loading topology recorded in ``trainer_state.json``."""
+    """The saving/loading topology recorded in ``trainer_state.json``.
+
+    Args:
+        accelerator: the training accelerator.
+    """
     return {"world_size": int(accelerator.num_processes), "zero_stage": zero_stage(accelerator)}
 
 

@@ -40,6 +40,28 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def with_retries(call: Callable[[], T], max_retries: int, backoff_s: float, jitter: random.Random,
+                 counts: dict[str, int]) -> T:
+    """``call()``, retried on transient failures with exponential backoff and jitter.
+
+    Args:
+        call: the request.
+        max_retries: retries before a transient failure is raised.
+        backoff_s: first wait (doubled per retry, at most 10 s, times 0.5-1.5).
+        jitter: the random source of the jitter (not the training RNGs).
+        counts: its ``retries`` is incremented per retry.
+    """
+    for attempt in range(max_retries + 1):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - every store library has its own types
+            if attempt == max_retries or not is_transient(exc):
+                raise
+            counts["retries"] += 1
+            time.sleep(min(backoff_s * 2 ** attempt, 10.0) * (0.5 + jitter.random()))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class RemoteCheckpoints:
     """A run's checkpoints in object storage; uploads run in one background thread.
 
@@ -71,22 +93,18 @@ class RemoteCheckpoints:
         return fsspec.filesystem("file")
 
     def path(self, *parts: str) -> str:
-        """``REMOTE/part/part`` (URL or path)."""
+        """``REMOTE/part/part`` (URL or path).
+
+        Args:
+            parts: path components under the remote folder.
+        """
         out = self.url
         for part in parts:
             out = join(out, part)
         return out
 
     def _retry(self, call: Callable[[], T]) -> T:
-        for attempt in range(self.max_retries + 1):
-            try:
-                return call()
-            except Exception as exc:  # noqa: BLE001 - every store library has its own types
-                if attempt == self.max_retries or not is_transient(exc):
-                    raise
-                self.counts["retries"] += 1
-                time.sleep(min(self.backoff_s * 2 ** attempt, 10.0) * (0.5 + self._jitter.random()))
-        raise AssertionError("unreachable")  # pragma: no cover
+        return with_retries(call, self.max_retries, self.backoff_s, self._jitter, self.counts)
 
     def _put(self, local: Path, remote: str) -> None:
         fs = self._fs()
@@ -122,15 +140,23 @@ class RemoteCheckpoints:
             self._thread = None
 
     def upload_async(self, folder: Path, best: Path | None = None) -> None:
-        """Upload a complete local checkpoint (then prune remotely), and ``best`` when its
-        step changed, in the background; waits for the previous upload first.
+        """Upload a complete local checkpoint (then prune remotely), and ``best`` when it
+        holds another best model than the one uploaded last, in the background; waits for
+        the previous upload first.
 
         Args:
             folder: a complete ``step_XXXXXXXX`` folder (not pruned locally before ``wait``).
-            best: the run's ``best/`` folder, if any.
+            best: the run's ``best/`` folder, if any. A changed one is copied here, on the
+                calling (training) thread, to ``checkpoints/.best-upload``: the periodic
+                evaluation may rewrite ``best/`` while the upload runs.
         """
         self.wait()
-        self._thread = threading.Thread(target=self._upload_job, args=(folder, best), daemon=True,
+        staged = None
+        if best is not None and self._best_changed(best):
+            staged = folder.parent / ".best-upload"
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.copytree(best, staged)
+        self._thread = threading.Thread(target=self._upload_job, args=(folder, staged), daemon=True,
                                         name="clicktower-upload")
         self._thread.start()
 
@@ -146,9 +172,19 @@ class RemoteCheckpoints:
             logger.warning("checkpoint.remote_dir: uploading %s to %s failed (%s); the local checkpoint is kept "
                            "(%d upload failure(s), %d retries so far)", folder, self.url,
                            describe_failure(exc), self.counts["failures"], self.counts["retries"])
+        finally:
+            if best is not None:
+                shutil.rmtree(best, ignore_errors=True)  # the staged copy
 
     def upload_checkpoint(self, folder: Path) -> str:
-        """Upload ``folder`` under ``REMOTE/checkpoints/`` (its marker last), then ``latest``."""
+        """Upload ``folder`` under ``REMOTE/checkpoints/`` (its marker last), then ``latest``.
+
+        Args:
+            folder: a complete local ``step_XXXXXXXX`` folder.
+
+        Returns:
+            Its remote URL.
+        """
         remote = self.path(CHECKPOINT_DIR, folder.name)
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
         for path in files + [folder / COMPLETE]:  # the marker last: it makes it a candidate
@@ -158,21 +194,33 @@ class RemoteCheckpoints:
         return remote
 
     def upload_tree(self, folder: Path, name: str, last: str | None = None) -> None:
-        """Upload a folder (``final/``, ``best/``) to ``REMOTE/name/``, file ``last`` last."""
+        """Upload a folder (``final/``, ``best/``) to ``REMOTE/name/``.
+
+        Args:
+            folder: the local folder.
+            name: its name under the remote folder.
+            last: a file name uploaded after every other (a marker), if any.
+        """
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         files.sort(key=lambda p: p.name == last)  # stable: only moves ``last`` to the end
         for path in files:
             self._put(path, self.path(name, str(path.relative_to(folder))))
 
-    def upload_best(self, best: Path) -> None:
-        """``best/`` when it holds a newer best model than the one uploaded."""
+    def _best_changed(self, best: Path) -> bool:
         marker = best / "best.json"
-        if not marker.is_file():
-            return
-        step = json.loads(marker.read_text()).get("step")
-        if step != self._best_step:
+        return marker.is_file() and json.loads(marker.read_text()).get("step") != self._best_step
+
+    def upload_best(self, best: Path) -> None:
+        """Upload a ``best/`` folder when it holds another best model than the one uploaded
+        last (call it when nothing rewrites the folder meanwhile).
+
+        Args:
+            best: ``best/`` or a copy of it (with ``best.json``, written last by the periodic
+                evaluation and uploaded last here).
+        """
+        if self._best_changed(best):
             self.upload_tree(best, "best", last="best.json")
-            self._best_step = step
+            self._best_step = json.loads((best / "best.json").read_text()).get("step")
 
     # -- listing, pruning, download --------------------------------------------------
 

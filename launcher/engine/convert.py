@@ -219,7 +219,12 @@ def convert_to_universal(src: str | Path, dst: str | Path, workers: int = 1) -> 
 
 
 def torch_load(path: str | Path) -> Any:
-    """A DeepSpeed checkpoint file (pickled objects beyond tensors: trusted, our own)."""
+    """A DeepSpeed checkpoint file on the CPU.
+
+    Args:
+        path: the file (pickled objects beyond tensors: only for checkpoints this run or
+            DeepSpeed wrote, never untrusted files).
+    """
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=False)
