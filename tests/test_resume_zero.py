@@ -128,7 +128,10 @@ def test_sigkill_inside_a_save_then_resume_is_bitwise_identical(reference, shard
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not (torn / "trainer_state.json").is_file():
+        # Every rank writes its own files (per-rank hashing): wait for both ranks' shards, not
+        # only for rank 0's trainer state, before the kill.
+        while not ((torn / "trainer_state.json").is_file()
+                   and len(list((torn / "pytorch_model").glob("*optim_states.pt"))) == 2):
             assert proc.poll() is None, "the run ended before its step-16 save"
             assert time.monotonic() < deadline, "no step-16 save in time"
             time.sleep(0.05)
