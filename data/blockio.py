@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import tarfile
+import threading
 import zlib
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -121,6 +122,54 @@ def scan_offsets(fh) -> np.ndarray:
     return np.asarray(offsets + [end], dtype=np.uint64)
 
 
+class _SingleFlightLRU:
+    """A small LRU of loaded values where concurrent loads of one key make one request.
+
+    The prefetcher reads several runs of one shard at once on its I/O threads; without this,
+    each thread that misses the index cache fetched the same index chunk itself (measured: 17
+    index reads for 12 shards at one rank, 51 instead of 48 at four simulated ranks).
+
+    Args:
+        capacity: values kept; the least recently used leaves first.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._values: OrderedDict = OrderedDict()
+        self._loading: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, key, load: Callable[[], np.ndarray]) -> np.ndarray:
+        """The value of ``key``, calling ``load()`` once if no thread has it or is loading it
+        (a load's exception reaches every thread waiting for it; the next call retries)."""
+        with self._lock:
+            if key in self._values:
+                self._values.move_to_end(key)
+                return self._values[key]
+            pending = self._loading.get(key)
+            if pending is None:
+                pending = self._loading[key] = Future()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return pending.result()
+        try:
+            value = load()
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[key]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            del self._loading[key]
+            self._values[key] = value
+            if len(self._values) > self.capacity:
+                self._values.popitem(last=False)
+        pending.set_result(value)
+        return value
+
+
 class BlockReader:
     """Reads runs of samples of one source's shards (see the module docstring).
 
@@ -132,8 +181,8 @@ class BlockReader:
 
     def __init__(self, source, storage: Storage, cache: NodeCache | None = None):
         self.source, self.storage, self.cache = source, storage, cache
-        self._chunks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._scanned: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._chunks = _SingleFlightLRU(_CACHED_INDEX_CHUNKS)   # (shard, chunk) -> entries
+        self._scanned = _SingleFlightLRU(4)   # version-1 shards: shard -> scanned offsets
 
     def _read(self, url: str, start: int, end: int, file_size: int | None) -> bytes:
         if self.cache is not None and file_size is not None and is_url(url):
@@ -144,26 +193,10 @@ class BlockReader:
         """Index entries ``[a, b)`` of ``shard`` (offsets, then gzip block offsets)."""
         index = self.source.index(shard)
         if index is None:   # version 1: no index file, scan the tar once
-            offsets = self._scanned.get(shard)
-            if offsets is None:
-                path = self.source.path(shard)
-                data = io.BytesIO(self.storage.read_bytes(path)) if is_url(path) else open(path, "rb")
-                with data as fh:
-                    offsets = scan_offsets(fh)
-                self._scanned[shard] = offsets
-                if len(self._scanned) > 4:
-                    self._scanned.popitem(last=False)
-            return offsets[a:b]
+            return self._scanned.get(shard, lambda: self._scan(shard))[a:b]
         parts = []
         for c in range(a // INDEX_CHUNK, (b - 1) // INDEX_CHUNK + 1):
-            chunk = self._chunks.get((shard, c))
-            if chunk is None:
-                chunk = self._index_chunk(shard, index, c)
-                self._chunks[(shard, c)] = chunk
-                if len(self._chunks) > _CACHED_INDEX_CHUNKS:
-                    self._chunks.popitem(last=False)
-            else:
-                self._chunks.move_to_end((shard, c))
+            chunk = self._chunks.get((shard, c), lambda c=c: self._index_chunk(shard, index, c))
             lo = c * INDEX_CHUNK
             parts.append(chunk[max(a, lo) - lo:min(b, lo + INDEX_CHUNK) - lo])
         out = np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -171,6 +204,12 @@ class BlockReader:
             raise SampleError("truncated", f"index {index} ends at entry {a + len(out)}, "
                               f"entry {b - 1} is needed")
         return out
+
+    def _scan(self, shard: int) -> np.ndarray:
+        path = self.source.path(shard)
+        data = io.BytesIO(self.storage.read_bytes(path)) if is_url(path) else open(path, "rb")
+        with data as fh:
+            return scan_offsets(fh)
 
     def _index_chunk(self, shard: int, index: str, c: int) -> np.ndarray:
         start = _NPY_HEADER + 8 * c * INDEX_CHUNK

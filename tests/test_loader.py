@@ -91,3 +91,51 @@ def test_storage_and_prefetch_keys_are_validated():
                             ("data.cache_max_bytes=0", "cache_max_bytes must be >= 1")]:
         with pytest.raises(ConfigError, match=words):
             load_config(TINY_CONFIG, [override])
+
+
+def test_index_chunk_loaded_once_by_concurrent_readers():
+    """Prefetch threads that miss the index cache together make ONE request for the chunk;
+    a failed load reaches every waiter, and the next call loads again."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from clicktower.data.blockio import _SingleFlightLRU
+
+    lru, calls = _SingleFlightLRU(2), []
+
+    def load():
+        calls.append(1)
+        time.sleep(0.2)   # long enough for every thread to arrive while it is in flight
+        return np.arange(3)
+
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(lru.get("a", load))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(out) == 8 and all((o == np.arange(3)).all() for o in out)
+
+    def fail():
+        time.sleep(0.2)
+        raise OSError("503")
+
+    errors = []
+
+    def get_b():
+        try:
+            lru.get("b", fail)
+        except OSError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=get_b) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == ["503"] * 3
+    assert (lru.get("b", lambda: np.ones(1)) == 1).all()   # not cached as failed
+    lru.get("c", lambda: np.zeros(1))   # capacity 2: "a", the least recently used, leaves
+    assert len(calls) == 1 and lru.get("a", load) is not None and len(calls) == 2

@@ -114,9 +114,22 @@ def reference(request, shard_dir, tmp_path_factory) -> tuple[str, Path]:
     return config, out
 
 
-def test_sigkill_inside_a_save_then_resume_is_bitwise_identical(reference, shard_dir, tmp_path):
+def _run_until(cmd, env, reached, what: str, timeout: float = 300) -> None:
+    """Launch ``cmd``, poll until ``reached()``, then kill its whole process tree."""
     from dist_harness import kill_tree
 
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not reached():
+            assert proc.poll() is None, f"the run ended before {what}"
+            assert time.monotonic() < deadline, f"no {what} in time"
+            time.sleep(0.05)
+    finally:
+        kill_tree(proc, timeout=30)
+
+
+def test_sigkill_inside_a_save_then_resume_is_bitwise_identical(reference, shard_dir, tmp_path):
     config, ref = reference
     out = tmp_path / "run"
     root = out / "checkpoints"
@@ -124,19 +137,12 @@ def test_sigkill_inside_a_save_then_resume_is_bitwise_identical(reference, shard
     cmd, env = _cmd(config, _args(shard_dir, out))
     # tests/support/hold_save (on the launch's PYTHONPATH) holds the step-16 save after every
     # rank wrote its shards, before the marker.
-    proc = subprocess.Popen(cmd, cwd=REPO, env=hold_env(16, env), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        # Every rank writes its own files (per-rank hashing): wait for both ranks' shards, not
-        # only for rank 0's trainer state, before the kill.
-        while not ((torn / "trainer_state.json").is_file()
-                   and len(list((torn / "pytorch_model").glob("*optim_states.pt"))) == 2):
-            assert proc.poll() is None, "the run ended before its step-16 save"
-            assert time.monotonic() < deadline, "no step-16 save in time"
-            time.sleep(0.05)
-    finally:
-        kill_tree(proc, timeout=30)
+    # Every rank writes its own files (per-rank hashing): wait for both ranks' shards, not
+    # only for rank 0's trainer state, before the kill.
+    _run_until(cmd, hold_env(16, env),
+               lambda: ((torn / "trainer_state.json").is_file()
+                        and len(list((torn / "pytorch_model").glob("*optim_states.pt"))) == 2),
+               "its step-16 save")
     # A real torn save: both ranks' ZeRO shards of step 16, no marker, never renamed.
     assert len(list((torn / "pytorch_model").glob("*optim_states.pt"))) == 2
     assert not (torn / "COMPLETE").exists() and (root / "latest").read_text().strip() == STEP8
@@ -281,23 +287,15 @@ def test_async_save_killed_while_writing_then_resumed(reference, shard_dir, tmp_
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from clicktower.launcher.engine.checkpoint_files import check_checkpoint
-    from dist_harness import kill_tree
 
     config, ref = reference
     out, record = tmp_path / "run", tmp_path / "verified.txt"
     root = out / "checkpoints"
     torn = root / f".tmp-{STEP16}"
     cmd, env = _cmd(config, _args(shard_dir, out, "checkpoint.async_save=true"))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=hold_env(16, env, "HOLD_WRITE_STEP"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "metrics.jsonl").is_file() or max(_losses(out)) < STEPS:
-            assert proc.poll() is None, "the run ended with its step-16 save held"
-            assert time.monotonic() < deadline, "no step 20 in time"
-            time.sleep(0.05)
-    finally:
-        kill_tree(proc, timeout=30)
+    _run_until(cmd, hold_env(16, env, "HOLD_WRITE_STEP"),
+               lambda: (out / "metrics.jsonl").is_file() and max(_losses(out)) >= STEPS,
+               f"step {STEPS} with its step-16 save held")
     # Trained to the end while step 16 was being written: both ranks' shards there, no marker.
     assert len(list((torn / "pytorch_model").glob("*optim_states.pt"))) == 2
     assert not (torn / "COMPLETE").exists() and not (root / STEP16).exists()
