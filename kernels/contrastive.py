@@ -537,7 +537,7 @@ def positive_logits(query, keys, logit_scale, targets=None) -> torch.Tensor:
 
 
 def paired_logsumexp(query, keys, logit_scale, targets=None, key_ids=None, query_ids=None, key_query_ids=None,
-                     num_columns: int = 0, block_size=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     num_columns: int = 0, block_size=None, exclusions=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row log-sum-exps of ``logit_scale * query @ keys.T`` over all keys and column
     log-sum-exps over these queries for ``keys[:num_columns]``, from ONE tiled pass, with one
     mask rule for both directions.
@@ -560,6 +560,12 @@ def paired_logsumexp(query, keys, logit_scale, targets=None, key_ids=None, query
             negatives); needs ``query_ids``.
         num_columns: C, how many leading keys get a column log-sum-exp (0 <= C <= N).
         block_size: queries and keys per tile; default ``DEFAULT_BLOCK_SIZE``.
+        exclusions: optional per-sample exclusions ``(row_side, col_side)``, each int64
+            ``[B]`` / ``[N]`` (one id) or ``[B, E]`` / ``[N, E]`` (a list of ids padded with
+            -1): entry (i, j), other than ``targets[i]``, is also left out of both sums when
+            the two sides share an id. ``(exclude_ids [B, E], key item ids [N])`` masks the
+            items row i excludes (and row i's query for those items); with the rows being
+            items and the keys queries, ``(row item ids [B], the keys' exclude lists [N, E])``.
 
     Returns:
         (row_lse [B], col_lse [C]) in fp32 (fp64 for fp64 inputs); a column whose every
@@ -582,12 +588,26 @@ def paired_logsumexp(query, keys, logit_scale, targets=None, key_ids=None, query
         kinds.append((key_ids[targets], key_ids))
     if query_ids is not None:
         kinds.append((query_ids, key_query_ids))
+    if exclusions is not None:
+        kinds.append(_check_exclusions(exclusions, B, N))
     plan = _Plan(B, N, num_columns, _check_block(block_size), query.device, targets, kinds)
     return _PairLSE.apply(query, keys, s, plan)
 
 
+def _check_exclusions(exclusions, B: int, N: int):
+    """``(row_side, col_side)`` of :func:`paired_logsumexp`, checked."""
+    if not (isinstance(exclusions, (tuple, list)) and len(exclusions) == 2):
+        raise ValueError("exclusions must be a pair (row side, column side)")
+    for side, n, name in ((exclusions[0], B, "row"), (exclusions[1], N, "column")):
+        if not torch.is_tensor(side) or side.dtype != torch.int64 or side.dim() not in (1, 2) \
+                or side.shape[0] != n:
+            raise ValueError(f"exclusions: the {name} side must be an int64 tensor of shape [{n}] or "
+                             f"[{n}, E], got {getattr(side, 'dtype', type(side))} {tuple(getattr(side, 'shape', ()))}")
+    return tuple(exclusions)
+
+
 def contrastive_logsumexp(query, keys, logit_scale, targets=None, key_ids=None, block_size=None,
-                          query_ids=None, key_query_ids=None):
+                          query_ids=None, key_query_ids=None, exclude_ids=None):
     """Per-query log-sum-exp over keys of ``logit_scale * query @ keys.T`` (masked as in
     :func:`fused_contrastive_loss`), without materialising the [B, N] logits.
 
@@ -607,16 +627,29 @@ def contrastive_logsumexp(query, keys, logit_scale, targets=None, key_ids=None, 
             id of the pair each key comes from), keys of a pair with the row's query id (other
             than the positive) are left out too. -1 never matches.
         key_query_ids: see ``query_ids``.
+        exclude_ids: [B, E] int64 optional, padded with -1: keys whose ``key_ids`` value is in
+            row i's list (other than its positive) are left out of row i's sum; needs
+            ``key_ids``.
 
     Returns:
         [B] fp32 (fp64 for fp64 inputs) log-sum-exp per query.
     """
-    lse, _ = paired_logsumexp(query, keys, logit_scale, targets, key_ids, query_ids, key_query_ids, 0, block_size)
+    lse, _ = paired_logsumexp(query, keys, logit_scale, targets, key_ids, query_ids, key_query_ids, 0, block_size,
+                              _exclusions(exclude_ids, key_ids))
     return lse
 
 
-def symmetric_logsumexp(query, keys, logit_scale, query_ids=None, key_ids=None, block_size=None
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _exclusions(exclude_ids, key_ids):
+    """``(exclude_ids, key_ids)`` for :func:`paired_logsumexp`, or None without exclusions."""
+    if exclude_ids is None:
+        return None
+    if key_ids is None:
+        raise ValueError("exclude_ids needs key_ids (the item id of every key)")
+    return exclude_ids, key_ids
+
+
+def symmetric_logsumexp(query, keys, logit_scale, query_ids=None, key_ids=None, block_size=None,
+                        exclude_ids=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row and column log-sum-exps of ``logit_scale * query @ keys.T`` for paired rows
     (N == B), from one tiled pass; masks as in :func:`fused_symmetric_contrastive_loss`.
 
@@ -624,6 +657,8 @@ def symmetric_logsumexp(query, keys, logit_scale, query_ids=None, key_ids=None, 
         query: [B, D]; keys: [B, D]; logit_scale: 0-dim tensor.
         query_ids, key_ids: optional [B] int64 ids (-1 never matches).
         block_size: tile side (queries and keys per tile).
+        exclude_ids: optional [B, E] int64 lists (-1 padded; needs ``key_ids``): entry (i, j),
+            i != j, leaves both directions when ``key_ids[j]`` is in row i's list.
 
     Returns:
         (row_lse [B], col_lse [B]) in fp32 (fp64 for fp64 inputs).
@@ -638,13 +673,19 @@ def symmetric_logsumexp(query, keys, logit_scale, query_ids=None, key_ids=None, 
     # Each direction its own ids: rows by key ids, columns by query ids.
     row_kinds = [(key_ids, key_ids)] if key_ids is not None else []
     col_kinds = [(query_ids, query_ids)] if query_ids is not None else []
+    exclusions = _exclusions(exclude_ids, key_ids)
+    if exclusions is not None:  # the same entries in both directions
+        exclusions = _check_exclusions(exclusions, B, B)
+        row_kinds.append(exclusions)
+        col_kinds.append(exclusions)
     plan = _Plan(B, B, B, _check_block(block_size), query.device, torch.arange(B, device=query.device),
                  row_kinds, col_kinds)
     return _PairLSE.apply(query, keys, s, plan)
 
 
 def fused_contrastive_loss(query, keys, logit_scale, targets=None, key_ids=None, block_size=None,
-                           reduction: str = "mean", query_ids=None, key_query_ids=None, weights=None):
+                           reduction: str = "mean", query_ids=None, key_query_ids=None, weights=None,
+                           exclude_ids=None):
     """InfoNCE loss ``F.cross_entropy(logit_scale * query @ keys.T, targets)`` (with masked
     entries set to -inf) without materialising the [B, N] logits.
 
@@ -670,17 +711,20 @@ def fused_contrastive_loss(query, keys, logit_scale, targets=None, key_ids=None,
         key_query_ids: see ``query_ids``.
         weights: [B] float optional per-query weights: "mean" gives
             ``sum_i w_i l_i / sum_i w_i``, "sum" gives ``sum_i w_i l_i``.
+        exclude_ids: [B, E] int64 optional per-query exclusions (see
+            :func:`contrastive_logsumexp`).
 
     Returns:
         0-dim fp32 loss (fp64 for fp64 inputs).
     """
-    lse = contrastive_logsumexp(query, keys, logit_scale, targets, key_ids, block_size, query_ids, key_query_ids)
+    lse = contrastive_logsumexp(query, keys, logit_scale, targets, key_ids, block_size, query_ids, key_query_ids,
+                                exclude_ids)
     pos = positive_logits(query, keys, logit_scale, targets)
     return _reduce(lse - pos, reduction, weights)
 
 
 def fused_symmetric_contrastive_loss(query, keys, logit_scale, query_ids=None, key_ids=None,
-                                     block_size=None, reduction: str = "mean", weights=None):
+                                     block_size=None, reduction: str = "mean", weights=None, exclude_ids=None):
     """Symmetric (CLIP-style) loss for paired rows (N == B): the mean of the query->key
     and key->query InfoNCE losses, from ONE tiled pass.
 
@@ -704,10 +748,12 @@ def fused_symmetric_contrastive_loss(query, keys, logit_scale, query_ids=None, k
             0.5 * (sum_i l_qk + sum_j l_kq), i.e. B times the mean.
         weights: [B] float optional per-pair weights, the same for both directions of pair
             i: "mean" divides the weighted sums by ``sum_i w_i`` instead of B.
+        exclude_ids: [B, E] int64 optional (needs ``key_ids``): key j leaves query i's
+            denominator, and query i leaves key j's, when ``key_ids[j]`` is in row i's list.
 
     Returns:
         0-dim fp32 loss (fp64 for fp64 inputs).
     """
-    lse_r, lse_c = symmetric_logsumexp(query, keys, logit_scale, query_ids, key_ids, block_size)
+    lse_r, lse_c = symmetric_logsumexp(query, keys, logit_scale, query_ids, key_ids, block_size, exclude_ids)
     pos = positive_logits(query, keys, logit_scale)
     return 0.5 * (_reduce(lse_r - pos, reduction, weights) + _reduce(lse_c - pos, reduction, weights))

@@ -8,6 +8,11 @@ of the keys; for the query half, each row's query id and the query id of the pai
 came from. Both halves are symmetric relations between pairs, so one mask serves the
 query->item direction (rows as anchors) and the item->query direction (columns as anchors).
 
+A side of a kind may also be a LIST of ids per row or column (``[B, E]`` / ``[N, E]``, padded
+with -1): the entry is masked when the two sides share an id. Per-sample exclusions use it:
+``(exclude_ids [B, E], key item ids [N])`` masks the listed items for row i (query->item) and,
+by the same entry, query i for every listed item (item->query).
+
 Two representations, chosen once per kernel call:
 
 * sparse (CPU, the usual case): every masked (i, j) is found up front by sorting the column
@@ -64,22 +69,25 @@ class PairMask:
 
     def __init__(self, kinds: List[Kind], targets: torch.Tensor, rows: Blocks, cols: Blocks, host: bool) -> None:
         self.rows, self.cols, self.targets, self.host = list(rows), list(cols), targets, host
-        # Dense form: -1 rows replaced by an id no column has, so -1 never matches.
-        self.kinds = [(_never_matching(r, c), c) for r, c in kinds]
+        # Dense form: both sides as [n, E] lists (one id: E = 1); -1 rows replaced by an id no
+        # column has, so -1 never matches.
+        self.kinds = [(_as_lists(_never_matching(r, c)), _as_lists(c)) for r, c in kinds]
         self.flat: Optional[torch.Tensor] = None
         self.bounds: Optional[List[int]] = None
         if host:
             self._build_sparse(kinds)
 
     def _build_sparse(self, kinds: List[Kind]) -> None:
-        counted = [_match_counts(r, c) for r, c in kinds]
+        # List sides are flattened: one virtual row (column) per listed id, mapped back after.
+        flat = [(_flatten(r), _flatten(c)) for r, c in kinds]
+        counted = [_match_counts(r[0], c[0]) for r, c in flat]
         total = sum(int(counts.sum()) for _, _, counts in counted)
         n_rows, n_cols = self.targets.shape[0], kinds[0][1].shape[0]
         if total > _SPARSE_PAIRS_PER_ROW * (n_rows + n_cols):
             return  # dense tiles instead
         pairs = [_expand(*c) for c in counted]
-        rows = torch.cat([p[0] for p in pairs])
-        cols = torch.cat([p[1] for p in pairs])
+        rows = torch.cat([_unflatten(r[1], p[0]) for (r, _), p in zip(flat, pairs)])
+        cols = torch.cat([_unflatten(c[1], p[1]) for (_, c), p in zip(flat, pairs)])
         keep = cols != self.targets[rows]  # each row's own positive matches its own ids
         rows, cols = rows[keep], cols[keep]
         dev = rows.device
@@ -111,8 +119,14 @@ class PairMask:
         (r0, r1), (c0, c1) = self.rows[ri], self.cols[ci]
         eq = None
         for row_ids, col_ids in self.kinds:
-            e = row_ids[r0:r1, None] == col_ids[None, c0:c1]
-            eq = e if eq is None else eq.logical_or_(e)
+            # One [rows, cols] comparison per pair of list positions (lists are short), never
+            # a [rows, cols, E] tensor.
+            for a in range(row_ids.shape[1]):
+                for b in range(col_ids.shape[1]):
+                    e = row_ids[r0:r1, a, None] == col_ids[None, c0:c1, b]
+                    eq = e if eq is None else eq.logical_or_(e)
+        if eq is None:  # only empty lists: nothing can match
+            eq = torch.zeros(r1 - r0, c1 - c0, dtype=torch.bool, device=self.targets.device)
         _clear_positives(eq, self.targets[r0:r1], c0)
         if self.host and not bool(eq.any()):  # a CPU read: free
             return None
@@ -123,6 +137,24 @@ def _never_matching(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tenso
     """Replace -1 rows by an id that no column has (so -1 never matches)."""
     sentinel = col_ids.min() - 1 if col_ids.numel() else row_ids.new_tensor(-2)
     return torch.where(row_ids == -1, sentinel, row_ids)
+
+
+def _as_lists(ids: torch.Tensor) -> torch.Tensor:
+    """[n] ids as [n, 1] lists; [n, E] lists as they are."""
+    return ids[:, None] if ids.dim() == 1 else ids
+
+
+def _flatten(ids: torch.Tensor):
+    """``(flat ids, owner of each)``: a [n, E] list side as n * E virtual entries; a [n] side
+    as itself (owner None)."""
+    if ids.dim() == 1:
+        return ids, None
+    owner = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(ids.shape[1])
+    return ids.reshape(-1), owner
+
+
+def _unflatten(owner, index: torch.Tensor) -> torch.Tensor:
+    return index if owner is None else owner[index]
 
 
 def _clear_positives(eq: torch.Tensor, targets: torch.Tensor, c0: int) -> None:

@@ -6,6 +6,13 @@ item a -- except false negatives. One rule for both directions: for an anchor pa
 candidate pair c != a, c leaves a's denominators when c has a's item id (the same product
 clicked twice) or a's query id (the same query text clicked on another product); id -1 never
 matches. Hard negatives carry item ids only and are masked for the anchors of the same item.
+A pair may also list items it must never be scored against (``exclude_ids``: judged but not
+clicked items, variants of its positive): they leave its query->item denominator, hard
+negatives included, and its query leaves the item->query denominator of each listed item.
+
+Optionally (``distill_weight``) a distillation term: the KL divergence from a teacher's softmax
+over each pair's candidates (its positive and its own hard negatives, scores computed offline)
+to the student's softmax over the same candidates.
 
 Across devices (``cross_device=True`` under an initialised process group) the batch is the
 global one: each local query is scored against the items and hard negatives of every rank,
@@ -15,6 +22,7 @@ scales for distributed gradients (see :class:`ContrastiveLoss`). The tiled kerne
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +50,13 @@ class LossConfig:
             partial column log-sum-exps across ranks with all-reduces of N floats (false, the
             default: the same loss and gradients, O(N) instead of O(N x D) communication and
             half the loss FLOPs; see :class:`ContrastiveLoss`).
+        distill_weight: weight of the distillation term (0: off). Pairs carrying teacher
+            scores (``clicktower shard --teacher-field``) add ``distill_weight`` x KL(teacher
+            softmax || student softmax) over their positive and their own hard negatives
+            (``data.hard_negatives_per_query``), weighted and averaged like the contrastive
+            term.
+        distill_temperature: the teacher's temperature: its softmax is over
+            ``score / distill_temperature`` (the student's is over its own scaled logits).
     """
 
     symmetric: bool = True
@@ -49,6 +64,14 @@ class LossConfig:
     mask_duplicate_queries: bool = True
     cross_device: bool = True
     gather_queries: bool = False
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.distill_weight < math.inf:
+            raise ValueError(f"loss.distill_weight must be a finite number >= 0, got {self.distill_weight}")
+        if not 0 < self.distill_temperature < math.inf:
+            raise ValueError(f"loss.distill_temperature must be a finite number > 0, got {self.distill_temperature}")
 
 
 class ContrastiveLoss(nn.Module):
@@ -86,11 +109,14 @@ class ContrastiveLoss(nn.Module):
             ignores query ids. The caller always passes the batch's ids: the loss alone
             decides what they mask.
         block_size: tile side of the kernel; default ``clicktower.kernels.DEFAULT_BLOCK_SIZE``.
+        distill_weight: weight of the distillation term (0: off; see :class:`LossConfig`).
+        distill_temperature: the teacher's softmax temperature.
     """
 
     def __init__(self, symmetric: bool = True, cross_device: bool = True, gather_queries: bool = False,
                  mask_duplicate_items: bool = True, mask_duplicate_queries: bool = True,
-                 block_size: int | None = None) -> None:
+                 block_size: int | None = None, distill_weight: float = 0.0,
+                 distill_temperature: float = 1.0) -> None:
         super().__init__()
         self.symmetric = symmetric
         self.cross_device = cross_device
@@ -98,6 +124,8 @@ class ContrastiveLoss(nn.Module):
         self.mask_duplicate_items = mask_duplicate_items
         self.mask_duplicate_queries = mask_duplicate_queries
         self.block_size = block_size
+        self.distill_weight = float(distill_weight)
+        self.distill_temperature = float(distill_temperature)
 
     @classmethod
     def from_config(cls, cfg: LossConfig, distributed: bool) -> "ContrastiveLoss":
@@ -108,12 +136,15 @@ class ContrastiveLoss(nn.Module):
             distributed: more than one process trains (cross-device gathering applies).
         """
         return cls(cfg.symmetric, cfg.cross_device and distributed, cfg.gather_queries, cfg.mask_duplicate_items,
-                   cfg.mask_duplicate_queries)
+                   cfg.mask_duplicate_queries, distill_weight=cfg.distill_weight,
+                   distill_temperature=cfg.distill_temperature)
 
     def forward(self, query_emb: torch.Tensor, item_emb: torch.Tensor, logit_scale: torch.Tensor,
                 item_ids: torch.Tensor | None = None, query_ids: torch.Tensor | None = None,
                 hard_negative_emb: torch.Tensor | None = None, hard_negative_ids: torch.Tensor | None = None,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
+                weights: torch.Tensor | None = None, exclude_ids: torch.Tensor | None = None,
+                teacher_scores: torch.Tensor | None = None,
+                hard_negative_owner: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the loss.
 
         Args:
@@ -126,29 +157,42 @@ class ContrastiveLoss(nn.Module):
             hard_negative_ids: [H] int64 product ids of the hard negatives (-1 = unknown);
                 a hard negative with the anchor's item id is masked. Default: never masked.
             weights: [B] float sample weights (data, no gradient); default 1 each.
+            exclude_ids: [B, E] int64 item ids each pair must not be scored against, padded
+                with -1 (needs ``item_ids``). Query->item: keys (items of every rank and hard
+                negatives) with a listed id leave that pair's denominator; item->query: the
+                pair's query leaves the denominator of every item whose id it lists. Applied
+                whatever ``mask_duplicate_items`` says. Ranks may differ in E or lack it.
+            teacher_scores: [B, 1 + K] float teacher scores of each pair's positive and its
+                first K hard negatives (NaN: none); used when ``distill_weight`` > 0.
+            hard_negative_owner: [H] int64 local pair of each hard negative (non-decreasing:
+                a pair's negatives in order); needed for distillation.
 
         Returns:
             The scalar loss (fp32).
         """
-        if not self.mask_duplicate_items:
-            item_ids = hard_negative_ids = None
+        dup_items = self.mask_duplicate_items
         if not self.mask_duplicate_queries:
             query_ids = None
         rank, world = distributed_world() if self.cross_device else (0, 1)
         batch, device = query_emb.shape[0], query_emb.device
         if weights is not None:
             weights = weights.detach().to(device)
-        sizes, total_weight = _sizes_and_total_weight(batch, weights, world, device)
+        sizes, total_weight, width = _batch_stats(batch, weights, exclude_ids, world, device)
+        exclude = _padded_exclusions(exclude_ids, batch, width, item_ids, device)
+        if exclude is None and not dup_items:
+            item_ids = hard_negative_ids = None  # no rank lists exclusions: ids unused
         offset, total = sum(sizes[:rank]), sum(sizes)
         # Rows of the gathered keys holding this rank's positives.
         targets = offset + torch.arange(batch, device=device)
         keys, key_ids, key_query_ids = _negatives(item_emb, item_ids, query_ids, hard_negative_emb,
                                                   hard_negative_ids, sizes, world)
+        dup_ids = key_ids if dup_items else None
         # The item->query direction from the same tiles (one pass): column log-sum-exps over
         # this rank's queries for every gathered item; in one process they are complete.
         columns = total if self.symmetric and (world == 1 or not self.gather_queries) else 0
-        lse, partial = paired_logsumexp(query_emb, keys, logit_scale, targets, key_ids, query_ids,
-                                        key_query_ids, columns, self.block_size)
+        lse, partial = paired_logsumexp(query_emb, keys, logit_scale, targets, dup_ids, query_ids,
+                                        key_query_ids, columns, self.block_size,
+                                        None if exclude is None else (exclude, key_ids))
         positive = positive_logits(query_emb, item_emb, logit_scale)
         if weights is not None:
             weights = weights.to(lse.dtype)
@@ -156,6 +200,11 @@ class ContrastiveLoss(nn.Module):
         # distributed gradients are scaled.
         norm = (weights.sum() if total_weight is None else total_weight) / world
         loss = _weighted_sum(lse - positive, weights)
+        if self.distill_weight and teacher_scores is not None and hard_negative_emb is not None:
+            kl = _distillation(query_emb, item_emb, hard_negative_emb, hard_negative_owner, teacher_scores,
+                               logit_scale, self.distill_temperature)
+            # Both directions' mean below halves the contrastive sum; the KL keeps its weight.
+            loss = loss + (2.0 if self.symmetric else 1.0) * self.distill_weight * _weighted_sum(kl, weights)
         if not self.symmetric:
             return loss / norm
         if columns:
@@ -163,11 +212,14 @@ class ContrastiveLoss(nn.Module):
         else:
             # gather_queries: each local item against every rank's queries, a second pass.
             # Rows are now items: row a's ids are still pair a's (item via targets, query
-            # local), the keys' ids those of the gathered pairs -- the same rule.
+            # local), the keys' ids those of the gathered pairs -- the same rule; an item
+            # leaves the denominator of every gathered query whose list names it.
             queries = _gather(query_emb, sizes, world)
+            pair_ids = None if key_ids is None else key_ids[:total]
+            exclusions = None if exclude is None else (pair_ids[targets], _gather(exclude, sizes, world))
             item_lse, _ = paired_logsumexp(
-                item_emb, queries, logit_scale, targets, None if key_ids is None else key_ids[:total],
-                query_ids, None if key_query_ids is None else key_query_ids[:total], 0, self.block_size)
+                item_emb, queries, logit_scale, targets, pair_ids if dup_items else None, query_ids,
+                None if key_query_ids is None else key_query_ids[:total], 0, self.block_size, exclusions)
         return 0.5 * (loss + _weighted_sum(item_lse - positive, weights)) / norm
 
 
@@ -179,20 +231,74 @@ def _weighted_sum(per_pair: torch.Tensor, weights: torch.Tensor | None) -> torch
     return per_pair.sum() if weights is None else (weights * per_pair).sum()
 
 
-def _sizes_and_total_weight(batch: int, weights: torch.Tensor | None, world: int, device: torch.device):
-    """Every rank's local batch size and the sum of w over the global batch (G without
-    weights; None in one process with weights: the caller sums them in the loss's dtype).
+def _batch_stats(batch: int, weights: torch.Tensor | None, exclude_ids: torch.Tensor | None, world: int,
+                 device: torch.device):
+    """Every rank's local batch size, the sum of w over the global batch (G without weights;
+    None in one process with weights: the caller sums them in the loss's dtype) and the
+    longest exclusion list of any rank (0: none anywhere).
 
-    Across ranks both come from ONE all_gather of (size, local sum of w) per rank; a rank
-    without weights counts 1 per pair (the loader's default weight), so ranks need not agree
-    on whether their batch carries weights."""
+    Across ranks all three come from ONE all_gather of (size, local sum of w, list width) per
+    rank; a rank without weights counts 1 per pair (the loader's default weight) and a rank
+    without exclusions has width 0, so ranks need not agree on what their batch carries (the
+    width decides, on every rank alike, whether ids are gathered)."""
+    width = 0 if exclude_ids is None else int(exclude_ids.shape[1])
     if world == 1:
-        return [batch], (float(batch) if weights is None else None)
-    local = torch.full((1, 2), float(batch), dtype=torch.float64, device=device)
+        return [batch], (float(batch) if weights is None else None), width
+    local = torch.full((1, 3), float(batch), dtype=torch.float64, device=device)
     if weights is not None:
         local[0, 1] = weights.sum()
+    local[0, 2] = width
     rows = gather_with_grad(local, sizes=[1] * world).tolist()
-    return [int(n) for n, _ in rows], sum(w for _, w in rows)
+    return [int(n) for n, _, _ in rows], sum(w for _, w, _ in rows), int(max(e for _, _, e in rows))
+
+
+def _padded_exclusions(exclude_ids, batch: int, width: int, item_ids, device):
+    """This rank's exclusion lists as [B, width] int64 padded with -1, or None (width 0)."""
+    if width == 0:
+        return None
+    if item_ids is None:
+        raise ValueError("exclude_ids needs item_ids (the item id of every pair)")
+    out = torch.full((batch, width), -1, dtype=torch.int64, device=device)
+    if exclude_ids is not None:
+        if exclude_ids.dim() != 2 or exclude_ids.shape[0] != batch:
+            raise ValueError(f"exclude_ids must be [{batch}, E], got {tuple(exclude_ids.shape)}")
+        out[:, :exclude_ids.shape[1]] = exclude_ids.to(device=device, dtype=torch.int64)
+    return out
+
+
+def _distillation(query_emb, item_emb, hard_negative_emb, owner, teacher, logit_scale, temperature: float):
+    """KL(teacher softmax || student softmax) per local pair, over its positive (column 0)
+    and its own hard negatives (columns 1...) where the teacher has a score; 0 for a pair
+    with fewer than two such candidates. fp32 (fp64 for fp64 inputs).
+
+    Student logits: ``logit_scale * <query, candidate>``; teacher logits: ``score /
+    temperature``."""
+    if owner is None:
+        raise ValueError("distillation needs hard_negative_owner (the pair of each hard negative)")
+    batch, width = teacher.shape[0], teacher.shape[1]
+    cd = torch.float64 if query_emb.dtype == torch.float64 else torch.float32
+    q, scale = query_emb.to(cd), logit_scale.to(cd)
+    owner = owner.to(device=q.device, dtype=torch.int64)
+    counts = torch.bincount(owner, minlength=batch)
+    position = 1 + torch.arange(owner.shape[0], device=q.device) - (torch.cumsum(counts, 0) - counts)[owner]
+    keep = position < width  # negatives beyond the teacher's list have no score
+    student = torch.full((batch, width), float("-inf"), dtype=cd, device=q.device)
+    student[:, 0] = scale * (q * item_emb.to(cd)).sum(-1)
+    negatives = scale * (q[owner[keep]] * hard_negative_emb[keep].to(cd)).sum(-1)
+    student = student.index_put((owner[keep], position[keep]), negatives)
+    teacher = teacher.to(device=q.device, dtype=cd)
+    valid = torch.isfinite(teacher) & torch.isfinite(student)
+    rows = valid.sum(1, keepdim=True) >= 2  # one candidate: nothing to match
+    valid = valid & rows
+    # Left-out entries at -inf (probability 0); a row without candidates all at 0 instead, so
+    # that no softmax of only -inf (NaN, also in the backward) is ever taken.
+    fill = torch.where(rows, float("-inf"), 0.0).to(cd).expand_as(student)
+    log_p_teacher = torch.log_softmax(torch.where(valid, teacher / temperature, fill), 1)
+    log_p_student = torch.log_softmax(torch.where(valid, student, fill), 1)
+    zero = torch.zeros_like(student)
+    p_teacher = torch.where(valid, log_p_teacher.exp(), zero)
+    gap = torch.where(valid, log_p_teacher, zero) - torch.where(valid, log_p_student, zero)
+    return (p_teacher * gap).sum(1)
 
 
 def _negatives(item_emb, item_ids, query_ids, hard_negative_emb, hard_negative_ids, sizes, world):

@@ -29,8 +29,8 @@ from dist_launch import accelerate_launch
 HELPER = str(SUPPORT / "dist_gradcache.py")
 
 
-def _run(config: str, chunk: str, out: Path) -> dict:
-    result = accelerate_launch(config, [HELPER, str(out), chunk])
+def _run(config: str, chunk: str, out: Path, *extra: str) -> dict:
+    result = accelerate_launch(config, [HELPER, str(out), chunk, *extra])
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out)
 
@@ -51,6 +51,27 @@ def test_chunked_update_equals_unchunked(reference, config, tmp_path):
         torch.testing.assert_close(chunked["params"][name], ref, rtol=1e-5, atol=1e-5, msg=name)
         moved = max(moved, float(ref.abs().max()))
     assert moved > 0
+
+
+@pytest.fixture(scope="module")
+def hard_reference(tmp_path_factory) -> dict:
+    return _run("cpu_2proc_ddp", "none", tmp_path_factory.mktemp("gc_hard") / "ref.pt", "hard")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["cpu_2proc_ddp", "cpu_2proc_zero2"])
+def test_chunked_update_with_hard_negatives_equals_unchunked(reference, hard_reference, config, tmp_path):
+    """Hard negatives (3 on rank 0, 2 on rank 1) and exclusion lists in every batch: GradCache
+    in chunks of 3, 3 and 2, the negatives embedded in chunks alongside (1, 1, 1 and 1, 1, 0)
+    and cached like the items, makes the unchunked DDP update, under DDP and ZeRO-2."""
+    chunked = _run(config, "3", tmp_path / "chunked.pt", "hard")
+    assert chunked["losses"] == pytest.approx(hard_reference["losses"], abs=1e-6)
+    for name, ref in hard_reference["params"].items():
+        torch.testing.assert_close(chunked["params"][name], ref, rtol=1e-5, atol=1e-5, msg=name)
+    # Not vacuous: the negatives change the loss and the update.
+    assert hard_reference["losses"][0] != pytest.approx(reference["losses"][0], abs=1e-3)
+    assert any(not torch.allclose(hard_reference["params"][k], v, atol=1e-5) for k, v in reference["params"].items())
 
 
 @pytest.mark.e2e

@@ -20,6 +20,11 @@ from clicktower.launcher.errors import ConfigError
 from clicktower.modeling.losses import ContrastiveLoss
 
 MODEL_INPUTS = ("query_input_ids", "query_attention_mask", "item_input_ids", "item_attention_mask")
+# Batch entries the loss reads (besides the embeddings), when present.
+LOSS_INPUTS = ("item_ids", "query_ids", "weights", "exclude_ids", "teacher_scores", "hard_negative_owner")
+# Item feature vectors, one row per item row (hard negatives included), when the loader
+# builds them for a model with ``model.item_features_dim``.
+FEATURE_INPUTS = ("item_features", "item_features_present")
 
 
 class TrainStep:
@@ -95,7 +100,11 @@ class TrainStep:
         """
         device = self.accelerator.device
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
-        ids = {k: batch[k].to(device) for k in ("item_ids", "query_ids", "weights") if k in batch}
+        if "item_features_present" in batch:
+            inputs.update({k: batch[k].to(device) for k in FEATURE_INPUTS})
+        ids = {k: batch[k].to(device) for k in LOSS_INPUTS if k in batch}
+        if "hard_negative_ids" in batch:
+            ids["hard_negative_ids"] = batch["hard_negative_ids"].to(device)
         chunks = 1 if self.grad_cache_chunk is None else self._num_chunks(inputs, self.grad_cache_chunk)
         if chunks > 1:
             loss = self.grad_cache_backward(inputs, ids, chunks)
@@ -106,7 +115,6 @@ class TrainStep:
                 # The item rows after the batch's own items are its hard negatives.
                 count = batch["num_items"]
                 ids["hard_negative_emb"] = item_emb[count:]
-                ids["hard_negative_ids"] = batch["hard_negative_ids"].to(device)
                 item_emb = item_emb[:count]
             loss = self.loss_fn(query_emb, item_emb, logit_scale, **ids)
             self.last_logit_scale = logit_scale.detach()
@@ -149,9 +157,15 @@ class TrainStep:
            the surrogate ``sum(emb * cached_grad)`` through ``accelerator.backward`` -- the
            DeepSpeed engine's own backward under ZeRO -- synchronising only on the last.
 
+        Hard negatives (the item rows after the pairs' own) are split into as many
+        chunks as the pairs: chunk j embeds its pairs' items followed by the j-th slice of the
+        negatives in ONE item-tower call, so the number of forward calls stays the same on
+        every rank (ZeRO-3 gathers weights per call) whatever its negative count; their
+        embeddings are cached and back-propagated like the items'.
+
         Args:
             inputs: the model inputs of the local batch.
-            ids: item/query ids for the loss's duplicate masks.
+            ids: what the loss reads besides the embeddings (ids, weights, exclusions...).
             num_chunks: how many near-equal chunks (the same on every rank).
 
         Returns:
@@ -159,34 +173,41 @@ class TrainStep:
         """
         acc, model = self.accelerator, self.model
         n = int(inputs[MODEL_INPUTS[0]].shape[0])
-        spans = [(int(t[0]), int(t[-1]) + 1) for t in torch.arange(n).tensor_split(num_chunks)]
-        states, queries, items = [], [], []
+        hard = "hard_negative_ids" in ids
+        pair_spans = _spans(n, num_chunks)
+        neg_spans = _spans(int(inputs[MODEL_INPUTS[2]].shape[0]) - n if hard else 0, num_chunks)
+        chunks = [_chunk_inputs(inputs, p, g, n) for p, g in zip(pair_spans, neg_spans)]
+        states, queries, items, negatives = [], [], [], []
         with torch.no_grad():
-            for a, b in spans:
+            for chunk, (a, b) in zip(chunks, pair_spans):
                 states.append(_rng_state(acc.device))
                 with acc.autocast():
-                    q, i, scale = model(**{k: v[a:b] for k, v in inputs.items()})
+                    q, i, scale = model(**chunk)
                 queries.append(q)
-                items.append(i)
+                items.append(i[:b - a])
+                negatives.append(i[b - a:])
         # fp32 leaves: under fp16 autocast the cached gradients would be fp16 and underflow
         # before the scaler sees them.
-        query_emb = torch.cat(queries).float().requires_grad_()
-        item_emb = torch.cat(items).float().requires_grad_()
+        leaves = [torch.cat(x).float().requires_grad_() for x in (queries, items, negatives)]
         scale = scale.detach().requires_grad_()
-        loss = self.loss_fn(query_emb, item_emb, scale, **ids)
-        query_grad, item_grad, scale_grad = torch.autograd.grad(loss, [query_emb, item_emb, scale])
+        loss_ids = dict(ids, hard_negative_emb=leaves[2]) if hard else ids
+        loss = self.loss_fn(leaves[0], leaves[1], scale, **loss_ids)
+        *grads, scale_grad = torch.autograd.grad(loss, leaves[:3 if hard else 2] + [scale])
+        grads = [g.float() for g in grads] + ([] if hard else [leaves[2].new_zeros(leaves[2].shape)])
         self.last_logit_scale = scale.detach()
-        for index, (a, b) in enumerate(spans):
-            last = index == len(spans) - 1
+        for index, (chunk, (a, b), (c, d)) in enumerate(zip(chunks, pair_spans, neg_spans)):
+            last = index == len(chunks) - 1
             _set_rng_state(acc.device, states[index])
             with self._accumulating(not last):
                 with acc.autocast():
-                    q, i, s = model(**{k: v[a:b] for k, v in inputs.items()})
-                surrogate = (q.float() * query_grad[a:b].float()).sum() + (i.float() * item_grad[a:b].float()).sum()
+                    q, i, s = model(**chunk)
+                i = i.float()
+                surrogate = ((q.float() * grads[0][a:b]).sum() + (i[:b - a] * grads[1][a:b]).sum()
+                             + (i[b - a:] * grads[2][c:d]).sum())
                 # The logit scale's whole-batch gradient, spread evenly over the chunks (the
                 # scale is the same in each): every chunk's backward then reaches every
                 # parameter. Added on the last chunk only, ZeRO-3 applied it twice.
-                surrogate = surrogate + s.float() * (scale_grad.float() / len(spans))
+                surrogate = surrogate + s.float() * (scale_grad.float() / len(chunks))
                 acc.backward(surrogate)
         return loss.detach()
 
@@ -211,6 +232,33 @@ class TrainStep:
         else:
             with self.accelerator.no_sync(self.model):
                 yield
+
+def _spans(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` consecutive near-equal ``(start, end)`` ranges covering ``range(n)`` (some
+    empty when ``n < parts``)."""
+    bounds = [0]
+    for size in (len(t) for t in torch.arange(n).tensor_split(parts)):
+        bounds.append(bounds[-1] + size)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _chunk_inputs(inputs: dict[str, torch.Tensor], pairs: tuple[int, int], negatives: tuple[int, int],
+                  num_pairs: int) -> dict[str, torch.Tensor]:
+    """One GradCache chunk's model inputs: the queries and items of its pairs, the items
+    followed by its slice of the hard negatives (item rows from ``num_pairs`` on). Every
+    item-side input (``item_*``: tokens, masks, feature rows) is sliced alike."""
+    (a, b), (c, d) = pairs, negatives
+    rows = None
+    if d > c:
+        rows = torch.cat([torch.arange(a, b), torch.arange(num_pairs + c, num_pairs + d)])
+    out = {}
+    for key, value in inputs.items():
+        if not key.startswith("item_"):
+            out[key] = value[a:b]
+        else:
+            out[key] = value[a:b] if rows is None else value[rows.to(value.device)]
+    return out
+
 
 def _rng_state(device: torch.device) -> tuple:
     """CPU (and this CUDA device's) RNG state, to replay a chunk's dropout."""

@@ -1,13 +1,15 @@
 """One process of the GradCache equivalence tests, run under `accelerate launch`.
 
     accelerate launch --config_file configs/accelerate/cpu_2proc_zero2.yaml \
-        tests/support/dist_gradcache.py OUT.pt CHUNK|none
+        tests/support/dist_gradcache.py OUT.pt CHUNK|none [hard]
     accelerate launch --config_file configs/accelerate/cpu_2proc_zero2.yaml \
         tests/support/dist_gradcache.py OUT.pt CHUNK replay DROPOUT
 
 The first form builds a tiny TwoTower (dropout off, fp32), runs two real ``TrainStep`` calls
 on fixed rank-dependent batches with plain SGD (lr 1, so the update IS the gradient), and
-writes the resulting parameters (gathered under ZeRO-3) from rank 0.
+writes the resulting parameters (gathered under ZeRO-3) from rank 0. With ``hard`` every
+batch also carries hard negatives (3 on rank 0, 2 on rank 1, after the items as the loader
+lays them out) and per-sample exclusion lists.
 
 The second (``replay``, ``replay_main``) runs the same two steps with dropout on and GradCache
 chunks, recording every forward the step makes (RNG state at entry, inputs, embeddings) by
@@ -47,6 +49,24 @@ def batch(rank: int, step: int) -> dict:
             "query_ids": torch.arange(BATCH) + 100 * rank, "keys": [str(i) for i in range(BATCH)]}
 
 
+def with_hard_negatives(b: dict, rank: int, step: int) -> dict:
+    """``b`` plus hard negatives (3 on rank 0, 2 on rank 1: uneven) appended to the item rows,
+    their ids (one repeats product 5, masked for its pairs) and exclusion lists naming
+    products of both ranks and a hard negative."""
+    g = torch.Generator().manual_seed(1000 + 100 * step + rank)
+    count = 3 - rank
+    lengths = torch.randint(3, 9, (count,), generator=g)
+    mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, 64, (count, 8), generator=g) * mask
+    exclude = torch.full((BATCH, 2), -1, dtype=torch.long)
+    exclude[0] = torch.tensor([6, 40])  # product 6 (both ranks) and rank 0's hard negative 40
+    exclude[2, 0] = 17 - 10 * rank      # the other rank's product 7 + 10 r
+    return dict(b, item_input_ids=torch.cat([b["item_input_ids"], ids]),
+                item_attention_mask=torch.cat([b["item_attention_mask"], mask]),
+                hard_negative_ids=torch.tensor([40, 5, 41][:count]),
+                num_items=BATCH, exclude_ids=exclude)
+
+
 def tiny_model(dropout: float | None = None) -> TwoTower:
     """The tiny TwoTower from seed 0 (the same weights every call), in training mode.
 
@@ -77,13 +97,17 @@ def prepared_sgd_model(accelerator: Accelerator, lr: float, dropout: float | Non
     return model, optimizer, scheduler
 
 
-def main(out: str, chunk: str) -> None:
+def main(out: str, chunk: str, hard: str = "") -> None:
     accelerator = Accelerator(**accelerator_kwargs())
     prepare_launch(accelerator, BATCH, None)
     model, optimizer, scheduler = prepared_sgd_model(accelerator, 1.0)
     train_step = TrainStep(accelerator, model, ContrastiveLoss(True, accelerator.num_processes > 1),
                            Optimization(optimizer, scheduler, None), None if chunk == "none" else int(chunk))
-    losses = [float(train_step(batch(accelerator.process_index, step))) for step in range(2)]
+    rank = accelerator.process_index
+    batches = [batch(rank, step) for step in range(2)]
+    if hard == "hard":
+        batches = [with_hard_negatives(b, rank, step) for step, b in enumerate(batches)]
+    losses = [float(train_step(b)) for b in batches]
     with gathered_parameters(accelerator, model):
         params = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).named_parameters()}
     if accelerator.is_main_process:

@@ -30,7 +30,7 @@ CASES = [(sym, hn, masks, gather, weighted)
 
 
 def reference_loss(q, k, s, item_ids=None, query_ids=None, h=None, hn_ids=None, weights=None,
-                   symmetric=True) -> torch.Tensor:
+                   symmetric=True, exclude=None, mask_items=True) -> torch.Tensor:
     """The loss by its definition, on dense logits.
 
     For an anchor pair a and a candidate pair c != a, c leaves a's denominator -- query a
@@ -38,24 +38,34 @@ def reference_loss(q, k, s, item_ids=None, query_ids=None, h=None, hn_ids=None, 
     ``query_ids[c] == query_ids[a]``; id -1 never matches; None leaves that half out. Hard
     negative j leaves query a's denominator when ``hn_ids[j] == item_ids[a]``. The loss is
     ``sum_a w_a CE_a / sum_a w_a`` (w = 1 by default), CE_a symmetric: the mean of pair a's
-    query->item and item->query cross-entropies.
+    query->item and item->query cross-entropies. ``exclude`` ([n, E] item ids, -1 padded):
+    item c (c != a) and hard negative j leave query a's denominator when their id is in a's
+    list, and query c leaves item a's when ``item_ids[a]`` is in c's list. ``mask_items=False``
+    leaves the item half of the rule out but still reads ``item_ids`` for the exclusions.
     """
     n = q.shape[0]
     false_negative = torch.zeros(n, n, dtype=torch.bool)  # [anchor a, candidate c]
-    for ids in (item_ids, query_ids):
+    for ids in (item_ids if mask_items else None, query_ids):
         if ids is not None:
             false_negative |= (ids[None, :] == ids[:, None]) & (ids[:, None] != -1)
+    listed = torch.zeros(n, n, dtype=torch.bool)  # [query a, item c]: a's list names c's item
+    if exclude is not None:
+        listed = (exclude[:, :, None] == item_ids[None, None, :]).any(1) & (item_ids[None, :] != -1)
+        listed &= ~torch.eye(n, dtype=torch.bool)
     false_negative &= ~torch.eye(n, dtype=torch.bool)
-    to_items = (s * q @ k.T).masked_fill(false_negative, float("-inf"))  # query a vs item c
+    to_items = (s * q @ k.T).masked_fill(false_negative | listed, float("-inf"))  # query a vs item c
     if h is not None:
         to_hard = s * q @ h.T
-        if item_ids is not None and hn_ids is not None:
+        if mask_items and item_ids is not None and hn_ids is not None:
             to_hard = to_hard.masked_fill((hn_ids[None, :] == item_ids[:, None]) & (item_ids[:, None] != -1),
                                           float("-inf"))
+        if exclude is not None:
+            to_hard = to_hard.masked_fill((exclude[:, :, None] == hn_ids[None, None, :]).any(1)
+                                          & (hn_ids[None, :] != -1), float("-inf"))
         to_items = torch.cat([to_items, to_hard], 1)
     per_pair = F.cross_entropy(to_items, torch.arange(n), reduction="none")
     if symmetric:
-        to_queries = (s * k @ q.T).masked_fill(false_negative, float("-inf"))  # item a vs query c
+        to_queries = (s * k @ q.T).masked_fill(false_negative | listed.T, float("-inf"))  # item a vs query c
         per_pair = 0.5 * (per_pair + F.cross_entropy(to_queries, torch.arange(n), reduction="none"))
     w = torch.ones(n, dtype=per_pair.dtype) if weights is None else weights.to(per_pair.dtype)
     return (w * per_pair).sum() / w.sum()
