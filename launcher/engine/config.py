@@ -39,8 +39,9 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         # Checks that span sections; each section validated itself already.
-        if self.data.hard_negatives_per_query and self.train.grad_cache_chunk:
-            raise ValueError("data.hard_negatives_per_query does not work with train.grad_cache_chunk yet")
+        if self.train.epochs is not None and self.data.mix is not None:
+            # A mix is an endless weighted stream: it has no epoch to count.
+            raise ValueError("train.epochs cannot be used with data.mix (an endless stream); set train.max_steps")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:

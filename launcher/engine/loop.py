@@ -22,6 +22,20 @@ from clicktower.launcher.engine.step import TrainStep
 # Training precisions accelerate knows (its ``mixed_precision``); fp8 is not supported.
 Precision = Literal["no", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+DEFAULT_MAX_STEPS = 100
+
+
+def epoch_steps(epochs: int, batches_per_epoch: int, accumulation_steps: int) -> int:
+    """Optimiser steps of ``epochs`` passes: every micro-batch of every epoch, k per step
+    (a step may straddle an epoch end, as ``TrainLoop`` runs it); a remainder of fewer
+    than k micro-batches makes no step.
+
+    Args:
+        epochs: passes over the data (``train.epochs``).
+        batches_per_epoch: micro-batches per epoch on every rank (the loader's ``len``).
+        accumulation_steps: micro-batches per optimiser step.
+    """
+    return epochs * batches_per_epoch // accumulation_steps
 
 
 @dataclass
@@ -30,7 +44,13 @@ class TrainConfig:
 
     Args:
         batch_size: pairs per device per step (the global batch is this x world size).
-        max_steps: optimiser steps of the run.
+        max_steps: optimiser steps of the run (100 when neither it nor ``epochs`` is set).
+        epochs: instead of ``max_steps``, passes over the training manifest: the run takes
+            ``epochs x batches per epoch // gradient_accumulation_steps`` optimiser steps,
+            a batch per epoch being ``num_samples // (batch_size x world size)`` as the
+            loader reads them (the incomplete last global batch is dropped); the LR schedule
+            decays over those steps. Setting both is an error, and so is ``data.mix`` (an
+            endless stream). ``config.yaml`` records the derived ``max_steps``.
         output_dir: where ``metrics.jsonl``, ``config.yaml`` and ``final/`` go.
         seed: seeds model init, dropout and the data order.
         log_every_steps: one ``metrics.jsonl`` line (and progress update) every N steps.
@@ -69,7 +89,8 @@ class TrainConfig:
     """
 
     batch_size: int = 32
-    max_steps: int = 100
+    max_steps: int | None = None
+    epochs: int | None = None
     output_dir: str = "runs/default"
     seed: int = 0
     log_every_steps: int = 10
@@ -83,8 +104,13 @@ class TrainConfig:
     report_to: str | list[str] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_steps", "log_every_steps"):
-            if getattr(self, name) < 1:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError(f"set train.max_steps or train.epochs, not both (got max_steps={self.max_steps}, "
+                             f"epochs={self.epochs})")
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = DEFAULT_MAX_STEPS
+        for name in ("batch_size", "max_steps", "epochs", "log_every_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
             raise ValueError(f"train.grad_cache_chunk must be >= 1 or null, got {self.grad_cache_chunk}")

@@ -15,9 +15,10 @@ from clicktower.data.loader import ClickPairLoader, PairTokenizer, Rank
 from clicktower.data.shards import load_manifest
 from clicktower.launcher.engine.checkpoint import Checkpointer
 from clicktower.launcher.engine.config import ExperimentConfig, to_dict
-from clicktower.launcher.engine.distributed import (accelerator_kwargs, broadcast_object, peer_loss_errors,
-                                                     prepare_launch, resolve_numerics, set_numerics)
-from clicktower.launcher.engine.loop import TrainLoop, save_final
+from clicktower.launcher.engine.distributed import (accelerator_kwargs, broadcast_object, gradient_accumulation_steps,
+                                                     peer_loss_errors, prepare_launch, resolve_numerics,
+                                                     set_numerics)
+from clicktower.launcher.engine.loop import TrainLoop, epoch_steps, save_final
 from clicktower.launcher.engine.metrics import MetricsLog
 from clicktower.launcher.engine.observers import (CheckpointObserver, EvalObserver, MetricsObserver,
                                                   SampleKeysObserver)
@@ -64,7 +65,14 @@ def train(cfg: ExperimentConfig) -> Path:
     loader = ClickPairLoader(cfg.data, manifest, cfg.train.batch_size,
                              Rank(accelerator.process_index, accelerator.num_processes), cfg.train.seed,
                              PairTokenizer(tokenizer, cfg.model.max_query_length, cfg.model.max_item_length),
-                             broadcast_object if accelerator.num_processes > 1 else None)
+                             broadcast_object if accelerator.num_processes > 1 else None,
+                             features_dim=cfg.model.item_features_dim)
+    if cfg.train.epochs is not None:  # epochs -> optimiser steps, as the loader batches them
+        steps = epoch_steps(cfg.train.epochs, len(loader), gradient_accumulation_steps(accelerator))
+        if steps < 1:
+            raise ConfigError(f"train.epochs={cfg.train.epochs}: {len(loader)} batches per epoch make no optimiser "
+                              f"step of {gradient_accumulation_steps(accelerator)} micro-batches")
+        cfg = replace(cfg, train=replace(cfg.train, max_steps=steps, epochs=None))
     out = Path(cfg.train.output_dir)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if accelerator.is_main_process:
