@@ -76,6 +76,66 @@ def test_mining_rules_hold_on_random_embeddings():
             assert n["item_id"] in window and n["score"] <= positive_score - 0.02 + 1e-6
 
 
+def _line_pool():
+    """One query (e0) and a pool scored 0.90 (the positive) down to 0.40 in steps of 0.05."""
+    query = torch.zeros(1, 8)
+    query[0, 0] = 1.0
+    pool = [("P", "drill red 18v", 0.90), ("V1", "Drill blue 18V", 0.85), ("V2", "drill 12v red", 0.80),
+            ("J", "judged saw", 0.75), ("D", "hammer", 0.70), ("E", "saw", 0.65), ("F", "paint", 0.60),
+            ("G", "rug", 0.55), ("H", "tape", 0.50), ("I", "glue", 0.45), ("K", "nail", 0.40)]
+    emb = torch.stack([_unit_with_score(s, 1 + i % 7) for i, (_, _, s) in enumerate(pool)])
+    return query, emb, [p[0] for p in pool], [p[1] for p in pool]
+
+
+def _mine_line(**rules):
+    query, emb, ids, texts = _line_pool()
+    samples = [{"item_id": "P", "item_text": "drill red 18v"}]
+    rules = {"ranks": (1, 100), "margin": None, "negatives": 3, **rules}
+    return [n["item_id"] for n in mine_negatives(query, emb, ids, texts, samples, [0], [0], [{"P"}], **rules)[0]]
+
+
+@pytest.mark.unit
+def test_relative_margin_drops_candidates_above_a_share_of_the_positive_score():
+    # (1 - 0.2) x 0.90 = 0.72: V1, V2 and J (0.85, 0.80, 0.75) go, D (0.70) is the first kept.
+    assert _mine_line(relative_margin=0.2) == ["D", "E", "F"]
+    assert _mine_line() == ["V1", "V2", "J"]
+    # Both margins: the stricter bound wins (0.90 - 0.05 = 0.85 keeps V2; 0.72 does not).
+    assert _mine_line(margin=0.05, relative_margin=0.2) == ["D", "E", "F"]
+    assert _mine_line(margin=0.27, relative_margin=0.05) == ["F", "G", "H"]  # 0.63 < 0.855
+
+
+@pytest.mark.unit
+def test_exclusion_lists_and_variant_keys_remove_candidates():
+    query, emb, ids, texts = _line_pool()
+    samples = [{"item_id": "P", "item_text": "drill red 18v"}]
+    got = mine_negatives(query, emb, ids, texts, samples, [0], [0], [{"P"}], ranks=(1, 100), margin=None,
+                         negatives=3, exclude=[{"J", "E"}])
+    assert [n["item_id"] for n in got[0]] == ["V1", "V2", "D"]
+    # Colour and voltage words removed: "drill 18v"... V1 ("drill blue 18v") and P agree once
+    # colours go; V2 also once voltages go.
+    assert _mine_line(variant_key=r"\b(red|blue)\b") == ["V2", "J", "D"]
+    assert _mine_line(variant_key=r"\b(red|blue|\d+v)\b") == ["J", "D", "E"]
+    # A variant of ANOTHER item clicked for the query is excluded too.
+    two = [{"item_id": "P", "item_text": "drill red 18v"}, {"item_id": "E", "item_text": "saw"}]
+    query, emb, ids, texts = _line_pool()
+    got = mine_negatives(query, emb, ids, texts, two, [0, 0], [0, 5], [{"P", "E"}], ranks=(1, 100), margin=None,
+                         negatives=3, variant_key=r"^judged ")
+    assert [n["item_id"] for n in got[0]] == ["V1", "V2", "D"]  # "judged saw" is a variant of "saw"
+
+
+@pytest.mark.unit
+def test_random_sampling_is_seeded_inside_the_window_and_listed_best_first():
+    window = ["V1", "V2", "J", "D", "E", "F", "G", "H", "I", "K"]
+    draws = {seed: _mine_line(sample="random", seed=seed, negatives=4) for seed in range(6)}
+    for got in draws.values():
+        assert len(got) == 4 and set(got) <= set(window)
+        assert got == sorted(got, key=window.index)  # rank order
+    assert draws[0] == _mine_line(sample="random", seed=0, negatives=4)  # the same seed, the same choice
+    assert len({tuple(g) for g in draws.values()}) > 1  # not the top four every time
+    # Ranks 2-4 (rank 1 is the positive): fewer survivors than asked, all of them.
+    assert _mine_line(sample="random", ranks=(2, 4), negatives=5) == ["V1", "V2", "J"]
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A random tiny two-tower model saved as a final/ folder (seconds to embed 2,000 queries)."""
@@ -157,3 +217,27 @@ def test_mine_on_two_ranks_equals_one_rank(mined_one, tiny_model, shard_dir, syn
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["num_processes"] == 2
     assert _negatives(out) == _negatives(mined_one[0])
+
+
+@pytest.mark.e2e
+def test_mine_cli_positive_aware_flags(tiny_model, shard_dir, synth_dir, tmp_path):
+    """--relative-margin, --sample random --seed, --variant-key through the CLI: the summary
+    records them and the mining time, and the same seed mines the same negatives."""
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        result = clicktower("mine", "--model", str(tiny_model), "--manifest", str(shard_dir), "--out", str(out),
+                            "--ranks", "2", "40", "--negatives", "3", "--margin", "-2", "--relative-margin", "0",
+                            "--sample", "random", "--seed", "7", "--variant-key", r"\d+")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append((out, json.loads(result.stdout.strip().splitlines()[-1])))
+    summary = runs[0][1]
+    assert summary["relative_margin"] == 0 and summary["sample"] == "random" and summary["seed"] == 7
+    assert summary["variant_key"] == r"\d+" and summary["mining_seconds"] > 0
+    assert _negatives(runs[0][0]) == _negatives(runs[1][0])
+    # A random model: only candidates below the positive survive --relative-margin 0, so the
+    # samples whose positive ranks beyond the window get none.
+    assert summary["samples_with_negatives"] > 0
+    bad = clicktower("mine", "--model", str(tiny_model), "--manifest", str(shard_dir), "--out",
+                     str(tmp_path / "c"), "--variant-key", "(")
+    assert bad.returncode == 2 and "--variant-key" in bad.stderr

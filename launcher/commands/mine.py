@@ -32,6 +32,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="1-based inclusive rank window of candidates (default 10 100)")
     parser.add_argument("--margin", type=float, default=0.05,
                         help="drop candidates scoring above the positive's score minus this")
+    parser.add_argument("--relative-margin", type=float, default=None, metavar="M",
+                        help="also drop candidates scoring above (1 - M) x the positive's score "
+                             "(NV-Retriever's TopK-PercPos, e.g. 0.05; default off)")
+    parser.add_argument("--sample", choices=("top", "random"), default="top",
+                        help="top: the best survivors; random: a seeded random choice inside the rank window")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample random")
+    parser.add_argument("--exclude-ids-field", default=None, metavar="NAME",
+                        help="sample field listing item ids never used as that sample's negatives "
+                             "(e.g. exclude_ids, written by clicktower shard --exclude-ids-field)")
+    parser.add_argument("--variant-key", default=None, metavar="REGEX",
+                        help="items whose titles agree once the matches are removed are variants; variants "
+                             "of a query's clicked items are not its negatives")
+    parser.add_argument("--features-field", default="features",
+                        help="catalog field of the item feature vectors (read when the model fuses them; "
+                             "mined negatives carry their vectors)")
     parser.add_argument("--negatives", type=int, default=5, help="hard negatives per sample")
     parser.add_argument("--keep-existing", action="store_true", help="keep the samples' own hard negatives first")
     parser.add_argument("--batch-size", type=int, default=EMBED_BATCH_SIZE, help="texts per forward pass")
@@ -39,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output shard folder")
     args = parser.parse_args(argv)
     summary = mine(args.model, args.manifest, args.out, args.catalog, tuple(args.ranks), args.margin,
-                   args.negatives, args.keep_existing, args.batch_size, args.shard_size, args.overwrite)
+                   args.negatives, args.keep_existing, args.batch_size, args.shard_size, args.overwrite,
+                   relative_margin=args.relative_margin, sample=args.sample, seed=args.seed,
+                   exclude_ids_field=args.exclude_ids_field, variant_key=args.variant_key,
+                   features_field=args.features_field)
     if summary is not None:
         print(json.dumps(summary), flush=True)
     return 0

@@ -9,8 +9,13 @@ positives), drop every candidate that
 * is a clicked item of the same query in the manifest (a positive of that query);
 * scores above ``positive score - margin`` (likely a false negative: an item the model
   finds as good as the clicked one is more often an unlabelled positive than a negative),
+  or above ``(1 - relative margin) x positive score`` (``--relative-margin``);
+* is listed in the sample's ``--exclude-ids-field`` (its judged items, say);
+* is a variant (``--variant-key REGEX``: the same text once the pattern's matches are
+  removed) of an item clicked for the same query,
 
-and attach the first ``--negatives`` survivors, best first, as the sample's
+and attach the first ``--negatives`` survivors, best first (or, with ``--sample random``, a
+seeded random choice among all survivors of the window), as the sample's
 ``hard_negatives``. The new set is written with the project's shard writer (manifest last,
 atomic); training uses it with ``data.hard_negatives_per_query``. Under ``accelerate
 launch`` every rank embeds its slice of the pool and of the queries; the main process
@@ -19,9 +24,12 @@ ranks, filters and writes.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -29,15 +37,19 @@ import numpy as np
 import torch
 
 from clicktower.data.errors import DataError
+from clicktower.data.features import FeatureTable
 from clicktower.data.shards import iter_shard, load_manifest, write_shards
 from clicktower.data.sources import FieldMap
 from clicktower.data.storage import Storage, is_url, join
 from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_sharded
 from clicktower.launcher.retrieval.metrics import exact_topk
-from clicktower.launcher.retrieval.readers import load_towers, read_catalog, token_limits
+from clicktower.launcher.retrieval.readers import load_towers, read_catalog_features, token_limits
 
 # Sample fields carried over unchanged (besides query, item_id, item_text, hard_negatives).
-_PASSTHROUGH = ("label", "weight", "features")
+# teacher_scores are not: they score the sample's old negatives, not the mined ones.
+_PASSTHROUGH = ("label", "weight", "features", "exclude_ids")
+SAMPLES = ("top", "random")
+_log = logging.getLogger("clicktower")
 
 
 def iter_manifest_samples(manifest: dict) -> Iterator[dict]:
@@ -53,8 +65,10 @@ def iter_manifest_samples(manifest: dict) -> Iterator[dict]:
 def mine_negatives(query_emb: torch.Tensor, pool_emb: torch.Tensor, pool_ids: Sequence[str],
                    pool_texts: Sequence[str], samples: Sequence[dict], query_row: Sequence[int],
                    positive_row: Sequence[int], query_positives: Sequence[set[str]],
-                   ranks: tuple[int, int] = (10, 100), margin: float = 0.05,
-                   negatives: int = 5) -> list[list[dict]]:
+                   ranks: tuple[int, int] = (10, 100), margin: float | None = 0.05,
+                   negatives: int = 5, *, relative_margin: float | None = None, sample: str = "top",
+                   seed: int = 0, exclude: Sequence[set[str]] | None = None,
+                   variant_key: str | None = None) -> list[list[dict]]:
     """The mined hard negatives of each sample (pure: embeddings in, item lists out).
 
     Args:
@@ -67,8 +81,17 @@ def mine_negatives(query_emb: torch.Tensor, pool_emb: torch.Tensor, pool_ids: Se
         positive_row: row of each sample's own item in ``pool_emb``.
         query_positives: for each query row, the ids of every item clicked for it.
         ranks: 1-based inclusive rank window of candidates kept.
-        margin: drop candidates scoring above the positive's score minus this.
-        negatives: at most this many negatives per sample, best first.
+        margin: drop candidates scoring above the positive's score minus this (None: off).
+        negatives: at most this many negatives per sample.
+        relative_margin: m: also drop candidates scoring above ``(1 - m) x`` the positive's
+            score (NV-Retriever's TopK-PercPos; None: off).
+        sample: ``"top"``: the best survivors; ``"random"``: a seeded uniform choice among
+            every survivor of the window (listed best first).
+        seed: the random choice's seed (the same negatives on any number of processes).
+        exclude: per sample, item ids never to use as its negatives.
+        variant_key: a regular expression; two items whose texts agree once every match is
+            removed (case and spacing ignored) are variants of each other, and a variant of
+            any item clicked for the sample's query is not a negative.
 
     Returns:
         One list of ``{"item_id", "item_text", "score"}`` per sample.
@@ -77,22 +100,62 @@ def mine_negatives(query_emb: torch.Tensor, pool_emb: torch.Tensor, pool_ids: Se
     k = min(end, pool_emb.shape[0])
     scores, rows = exact_topk(query_emb, pool_emb, k)
     positive_scores = (query_emb[list(query_row)] * pool_emb[list(positive_row)]).sum(-1).tolist()
+    variants = _Variants(variant_key, pool_texts, samples, query_row)
+    rng = np.random.default_rng(seed) if sample == "random" else None
     out = []
-    for sample, q, pos_score in zip(samples, query_row, positive_scores):
-        own_id, own_text = str(sample["item_id"]), _norm(sample["item_text"])
-        clicked = query_positives[q]
-        mined: list[dict] = []
+    for index, (item, q, pos_score) in enumerate(zip(samples, query_row, positive_scores)):
+        ceiling = _ceiling(pos_score, margin, relative_margin)
+        blocked = set(query_positives[q]) | (exclude[index] if exclude is not None else set())
+        blocked.add(str(item["item_id"]))
+        own_text, mined = _norm(item["item_text"]), []
         for score, row in zip(scores[q, start - 1:k].tolist(), rows[q, start - 1:k].tolist()):
-            if score > pos_score - margin:
+            if score > ceiling:
                 continue  # too close to (or above) the positive: likely an unlabelled positive
-            item_id = pool_ids[row]
-            if item_id == own_id or item_id in clicked or _norm(pool_texts[row]) == own_text:
+            if pool_ids[row] in blocked or _norm(pool_texts[row]) == own_text or variants.of_query(q, row):
                 continue
-            mined.append({"item_id": item_id, "item_text": pool_texts[row], "score": round(score, 6)})
-            if len(mined) == negatives:
+            mined.append({"item_id": pool_ids[row], "item_text": pool_texts[row], "score": round(score, 6)})
+            if rng is None and len(mined) == negatives:
                 break
+        if rng is not None and len(mined) > negatives:
+            # A uniform choice inside the window, kept in rank order (best first).
+            mined = [mined[i] for i in sorted(rng.choice(len(mined), negatives, replace=False).tolist())]
         out.append(mined)
     return out
+
+
+def _ceiling(positive: float, margin: float | None, relative_margin: float | None) -> float:
+    """The highest score a candidate may have: the lowest of the enabled margins' bounds."""
+    bound = float("inf")
+    if margin is not None:
+        bound = positive - margin
+    if relative_margin is not None:
+        bound = min(bound, (1.0 - relative_margin) * positive)
+    return bound
+
+
+class _Variants:
+    """Variant keys (``--variant-key``): an item text with every match of the pattern removed,
+    lower-cased, spaces collapsed; per query row, the keys of the items clicked for it."""
+
+    def __init__(self, pattern: str | None, pool_texts: Sequence[str], samples: Sequence[dict],
+                 query_row: Sequence[int]) -> None:
+        self.regex = re.compile(pattern, re.IGNORECASE) if pattern else None
+        self.pool_texts, self.keys, self.by_query = pool_texts, {}, {}
+        if self.regex is not None:
+            for item, q in zip(samples, query_row):
+                self.by_query.setdefault(q, set()).add(self.key(item["item_text"]))
+
+    def key(self, text: str) -> str:
+        """The text's variant key."""
+        return _norm(self.regex.sub(" ", str(text)))
+
+    def of_query(self, q: int, row: int) -> bool:
+        """Pool row ``row`` is a variant of an item clicked for query row ``q``."""
+        if self.regex is None:
+            return False
+        if row not in self.keys:
+            self.keys[row] = self.key(self.pool_texts[row])
+        return self.keys[row] in self.by_query.get(q, ())
 
 
 def _norm(text: str) -> str:
@@ -102,7 +165,9 @@ def _norm(text: str) -> str:
 def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
          ranks: tuple[int, int] = (10, 100), margin: float = 0.05, negatives: int = 5,
          keep_existing: bool = False, batch_size: int = EMBED_BATCH_SIZE, shard_size: int | None = None,
-         overwrite: bool = False) -> dict[str, Any] | None:
+         overwrite: bool = False, *, relative_margin: float | None = None, sample: str = "top", seed: int = 0,
+         exclude_ids_field: str | None = None, variant_key: str | None = None,
+         features_field: str = "features") -> dict[str, Any] | None:
     """Mine hard negatives for every sample of a manifest and write a new shard set.
 
     Args:
@@ -117,40 +182,57 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
         batch_size: texts per forward pass.
         shard_size: samples per output shard (default: the input's).
         overwrite: replace an existing output shard folder.
+        relative_margin: also drop candidates scoring above ``(1 - m) x`` the positive's score.
+        sample: ``"top"`` survivors or a seeded ``"random"`` choice among the window's survivors.
+        seed: seed of the random choice.
+        exclude_ids_field: a sample field listing item ids never used as that sample's
+            negatives (e.g. ``exclude_ids``, from ``clicktower shard --exclude-ids-field``).
+        variant_key: regular expression; items whose texts agree without its matches are
+            variants, and variants of a query's clicked items are not its negatives.
+        features_field: the catalog's feature vector field, read when the item tower fuses
+            vectors; the pool's items (samples' own vectors too) are embedded with theirs,
+            and each mined negative carries its vector into the new shards.
 
     Returns:
-        A summary on the main process, None on the others.
+        A summary on the main process (``mining_seconds``: wall time from loading the model
+        to the written shards), None on the others.
     """
     from accelerate import Accelerator
 
-    if not 1 <= ranks[0] <= ranks[1]:
-        raise DataError(f"--ranks {ranks[0]} {ranks[1]}: need 1 <= START <= END")
-    if negatives < 1:
-        raise DataError(f"--negatives {negatives}: must be >= 1")
+    started = time.perf_counter()
+    _check_rules(ranks, negatives, relative_margin, sample, variant_key)
     if not is_url(out) and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
         raise DataError(f"{out}: output exists and is not empty; pass --overwrite to replace it")
     manifest = load_manifest(manifest_path)
     samples = list(iter_manifest_samples(manifest))
     pool: dict[str, str] = {}
+    vectors: dict[str, Any] = {}  # item id -> feature vector, for an item tower that fuses them
+    query_tower, item_tower, tokenizer = load_towers(model)
+    dim = item_tower.features_dim
     if catalog is not None:
-        for item_id, text in zip(*read_catalog(catalog)):
+        ids, texts, table = read_catalog_features(catalog, features_field if dim else None, dim)
+        for row, (item_id, text) in enumerate(zip(ids, texts)):
             pool.setdefault(item_id, text)
+            if table is not None and table.present[row]:
+                vectors.setdefault(item_id, table.values[row])
     for s in samples:  # every positive is in the pool (its score is needed), first text wins
         pool.setdefault(str(s["item_id"]), s["item_text"])
+        if dim and s.get("features") is not None and len(s["features"]) == dim:
+            vectors.setdefault(str(s["item_id"]), s["features"])
     pool_ids, pool_texts = list(pool), list(pool.values())
+    pool_features = FeatureTable.from_rows([vectors.get(i) for i in pool_ids], dim) if dim else None
     query_of: dict[str, int] = {}
     for s in samples:
         query_of.setdefault(s["query"], len(query_of))
     queries = list(query_of)
 
     state = Accelerator()  # honours ACCELERATE_USE_CPU (gloo) like clicktower embed
-    query_tower, item_tower, tokenizer = load_towers(model)
     query_tower.to(state.device)
     item_tower.to(state.device)
     q_len, i_len = token_limits(query_tower, item_tower)
     world = state.num_processes
     query_emb = embed_sharded(query_tower, tokenizer, queries, q_len, state.device, batch_size)
-    pool_emb = embed_sharded(item_tower, tokenizer, pool_texts, i_len, state.device, batch_size)
+    pool_emb = embed_sharded(item_tower, tokenizer, pool_texts, i_len, state.device, batch_size, pool_features)
     if not state.is_main_process:
         state.wait_for_everyone()
         return None
@@ -160,16 +242,44 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
     positives: list[set[str]] = [set() for _ in queries]
     for s, q in zip(samples, query_row):
         positives[q].add(str(s["item_id"]))
+    exclude = None if exclude_ids_field is None else [{str(i) for i in s.get(exclude_ids_field) or ()}
+                                                      for s in samples]
     mined = mine_negatives(query_emb, pool_emb, pool_ids, pool_texts, samples, query_row,
                            [pool_row[str(s["item_id"])] for s in samples], positives, ranks, margin,
-                           negatives)
+                           negatives, relative_margin=relative_margin, sample=sample, seed=seed,
+                           exclude=exclude, variant_key=variant_key)
+    for negative in (n for negs in mined for n in negs):  # hard negatives carry their own vectors
+        if negative["item_id"] in vectors:
+            negative["features"] = vectors[negative["item_id"]]
     summary = _write(samples, mined, manifest, out, keep_existing, shard_size, overwrite)
     summary.update({"model": str(model), "manifest": str(manifest_path), "pool_items": len(pool_ids),
                     "queries": len(queries), "ranks": list(ranks), "margin": margin,
-                    "negatives_per_sample": negatives, "num_processes": world})
+                    "relative_margin": relative_margin, "sample": sample, "seed": seed,
+                    "exclude_ids_field": exclude_ids_field, "variant_key": variant_key,
+                    "negatives_per_sample": negatives, "num_processes": world,
+                    "mining_seconds": round(time.perf_counter() - started, 3)})  # part of training time
+    _log.info("mined %d samples in %.1f s", len(samples), summary["mining_seconds"])
     Storage().write_bytes(join(out, "mining.json"), (json.dumps(summary, indent=2) + "\n").encode())
     state.wait_for_everyone()
     return summary
+
+
+def _check_rules(ranks: tuple[int, int], negatives: int, relative_margin: float | None, sample: str,
+                 variant_key: str | None) -> None:
+    """The mining settings a user can get wrong, as DataErrors naming the flag."""
+    if not 1 <= ranks[0] <= ranks[1]:
+        raise DataError(f"--ranks {ranks[0]} {ranks[1]}: need 1 <= START <= END")
+    if negatives < 1:
+        raise DataError(f"--negatives {negatives}: must be >= 1")
+    if relative_margin is not None and not 0 <= relative_margin < 1:
+        raise DataError(f"--relative-margin {relative_margin}: must lie in [0, 1)")
+    if sample not in SAMPLES:
+        raise DataError(f"--sample {sample!r}: must be one of {', '.join(SAMPLES)}")
+    if variant_key is not None:
+        try:
+            re.compile(variant_key)
+        except re.error as exc:
+            raise DataError(f"--variant-key {variant_key!r}: not a regular expression ({exc})") from None
 
 
 def _write(samples: list[dict], mined: list[list[dict]], manifest: dict, out: str,
@@ -186,9 +296,11 @@ def _write(samples: list[dict], mined: list[list[dict]], manifest: dict, out: st
         with_negatives = 0
         with open(jsonl, "w", encoding="utf-8") as fh:
             for s, negs in zip(samples, mined):
-                negs = [{"item_id": n["item_id"], "item_text": n["item_text"]} for n in negs]
+                negs = [{k: n[k] for k in ("item_id", "item_text", "features") if k in n} for n in negs]
                 if keep_existing:
                     negs = list(s.get("hard_negatives") or []) + negs
+                # Vectors as JSON lists (the shards' decoder gave numpy arrays).
+                negs = [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in n.items()} for n in negs]
                 with_negatives += bool(negs)
                 record = {"query": s["query"], "item_id": s["item_id"], "item_text": s["item_text"],
                           "hard_negatives": negs}
@@ -200,6 +312,7 @@ def _write(samples: list[dict], mined: list[list[dict]], manifest: dict, out: st
         field_map = FieldMap(hard_negatives="hard_negatives",
                              label="label" if "label" in fields else None,
                              weight="weight" if "weight" in fields else None,
+                             exclude_ids="exclude_ids" if "exclude_ids" in fields else None,
                              features="features" if "features" in fields else None)
         written = write_shards([str(jsonl)], out, field_map,
                                shard_size=shard_size or int(manifest.get("shard_size") or 100_000),
