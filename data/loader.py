@@ -60,6 +60,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from clicktower.data.errors import DataError
+from clicktower.data.features import FeatureTable
 from clicktower.data.manifest import ShardTable, apply_file_check, check_shard_files, load_manifest
 from clicktower.data.order import MIX_PERIOD
 from clicktower.data.storage import DEFAULT_MAX_RETRIES, Storage
@@ -192,6 +193,43 @@ class DataConfig:
 def stable_id(text: str) -> int:
     """A process-independent non-negative int64 id for a string (Python's hash() is salted)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def _loss_fields(samples: list[dict], per_query: int | None) -> dict[str, torch.Tensor]:
+    """The batch entries the loss reads from optional sample fields: ``exclude_ids`` (when a
+    sample lists any) and, when the batch has hard negatives (``per_query`` each at most),
+    ``hard_negative_owner`` and ``teacher_scores``."""
+    out = {} if per_query is None else _negative_owners_and_teacher(samples, per_query)
+    if any("exclude_ids" in s for s in samples):
+        out["exclude_ids"] = _exclusion_lists(samples)
+    return out
+
+
+def _exclusion_lists(samples: list[dict]) -> torch.Tensor:
+    """[B, E] int64 ``stable_id`` of each sample's ``exclude_ids``, padded with -1 (E: the
+    longest list, at least 1)."""
+    lists = [[stable_id(str(i)) for i in s.get("exclude_ids") or ()] for s in samples]
+    out = torch.full((len(samples), max([1, *map(len, lists)])), -1, dtype=torch.long)
+    for row, ids in enumerate(lists):
+        out[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def _negative_owners_and_teacher(samples: list[dict], per_query: int) -> dict[str, torch.Tensor]:
+    """``hard_negative_owner`` [H] (the sample of each hard negative in the batch) and, when
+    a sample carries them, ``teacher_scores`` [B, 1 + per_query]: its positive's and its kept
+    hard negatives' scores, NaN where it has none."""
+    counts = [len(s.get("hard_negatives", [])[:per_query]) for s in samples]
+    out = {"hard_negative_owner": torch.repeat_interleave(torch.arange(len(samples)),
+                                                          torch.tensor(counts, dtype=torch.long))}
+    if any("teacher_scores" in s for s in samples):
+        teacher = torch.full((len(samples), 1 + per_query), float("nan"))
+        for row, (s, n) in enumerate(zip(samples, counts)):
+            scores = s.get("teacher_scores")
+            if scores:  # the positive's, then the first n negatives' (the ones kept)
+                teacher[row, :1 + n] = torch.tensor([float(v) for v in scores[:1 + n]])
+        out["teacher_scores"] = teacher
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -353,14 +391,21 @@ class ClickPairLoader:
             rank calls with an object and that returns rank 0's object on every rank (e.g.
             over ``torch.distributed.broadcast_object_list``): then only rank 0 checks the
             shard files at start (``clicktower.data`` sets up no collectives itself).
+        features_dim: the model's ``item_features_dim``: every batch then carries
+            ``item_features`` [items + hard negatives, dim] and ``item_features_present``
+            (rows without a vector are zeros, counted as ``missing_features``), and a vector
+            of another length is a bad sample (``bad_features``). None: no model input.
     """
 
     def __init__(self, cfg: DataConfig, manifest: str | dict | Sequence[str | dict],
                  batch_size: int, rank: Rank = Rank(), seed: int = 0,
                  tokens: PairTokenizer | None = None,
-                 broadcast_object: Callable[[Any], Any] | None = None) -> None:
+                 broadcast_object: Callable[[Any], Any] | None = None,
+                 features_dim: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.features_dim = features_dim
+        self._missing_features = 0
         storage = Storage(cfg.storage_options, cfg.max_retries)
         loaded = _load_manifests(manifest, cfg, storage, rank.rank, broadcast_object)
         self.cfg, self.manifest = cfg, loaded[0]
@@ -422,8 +467,9 @@ class ClickPairLoader:
     def error_counts(self) -> dict[str, int]:
         """Bad samples this rank skipped since the loader was built, by reason (all reasons
         listed, zeros included), and ``retries`` (transient read errors retried), for
-        metrics."""
-        return {reason: self._errors.get(reason, 0) for reason in ERROR_REASONS}
+        metrics; with ``features_dim``, also ``missing_features`` (item rows without a vector)."""
+        counts = {reason: self._errors.get(reason, 0) for reason in ERROR_REASONS}
+        return counts if self.features_dim is None else {**counts, "missing_features": self._missing_features}
 
     def io_counts(self) -> dict[str, int]:
         """What this rank's readers did since the loader was built: requests (ranged and
@@ -520,6 +566,8 @@ class ClickPairLoader:
                 raise DataError(item["__error__"])
             for batch in item:   # one window's batches
                 self._add_counts(batch.pop("__counts__", {}))
+                # Counted here, not in collate: collate may run in a worker process.
+                self._missing_features += int(batch.pop("num_missing_features", 0))
                 self.samples_consumed += self.global_batch
                 self._history[-1][2] += self.batch_size
                 yield batch
@@ -545,12 +593,13 @@ class ClickPairLoader:
             batch["weights"] = torch.tensor([float(s.get("weight", 1.0)) for s in samples])
         if any("hard_negatives" in s for s in samples):
             batch["hard_negatives"] = [s.get("hard_negatives", []) for s in samples]
-        if samples and all("features" in s for s in samples):
+        if self.features_dim is None and samples and all("features" in s for s in samples):
             shapes = {np.shape(s["features"]) for s in samples}
             if len(shapes) == 1:
                 batch["item_features"] = torch.from_numpy(np.stack([s["features"] for s in samples]))
         items = batch["items"]
         per_query = self.cfg.hard_negatives_per_query
+        negatives: list[dict] = []
         if per_query and self.tokens is not None:
             negatives = [n for s in samples for n in s.get("hard_negatives", [])[:per_query]]
             # Tokenised WITH the items: one item-tower forward embeds both, so every rank runs
@@ -558,7 +607,15 @@ class ClickPairLoader:
             items = items + [n["item_text"] for n in negatives]
             batch["hard_negative_ids"] = torch.tensor([stable_id(str(n["item_id"])) for n in negatives],
                                                       dtype=torch.long)
-        batch["num_items"] = len(samples)
+        if self.features_dim is not None:
+            # One row per item row of the model (the batch's items, then its hard negatives).
+            table = FeatureTable.from_rows([e.get("features") for e in [*samples, *negatives]],
+                                           self.features_dim)
+            batch["item_features"] = torch.from_numpy(table.values)
+            batch["item_features_present"] = torch.from_numpy(table.present)
+            batch["num_missing_features"] = table.num_missing
+        batch.update(_loss_fields(samples, per_query if "hard_negative_ids" in batch else None),
+                     num_items=len(samples))
         if self.tokens is not None:
             batch.update(self.tokens(batch["queries"], items, self.cfg.pad_to_multiple_of))
         return batch

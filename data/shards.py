@@ -58,6 +58,7 @@ from typing import Any, Iterator
 
 from clicktower.data import outputs
 from clicktower.data.errors import DataError, short_repr
+from clicktower.data.features import BadFeatures, check_vector, load_features_file
 # The manifest's names stay importable from here (``clicktower.data.shards.load_manifest``).
 from clicktower.data.manifest import (FORMAT, MANIFEST_NAME, REQUIRED_FIELDS, VERSION,  # noqa: F401
                                       ShardTable, index_bytes, index_path, load_manifest,
@@ -172,8 +173,11 @@ def split_members(buf: bytes) -> tuple[str | None, dict[str, bytes]]:
 
 
 def decode_sample_bytes(members: dict[str, bytes], key: str | None,
-                        max_text_chars: int | None = None) -> dict:
+                        max_text_chars: int | None = None, features_dim: int | None = None) -> dict:
     """Members of one sample -> the sample dict (with ``__key__``), validated for training.
+
+    ``features_dim`` (the model's ``item_features_dim``) is the length every feature vector
+    (the sample's and its hard negatives') must have; each must also be finite and numeric.
 
     Raises:
         SampleError: ``invalid_utf8``, ``invalid_json``, ``missing_field``, ``empty_text``,
@@ -214,8 +218,26 @@ def decode_sample_bytes(members: dict[str, bytes], key: str | None,
             sample["features"] = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise SampleError("bad_features", f"unreadable .npy member ({exc})", key) from None
+    _check_features(sample, key, features_dim)
     sample["__key__"] = key
     return sample
+
+
+def _check_features(sample: dict, key: str | None, dim: int | None) -> None:
+    """Check the sample's and its hard negatives' vectors (``bad_features``, the key and
+    the offending vector named)."""
+    entries = [("features", sample)]
+    negatives = sample.get("hard_negatives")
+    if isinstance(negatives, list):
+        entries += [(f"hard_negatives[{i}].features", n) for i, n in enumerate(negatives)
+                    if isinstance(n, dict)]
+    for name, entry in entries:
+        if entry.get("features") is None:
+            continue
+        try:
+            entry["features"] = check_vector(entry["features"], dim)
+        except BadFeatures as exc:
+            raise SampleError("bad_features", f"{name}: {exc}", key) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -346,6 +368,8 @@ def _write_part(job: dict) -> dict:
     its own parts. Module-level so that it pickles into a spawned process."""
     directory, field_map = job["directory"], FieldMap(**job["field_map"])
     shard_size = job["shard_size"]
+    # Vectors kept apart (--features-file): each writer loads the id table (memory-mapped).
+    vectors = load_features_file(*job["features_file"]) if job.get("features_file") else None
     shards: list[dict] = []
     num_rows = num_filtered = num_samples = 0
     writer: _ChunkWriter | None = None
@@ -366,6 +390,8 @@ def _write_part(job: dict) -> dict:
                 if sample is None:
                     num_filtered += 1
                     continue
+                if vectors is not None:
+                    _attach_vectors(sample, vectors)
                 writer.add(_encode_sample(sample_key(seg["source"], row), sample))
                 num_samples += 1
         if writer is not None:
@@ -448,12 +474,21 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return out
 
 
+def _attach_vectors(sample: dict, vectors: dict) -> None:
+    """Give the sample (and its hard negatives) the vectors of their item ids, where the
+    features file has one (an item it lacks has no vector: the "missing" embedding)."""
+    for entry in [sample, *sample.get("hard_negatives", ())]:
+        vector = vectors.get(entry["item_id"])
+        if vector is not None:
+            entry["features"] = vector.tolist()
+
+
 def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
                  shard_size: int = 100_000, overwrite: bool = False, workers: int = 1,
                  max_shard_bytes: int | None = None, gzip: bool = False,
                  gzip_block: int = DEFAULT_GZIP_BLOCK,
                  split_bytes: int = DEFAULT_SPLIT_BYTES, append: bool = False,
-                 storage: Storage | None = None) -> dict:
+                 storage: Storage | None = None, features_file: tuple[str, str] | None = None) -> dict:
     """Convert click-log inputs into indexed WebDataset tar shards plus ``manifest.json``.
 
     Args:
@@ -483,6 +518,9 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
             next numbers, keys the next input numbers, and the grown manifest is written
             last. A loader resumed on the grown set starts a new epoch.
         storage: reads and writes URLs (default: a new ``Storage`` with no options).
+        features_file: ``(matrix.npy, ids.txt)``: item feature vectors kept apart from the
+            inputs, row i of the matrix belonging to the item id on line i; samples and hard
+            negatives get the vector of their item id (exclusive with ``field_map.features``).
 
     Returns:
         The manifest, as written: ``{"format", "version", "num_samples", "fields",
@@ -495,6 +533,10 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
             (see ``sources``), or no samples at all. Nothing is left behind on error.
     """
     inputs = _checked_inputs(inputs, field_map)
+    if features_file is not None:
+        if field_map.features is not None:
+            raise DataError("write_shards: a features field and a features file exclude each other")
+        load_features_file(*features_file)  # fail fast, before any shard is written
     _check_sizes({"shard size": shard_size, "workers": workers, "gzip block": gzip_block,
                   "split bytes": split_bytes}, max_shard_bytes)
     if append and overwrite:
@@ -518,7 +560,8 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
         ranges = _plan_ranges(inputs, split_bytes, len(previous["sources"]) if previous else 0)
         jobs = [{"range": r, "segments": segments, "directory": staging,
                  "field_map": field_map.to_dict(), "shard_size": shard_size,
-                 "max_shard_bytes": max_shard_bytes, "gzip": gzip, "gzip_block": gzip_block}
+                 "max_shard_bytes": max_shard_bytes, "gzip": gzip, "gzip_block": gzip_block,
+                 "features_file": list(features_file) if features_file else None}
                 for r, segments in enumerate(ranges)]
         parts = _run_parts(jobs, workers)
         settings = {"shard_size": shard_size, "max_shard_bytes": max_shard_bytes, "gzip": gzip,
@@ -527,6 +570,9 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
         first = len(previous["shards"]) if previous else 0
         manifest = _manifest(inputs, field_map, parts,
                              _number_shards(staging, parts, gzip, first), settings)
+        if features_file is not None:
+            manifest["fields"].append("features")
+            manifest["features_file"] = list(features_file)
         if previous is not None:
             manifest = outputs.grown_manifest(previous, manifest)
         outputs.publish(staging, out_dir, manifest, storage, previous)

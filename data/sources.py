@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from clicktower.data.errors import DataError, short_repr
+from clicktower.data.features import BadFeatures, check_vector, is_missing
 
 __all__ = [
     "FieldMap",
@@ -84,7 +85,16 @@ class FieldMap:
             "attributes"]``), kept as the sample's ``"item"`` object. When the record has no
             ``item_text`` field, the item text is composed from them (``compose_item_text``).
         features: optional field holding a precomputed item feature vector (a list of
-            numbers, or a JSON string of one), stored as a float32 ``.npy`` shard member.
+            numbers, or a JSON string of one), stored as a float32 ``.npy`` shard member;
+            a row where it is null or absent has no vector (the model's "missing"
+            embedding stands in). Hard negatives may carry a ``features`` key likewise.
+        exclude_ids: optional field holding a list of item ids (or a JSON string of one)
+            that the sample's query must never be scored against (judged but not clicked
+            items, variants of its positive); stored as ``"exclude_ids"`` (id strings). A null
+            or absent value is an empty list.
+        teacher_scores: optional field holding a list of numbers: a teacher's scores of the
+            sample's positive, then of each of its hard negatives (so ``1 + len(hard
+            negatives)`` of them); stored as ``"teacher_scores"`` for distillation.
     """
 
     query: str = "query"
@@ -96,6 +106,8 @@ class FieldMap:
     weight: str | None = None
     item_fields: list[str] | None = None
     features: str | None = None
+    exclude_ids: str | None = None
+    teacher_scores: str | None = None
 
     def __post_init__(self):
         for name in ("query", "item_text", "item_id"):
@@ -109,7 +121,7 @@ class FieldMap:
                 raise DataError(f"field map: item_fields must be a non-empty list of field "
                                 f"names, got {short_repr(self.item_fields)}")
             self.item_fields = list(self.item_fields)
-        for name in ("label", "hard_negatives", "weight", "features"):
+        for name in ("label", "hard_negatives", "weight", "features", "exclude_ids", "teacher_scores"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise DataError(f"field map: {name} must be a non-empty field name or None, "
@@ -128,7 +140,7 @@ class FieldMap:
         # With structured item fields the item text may be composed, so it is optional.
         names = [self.query, self.item_id, None if self.item_fields else self.item_text,
                  self.label, self.weight, self.hard_negatives, *(self.item_fields or ()),
-                 self.features]
+                 self.features, self.teacher_scores]
         return list(dict.fromkeys(n for n in names if n is not None))
 
     def sample_fields(self) -> list[str]:
@@ -144,6 +156,9 @@ class FieldMap:
             fields.append("item")
         if self.features is not None:
             fields.append("features")
+        for name in ("exclude_ids", "teacher_scores"):
+            if getattr(self, name) is not None:
+                fields.append(name)
         return fields
 
     def to_dict(self) -> dict:
@@ -772,8 +787,13 @@ def _hard_negatives(value: Any, name: str, at: _Row) -> list[dict]:
         if not isinstance(neg, Mapping) or "item_id" not in neg or "item_text" not in neg:
             raise at.error(name, f"entry {i}: expected an object with item_id and item_text, "
                                  f"got {short_repr(neg)}")
-        negatives.append({"item_id": _item_id(neg["item_id"], f"{name}[{i}].item_id", at),
-                          "item_text": _text(neg["item_text"], f"{name}[{i}].item_text", at)})
+        negative = {"item_id": _item_id(neg["item_id"], f"{name}[{i}].item_id", at),
+                    "item_text": _text(neg["item_text"], f"{name}[{i}].item_text", at)}
+        # Hard negatives carry their own vectors (as ``clicktower mine`` writes them).
+        features = _features(neg.get("features"), f"{name}[{i}].features", at)
+        if features is not None:
+            negative["features"] = features
+        negatives.append(negative)
     return negatives
 
 
@@ -813,20 +833,14 @@ def compose_item_text(item: Mapping[str, Any]) -> str:
     return " | ".join(p for p in parts if p)
 
 
-def _features(value: Any, name: str, at: _Row) -> list[float]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise at.error(name, f"not a JSON list of numbers: {short_repr(value)}") from None
-    if hasattr(value, "tolist"):  # numpy / pyarrow arrays
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not value or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            for v in value):
-        raise at.error(name, f"expected a non-empty list of finite numbers, got "
-                             f"{short_repr(value)}")
-    return [float(v) for v in value]
+def _features(value: Any, name: str, at: _Row) -> list[float] | None:
+    """A record's feature vector as floats, or None when it has none (null, empty)."""
+    if is_missing(value):
+        return None
+    try:
+        return check_vector(value).tolist()
+    except BadFeatures as exc:
+        raise at.error(name, str(exc)) from None
 
 
 def to_sample(record: Mapping[str, Any], field_map: FieldMap, *, source, row: int) -> dict | None:
@@ -876,7 +890,10 @@ def to_sample(record: Mapping[str, Any], field_map: FieldMap, *, source, row: in
     if item is not None:
         sample["item"] = item
     if fm.features is not None:
-        sample["features"] = _features(_get(record, fm.features, at), fm.features, at)
+        # A row may lack a vector (null or absent): the model's "missing" embedding stands in.
+        features = _features(record.get(fm.features), fm.features, at)
+        if features is not None:
+            sample["features"] = features
     if label is not None:
         sample["label"] = label
     if fm.weight is not None:
@@ -887,4 +904,42 @@ def to_sample(record: Mapping[str, Any], field_map: FieldMap, *, source, row: in
     if fm.hard_negatives is not None:
         sample["hard_negatives"] = _hard_negatives(_get(record, fm.hard_negatives, at),
                                                    fm.hard_negatives, at)
+    _add_exclusions_and_teacher(sample, record, fm, at)
     return sample
+
+
+def _add_exclusions_and_teacher(sample: dict, record: Mapping[str, Any], fm: FieldMap, at: _Row) -> None:
+    """``exclude_ids`` (id strings) and ``teacher_scores`` (floats, one per candidate:
+    the positive, then each hard negative) of a sample, when mapped."""
+    if fm.exclude_ids is not None:
+        value = record.get(fm.exclude_ids)  # null or absent: nothing excluded
+        if isinstance(value, str) and value.strip().startswith("["):
+            value = _json_list(value, fm.exclude_ids, "item ids", at)
+        if hasattr(value, "tolist"):  # numpy / pyarrow arrays
+            value = value.tolist()
+        if value is None or value == "":
+            value = []
+        if not isinstance(value, (list, tuple)):
+            raise at.error(fm.exclude_ids, f"expected a list of item ids, got {short_repr(value)}")
+        sample["exclude_ids"] = [_item_id(v, f"{fm.exclude_ids}[{i}]", at) for i, v in enumerate(value)]
+    if fm.teacher_scores is not None:
+        value = _get(record, fm.teacher_scores, at)
+        if isinstance(value, str):
+            value = _json_list(value, fm.teacher_scores, "numbers", at)
+        if hasattr(value, "tolist"):
+            value = value.tolist()
+        if not isinstance(value, (list, tuple)):
+            raise at.error(fm.teacher_scores, f"expected a list of numbers, got {short_repr(value)}")
+        scores = [_number(v, f"{fm.teacher_scores}[{i}]", at) for i, v in enumerate(value)]
+        want = 1 + len(sample.get("hard_negatives", ()))
+        if len(scores) != want:
+            raise at.error(fm.teacher_scores, f"{len(scores)} scores for {want} candidates (the positive and "
+                                              f"{want - 1} hard negatives)")
+        sample["teacher_scores"] = scores
+
+
+def _json_list(value: str, name: str, what: str, at: _Row) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise at.error(name, f"not a JSON list of {what} ({exc.msg}): {short_repr(value)}") from None

@@ -219,7 +219,7 @@ class _Worker:
         key = None
         try:
             key, members = split_members(raw)
-            sample = decode_sample_bytes(members, key, self.stream.max_text_chars)
+            sample = decode_sample_bytes(members, key, self.stream.max_text_chars, self.stream.features_dim)
         except SampleError as exc:
             self.bad(source, shard, exc.reason, exc.message, exc.key or key)
             return None
@@ -296,6 +296,7 @@ class RankStream(IterableDataset):
         self.sources, self.segment, self.rank = loader._sources, segment, loader.rank
         self.batch_size, self.start, self.num_batches = loader.batch_size, start, num_batches
         self.on_error, self.max_text_chars = cfg.on_error, cfg.max_text_chars
+        self.features_dim = loader.features_dim
         self.storage_options, self.max_retries = cfg.storage_options, cfg.max_retries
         self.cache_dir, self.cache_max_bytes = cfg.cache_dir, cfg.cache_max_bytes
         self.io_threads, self.prefetch_blocks = cfg.io_threads, cfg.prefetch_blocks

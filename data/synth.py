@@ -11,7 +11,9 @@ many different queries and one batch often holds the same product twice.
 Outputs (see ``generate``): ``train.jsonl`` (query, item_id, item_text), ``catalog.jsonl``
 (item_id, item_text) and ``eval.jsonl`` (held-out queries with graded relevance per judged
 item id: 3 the intended product, 2 another product matching everything the query says,
-1 same kind of product that misses an attribute).
+1 same kind of product that misses an attribute). Options add an "image" feature vector per
+product that shows facets some titles leave out (``add_image_features``) and cold products
+that no training pair clicks.
 """
 from __future__ import annotations
 
@@ -231,9 +233,54 @@ def judge(intent: Intent, products_by_category: list[list[Product]], rng: random
     return grades
 
 
+# Facets a product photo shows: with image features, some titles leave these out.
+VISUAL_AXES = ("colour", "material")
+# Share of products whose title drops its visual facets (only the "image" shows them), and
+# of products without an image at all (their vector is null), with ``image_features``.
+HIDDEN_FACET_SHARE = 0.5
+NO_IMAGE_SHARE = 0.05
+
+
+def add_image_features(products: list[Product], dim: int, seed: int) -> dict[str, list[float] | None]:
+    """Give products an "image" vector and drop the visual facets from some titles.
+
+    Each visual facet value ("Red", "Leather" ...) has a fixed random direction; a product's
+    vector is the sum of its values' directions plus noise, so it shows its colour and
+    material whatever its title says. ``HIDDEN_FACET_SHARE`` of the products get a new title
+    without those values (text alone cannot tell a red sofa from a grey one then), and
+    ``NO_IMAGE_SHARE`` have no vector. Uses its own random stream: the rest of the data
+    (queries, clicks, judgements) is the same as without image features.
+
+    Args:
+        products: the catalog (titles are changed in place).
+        dim: vector length.
+        seed: the generator's seed.
+
+    Returns:
+        item id -> vector (4 decimals) or None.
+    """
+    rng = random.Random(f"{seed}:image")
+    directions: dict[tuple[str, str], list[float]] = {}
+    out: dict[str, list[float] | None] = {}
+    for product in products:
+        cat = CATEGORIES[product.category]
+        visual = [(a, v) for a, v in product.values.items() if a in VISUAL_AXES]
+        vector = [rng.gauss(0.0, 0.3) for _ in range(dim)]
+        for key in visual:
+            if key not in directions:
+                directions[key] = [rng.gauss(0.0, 1.0) for _ in range(dim)]
+            vector = [x + d / max(1, len(visual)) ** 0.5 for x, d in zip(vector, directions[key])]
+        if visual and rng.random() < HIDDEN_FACET_SHARE:
+            shown = {a: v for a, v in product.values.items() if a not in VISUAL_AXES}
+            product.title = _title(rng, cat, product.brand, shown, product.code)
+        out[product.item_id] = None if rng.random() < NO_IMAGE_SHARE else [round(x, 4) for x in vector]
+    return out
+
+
 def generate(out_dir: str | Path, num_pairs: int, seed: int = 0, num_items: int | None = None,
              num_eval_queries: int | None = None, zipf_exponent: float = 1.05,
-             max_relevant: int = 20) -> dict[str, Any]:
+             max_relevant: int = 20, image_features: int | None = None,
+             cold_items: int = 0) -> dict[str, Any]:
     """Write ``train.jsonl``, ``catalog.jsonl`` and ``eval.jsonl`` into ``out_dir``.
 
     The same arguments always give byte-identical files. Eval queries never appear as train
@@ -248,16 +295,28 @@ def generate(out_dir: str | Path, num_pairs: int, seed: int = 0, num_items: int 
         zipf_exponent: popularity skew of clicks over products.
         max_relevant: eval queries with more relevant products (too broad to judge a
             ranking) are not kept.
+        image_features: write a ``features`` vector of this length per product into
+            ``train.jsonl`` and ``catalog.jsonl`` (``add_image_features``: some titles then
+            leave out colour and material, which only the vector shows).
+        cold_items: products (drawn at random, popular ones included) never clicked in
+            ``train.jsonl``; they stay in the catalog and in the eval judgements.
 
     Returns:
         Counts of what was written.
     """
     if num_pairs < 1:
         raise ValueError(f"--pairs must be >= 1, got {num_pairs}")
+    if image_features is not None and image_features < 1:
+        raise ValueError(f"--image-features must be >= 1, got {image_features}")
     rng = random.Random(seed)
     num_items = num_items or max(240, min(5000, num_pairs // 10))
+    if not 0 <= cold_items < num_items:
+        raise ValueError(f"--cold-items must be in [0, {num_items}) (the catalog size), got {cold_items}")
     num_eval_queries = num_eval_queries if num_eval_queries is not None else min(300, max(20, num_pairs // 20))
     products = build_catalog(rng, num_items)
+    vectors = add_image_features(products, image_features, seed) if image_features else None
+    # Its own stream, so that cold_items=0 leaves every other draw as it was.
+    cold = {p.item_id for p in random.Random(f"{seed}:cold").sample(products, cold_items)}
     by_category: list[list[Product]] = [[] for _ in CATEGORIES]
     for p in products:
         by_category[p.category].append(p)
@@ -268,10 +327,14 @@ def generate(out_dir: str | Path, num_pairs: int, seed: int = 0, num_items: int 
 
     train_queries: set[str] = set()
     train_rows = []
-    for product in rng.choices(ranked, weights=weights, k=num_pairs):
+    clicked = [(p, w) for p, w in zip(ranked, weights) if p.item_id not in cold]
+    for product in rng.choices([p for p, _ in clicked], weights=[w for _, w in clicked], k=num_pairs):
         query, _ = make_query(rng, product)
         train_queries.add(query)
-        train_rows.append({"query": query, "item_id": product.item_id, "item_text": product.title})
+        row = {"query": query, "item_id": product.item_id, "item_text": product.title}
+        if vectors is not None:
+            row["features"] = vectors[product.item_id]
+        train_rows.append(row)
 
     eval_rng = random.Random(f"{seed}:eval")
     eval_rows: list[dict[str, Any]] = []
@@ -292,10 +355,19 @@ def generate(out_dir: str | Path, num_pairs: int, seed: int = 0, num_items: int 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "train.jsonl", train_rows)
-    _write_jsonl(out / "catalog.jsonl", [{"item_id": p.item_id, "item_text": p.title} for p in products])
+    catalog = [{"item_id": p.item_id, "item_text": p.title} for p in products]
+    if vectors is not None:
+        for row in catalog:
+            row["features"] = vectors[row["item_id"]]
+    _write_jsonl(out / "catalog.jsonl", catalog)
     _write_jsonl(out / "eval.jsonl", eval_rows)
-    return {"pairs": len(train_rows), "items": len(products), "eval_queries": len(eval_rows),
-            "distinct_train_queries": len(train_queries)}
+    counts = {"pairs": len(train_rows), "items": len(products), "eval_queries": len(eval_rows),
+              "distinct_train_queries": len(train_queries)}
+    if cold:
+        counts["cold_items"] = len(cold)
+    if vectors is not None:
+        counts["image_features"] = image_features
+    return counts
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

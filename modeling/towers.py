@@ -28,6 +28,8 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # what a plain encoder folder (no clicktower head recording its limit) is used with.
 DEFAULT_MAX_QUERY_LENGTH = 32
 DEFAULT_MAX_ITEM_LENGTH = 64
+FUSION_FILE = "fusion.pt"
+FUSION_MODES = ("concat", "gated", "add")
 
 
 @dataclass
@@ -66,6 +68,13 @@ class TwoTowerConfig:
             each padded only to its own longest text (1: one padded batch). The embeddings
             are the same (padding is masked out everywhere); only less padding is computed:
             on Home Depot's short queries 3 buckets cut the padded tokens by ~30%.
+        item_features_dim: length of the per-item feature vector (an image embedding,
+            attribute vector ...) the item tower fuses with the text embedding; None: text only.
+        item_features_fusion: how the projected vector meets the pooled text embedding,
+            before the output projection and L2 norm: ``concat`` (a linear map of both,
+            starting as the text alone plus a small feature term), ``gated`` (text plus a
+            learned sigmoid gate times the features) or ``add`` (text plus features).
+        item_features_dropout: dropout on the projected feature vector during training.
     """
 
     name_or_path: str | None = None
@@ -85,8 +94,18 @@ class TwoTowerConfig:
     freeze_embeddings: bool = False
     freeze_layers: int = 0
     length_buckets: int = 1
+    item_features_dim: int | None = None
+    item_features_fusion: Literal["concat", "gated", "add"] = "concat"
+    item_features_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.item_features_dim is not None and self.item_features_dim < 1:
+            raise ValueError(f"model.item_features_dim must be >= 1 or null, got {self.item_features_dim}")
+        if self.item_features_fusion not in FUSION_MODES:
+            raise ValueError(f"model.item_features_fusion must be one of {', '.join(FUSION_MODES)}, "
+                             f"got {self.item_features_fusion!r}")
+        if not 0.0 <= self.item_features_dropout < 1.0:
+            raise ValueError(f"model.item_features_dropout must be in [0, 1), got {self.item_features_dropout}")
         if self.length_buckets < 1:
             raise ValueError(f"model.length_buckets must be >= 1, got {self.length_buckets}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
@@ -176,6 +195,83 @@ def _cached_hub_snapshot(repo_id: str, key: str | None) -> str:
             f"`hf download {repo_id}`, or point HF_HUB_CACHE at a cache that has it)") from None
 
 
+class FeatureFusion(nn.Module):
+    """Fuses a per-item feature vector with the pooled text embedding of the item tower.
+
+    The vector is projected to the encoder's hidden size (an item without one gets the
+    learned ``missing`` embedding instead), dropped out, and combined with the text as
+    ``mode`` says. Every mode starts close to the text embedding alone (small or zero
+    feature terms), so a pretrained encoder's geometry survives the first steps.
+
+    Args:
+        features_dim: length of the input vectors.
+        hidden: the pooled text embedding's size.
+        mode: ``concat``, ``gated`` or ``add`` (see ``TwoTowerConfig.item_features_fusion``).
+        dropout: dropout probability on the projected vector.
+    """
+
+    def __init__(self, features_dim: int, hidden: int, mode: str = "concat", dropout: float = 0.0) -> None:
+        super().__init__()
+        if mode not in FUSION_MODES:
+            raise ValueError(f"unknown fusion mode {mode!r} (one of {', '.join(FUSION_MODES)})")
+        self.features_dim, self.mode = features_dim, mode
+        self.projection = nn.Linear(features_dim, hidden)
+        # BERT's initialiser range: a projected vector much smaller than a pooled text
+        # embedding, so that fusion nudges the pretrained embedding rather than replacing it.
+        nn.init.normal_(self.projection.weight, std=0.02)
+        nn.init.zeros_(self.projection.bias)
+        self.missing = nn.Parameter(torch.zeros(hidden))
+        self.dropout = nn.Dropout(dropout)
+        self.mix = None
+        if mode != "add":
+            self.mix = nn.Linear(2 * hidden, hidden)
+            with torch.no_grad():
+                nn.init.zeros_(self.mix.bias)
+                if mode == "concat":
+                    # [text, features] -> the text itself plus a small feature term.
+                    self.mix.weight.zero_()
+                    self.mix.weight[:, :hidden].copy_(torch.eye(hidden))
+                    nn.init.normal_(self.mix.weight[:, hidden:], std=0.02)
+                else:
+                    # Gate logits 0: every feature dimension starts half open.
+                    self.mix.weight.zero_()
+
+    def forward(self, text: torch.Tensor, features: torch.Tensor | None,
+                present: torch.Tensor | None) -> torch.Tensor:
+        """Fuse a batch.
+
+        Args:
+            text: [B, H] pooled text embeddings.
+            features: [B, N] feature vectors (rows without a vector are ignored), or None
+                when no row has one.
+            present: [B] bool, True where the row has a vector (None: every row has one
+                when ``features`` is given).
+
+        Returns:
+            [B, H] fused embeddings.
+        """
+        rows = text.shape[0]
+        missing = self.missing.to(text.dtype).expand(rows, -1)
+        if features is None:
+            feats = missing
+        else:
+            if features.shape != (rows, self.features_dim):
+                raise ValueError(f"item features of shape {tuple(features.shape)}, expected "
+                                 f"({rows}, {self.features_dim})")
+            projected = self.projection(features.to(self.projection.weight.dtype)).to(text.dtype)
+            if present is None:
+                feats = projected
+            else:
+                feats = torch.where(present.to(text.device).bool()[:, None], projected, missing)
+        feats = self.dropout(feats)
+        if self.mode == "add":
+            return text + feats
+        both = torch.cat([text, feats], dim=-1)
+        if self.mode == "gated":
+            return text + torch.sigmoid(self.mix(both)) * feats
+        return self.mix(both)
+
+
 class Tower(nn.Module):
     """One encoder tower: transformer, pooling, optional projection, optional L2 norm.
 
@@ -186,10 +282,13 @@ class Tower(nn.Module):
         normalize: L2-normalise the output.
         length_buckets: encode the batch as this many sub-batches grouped by length, each
             padded to its own longest row (same embeddings, less padding computed).
+        fusion: fuses item feature vectors with the pooled text before the projection
+            (item towers of ``model.item_features_dim`` models only).
     """
 
     def __init__(self, encoder: nn.Module, pooling: str = "mean",
-                 projection_dim: int | None = None, normalize: bool = True, length_buckets: int = 1) -> None:
+                 projection_dim: int | None = None, normalize: bool = True, length_buckets: int = 1,
+                 fusion: FeatureFusion | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
@@ -198,54 +297,78 @@ class Tower(nn.Module):
         self.max_length: int | None = None  # the token limit it was trained with, when known
         hidden = encoder.config.hidden_size
         self.projection = nn.Linear(hidden, projection_dim, bias=False) if projection_dim else None
+        self.fusion = fusion
+
+    def with_fusion(self, fusion: FeatureFusion) -> "Tower":
+        """An item tower sharing this tower's encoder and projection, plus ``fusion`` (shared
+        towers: the text encoder stays shared, the fusion is the item side's alone).
+
+        Args:
+            fusion: the item side's feature fusion.
+        """
+        tower = Tower(self.encoder, self.pooling, None, self.normalize, self.length_buckets, fusion)
+        tower.projection = self.projection  # the same module: one set of weights
+        return tower
+
+    @property
+    def features_dim(self) -> int | None:
+        """Length of the feature vectors this tower fuses (None: text only)."""
+        return self.fusion.features_dim if self.fusion is not None else None
 
     @property
     def embedding_dim(self) -> int:
         return self.projection.out_features if self.projection is not None else self.encoder.config.hidden_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                features: torch.Tensor | None = None, features_present: torch.Tensor | None = None) -> torch.Tensor:
         """Embed a batch of token rows.
 
         Args:
             input_ids: [B, L] token ids, padded on the right.
             attention_mask: [B, L], 1 for real tokens.
+            features: [B, N] item feature vectors, fused when the tower has a fusion (else
+                ignored); None: no row has one.
+            features_present: [B] bool, the rows that have a vector (None: all of them).
 
         Returns:
             [B, D] embeddings.
         """
         if self.length_buckets > 1 and input_ids.shape[0] > 1:
-            return self._forward_bucketed(input_ids, attention_mask)
-        return self._embed(input_ids, attention_mask)
+            pooled = self._pool_bucketed(input_ids, attention_mask)
+        else:
+            pooled = self._pool(input_ids, attention_mask)
+        if self.fusion is not None:
+            pooled = self.fusion(pooled, features, features_present)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        if self.normalize:
+            pooled = F.normalize(pooled.float(), dim=-1).to(pooled.dtype)
+        return pooled
 
-    def _forward_bucketed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _pool_bucketed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         lengths = attention_mask.sum(1)
         width = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         if not torch.equal(attention_mask.bool(), width[None, :] < lengths[:, None]):
             # Left padding (or holes): cutting columns would cut real tokens.
-            return self._embed(input_ids, attention_mask)
+            return self._pool(input_ids, attention_mask)
         order = torch.argsort(lengths, stable=True)
         parts = []
         for rows in order.tensor_split(min(self.length_buckets, len(order))):
             # Right padding: the first max-length columns hold every real token of these rows,
             # at the same positions, so the embeddings do not change.
             keep = max(1, int(lengths[rows].max()))
-            parts.append(self._embed(input_ids[rows, :keep], attention_mask[rows, :keep]))
+            parts.append(self._pool(input_ids[rows, :keep], attention_mask[rows, :keep]))
         # Back to the batch order (a gather, so gradients flow to the right rows).
         return torch.cat(parts)[torch.argsort(order)]
 
-    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, H] pooled encoder output (the projection and norm are applied by ``forward``)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            # clamp: an all-padding row (never produced by the loader) must not divide by 0.
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        if self.projection is not None:
-            pooled = self.projection(pooled)
-        if self.normalize:
-            pooled = F.normalize(pooled.float(), dim=-1).to(pooled.dtype)
-        return pooled
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        # clamp: an all-padding row (never produced by the loader) must not divide by 0.
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def save_pretrained(self, path: str | Path, tokenizer: Any = None, max_length: int | None = None) -> None:
         """Write a Hugging Face folder (loadable with ``AutoModel``) plus clicktower's head.
@@ -263,6 +386,9 @@ class Tower(nn.Module):
         meta = {"pooling": self.pooling, "normalize": self.normalize,
                 "projection_dim": self.projection.out_features if self.projection is not None else None,
                 "max_length": max_length}
+        if self.fusion is not None:
+            meta.update(item_features_dim=self.fusion.features_dim, item_features_fusion=self.fusion.mode)
+            torch.save(self.fusion.state_dict(), path / FUSION_FILE)
         (path / TOWER_META).write_text(json.dumps(meta, indent=2) + "\n")
         if self.projection is not None:
             torch.save(self.projection.state_dict(), path / PROJECTION_FILE)
@@ -282,8 +408,14 @@ class Tower(nn.Module):
             raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
         meta_file = path / TOWER_META
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else _sentence_transformers_meta(path)
-        tower = cls(load_encoder(path), meta["pooling"], meta.get("projection_dim"),
-                    meta.get("normalize", True))
+        encoder = load_encoder(path)
+        fusion = None
+        if meta.get("item_features_dim"):
+            fusion = FeatureFusion(meta["item_features_dim"], encoder.config.hidden_size,
+                                   meta.get("item_features_fusion", "concat"))
+            fusion.load_state_dict(torch.load(path / FUSION_FILE, weights_only=True))
+        tower = cls(encoder, meta["pooling"], meta.get("projection_dim"), meta.get("normalize", True),
+                    fusion=fusion)
         if tower.projection is not None:
             tower.projection.load_state_dict(torch.load(path / PROJECTION_FILE, weights_only=True))
         tower.max_length = meta.get("max_length")
@@ -429,7 +561,8 @@ class TwoTower(nn.Module):
 
     @property
     def shared(self) -> bool:
-        return self.query_tower is self.item_tower
+        """One text encoder for both sides (the item side may add its own feature fusion)."""
+        return self.query_tower.encoder is self.item_tower.encoder
 
     def logit_scale(self) -> torch.Tensor:
         """The current logit scale (inverse temperature), clamped at ``max_logit_scale``."""
@@ -437,16 +570,22 @@ class TwoTower(nn.Module):
 
     def forward(self, query_input_ids: torch.Tensor, query_attention_mask: torch.Tensor,
                 item_input_ids: torch.Tensor, item_attention_mask: torch.Tensor,
+                item_features: torch.Tensor | None = None, item_features_present: torch.Tensor | None = None,
                 **_: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embed a batch of (query, item) pairs.
 
         One forward call for both towers, so that DDP sees every parameter used once per step.
 
+        Args:
+            item_features: [I, N] a feature vector per item row (hard negatives' rows
+                included), fused by an item tower with ``item_features_dim``; None: none.
+            item_features_present: [I] bool, the item rows that have a vector.
+
         Returns:
-            ``(query_emb [B, D], item_emb [B, D], logit_scale [])``.
+            ``(query_emb [B, D], item_emb [I, D], logit_scale [])``.
         """
         query_emb = self.query_tower(query_input_ids, query_attention_mask)
-        item_emb = self.item_tower(item_input_ids, item_attention_mask)
+        item_emb = self.item_tower(item_input_ids, item_attention_mask, item_features, item_features_present)
         return query_emb, item_emb, self.logit_scale()
 
     @classmethod
@@ -473,6 +612,13 @@ class TwoTower(nn.Module):
 
         query_tower = build_tower()
         item_tower = query_tower if cfg.shared_towers else build_tower()
+        if cfg.item_features_dim is not None:
+            fusion = FeatureFusion(cfg.item_features_dim, item_tower.encoder.config.hidden_size,
+                                   cfg.item_features_fusion, cfg.item_features_dropout)
+            if cfg.shared_towers:
+                item_tower = query_tower.with_fusion(fusion)
+            else:
+                item_tower.fusion = fusion
         model = cls(query_tower, item_tower, cfg.init_temperature, cfg.max_logit_scale,
                     cfg.learn_temperature)
         # Recorded with the towers when saved (``save_pretrained``), so that evaluation and

@@ -29,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="index folder")
     parser.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat", help="FAISS index kind")
     parser.add_argument("--batch-size", type=int, default=EMBED_BATCH_SIZE, help="texts per forward pass")
+    parser.add_argument("--features-field", default="features",
+                        help="catalog field of the item feature vectors (read when the model fuses them)")
     args = parser.parse_args(argv)
-    meta = embed_catalog(args.model, args.catalog, args.out, args.index, args.batch_size)
+    meta = embed_catalog(args.model, args.catalog, args.out, args.index, args.batch_size,
+                         features_field=args.features_field)
     if meta is not None:
         print(json.dumps({"out": args.out, **meta}), flush=True)
     return 0

@@ -32,9 +32,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="full-catalog retrieval, or reranking each query's judged items")
     parser.add_argument("--batch-size", type=int, default=EMBED_BATCH_SIZE, help="texts per forward pass")
     parser.add_argument("--per-query", help="write per-query metrics to this JSONL file")
+    parser.add_argument("--features-field", default="features",
+                        help="catalog field of the item feature vectors (read when the model fuses them)")
+    parser.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                        help="a bad catalog vector: embed the item without it (counted), or stop")
+    parser.add_argument("--train-manifest", metavar="M",
+                        help="training shard set: also report cold/<metric> (queries whose relevant items "
+                             "were never a positive in M) and warm/<metric>")
     args = parser.parse_args(argv)
     summary = evaluate(args.model, args.queries, args.catalog, args.min_relevance, args.batch_size,
-                       args.mode, args.per_query)
+                       args.mode, args.per_query, args.features_field, args.train_manifest, args.on_error)
     print(json.dumps(summary), flush=True)
     return 0
 

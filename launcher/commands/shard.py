@@ -44,10 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--item-fields", default=None,
                         help="comma-separated structured item fields (e.g. title,brand,category,attributes)")
     parser.add_argument("--features-field", default=None, help="item feature vector field (stored as .npy)")
+    parser.add_argument("--features-file", default=None, metavar="FILE.npy",
+                        help="item feature vectors kept apart: a [n, dim] .npy matrix (needs --features-ids)")
+    parser.add_argument("--features-ids", default=None, metavar="FILE",
+                        help="the item id of each row of --features-file, one per line")
     parser.add_argument("--label-field", default=None, help="numeric label column (e.g. relevance)")
     parser.add_argument("--min-label", type=float, default=None, help="keep rows with label >= this")
     parser.add_argument("--hard-negatives-field", default=None)
-    parser.add_argument("--weight-field", default=None)
+    parser.add_argument("--weight-field", default=None,
+                        help="non-negative per-sample weight column (graded positives: e.g. the relevance grade)")
+    parser.add_argument("--exclude-ids-field", default=None,
+                        help="list of item ids the sample's query is never scored against (judged items, "
+                             "variants); the loss masks them")
+    parser.add_argument("--teacher-field", default=None,
+                        help="list of teacher scores: the positive, then each hard negative (distillation, "
+                             "loss.distill_weight)")
     parser.add_argument("--shard-size", type=int, default=100_000,
                         help="input records per chunk: at most this many samples per shard")
     parser.add_argument("--max-shard-bytes", type=parse_bytes, default=None,
@@ -72,18 +83,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be >= 1")
     if args.split_bytes < 1:
         parser.error("--split-bytes must be >= 1")
+    if (args.features_file is None) != (args.features_ids is None):
+        parser.error("--features-file and --features-ids go together")
+    if args.features_file is not None and args.features_field is not None:
+        parser.error("--features-field and --features-file exclude each other")
     try:
         field_map = FieldMap(query=args.query_field, item_text=args.item_field, item_id=args.item_id_field,
                              label=args.label_field, min_label=args.min_label,
                              hard_negatives=args.hard_negatives_field, weight=args.weight_field,
                              item_fields=args.item_fields.split(",") if args.item_fields else None,
-                             features=args.features_field)
+                             features=args.features_field, exclude_ids=args.exclude_ids_field,
+                             teacher_scores=args.teacher_field)
     except ValueError as exc:
         parser.error(str(exc))
     manifest = write_shards(args.inputs, args.out, field_map, shard_size=args.shard_size,
                             overwrite=args.overwrite, workers=args.workers,
                             max_shard_bytes=args.max_shard_bytes, gzip=args.gzip,
-                            split_bytes=args.split_bytes, append=args.append)
+                            split_bytes=args.split_bytes, append=args.append,
+                            features_file=(args.features_file, args.features_ids) if args.features_file else None)
     print(json.dumps({"out": args.out, "num_samples": manifest["num_samples"], "shards": len(manifest["shards"])}))
     return 0
 

@@ -16,10 +16,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--items", type=int, default=None, help="catalog size (default: pairs / 10)")
     parser.add_argument("--eval-queries", type=int, default=None, help="held-out judged queries")
+    parser.add_argument("--image-features", type=int, default=None, metavar="DIM",
+                        help="add a DIM-long 'features' vector per product (an 'image' showing colour and "
+                             "material, which some titles then leave out) to train.jsonl and catalog.jsonl")
+    parser.add_argument("--cold-items", type=int, default=0, metavar="K",
+                        help="K products no training pair clicks (still in the catalog and the judgements)")
     args = parser.parse_args(argv)
     if args.pairs < 1:
         parser.error("--pairs must be >= 1")
-    counts = generate(args.out, args.pairs, args.seed, args.items, args.eval_queries)
+    if args.image_features is not None and args.image_features < 1:
+        parser.error("--image-features must be >= 1")
+    if args.cold_items < 0:
+        parser.error("--cold-items must be >= 0")
+    counts = generate(args.out, args.pairs, args.seed, args.items, args.eval_queries,
+                      image_features=args.image_features, cold_items=args.cold_items)
     print(json.dumps({"out": args.out, **counts}))
     return 0
 

@@ -31,10 +31,15 @@ import yaml
 from clicktower.data.errors import DataError
 from clicktower.launcher.engine.config import load_config
 from clicktower.launcher.engine.metrics import read_metrics
-from clicktower.modeling.towers import TOWER_META, Tower, TwoTower, is_hub_id
+from clicktower.modeling.towers import FUSION_FILE, TOWER_META, Tower, TwoTower, is_hub_id
 
 ROUTER_DIR = "router"
 MODEL_CARD = "README.md"
+# What the sentence-transformers folders of a model with item feature vectors leave out.
+TEXT_ONLY_NOTE = ("item_tower/ holds the feature projection, the learned 'missing' embedding and the "
+                  "fusion (fusion.pt; clicktower embed / eval use them with the catalog's vectors). The "
+                  "sentence_transformers/ folders are text only: their item route skips the fusion, so "
+                  "its embeddings are not the trained item tower's, with or without a vector.")
 
 
 @dataclass
@@ -55,7 +60,9 @@ class ExportTowers:
 
     @property
     def shared(self) -> bool:
-        return self.towers["query"] is self.towers["item"]
+        # One text encoder (the item side may add its own feature fusion, which the
+        # sentence-transformers folders leave out).
+        return self.towers["query"].encoder is self.towers["item"].encoder
 
 
 def load_checkpoint_model(folder: Path) -> tuple[TwoTower, Any, Any]:
@@ -122,6 +129,9 @@ def load_export_towers(src: Path) -> ExportTowers:
     query = Tower.from_pretrained(src / "query_tower")
     # Shared towers were saved twice with equal weights: load one, so the router holds one.
     item = query if info.get("shared_towers") else Tower.from_pretrained(src / "item_tower")
+    if item is query and (src / "item_tower" / FUSION_FILE).is_file():
+        # Shared text encoder, plus the item side's own feature fusion.
+        item = query.with_fusion(Tower.from_pretrained(src / "item_tower").fusion)
     item_meta = src / "item_tower" / TOWER_META
     item_length = json.loads(item_meta.read_text()).get("max_length") if item_meta.is_file() else None
     return ExportTowers({"query": query, "item": item}, AutoTokenizer.from_pretrained(src / "query_tower"),
@@ -234,6 +244,12 @@ def export(source: str, out: str) -> dict[str, Any]:
     summary = {"out": str(dst), "source": str(src), "towers": sorted(towers.towers),
                "router": str(router_dir), "shared_towers": towers.shared,
                "run_dir": None if run.run_dir is None else str(run.run_dir)}
+    fusion = towers.towers["item"].fusion
+    if fusion is not None:
+        summary["item_features"] = {
+            "dim": fusion.features_dim, "fusion": fusion.mode,
+            "weights": str(hf_folders["item"] / FUSION_FILE),
+            "note": TEXT_ONLY_NOTE}
     (dst / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -396,6 +412,10 @@ def _architecture_lines(towers: ExportTowers) -> list[str]:
     lines = [f"- Head: {head}; {query.embedding_dim}-dimensional embeddings."]
     if towers.logit_scale is not None:
         lines.append(f"- Trained temperature: {1.0 / towers.logit_scale:.4f} (logit scale {towers.logit_scale:.2f}).")
+    fusion = towers.towers["item"].fusion
+    if fusion is not None:
+        lines.append(f"- Item feature vectors: {fusion.features_dim}-dimensional, {fusion.mode} fusion. "
+                     + TEXT_ONLY_NOTE)
     return lines
 
 

@@ -20,7 +20,7 @@ from clicktower.launcher.engine.distributed import gathered_parameters
 from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_sharded
 from clicktower.launcher.retrieval.metrics import (METRIC_NAMES, MIN_RELEVANCE, exact_topk, mean_metrics,
                                                    query_metrics)
-from clicktower.launcher.retrieval.readers import read_catalog, read_judged_queries
+from clicktower.launcher.retrieval.readers import read_catalog_features, read_judged_queries
 
 
 @dataclass
@@ -69,15 +69,17 @@ class PeriodicEvaluator:
         self.acc, self.model, self.tokenizer, self.cfg = accelerator, model, tokenizer, cfg
         self.out = Path(output_dir)
         self.judged = read_judged_queries(cfg.queries)
-        self.ids, self.texts = read_catalog(cfg.catalog)
+        dim = model.item_tower.features_dim
+        # Bad catalog vectors: the item is embedded without its vector (counted by the reader).
+        self.ids, self.texts, self.features = read_catalog_features(cfg.catalog, "features" if dim else None, dim)
         self.best = -math.inf
 
     def due(self, step: int) -> bool:
         return self.cfg.every_steps is not None and step % self.cfg.every_steps == 0
 
-    def _embed(self, tower: Any, texts: list[str], limit: int) -> torch.Tensor:
+    def _embed(self, tower: Any, texts: list[str], limit: int, features: Any = None) -> torch.Tensor:
         """Every row of ``texts`` on every rank, each rank embedding its slice."""
-        return embed_sharded(tower, self.tokenizer, texts, limit, self.acc.device, self.cfg.batch_size)
+        return embed_sharded(tower, self.tokenizer, texts, limit, self.acc.device, self.cfg.batch_size, features)
 
     @torch.no_grad()
     def run(self, step: int) -> dict[str, Any]:
@@ -86,7 +88,7 @@ class PeriodicEvaluator:
         Args:
             step: the current optimiser step.
         """
-        catalog = self._embed(self.model.item_tower, self.texts, self.model.max_item_length)
+        catalog = self._embed(self.model.item_tower, self.texts, self.model.max_item_length, self.features)
         queries = self._embed(self.model.query_tower, [q for q, _ in self.judged], self.model.max_query_length)
         _, top = exact_topk(queries, catalog, k=100)
         per_query = [query_metrics([self.ids[i] for i in row], grades, self.cfg.min_relevance)

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
+from clicktower.data.features import FeatureTable
 from clicktower.kernels import distributed_world, gather_with_grad
 from clicktower.modeling.towers import Tower
 
@@ -21,7 +22,7 @@ EMBED_BATCH_SIZE = 128
 
 @torch.no_grad()
 def embed_texts(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: int,
-                batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
+                batch_size: int = EMBED_BATCH_SIZE, features: FeatureTable | None = None) -> torch.Tensor:
     """Embed texts in batches, in eval mode; returns [len(texts), D] float32 on the CPU.
 
     Args:
@@ -30,6 +31,9 @@ def embed_texts(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: 
         texts: the texts.
         max_length: token limit.
         batch_size: texts per forward pass.
+        features: the items' feature vectors, row for row with ``texts``, for an item
+            tower that fuses them (None: no vectors; such a tower uses its "missing"
+            embedding for every row).
     """
     was_training = tower.training
     tower.eval()
@@ -41,7 +45,11 @@ def embed_texts(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: 
         idx = order[start:start + batch_size]
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
-        emb = tower(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        extra = ()
+        if features is not None and getattr(tower, "fusion", None) is not None:
+            extra = (torch.from_numpy(features.values[idx]).to(device),
+                     torch.from_numpy(features.present[idx]).to(device))
+        emb = tower(enc["input_ids"].to(device), enc["attention_mask"].to(device), *extra)
         out[idx] = emb.float().cpu()
     tower.train(was_training)
     return out
@@ -61,7 +69,8 @@ def rank_slice(num_rows: int, rank: int, world_size: int) -> slice:
 
 
 def embed_slice(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: int, rank: int,
-                world_size: int, batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
+                world_size: int, batch_size: int = EMBED_BATCH_SIZE,
+                features: FeatureTable | None = None) -> torch.Tensor:
     """Embed this rank's ``rank_slice`` of ``texts`` (on the CPU, in row order).
 
     Every rank runs the same number of forward passes: the slice is padded with copies of
@@ -77,16 +86,24 @@ def embed_slice(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: 
         rank: this rank.
         world_size: number of ranks.
         batch_size: texts per forward pass.
+        features: the items' vectors, row for row with ``texts`` (the whole collection).
     """
-    rows = list(texts[rank_slice(len(texts), rank, world_size)])
+    part = rank_slice(len(texts), rank, world_size)
+    rows = list(texts[part])
     longest = math.ceil(len(texts) / world_size)
     filler = rows[-1:] or list(texts[:1])
     padded = rows + filler * (longest - len(rows))
-    return embed_texts(tower, tokenizer, padded, max_length, batch_size)[:len(rows)]
+    if features is not None:
+        # The same padding, row for row: the filler rows repeat the slice's last vector.
+        index = list(range(len(texts)))[part]
+        index = index + (index[-1:] or [0]) * (longest - len(index))
+        features = features.take(index)
+    return embed_texts(tower, tokenizer, padded, max_length, batch_size, features)[:len(rows)]
 
 
 def embed_sharded(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: int,
-                  device: torch.device, batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
+                  device: torch.device, batch_size: int = EMBED_BATCH_SIZE,
+                  features: FeatureTable | None = None) -> torch.Tensor:
     """Embed ``texts`` split over every rank and return all rows, in order, on every rank.
 
     Each rank embeds its ``rank_slice`` (``embed_slice``); the slices are all-gathered with
@@ -100,12 +117,13 @@ def embed_sharded(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length
         max_length: token limit.
         device: the collective's device (the backend's: CUDA for NCCL, CPU for gloo).
         batch_size: texts per forward pass.
+        features: the items' vectors, row for row with ``texts`` (see ``embed_texts``).
 
     Returns:
         [len(texts), D] float32 on the CPU.
     """
     rank, world = distributed_world()
-    local = embed_slice(tower, tokenizer, texts, max_length, rank, world, batch_size)
+    local = embed_slice(tower, tokenizer, texts, max_length, rank, world, batch_size, features)
     if world == 1:
         return local
     return gather_with_grad(local.to(device)).cpu()

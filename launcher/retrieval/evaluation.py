@@ -9,14 +9,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from clicktower.data.features import FeatureTable
 from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_texts
-from clicktower.launcher.retrieval.metrics import MIN_RELEVANCE, exact_topk, mean_metrics, query_metrics
-from clicktower.launcher.retrieval.readers import load_towers, read_catalog, read_judged_queries, token_limits
+from clicktower.launcher.retrieval.metrics import (MIN_RELEVANCE, cold_warm_metrics, exact_topk, mean_metrics,
+                                                   query_metrics)
+from clicktower.launcher.retrieval.readers import (load_towers, read_catalog_features, read_judged_queries,
+                                                   token_limits, trained_item_ids)
 from clicktower.modeling.towers import Tower
 
 
 def evaluate(model: str, queries_path: str, catalog_path: str, min_relevance: float = MIN_RELEVANCE,
-             batch_size: int = EMBED_BATCH_SIZE, mode: str = "full", per_query_path: str | None = None) -> dict[str, Any]:
+             batch_size: int = EMBED_BATCH_SIZE, mode: str = "full", per_query_path: str | None = None,
+             features_field: str = "features", train_manifest: str | None = None,
+             on_error: str = "skip") -> dict[str, Any]:
     """Load a model and judged queries, retrieve, and average the metrics.
 
     Args:
@@ -28,18 +33,27 @@ def evaluate(model: str, queries_path: str, catalog_path: str, min_relevance: fl
         mode: ``full`` retrieves from the whole catalog; ``rerank`` orders each query's
             judged items only.
         per_query_path: optional JSONL of per-query metrics and top-10 ids.
+        features_field: the catalog's feature vector field, read when the item tower
+            fuses vectors (``model.item_features_dim``).
+        train_manifest: the training shard set: adds ``cold/<metric>`` and
+            ``warm/<metric>`` (``cold_warm_metrics``).
+        on_error: a bad catalog vector: ``skip`` (the item is embedded without it,
+            counted in ``bad_features``) or ``raise``.
     """
     judged = read_judged_queries(queries_path)
-    ids, texts = read_catalog(catalog_path)
     query_tower, item_tower, tokenizer = load_towers(model)
+    dim = item_tower.features_dim
+    ids, texts, features = read_catalog_features(catalog_path, features_field if dim else None, dim, on_error)
+    trained = trained_item_ids(train_manifest) if train_manifest is not None else None
     return evaluate_towers(query_tower, item_tower, tokenizer, judged, ids, texts, min_relevance,
-                           batch_size, mode, per_query_path)
+                           batch_size, mode, per_query_path, features, trained)
 
 
 def evaluate_towers(query_tower: Tower, item_tower: Tower, tokenizer: Any,
                     judged: list[tuple[str, dict[str, float]]], ids: list[str], texts: list[str],
                     min_relevance: float = MIN_RELEVANCE, batch_size: int = EMBED_BATCH_SIZE, mode: str = "full",
-                    per_query_path: str | None = None) -> dict[str, Any]:
+                    per_query_path: str | None = None, features: FeatureTable | None = None,
+                    trained_items: set[str] | None = None) -> dict[str, Any]:
     """Retrieval metrics of in-memory towers (used by ``clicktower eval`` and during training).
 
     Args:
@@ -53,13 +67,15 @@ def evaluate_towers(query_tower: Tower, item_tower: Tower, tokenizer: Any,
         batch_size: texts per forward pass.
         mode: ``full`` or ``rerank`` (see ``evaluate``).
         per_query_path: optional JSONL of per-query metrics and top-10 ids.
+        features: the catalog items' feature vectors, row for row with ``ids``.
+        trained_items: ids clicked in training: adds the cold/warm split of the metrics.
     """
     if mode not in ("full", "rerank"):
         raise ValueError(f"unknown eval mode {mode!r}")
     q_len, i_len = token_limits(query_tower, item_tower)
     queries = embed_texts(query_tower, tokenizer, [q for q, _ in judged], q_len, batch_size)
     if mode == "full":
-        catalog = embed_texts(item_tower, tokenizer, texts, i_len, batch_size)
+        catalog = embed_texts(item_tower, tokenizer, texts, i_len, batch_size, features)
         _, top = exact_topk(queries, catalog, k=100)
         rankings = [[ids[i] for i in row] for row in top.tolist()]
     else:
@@ -67,7 +83,8 @@ def evaluate_towers(query_tower: Tower, item_tower: Tower, tokenizer: Any,
         position = {item_id: i for i, item_id in enumerate(ids)}
         wanted = sorted({position[i] for _, grades in judged for i in grades if i in position})
         row_of = {ids[p]: r for r, p in enumerate(wanted)}
-        catalog = embed_texts(item_tower, tokenizer, [texts[p] for p in wanted], i_len, batch_size)
+        catalog = embed_texts(item_tower, tokenizer, [texts[p] for p in wanted], i_len, batch_size,
+                              features.take(wanted) if features is not None else None)
         rankings = []
         for vector, (_, grades) in zip(queries, judged):
             candidates = [i for i in grades if i in row_of]
@@ -78,4 +95,9 @@ def evaluate_towers(query_tower: Tower, item_tower: Tower, tokenizer: Any,
         with open(per_query_path, "w", encoding="utf-8") as fh:
             for (query, _), metrics, ranked in zip(judged, per_query, rankings):
                 fh.write(json.dumps({"query": query, "metrics": metrics, "top10": ranked[:10]}) + "\n")
-    return {"mode": mode, **mean_metrics(per_query)}
+    summary = {"mode": mode, **mean_metrics(per_query)}
+    if features is not None:
+        summary.update(missing_features=features.num_missing, bad_features=features.bad_features)
+    if trained_items is not None:
+        summary.update(cold_warm_metrics(per_query, [g for _, g in judged], trained_items, min_relevance))
+    return summary

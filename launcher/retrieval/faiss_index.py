@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_slice, embed_texts, rank_slice
-from clicktower.launcher.retrieval.readers import load_towers, read_catalog, token_limits
+from clicktower.launcher.retrieval.readers import load_towers, read_catalog_features, token_limits
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
 
@@ -54,7 +54,8 @@ def build_faiss_index(vectors: np.ndarray, kind: IndexKind = "flat", nlist: int 
 
 
 def embed_catalog(model: str, catalog: str, out: str, index_kind: IndexKind = "flat",
-                  batch_size: int = EMBED_BATCH_SIZE, max_length: int | None = None) -> dict[str, Any] | None:
+                  batch_size: int = EMBED_BATCH_SIZE, max_length: int | None = None,
+                  features_field: str = "features") -> dict[str, Any] | None:
     """Embed this rank's slice of the catalog; the main rank then builds the index.
 
     Runs alone or under ``accelerate launch`` / ``torchrun`` (ranks from accelerate). Every rank writes its own embedding shard; after a barrier the main
@@ -67,6 +68,8 @@ def embed_catalog(model: str, catalog: str, out: str, index_kind: IndexKind = "f
         index_kind: see ``build_faiss_index``.
         batch_size: texts per forward pass.
         max_length: item token limit (default: the tower's own, else the model default).
+        features_field: the catalog's feature vector field, read when the item tower fuses
+            vectors (a bad vector: the item is embedded without it, counted).
 
     Returns:
         The index metadata on the main process, None on the others.
@@ -75,13 +78,14 @@ def embed_catalog(model: str, catalog: str, out: str, index_kind: IndexKind = "f
 
     # Accelerator, not PartialState: only it honours ACCELERATE_USE_CPU (gloo on CPU hosts).
     state = Accelerator()
-    ids, texts = read_catalog(catalog)
     _, item_tower, tokenizer = load_towers(model)
+    dim = item_tower.features_dim
+    ids, texts, features = read_catalog_features(catalog, features_field if dim else None, dim)
     item_tower.to(state.device)
     rank, world = state.process_index, state.num_processes
     limit = max_length or token_limits(item_tower, item_tower)[1]
     # Each rank writes its own rows; the main process concatenates the files (no gather).
-    vectors = embed_slice(item_tower, tokenizer, texts, limit, rank, world, batch_size).numpy()
+    vectors = embed_slice(item_tower, tokenizer, texts, limit, rank, world, batch_size, features).numpy()
     mine = rank_slice(len(ids), rank, world)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -104,6 +108,8 @@ def embed_catalog(model: str, catalog: str, out: str, index_kind: IndexKind = "f
     os.replace(folder / "items.jsonl.tmp", folder / "items.jsonl")
     meta = {"model": str(model), "dim": int(all_vectors.shape[1]), "kind": index_kind,
             "num_items": len(ids), "num_shards": state.num_processes}
+    if features is not None:
+        meta.update(missing_features=features.num_missing, bad_features=features.bad_features)
     # index.json last: its presence means the folder is complete.
     _atomic_save(folder / "index.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return meta

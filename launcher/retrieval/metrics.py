@@ -75,3 +75,35 @@ def mean_metrics(per_query: list[dict[str, float] | None]) -> dict[str, Any]:
     summary["num_queries"] = len(scored)
     summary["num_queries_without_relevant"] = len(per_query) - len(scored)
     return summary
+
+
+def cold_warm_metrics(per_query: list[dict[str, float] | None], judgements: Sequence[dict[str, float]],
+                      trained_items: set[str], min_relevance: float) -> dict[str, Any]:
+    """Split the per-query metrics into cold and warm queries and average each part.
+
+    A query is cold when none of its relevant items (grade >= ``min_relevance``) was ever a
+    positive in training (``trained_items``): only the items' content can find them. Every
+    other query with a relevant item is warm.
+
+    Args:
+        per_query: results of ``query_metrics``, one per query.
+        judgements: each query's ``{item_id: grade}``, in the same order.
+        trained_items: ids of every item clicked in the training set.
+        min_relevance: the grade from which an item counts as relevant.
+
+    Returns:
+        ``cold/<metric>`` and ``warm/<metric>`` means, with ``cold/num_queries`` and
+        ``warm/num_queries`` (a part without queries has its count only).
+    """
+    parts: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
+    for metrics, grades in zip(per_query, judgements):
+        if metrics is None:
+            continue
+        relevant = [item for item, g in grades.items() if g >= min_relevance]
+        parts["warm" if trained_items.intersection(relevant) else "cold"].append(metrics)
+    out: dict[str, Any] = {}
+    for name, rows in parts.items():
+        summary = mean_metrics(rows)
+        out.update({f"{name}/{key}": value for key, value in summary.items()
+                    if key != "num_queries_without_relevant"})
+    return out
