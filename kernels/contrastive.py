@@ -403,7 +403,7 @@ def _backward_pass(ops: _Operands, plan: _Plan, lse_r, lse_c, g_r, g_c, bound: f
     ``s q`` scaled once): ``g`` for one direction; for both, ``u`` of the one-exp rescaling,
     leaving ``P_row * (g_r_i / u_i + vg_j)`` per tile, one broadcast add and one multiply.
     """
-    B, C, cd, dev = plan.batch, plan.columns, ops.cd, ops.qs.device
+    C, cd, dev = plan.columns, ops.cd, ops.qs.device
     floor = ops.floor(bound)
     scaled = _rescaling(lse_r, lse_c, g_c) if C else None  # the one host read of the backward
     row_scale = g_r if not C else (scaled[0] if scaled is not None else None)

@@ -15,7 +15,6 @@ dropout, so they do not change these runs).
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
