@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dist_harness import run_ranks
-from dist_workers import (CASES, HN_SIZES, MASKS, SIZES, TinyTowers, case_reference, ddp_worker,
+from dist_workers import (CASES, MASKS, SIZES, TinyTowers, assert_gradient_contract, case_reference, ddp_worker,
                           global_batch, local_slice, loss_worker, reference_loss, step_worker)
 
 pytestmark = pytest.mark.multiprocess
@@ -32,25 +32,7 @@ def rank_results():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "{}-hn{}-{}-gather{}-w{}".format(
     "sym" if c[0] else "one", int(c[1]), c[2], int(c[3]), int(c[4])))
 def test_gradient_contract_against_single_process(rank_results, case):
-    data = global_batch()
-    q, k, h = (data[name].clone().requires_grad_() for name in ("q", "k", "h"))
-    s = data["scale"].clone().requires_grad_()
-    ref = case_reference(data, case, q, k, s, h)
-    ref.backward()
-    per_rank = [r[case] for r in rank_results]
-    # The mean of the per-rank losses (what the trainer logs) is the global-batch loss...
-    torch.testing.assert_close(sum(r["loss"] for r in per_rank) / WORLD, ref.detach(), **TOL)
-    for rank, r in enumerate(per_rank):
-        # ...each rank's local embeddings get W x the single-process gradient...
-        torch.testing.assert_close(r["q"], WORLD * local_slice(q.grad, SIZES, rank), **TOL)
-        torch.testing.assert_close(r["k"], WORLD * local_slice(k.grad, SIZES, rank), **TOL)
-        if case[1]:
-            torch.testing.assert_close(r["h"], WORLD * local_slice(h.grad, HN_SIZES, rank), **TOL)
-    # ...and a replicated parameter (the logit scale) averaged over ranks, as DDP does. (Without
-    # gathered queries each rank differentiates the column sums of ITS queries for all items,
-    # not its items' full rows: only the sum over ranks matches.)
-    torch.testing.assert_close(sum(r["s"] for r in per_rank) / WORLD, s.grad, **TOL)
-
+    assert_gradient_contract([r[case] for r in rank_results], case, case_reference, TOL)
 
 def test_cases_exercise_every_mask():
     """The batch really holds what the cases claim: each half of the rule masks something in

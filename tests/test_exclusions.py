@@ -14,7 +14,7 @@ import torch
 from dist_exclude import (CASES, DISTILL_T, DISTILL_WEIGHT, OWNERS, TEACHER, case_reference, distill_reference,
                           exclusion_loss_worker, exclusion_step_worker, global_exclude, step_reference)
 from dist_harness import run_ranks
-from dist_workers import HN_SIZES, MASKS, SIZES, global_batch, local_slice, reference_loss
+from dist_workers import MASKS, assert_gradient_contract, global_batch, reference_loss
 
 from clicktower.kernels import fused_contrastive_loss, fused_symmetric_contrastive_loss
 from clicktower.modeling.losses import ContrastiveLoss, LossConfig
@@ -189,19 +189,7 @@ def test_exclusions_across_ranks_against_single_process(rank_results, case):
     """The gradient contract of test_distributed_loss with exclusion lists naming the other
     rank's items and hard negatives: the mean of the per-rank losses is the global loss, each
     rank's embeddings get W x its gradient, the logit scale's averages to it."""
-    data = global_batch()
-    q, k, h = (data[name].clone().requires_grad_() for name in ("q", "k", "h"))
-    s = data["scale"].clone().requires_grad_()
-    ref = case_reference(data, case, q, k, s, h)
-    ref.backward()
-    per_rank = [r[case] for r in rank_results]
-    torch.testing.assert_close(sum(r["loss"] for r in per_rank) / WORLD, ref.detach(), **TOL)
-    for rank, r in enumerate(per_rank):
-        torch.testing.assert_close(r["q"], WORLD * local_slice(q.grad, SIZES, rank), **TOL)
-        torch.testing.assert_close(r["k"], WORLD * local_slice(k.grad, SIZES, rank), **TOL)
-        if case[1]:
-            torch.testing.assert_close(r["h"], WORLD * local_slice(h.grad, HN_SIZES, rank), **TOL)
-    torch.testing.assert_close(sum(r["s"] for r in per_rank) / WORLD, s.grad, **TOL)
+    assert_gradient_contract([r[case] for r in rank_results], case, case_reference, TOL)
 
 
 @pytest.mark.multiprocess

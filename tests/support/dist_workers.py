@@ -97,6 +97,36 @@ def local_slice(x: torch.Tensor, sizes, rank: int) -> torch.Tensor:
     return x[start:start + sizes[rank]]
 
 
+def assert_gradient_contract(per_rank: list[dict], case, reference, tol: dict) -> None:
+    """The distributed loss-scaling contract of one case, against the single-process loss of
+    the global batch.
+
+    Args:
+        per_rank: each rank's ``{"loss", "q", "k", "h", "s"}`` for this case (from a worker).
+        case: the case tuple (``case[1]``: hard negatives present).
+        reference: ``reference(data, case, q, k, s, h)``, the global-batch loss.
+        tol: ``torch.testing.assert_close`` tolerances.
+    """
+    data = global_batch()
+    q, k, h = (data[name].clone().requires_grad_() for name in ("q", "k", "h"))
+    s = data["scale"].clone().requires_grad_()
+    ref = reference(data, case, q, k, s, h)
+    ref.backward()
+    world = len(per_rank)
+    # The mean of the per-rank losses (what the trainer logs) is the global-batch loss...
+    torch.testing.assert_close(sum(r["loss"] for r in per_rank) / world, ref.detach(), **tol)
+    for rank, r in enumerate(per_rank):
+        # ...each rank's local embeddings get W x the single-process gradient...
+        torch.testing.assert_close(r["q"], world * local_slice(q.grad, SIZES, rank), **tol)
+        torch.testing.assert_close(r["k"], world * local_slice(k.grad, SIZES, rank), **tol)
+        if case[1]:
+            torch.testing.assert_close(r["h"], world * local_slice(h.grad, HN_SIZES, rank), **tol)
+    # ...and a replicated parameter (the logit scale) averaged over ranks, as DDP does. (Without
+    # gathered queries each rank differentiates the column sums of ITS queries for all items,
+    # not its items' full rows: only the sum over ranks matches.)
+    torch.testing.assert_close(sum(r["s"] for r in per_rank) / world, s.grad, **tol)
+
+
 def case_reference(data: dict, case, q, k, s, h) -> torch.Tensor:
     """``reference_loss`` of one CASES entry on the global batch.
 
