@@ -1,33 +1,47 @@
 # make demo: the README's main job. make test: the test suite (what CI runs).
 # make test-fast: the unit tier minus slow tests (tiers: tests/conftest.py), under 2 minutes.
-# Each builds .venv on a fresh machine: torch is pinned to the local CPU wheel (an unpinned
-# torch would pull a multi-GB CUDA build), the rest comes from setup.py.
+# Each builds .venv on a fresh machine from the lock (constraints.txt, every package's tested
+# version): torch is the local CPU wheel (an unpinned torch would pull a multi-GB CUDA build).
+# make test-latest: the newest versions setup.py allows, in .venv-latest, on the fast tier; it
+# writes .venv-latest/constraints.txt, the candidate lock (docs/testing.md, "Refreshing the lock").
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+LOCK := constraints.txt
 STAMP := $(VENV)/.installed
+LATEST := .venv-latest
+# Every pytest run: offline model loading, the venv's `clicktower` and `accelerate` first on PATH.
+PYTEST = HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PATH="$(CURDIR)/$(1)/bin:$$PATH" $(1)/bin/python -m pytest -q
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast test-latest clean
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[test]"
 	touch $(STAMP)
 
 demo: install
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/clicktower demo --out demo_out
 
 test: install
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
-		$(PY) -m pytest -q tests
+	$(call PYTEST,$(VENV)) --durations=15 tests
 
 test-fast: install
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
-		$(PY) -m pytest -q -m "unit and not slow" tests
+	$(call PYTEST,$(VENV)) -m "unit and not slow" tests
+
+# torch stays the local CPU wheel here too: the newest torch on PyPI is a multi-GB CUDA build.
+test-latest:
+	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' \
+		> $(LATEST)/constraints.txt
+	$(call PYTEST,$(LATEST)) -m "unit and not slow" tests
+	@echo "newest allowed versions pass the fast tier: $(LATEST)/constraints.txt is the candidate lock"
 
 clean:
 	rm -rf demo_out runs .pytest_cache

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIG, clicktower, run
+from conftest import TINY_CONFIG, clicktower
+from dist_launch import accelerate_launch
 
 pytestmark = pytest.mark.e2e
 
@@ -66,12 +66,12 @@ def test_eval_of_the_untrained_pretrained_model(synth_dir):
 
 
 def test_accelerate_launch_one_process(shard_dir, tmp_path):
-    accelerate = str(Path(sys.executable).parent / "accelerate")
     run_dir = tmp_path / "run"
-    result = run([accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
-                  "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "-m", "clicktower.launcher.train", "--config", str(TINY_CONFIG),
-                  f"data.train_manifest={shard_dir}", f"train.output_dir={run_dir}", "train.max_steps=20"])
+    # From the repository root (run's cwd), as the README has it: the root's kernels/ folder must
+    # not shadow the `kernels` package that transformers imports.
+    result = accelerate_launch("cpu_1proc", ["-m", "clicktower.launcher.train", "--config", str(TINY_CONFIG),
+                                             f"data.train_manifest={shard_dir}", f"train.output_dir={run_dir}",
+                                             "train.max_steps=20"])
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_trained(run_dir, 20)
 

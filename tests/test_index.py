@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,8 @@ from clicktower.launcher.retrieval.embedding import rank_slice
 from clicktower.launcher.retrieval.faiss_index import build_faiss_index, load_embedding_shards
 from clicktower.launcher.retrieval.metrics import exact_topk
 
-from conftest import MINILM, clicktower, run
+from conftest import MINILM, clicktower
+from dist_launch import accelerate_launch
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +62,10 @@ def test_embed_on_two_ranks_equals_one_rank_and_search(small_catalog, tmp_path):
     single = tmp_path / "single"
     result = clicktower("embed", "--model", MINILM, "--catalog", str(small_catalog), "--out", str(single))
     assert result.returncode == 0, result.stderr
-    accelerate = str(Path(sys.executable).parent / "accelerate")
     double = tmp_path / "double"
-    # Two gloo processes on the CPU: --multi_gpu with ACCELERATE_USE_CPU.
-    result = run([accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
-                  "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "clicktower.launcher.index",
-                  "--model", MINILM, "--catalog", str(small_catalog), "--out", str(double)],
-                 env={"ACCELERATE_USE_CPU": "true"})
+    # Two gloo processes on the CPU (configs/accelerate/cpu_2proc_ddp.yaml, a free port).
+    result = accelerate_launch("cpu_2proc_ddp", ["-m", "clicktower.launcher.index",
+                                             "--model", MINILM, "--catalog", str(small_catalog), "--out", str(double)])
     assert result.returncode == 0, result.stderr[-3000:]
     one, one_ids = load_embedding_shards(single, 1)
     two, two_ids = load_embedding_shards(double, 2)

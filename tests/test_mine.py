@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,8 @@ from clicktower.data.shards import iter_shard, load_manifest
 from clicktower.launcher.retrieval.mining import mine_negatives
 from clicktower.modeling.towers import TwoTower, TwoTowerConfig, resolve_model_path
 
-from conftest import MINILM, clicktower, run
+from conftest import MINILM, clicktower
+from dist_launch import accelerate_launch
 
 
 def _unit_with_score(score: float, axis: int, dim: int = 8) -> torch.Tensor:
@@ -206,14 +205,11 @@ def test_mine_cli_writes_shards_that_train_with_hard_negatives(mined_one, tiny_m
 
 @pytest.mark.e2e
 def test_mine_on_two_ranks_equals_one_rank(mined_one, tiny_model, shard_dir, synth_dir, tmp_path):
-    accelerate = str(Path(sys.executable).parent / "accelerate")
     out = tmp_path / "mined2"
-    # Two gloo processes on the CPU: --multi_gpu with ACCELERATE_USE_CPU.
-    result = run([accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
-                  "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "clicktower.launcher.mine",
-                  "--model", str(tiny_model), "--manifest", str(shard_dir), "--out", str(out),
-                  "--catalog", str(synth_dir / "catalog.jsonl"), *MINE_ARGS],
-                 env={"ACCELERATE_USE_CPU": "true"})
+    # Two gloo processes on the CPU (configs/accelerate/cpu_2proc_ddp.yaml, a free port).
+    result = accelerate_launch("cpu_2proc_ddp", ["-m", "clicktower.launcher.mine",
+                                             "--model", str(tiny_model), "--manifest", str(shard_dir), "--out", str(out),
+                                             "--catalog", str(synth_dir / "catalog.jsonl"), *MINE_ARGS])
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["num_processes"] == 2
     assert _negatives(out) == _negatives(mined_one[0])

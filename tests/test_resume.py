@@ -80,12 +80,15 @@ def test_sigkill_inside_a_checkpoint_save_then_resume_is_bitwise_identical(refer
     torn = root / ".tmp-step_00000016"
     loader = f"data.num_workers={workers}"
     # tests/support/hold_save (on the launch's PYTHONPATH) holds the step-16 save after every
-    # rank wrote its files, before the marker.
+    # rank wrote its files, before the marker. Wait for every file of the torn save: rank 0's
+    # trainer_state.json is written before the weights and before rank 1's RNG state.
+    torn_files = [torn / name for name in ("trainer_state.json", "model.safetensors", "random_states_0.pkl",
+                                           "random_states_1.pkl")]
     proc = subprocess.Popen(_launch_cmd(_args(shard_dir, out, loader)), cwd=REPO, env=hold_env(16, _env()),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not (torn / "trainer_state.json").is_file():
+        while not all(path.is_file() for path in torn_files):
             assert proc.poll() is None, "the run ended before its step-16 save"
             assert time.monotonic() < deadline, "no step-16 save in time"
             time.sleep(0.05)

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import tempfile
 import time
 import traceback
@@ -21,11 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from procs import descendants, free_port, kill_tree  # noqa: F401  (re-exported for the tests)
 
 
 def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
@@ -67,29 +60,11 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
             # Every rank saved its result and none raised: a process died after the work under
             # test (in the final barrier or gloo's teardown). Say so, don't fail.
             warnings.warn(f"a rank died after saving its result (teardown): {exc}")
+        finally:  # also on a per-test timeout (pytest-timeout): no rank outlives the test
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
-def descendants(root: int) -> list[int]:
-    """Every process below ``root`` (children, grandchildren, ...), from /proc.
-
-    Args:
-        root: a process id.
-    """
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    pids, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            pids.append(child)
-            stack.append(child)
-    return pids
 
 
 def worker_pid(root: int, rank: int) -> int | None:
@@ -109,22 +84,6 @@ def worker_pid(root: int, rank: int) -> int | None:
         if f"RANK={rank}".encode() in env and b"clicktower.launcher.train" in cmdline:
             return pid
     return None
-
-
-def kill_tree(proc: subprocess.Popen, timeout: float = 60) -> None:
-    """SIGKILL a process and everything below it (torch-elastic's workers have their own
-    process groups, so the launcher's group alone would leave them behind).
-
-    Args:
-        proc: the launcher process.
-        timeout: seconds to wait for it to be reaped.
-    """
-    for pid in [proc.pid, *descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=timeout)
 
 
 def consumed_keys(out: Path) -> dict[tuple[int, int], tuple[list[int], list[str]]]:

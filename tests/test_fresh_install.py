@@ -1,0 +1,92 @@
+"""A fresh clone works from its root: the code folders never shadow the PyPI packages of the
+same name, and the documented entry points start there (issue: transformers >= 5.25 imports
+Hugging Face's ``kernels``, which the root's ``kernels/`` folder used to shadow).
+
+Every command runs with the repository root as its working directory, as a user types it.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, clicktower, run
+
+pytestmark = pytest.mark.e2e
+
+PROBE = """
+import importlib, json, sys
+try:
+    module = importlib.import_module(sys.argv[1])
+except ModuleNotFoundError as exc:
+    print(json.dumps({"missing": str(exc)}))
+else:
+    print(json.dumps({"file": getattr(module, "__file__", None), "path": list(getattr(module, "__path__", []))}))
+"""
+
+
+def _resolve(name: str) -> dict:
+    result = run([sys.executable, "-c", PROBE, name], cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _outside_repo(places: list) -> bool:
+    return all(p and not str(p).startswith(f"{REPO}/{name}") for p in places for name in FOLDERS)
+
+
+FOLDERS = ("kernels", "data", "modeling", "launcher")
+
+
+def test_installed_kernels_package_wins_over_the_root_folder():
+    import transformers
+    from packaging.version import Version
+
+    # The trap this guards against appears with transformers 5.25 (it imports `kernels`).
+    assert Version(transformers.__version__) >= Version("5.25"), "the lock should test transformers >= 5.25"
+    found = _resolve("kernels")
+    assert "missing" not in found
+    assert "site-packages" in found["file"] and _outside_repo([found["file"], *found["path"]])
+    # And transformers' own use of it, from the root.
+    result = run([sys.executable, "-c", "import kernels, transformers.integrations.hub_kernels"], cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["data", "modeling", "launcher"])
+def test_bare_folder_names_resolve_to_nothing_from_the_root(name):
+    found = _resolve(name)
+    # No PyPI package of that name is installed here: the bare import fails as if this
+    # repository were not on sys.path, and names the real import.
+    assert found.get("missing", "").startswith(f"No module named '{name}'") and f"clicktower.{name}" in found["missing"]
+
+
+def test_python_m_entry_points_start_from_the_root():
+    for module in ("train", "evaluate", "index", "mine"):
+        result = run([sys.executable, "-m", f"clicktower.launcher.{module}", "--help"], cwd=REPO)
+        assert result.returncode == 0 and "usage" in result.stdout, (module, result.stderr[-2000:])
+
+
+def test_python_m_pytest_from_the_root_collects():
+    result = run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests/test_config.py"], cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "tests/test_config.py::" in result.stdout
+
+
+def test_make_targets_parse():
+    result = subprocess.run(["make", "-n", "-B", "install", "demo", "test", "test-fast", "test-latest"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "-c constraints.txt" in result.stdout  # installs come from the lock
+
+
+def test_demo_smoke(tmp_path):
+    """`clicktower demo` at a tiny size: synthesise, shard, evaluate, train, evaluate, table."""
+    result = clicktower("demo", "--out", str(tmp_path / "demo"), "--pairs", "300", "--cold-items", "10",
+                        "train.max_steps=2", "train.batch_size=8", cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(table) == {"before", "after"}
+    assert table["before"]["num_queries"] == table["after"]["num_queries"] > 0
+    assert (tmp_path / "demo" / "run" / "final").is_dir()
