@@ -38,7 +38,8 @@ test-latest:
 	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
-	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' \
+	{ grep '^#' $(LOCK) | grep -v '^# Generated'; echo "# Generated $$(date +%F) by make test-latest (pip freeze)."; \
+	  $(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } \
 		> $(LATEST)/constraints.txt
 	$(call PYTEST,$(LATEST)) -m "unit and not slow" tests
 	@echo "newest allowed versions pass the fast tier: $(LATEST)/constraints.txt is the candidate lock"
