@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY_CONFIG, cli_env
+from conftest import REPO, TINY_CONFIG, cli_env, run
 from dist_harness import assert_exactly_once, consumed_keys, free_port, kill_tree, logged_steps, worker_pid
 from dist_launch import ACCELERATE
 from hold_save.sitecustomize import hold_env
@@ -66,8 +66,7 @@ def _weights(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference(shard_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
-    result = subprocess.run(_launch_cmd(_args(shard_dir, out, "train.resume=none")), cwd=REPO, env=_env(),
-                            capture_output=True, text=True, timeout=600)
+    result = run(_launch_cmd(_args(shard_dir, out, "train.resume=none")), cwd=REPO, env=_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -99,8 +98,7 @@ def test_sigkill_inside_a_checkpoint_save_then_resume_is_bitwise_identical(refer
     assert not (torn / "COMPLETE").exists() and not (root / "step_00000016").exists()
     assert (root / "latest").read_text().strip() == "step_00000008"
     assert not (out / "final").exists()
-    result = subprocess.run(_launch_cmd(_args(shard_dir, out, loader)), cwd=REPO, env=_env(),
-                            capture_output=True, text=True, timeout=600)
+    result = run(_launch_cmd(_args(shard_dir, out, loader)), cwd=REPO, env=_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {root / 'step_00000008'} at step 8" in result.stdout
     resolved = yaml.safe_load((out / "config.yaml").read_text())
@@ -167,8 +165,7 @@ def test_preemption_under_torchrun_checkpoints_and_resumes_exactly(reference, sh
                        agent_reports_workers=True)
     assert stop1 < stop2
 
-    result = subprocess.run(_torchrun_cmd(_args(shard_dir, out)), cwd=REPO, env=_env(), capture_output=True,
-                            text=True, timeout=600)
+    result = run(_torchrun_cmd(_args(shard_dir, out)), cwd=REPO, env=_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / f'step_{stop2:08d}'} at step {stop2}" in result.stdout
     expected, got = _losses(reference), _losses(out)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_CONFIG, cli_env, clicktower
+from conftest import REPO, TINY_CONFIG, cli_env, clicktower, run
 from dist_harness import assert_exactly_once, consumed_keys, free_port, keys_per_step, logged_steps
 from dist_launch import ACCELERATE
 from hold_save.sitecustomize import hold_env
@@ -75,7 +75,7 @@ def _cmd(config: str | Path, args: list[str]) -> tuple[list[str], dict[str, str]
 
 def _run(config: str | Path, args: list[str]) -> subprocess.CompletedProcess:
     cmd, env = _cmd(config, args)
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run(cmd, cwd=REPO, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -302,8 +302,7 @@ def test_async_save_killed_while_writing_then_resumed(reference, shard_dir, tmp_
     assert (root / "latest").read_text().strip() == STEP8 and check_checkpoint(root / STEP8) is None
 
     cmd, env = _cmd(config, _args(shard_dir, out, "checkpoint.async_save=true"))
-    result = subprocess.run(cmd, cwd=REPO, env=hold_env(None, env, record=str(record)), capture_output=True,
-                            text=True, timeout=600)
+    result = run(cmd, cwd=REPO, env=hold_env(None, env, record=str(record)), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {root / STEP8} at step 8" in result.stdout
     assert f"skipping checkpoint {torn}: incomplete" in result.stderr
