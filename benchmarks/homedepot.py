@@ -3,6 +3,7 @@ training time (primary) and at equal pairs, both trained here from all-MiniLM-L6
 
     python benchmarks/homedepot.py --out runs/homedepot              # the benchmark (~52 min)
     python benchmarks/homedepot.py --out /tmp/hd_smoke --quick --results-dir /tmp/hd_smoke/results  # ~3-5 min
+    python benchmarks/homedepot.py --temperature-sweep --out /tmp/hd_temp   # temperature sweep (~20 min)
 
 Data: ``../shared/data/homedepot`` (read in place, never copied into the repository):
 ``train.csv`` (61,426 judged pairs, 10,295 queries, relevance 1..3) and ``catalog.csv``
@@ -95,6 +96,15 @@ Writes ``OUT/results.json``, ``OUT/per_query/*.jsonl``, ``OUT/clicktower_model/{
 and ``OUT/st_model/`` (both from seed 0 of the equal-time comparison), the runs under
 ``OUT/runs/``, and ``benchmarks/results/homedepot.{json,md}`` (not for smoke runs with
 ``--catalog-limit``/``--quick`` unless ``--results-dir`` is given).
+
+``--temperature-sweep``: which temperature settings work, on the TUNING split. The same split,
+pairs, shards and clicktower recipe, changing only ``model.init_temperature``,
+``model.learn_temperature`` and ``optim.logit_scale_lr`` (``TEMPERATURE_VARIANTS``); every
+variant trains one epoch with seed 0 and is scored on the tuning queries at the last step (the
+in-training evaluation), so the reported split stays unbiased by this choice. No
+sentence-transformers runs. Writes ``OUT/results.json`` and
+``benchmarks/results/homedepot_temperature.{json,md}`` (not for ``--quick`` unless
+``--results-dir`` is given).
 """
 from __future__ import annotations
 
@@ -123,6 +133,14 @@ CLICKTOWER_SPEED = ["model.length_buckets=4", "data.pad_to_multiple_of=1", "opti
                     "model.dropout=0.0", "model.freeze_embeddings=true"]
 METRICS = ("recall@10", "recall@100", "mrr@10", "ndcg@10")
 SIGNIFICANT = ("recall@10", "ndcg@10")  # the gains whose intervals should exclude zero
+# --temperature-sweep: (name, overrides), the recipe's own setting first.
+TEMPERATURE_VARIANTS = [
+    ("learned, init 0.05, scale lr 1e-3 (recipe)", []),
+    ("fixed 0.05 (scale 20, as MNRL)", ["model.learn_temperature=false"]),
+    ("learned, init 0.02", ["model.init_temperature=0.02"]),
+    ("learned, init 0.05, scale lr 1e-2", ["optim.logit_scale_lr=1.0e-2"]),
+    ("fixed 0.1 (scale 10)", ["model.learn_temperature=false", "model.init_temperature=0.1"]),
+]
 ST, CT = "sentence_transformers", "clicktower"
 _COLOURS = ("black|white|red|blue|green|yellow|brown|gr[ae]y|silver|gold|bronze|nickel|chrome|brass|copper|"
             "beige|ivory|tan|almond|bisque|biscuit|pink|purple|orange|clear|natural|oak|cherry|walnut|maple|"
@@ -1066,6 +1084,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                          "runs, none for smoke runs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="clicktower: an extra config override (repeatable), applied last")
+    p.add_argument("--temperature-sweep", action="store_true",
+                   help="instead of the comparison: clicktower's temperature settings on the tuning split")
     args = p.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -1077,8 +1097,79 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def last_tuning_eval(run: Path) -> dict:
+    """The last in-training evaluation of a run (its ``metrics.jsonl`` eval records).
+
+    Args:
+        run: the run folder.
+    """
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if any(k.startswith("eval/") for k in e)]
+    return {k.split("/", 1)[1]: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
+
+
+def temperature_markdown(report: dict) -> str:
+    """The temperature sweep as a Markdown page.
+
+    Args:
+        report: what ``temperature_sweep`` measured.
+    """
+    lines = ["# Home Depot: temperature settings on the tuning split (benchmarks/homedepot.py --temperature-sweep)",
+             "",
+             f"{report['pairs']:,} training pairs, one epoch, seed 0, batch {report['batch_size']}; scored on "
+             f"{report['tuning_queries']} tuning queries over {report['tuning_catalog']:,} items at the last step. "
+             f"Machine: {report['machine']}; 1-min load {report['load_before']} before, {report['load_after']} "
+             f"after; {report['wall_min']:.1f} min.", "",
+             "| setting | Recall@10 | nDCG@10 | MRR@10 | final logit scale | pairs/s |", "|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        m = row["tuning"]
+        lines.append(f"| {row['name']} | {m.get('recall@10', float('nan')):.4f} | {m.get('ndcg@10', float('nan')):.4f} | "
+                     f"{m.get('mrr@10', float('nan')):.4f} | {row['final_logit_scale']:.1f} | {row['pairs_per_sec']} |")
+    best = max(report["rows"], key=lambda r: r["tuning"].get("ndcg@10", -1.0))
+    lines += ["", f"Best by nDCG@10: **{best['name']}**. Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def temperature_sweep(args: argparse.Namespace) -> int:
+    """``--temperature-sweep``: train every ``TEMPERATURE_VARIANTS`` setting one epoch and score
+    it on the tuning split; returns the exit status.
+
+    Args:
+        args: the parsed arguments (``--set`` is replaced by each variant's overrides).
+    """
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started, load_before = time.time(), os.getloadavg()[0]
+    d = load_data(args)
+    tuning = write_tuning_files(d, out / "tuning")
+    shards = write_training_shards(d["pairs"], out / "data")
+    steps = len(d["pairs"]) // args.batch_size
+    rows = []
+    for index, (name, extra) in enumerate(TEMPERATURE_VARIANTS):
+        args.set = list(extra)
+        run = out / f"run_{index}"
+        _, figures = train_clicktower(args, shards, run, 0, steps, True, tuning)
+        rows.append({"name": name, "overrides": extra, "tuning": last_tuning_eval(run),
+                     "final_logit_scale": figures.get("final_logit_scale") or float("nan"),
+                     "pairs_per_sec": figures.get("pairs_per_sec")})
+        log(f"{name}: {json.dumps(rows[-1])}")
+    report = {"pairs": len(d["pairs"]), "batch_size": args.batch_size, "tuning_queries": len(d["tuning"]),
+              "tuning_catalog": len(d["tuning_catalog"]), "machine": machine(), "rows": rows,
+              "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
+              "wall_min": (time.time() - started) / 60,
+              "command": "python benchmarks/homedepot.py " + " ".join(args.argv)}
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(temperature_markdown(report))
+    results_dir = Path(args.results_dir) if args.results_dir else (None if args.quick else REPO / "benchmarks/results")
+    if results_dir is not None:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / "homedepot_temperature.json").write_text(json.dumps(report, indent=2) + "\n")
+        (results_dir / "homedepot_temperature.md").write_text(temperature_markdown(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; returns the exit status.
+    """Run the benchmark (or ``--temperature-sweep``); returns the exit status.
 
     Args:
         argv: the arguments (default ``sys.argv[1:]``).
@@ -1090,6 +1181,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "train.csv").is_file() or not (data / "catalog.csv").is_file():
         print(f"homedepot: {data}: no train.csv/catalog.csv (see its README)", file=sys.stderr)
         return 2
+    if args.temperature_sweep:
+        return temperature_sweep(args)
     bench = Bench(args)
     results = bench.run()
     (bench.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,35 +1,15 @@
 """The sample order: which rank reads which samples, and in which order (counts and seed only).
 
 Three layers, each a pure function of the seed, the shard sample counts and the config:
+``EpochOrder`` (one source, one epoch: shards permuted, cut into blocks of ``block_size``
+samples, blocks interleaved across ``interleave_shards`` shards), ``SourceSegment`` (one
+source, one world size: the remaining samples as regions, dealt to the ranks block by block)
+and ``Segment`` (all sources mixed in a fixed pattern of period ``MIX_PERIOD``, permuted inside
+windows of whole batches). ``Segment.successor`` carries a partly read epoch over to another
+world size or batch size so that every sample is still read at most once per epoch.
 
-1. ``EpochOrder`` (one source, one epoch, independent of the world size): a seeded
-   permutation of the shards, concatenated; cut into blocks of ``block_size`` samples (a
-   block is a contiguous run of samples in the files: one range request, two where it
-   crosses a shard end; the short last block stays last); the blocks are then interleaved
-   in chunks of ``interleave_shards`` lanes of about one shard each: the chunk is read
-   column by column (seeded column and lane orders), so consecutive blocks come from
-   different shards.
-2. ``SourceSegment`` (one source, one world size): the remaining samples of the source as
-   *regions* (explicit leftover samples from a resume, then the rest of the current epoch,
-   then, when infinite, every later epoch); each region is dealt to the ranks in stripes of
-   ``block_size`` positions, round-robin, the last partial round split evenly. A stripe of
-   an epoch region is one block, so a rank reads only its own blocks, in whole (bytes
-   fetched = bytes used), and rank totals differ by at most one sample per region.
-3. ``Segment`` (all sources, one world size and batch size): a rank's stream mixes the
-   sources in a fixed pattern of period ``MIX_PERIOD`` (one source: the identity), and is
-   permuted inside windows of ``G * batch_size`` positions (``window`` >= the larger of
-   ``shuffle_buffer`` and ``ceil(interleave_shards / world_size)`` blocks, so that the
-   ranks' windows together span about ``interleave_shards`` blocks of different shards).
-   Batch ``j`` of a rank is positions ``[j * B, (j + 1) * B)`` of its permuted stream;
-   windows hold whole batches, so one window is read by one loader worker.
-
-Resume on another world size or batch size: the loader state lists the segments of the
-epoch as ``[world_size, batch_size, consumed per rank]``; ``Segment.successor`` turns the
-last one into the next: the samples of every rank's partly read window that it has not
-read, and the rank's samples up to a cut where every rank's remaining samples are whole
-rounds of blocks, become the new segment's explicit leftovers (read first, at most about a
-window and two blocks per old rank); everything after the cut is dealt again as whole
-blocks. Every sample is read at most once per epoch through any chain of resumes.
+Why blocks, windows and the resume rules: docs/data.md ("Reading: order, exactly once,
+resume").
 """
 from __future__ import annotations
 

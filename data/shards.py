@@ -1,49 +1,16 @@
 """Write click pairs into indexed WebDataset tar shards with a manifest, and read them back.
 
-Layout of a shard directory::
+A shard set is a folder (or URL) of plain WebDataset tars (``shard-000000.tar`` or
+``.tar.gz``; each sample a ``<key>.json`` member, plus ``<key>.npy`` for a feature vector),
+a sidecar index per shard (``.idx.npy``: the byte offset of every sample, so a reader seeks
+straight to one) and ``manifest.json``, written last (its presence means complete). Members
+are written one at a time with the standard library's ``TarInfo`` rather than
+``wds.TarWriter``, whose buffering hides each sample's offset. ``load_manifest`` keeps the
+shard list as a compact ``ShardTable``; manifest versions 1 and 2 still load.
 
-    out_dir/
-      manifest.json              # written last; its presence means "complete"
-      shard-000000.tar           # or .tar.gz with --gzip
-      shard-000000.idx.npy       # per-sample byte offsets (the index), a sidecar per shard
-      shard-000001.tar
-      ...
-
-A shard is a plain WebDataset tar: each sample is ``<key>.json`` (the sample dict from
-``clicktower.data.sources.to_sample``) plus ``<key>.npy`` when it carries a feature vector;
-``tar tf`` and ``wds.WebDataset`` read it as is. Members are written with the standard
-library's ``TarInfo`` one sample at a time (rather than ``wds.TarWriter``, whose ``tarfile``
-stream buffers 10 KiB records) so that the byte offset of every sample is known exactly.
-
-The index (``.idx.npy``, uint64) holds ``num_samples + 1`` offsets into the uncompressed tar:
-sample ``i`` is the bytes ``[off[i], off[i+1])``, so a reader seeks straight to any sample.
-A ``.tar.gz`` shard is one gzip stream full-flushed every ``gzip_block`` samples; its index
-appends the ``num_blocks + 1`` compressed offsets of those flush points, so a reader inflates
-one block (raw deflate from a flush point), never the whole shard. The manifest (version 3)
-lists per shard only its path, sample count, bytes and sha256: the index's name and size
-follow from them, and readers load an index (memory-mapped) only when they open its shard.
-``load_manifest`` keeps the shards as a compact ``ShardTable`` (arrays, about 80 bytes a
-shard), so a reader's memory does not grow with the shard count by more than that.
-Versions 1 (no index) and 2 (index name and size listed per shard) still load.
-
-The key is ``SSSSS-RRRRRRRRRRRR``: the input's index in ``inputs`` and the record's row
-(JSONL: line) number in it. It is unique, and stable whatever the shard size, the writer
-count or the ranges (a range knows the line or row where it starts).
-
-Parallel writing: the inputs are cut into ranges of about ``split_bytes`` (64 MiB):
-uncompressed JSONL into byte ranges at line boundaries, uncompressed CSV/TSV at record
-boundaries (found by one csv parse in the parent: a quoted field may span lines), Parquet
-into runs of row groups, other inputs (gzip, datasets folders) whole, small inputs packed
-together (``sources.split_input``). ``N`` writer processes take the ranges in turn and each reads only
-its own ranges, so every input record is read and parsed once. Inside a range, records are
-cut into chunks of ``shard_size`` (counted before the label filter), each chunk into parts
-when ``max_shard_bytes`` is set; once all writers are done the shards are renamed
-``shard-<n>`` in input order. The ranges do not depend on ``N``, so the output is
-byte-identical for any number of writers.
-
-Output (``outputs``): a local ``out_dir`` appears only once complete (written in a sibling
-temporary folder, renamed); a URL gets the manifest uploaded last; ``append=True`` grows an
-existing set without rewriting it. On any error the temporary folder is removed.
+``write_shards`` cuts the inputs into ranges that ``N`` writer processes share, each reading
+only its own, so the output is byte-identical for any ``N``. Format, keys, ranges and the
+reasons: docs/data.md ("Sharding", "Shards at scale").
 """
 from __future__ import annotations
 

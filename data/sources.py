@@ -1,27 +1,16 @@
 """Read click logs (CSV/TSV, JSON Lines, Parquet, Hugging Face ``datasets`` folders) as records.
 
-Two layers:
-
-* ``iter_records(path)`` streams ``(row_number, record_dict)`` from one input, whatever its
-  format. Row numbers are 1-based data rows (the CSV header is not a row); for JSON Lines
-  they are physical line numbers, so an editor can jump straight to a bad line.
-* ``to_sample(record, field_map, ...)`` turns one record into a training sample
-  ``{"query", "item_id", "item_text"[, "label", "weight", "hard_negatives"]}`` as described
-  by a ``FieldMap``, or ``None`` when the label is below ``min_label``.
+Two layers: ``iter_records(path)`` streams ``(row_number, record_dict)`` from one input,
+whatever its format (1-based data rows; for JSON Lines the physical line number, so an editor
+jumps straight to a bad line), and ``to_sample(record, field_map, ...)`` turns one record
+into a training sample as a ``FieldMap`` describes, or ``None`` when the label is below
+``min_label``. ``split_input`` cuts an input into the ranges the shard writers share.
 
 Every problem with an input is a ``DataError`` whose one-line message names the file, the row
-(or line) and the field.
-
-Supported inputs (chosen by extension, compared case-insensitively):
-
-==========================  ===================================================
-``.csv`` / ``.tsv``         header row + data rows, UTF-8 (a BOM is accepted)
-``.jsonl`` / ``.json``      JSON Lines: one JSON object per line
-``.csv.gz`` etc.            gzip-compressed CSV/TSV/JSONL
-``.parquet``                streamed by record batches via pyarrow
-a directory                 ``datasets.save_to_disk`` output; ``DIR:split`` picks a
-                            split of a ``DatasetDict``
-==========================  ===================================================
+(or line) and the field. Supported inputs (by extension, case-insensitive: ``.csv``/``.tsv``
+with a header row, UTF-8 with or without BOM; ``.jsonl``/``.json``; those gzipped;
+``.parquet``, streamed by record batches; a ``datasets.save_to_disk`` folder, ``DIR:split``):
+docs/data.md ("Sharding", "Bad input").
 """
 from __future__ import annotations
 

@@ -2,20 +2,14 @@
 
 One small interface for everything ``clicktower.data`` reads or writes: ranged reads, whole
 reads, sizes, listings, writes. Local paths go straight to the OS (``os.pread`` on a few
-cached descriptors); URLs go through fsspec (``s3fs`` for ``s3://``, ``gcsfs`` for
-``gs://``, aiohttp for ``http(s)://``; any other protocol fsspec knows passes through).
+cached descriptors); URLs go through fsspec (s3fs, gcsfs, aiohttp; any other protocol fsspec
+knows passes through). Retries are ours, not the store library's: s3fs and botocore are told
+to try once (``DEFAULT_OPTIONS``) so that every retry is counted (``IOStats.retries``) and
+bounded by ``max_retries`` with exponential backoff; only transient errors (timeouts, dropped
+connections, HTTP 429 or 5xx) are retried. clicktower reads no environment variable here: the
+store libraries read their own.
 
-Why fsspec rather than obstore: fsspec is already installed with ``datasets``, so local and
-URL paths share one dependency we have anyway; s3fs reads the standard AWS settings through
-botocore (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...), and other stores (``az://``,
-``hf://``) come with their fsspec package, untested. obstore is faster per request, but
-this layer makes one request per ~1 MiB block, where Python's overhead does not show.
-
-Retries are ours, not the store library's: s3fs and botocore are told to try once
-(``DEFAULT_OPTIONS``) so that every retry is counted (``IOStats.retries``, reported as
-``data_retries``) and bounded by ``max_retries`` with exponential backoff. A transient error
-is a timeout, a dropped connection, HTTP 429 or 5xx; anything else (404, 403) fails at once.
-clicktower reads no environment variable here: the store libraries read their own.
+Why fsspec rather than obstore, and the retry policy: docs/data.md ("Data on object storage").
 """
 from __future__ import annotations
 

@@ -1,19 +1,13 @@
 """A deterministic generator of realistic e-commerce click logs, for demos and tests.
 
-The catalog has categories, brands and attributes (colour, material, size, ...) composed
-into product titles the way shops write them ("Varlo 20V Brushless Cordless Drill Driver,
-Yellow - Model VR-2041"). Queries are what shoppers type: a subset of a product's
-attributes, often with a synonym ("couch" for "Sofa", "grey" for "Gray", '60"' for
-"60 in."), a brand nickname, a model number without its dash, shuffled word order and
-typos. Clicks follow a Zipf law over product popularity, so popular products are clicked by
-many different queries and one batch often holds the same product twice.
-
-Outputs (see ``generate``): ``train.jsonl`` (query, item_id, item_text), ``catalog.jsonl``
-(item_id, item_text) and ``eval.jsonl`` (held-out queries with graded relevance per judged
-item id: 3 the intended product, 2 another product matching everything the query says,
-1 same kind of product that misses an attribute). Options add an "image" feature vector per
-product that shows facets some titles leave out (``add_image_features``) and cold products
-that no training pair clicks.
+Product titles are composed from categories, brands and attributes the way shops write them;
+queries are what shoppers type (a subset of the attributes, synonyms, brand nicknames, model
+numbers without dashes, shuffled words, typos); clicks follow a Zipf law over popularity, so
+one batch often holds the same product twice. ``generate`` writes ``train.jsonl``,
+``catalog.jsonl`` and ``eval.jsonl`` (held-out queries with graded relevance: 3 the intended
+product, 2 another product matching everything the query says, 1 same kind missing an
+attribute); options add an "image" feature vector per product (``add_image_features``) and
+cold products no training pair clicks. More: docs/data.md ("Synthetic click logs").
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from clicktower.launcher.engine.checkpoint import CheckpointConfig, Checkpointer
-from clicktower.launcher.engine.checkpoint_files import COMPLETE, LATEST, find_resume_checkpoint, list_checkpoints
+from clicktower.launcher.engine.checkpoint import COMPLETE, LATEST, find_resume_checkpoint, list_checkpoints
 from clicktower.launcher.engine.optim import OptimConfig, build_optimizer, build_scheduler
 from clicktower.modeling.towers import TwoTower, TwoTowerConfig
 
@@ -112,8 +112,8 @@ def test_due_by_steps_and_minutes(tmp_path):
 
 def test_marker_takes_the_ranks_digests_and_hashes_only_the_rest(tmp_path, monkeypatch):
     """Rank 0 hashes only files no rank reported; a reported file that is not there fails."""
-    from clicktower.launcher.engine import checkpoint_files
-    from clicktower.launcher.engine.checkpoint_files import HashingFile, check_checkpoint, write_complete_marker
+    from clicktower.launcher.engine.checkpoint import files as checkpoint_files
+    from clicktower.launcher.engine.checkpoint.files import HashingFile, check_checkpoint, write_complete_marker
 
     (tmp_path / "pytorch_model").mkdir()
     with open(tmp_path / "pytorch_model" / "shard_1.pt", "wb") as fh:
@@ -137,8 +137,8 @@ def test_async_save_writes_the_state_of_its_step_in_the_background(tmp_path, mon
     rename, no ``latest``); then ``poll`` commits it, with the files a synchronous save writes."""
     import threading
 
-    from clicktower.launcher.engine.checkpoint_files import check_checkpoint
-    from clicktower.launcher.engine.checkpoint_state import Snapshot
+    from clicktower.launcher.engine.checkpoint.files import check_checkpoint
+    from clicktower.launcher.engine.checkpoint.state import Snapshot
 
     release, real_write = threading.Event(), Snapshot.write
     monkeypatch.setattr(Snapshot, "write", lambda self: release.wait(60) and real_write(self))

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from clicktower.launcher.engine.checkpoint import CheckpointConfig, Checkpointer
-from clicktower.launcher.engine.checkpoint_files import check_checkpoint, write_complete_marker
-from clicktower.launcher.engine.checkpoint_remote import RemoteCheckpoints
+from clicktower.launcher.engine.checkpoint.files import check_checkpoint, write_complete_marker
+from clicktower.launcher.engine.checkpoint.remote import RemoteCheckpoints
 from clicktower.launcher.errors import ConfigError
 from conftest import REPO, TINY_CONFIG, cli_env, clicktower
 from dist_harness import consumed_keys, free_port, keys_per_step, kill_tree

@@ -200,7 +200,7 @@ def test_ckpt_convert_writes_weights_and_every_optimizer_state(reference, tmp_pa
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
-    from clicktower.launcher.engine.checkpoint_files import check_checkpoint
+    from clicktower.launcher.engine.checkpoint.files import check_checkpoint
 
     _, ref = reference
     src, dst = ref / "checkpoints" / STEP8, tmp_path / "converted"
@@ -286,7 +286,7 @@ def test_async_save_killed_while_writing_then_resumed(reference, shard_dir, tmp_
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from clicktower.launcher.engine.checkpoint_files import check_checkpoint
+    from clicktower.launcher.engine.checkpoint.files import check_checkpoint
 
     config, ref = reference
     out, record = tmp_path / "run", tmp_path / "verified.txt"

@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from clicktower.launcher.engine.checkpoint_files import check_checkpoint
-    from clicktower.launcher.engine.convert import convert_to_ddp, convert_to_universal
+    from clicktower.launcher.engine.checkpoint import check_checkpoint, convert_to_ddp, convert_to_universal
 
     problem = check_checkpoint(Path(args.checkpoint), verify_checksums=True) if Path(args.checkpoint).is_dir() \
         else "no such folder"

@@ -2,21 +2,13 @@
 folders, and one sentence-transformers model with a model card (``clicktower export``).
 
 Input: a checkpoint folder (accelerate ``model.safetensors``, or DeepSpeed ZeRO shards of any
-stage, consolidated to fp32 with DeepSpeed's ``zero_to_fp32``) or a ``final/`` folder.
-Output::
-
-    DIR/query_tower/, DIR/item_tower/                Hugging Face folders (AutoModel) + tokenizer
-    DIR/sentence_transformers/query/, .../item/      SentenceTransformer folders: transformer,
-                                                     pooling, projection (Dense), normalisation
-    DIR/sentence_transformers/router/                ONE SentenceTransformer: a ``Router`` whose
-                                                     "query" route is the query tower and whose
-                                                     "document" route is the item tower (shared
-                                                     towers: one set of modules, stored once),
-                                                     plus README.md, the model card
-    DIR/export.json                                  what was written, from what
-
-The model card is filled from the run folder the input sits in (``RUN/checkpoints/step_X`` or
-``RUN/final``): its ``config.yaml`` and ``metrics.jsonl``; it says so when they are absent.
+stage, consolidated to fp32 with DeepSpeed's ``zero_to_fp32``) or a ``final/`` folder. Output:
+``DIR/query_tower/`` and ``DIR/item_tower/`` (Hugging Face folders with the tokenizer),
+``DIR/sentence_transformers/query/`` and ``.../item/``, ``DIR/sentence_transformers/router/``
+(ONE SentenceTransformer whose ``Router`` sends "query" to the query tower and "document" to
+the item tower, with README.md, the model card) and ``DIR/export.json``. The model card is
+filled from the run folder the input sits in (its ``config.yaml`` and ``metrics.jsonl``) and
+says so when they are absent. Layout and loading examples: docs/checkpoints.md ("Export").
 """
 from __future__ import annotations
 

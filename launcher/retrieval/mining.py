@@ -1,25 +1,16 @@
-"""Mine hard negatives with a trained model and write them into a new shard set.
+"""Mine hard negatives with a trained model and write them into a new shard set
+(``clicktower mine``).
 
-(``clicktower mine``.) For every sample of the manifest: retrieve its query's nearest items over the pool (the
-manifest's own items, plus ``--catalog`` when given), keep the candidates ranked inside the
-window ``--ranks START END`` (1-based, inclusive: the very top is mostly unlabelled
-positives), drop every candidate that
-
-* is the sample's own item, or shares its id or its text (the same product twice);
-* is a clicked item of the same query in the manifest (a positive of that query);
-* scores above ``positive score - margin`` (likely a false negative: an item the model
-  finds as good as the clicked one is more often an unlabelled positive than a negative),
-  or above ``(1 - relative margin) x positive score`` (``--relative-margin``);
-* is listed in the sample's ``--exclude-ids-field`` (its judged items, say);
-* is a variant (``--variant-key REGEX``: the same text once the pattern's matches are
-  removed) of an item clicked for the same query,
-
-and attach the first ``--negatives`` survivors, best first (or, with ``--sample random``, a
-seeded random choice among all survivors of the window), as the sample's
-``hard_negatives``. The new set is written with the project's shard writer (manifest last,
-atomic); training uses it with ``data.hard_negatives_per_query``. Under ``accelerate
-launch`` every rank embeds its slice of the pool and of the queries; the main process
-ranks, filters and writes.
+For every sample of the manifest: retrieve its query's nearest items over the pool (the
+manifest's own items, plus ``--catalog``), keep the candidates ranked inside ``--ranks START
+END``, drop likely false negatives (the sample's own item or its text, the query's other
+clicked items, candidates scoring above the positive's score less a margin or a relative
+margin, ids in ``--exclude-ids-field``, variants of clicked items under ``--variant-key``) and
+attach the first ``--negatives`` survivors, best first (or a seeded random choice with
+``--sample random``), as the sample's ``hard_negatives``. The new set is written with the
+project's shard writer. Under ``accelerate launch`` every rank embeds its slice of the pool and
+of the queries; the main process ranks, filters and writes. Every option and why:
+docs/retrieval.md ("Hard-negative mining").
 """
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 
 Put this folder first on a training subprocess's ``PYTHONPATH`` with ``HOLD_SAVE_STEP=N``:
 Python imports ``sitecustomize`` at start-up in every process of the launch (the launcher and
-each worker), and this one wraps the checkpoint module's ``write_complete_marker`` as soon as
-that module is imported, so that the save of step N sleeps up to ``HOLD_SECONDS`` after every
-rank wrote its files and before the ``COMPLETE`` marker. A test can then SIGKILL a real
-training process in the middle of a save. Shipped code has no hook for this.
+each worker), and this one wraps ``write_complete_marker`` in the checkpointer's module
+(``checkpoint.save``) as soon as that module is imported, so that the save of step N sleeps up
+to ``HOLD_SECONDS`` after every rank wrote its files and before the ``COMPLETE`` marker. A test
+can then SIGKILL a real training process in the middle of a save. Shipped code has no hook for this.
 
 ``HOLD_WRITE_STEP=N`` instead holds the background write of an async save
 (``checkpoint.async_save``): ``Snapshot.write`` of step N writes every file, then sleeps before
@@ -20,9 +20,10 @@ import sys
 import time
 
 HOLD_SECONDS = 120.0
-TARGETS = {"clicktower.launcher.engine.checkpoint": "HOLD_SAVE_STEP",
-           "clicktower.launcher.engine.checkpoint_state": "HOLD_WRITE_STEP",
-           "clicktower.launcher.engine.checkpoint_files": "RECORD_CHECKS"}
+# Module (patched as soon as it is executed) -> the variable that asks for its patch.
+TARGETS = {"clicktower.launcher.engine.checkpoint.save": "HOLD_SAVE_STEP",
+           "clicktower.launcher.engine.checkpoint.state": "HOLD_WRITE_STEP",
+           "clicktower.launcher.engine.checkpoint.files": "RECORD_CHECKS"}
 
 
 def hold_env(step: int | None, env: dict, variable: str = "HOLD_SAVE_STEP", record: str | None = None) -> dict:
@@ -78,18 +79,20 @@ def _patch_checks(module, record: str) -> None:
 
 
 def _patch(module) -> None:
-    value = os.environ[TARGETS[module.__name__]]
-    if module.__name__.endswith("checkpoint_files"):
+    variable = TARGETS[module.__name__]
+    value = os.environ[variable]
+    if variable == "RECORD_CHECKS":
         _patch_checks(module, value)
-    elif module.__name__.endswith("checkpoint_state"):
+    elif variable == "HOLD_WRITE_STEP":
         _patch_write(module, int(value))
     else:
         _patch_marker(module, int(value))
 
 
 def _wanted(name: str) -> bool:
-    value = os.environ.get(TARGETS.get(name, ""), "")
-    return bool(value) if name.endswith("checkpoint_files") else value.isdigit()
+    variable = TARGETS.get(name, "")
+    value = os.environ.get(variable, "")
+    return bool(value) if variable == "RECORD_CHECKS" else value.isdigit()
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):

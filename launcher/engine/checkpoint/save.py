@@ -1,46 +1,14 @@
-"""Crash-safe checkpoints: everything that defines a training step, saved and restored in one place.
+"""Saving and resuming: ``Checkpointer`` (with its ``CheckpointConfig``), the one component that
+writes and restores everything that defines a step.
 
-Layout::
-
-    OUTPUT_DIR/checkpoints/
-        step_00000800/            complete checkpoints only (renamed into place when done)
-            model / optimizer / scheduler / RNG files   (what accelerate ``save_state`` writes:
-                                                         one file set per rank, DeepSpeed ZeRO
-                                                         shards included)
-            trainer_state.json    step, data loader position, counters
-            config.yaml           the resolved experiment config
-            COMPLETE              checksums of every file above, written last
-        .tmp-step_00001000/       a save in progress (ignored, removed by the next save)
-        latest                    name of the newest complete checkpoint, replaced atomically
-
-A kill at any moment leaves either the previous checkpoint set or a complete new one;
-``resume=auto`` takes the newest checkpoint whose ``COMPLETE`` marker and checksums hold
-and names every one it skips.
-
-A save: every rank captures its state (``checkpoint_state.capture_state``), writes its files
-and hashes them as it writes; rank 0 gathers the digests into ``COMPLETE``, renames the folder
-into place and writes ``latest``. With ``checkpoint.async_save`` the capture copies the state
-to host memory and the writing and hashing run in a background thread while training goes
-on; at each later step boundary the ranks agree (one tiny all-reduce) whether every rank's
-write is done, and rank 0 then commits it as above. At most one save is in flight: the next
-save, a stop signal and the end of training wait for it.
-
-``checkpoint.remote_dir`` (``checkpoint_remote.py``): rank 0 uploads each committed
-checkpoint in the background, then ``final/`` and ``best/``; ``resume=auto`` takes the newest
-complete checkpoint, local or remote (downloaded and verified).
-
-Resume verification (checksums, the remote listing, downloads) runs once per node, on its
-first process, and the answer is shared with every rank (one all-gather).
-
-``trainer_state.json`` records the saving topology (``world_size``, ``zero_stage``). A
-DeepSpeed checkpoint (``pytorch_model/`` ZeRO shards) resumed without DeepSpeed -- e.g. on
-one process, or under DDP -- is converted on the fly (``convert_to_ddp``); resumed under ZeRO
-on another number of processes, it goes through DeepSpeed's universal checkpoint format
-(``convert_to_universal``, then the engine's universal loading). What a world-size change
-keeps: weights, optimiser moments and step, LR schedule position, and the data position (a
-global sample count, so every sample is still seen exactly once). It cannot keep per-rank RNG
-streams: ranks that exist in both topologies get their saved state back, new ranks keep
-their seeded state.
+A save: every rank captures its state (``state.capture_state``), writes its files and hashes
+them as it writes; rank 0 gathers the digests into ``COMPLETE``, renames the ``.tmp-`` folder
+into place and writes ``latest`` last, so a kill at any moment leaves the previous checkpoint
+set or a complete new one. With ``checkpoint.async_save`` the writing runs in a background
+thread and a later step boundary commits it (at most one save in flight). With
+``checkpoint.remote_dir`` rank 0 uploads each committed checkpoint (``remote``). Resuming
+(``restore``) takes the newest complete checkpoint, local or remote, and converts a ZeRO one
+for another topology. Layout, guarantees and limits: docs/checkpoints.md.
 """
 from __future__ import annotations
 
@@ -55,20 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from clicktower.data.storage import describe_failure
-from clicktower.launcher.engine.checkpoint_files import (CHECKPOINT_DIR, COMPLETE, LATEST, TRAINER_STATE,
-                                                         check_checkpoint, find_resume_checkpoint, fsync_dir,
+from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, COMPLETE, LATEST, TRAINER_STATE, fsync_dir,
                                                          list_checkpoints, step_dir_name, write_atomic,
                                                          write_complete_marker)
-from clicktower.launcher.engine.checkpoint_load import (all_gather_objects, load_checkpoint, resolve_resume,
-                                                        topology)
-from clicktower.launcher.engine.checkpoint_remote import RemoteCheckpoints
-from clicktower.launcher.engine.checkpoint_state import Snapshot, capture_state
+from clicktower.launcher.engine.checkpoint.restore import (all_gather_objects, load_checkpoint, resolve_resume,
+                                                           topology)
+from clicktower.launcher.engine.checkpoint.remote import RemoteCheckpoints
+from clicktower.launcher.engine.checkpoint.state import Snapshot, capture_state
 from clicktower.launcher.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointConfig", "Checkpointer", "check_checkpoint", "find_resume_checkpoint",
-           "list_checkpoints", "topology"]
+__all__ = ["CheckpointConfig", "Checkpointer"]
 
 
 @dataclass
@@ -341,7 +307,7 @@ class Checkpointer:
 
     def load(self, folder: Path) -> dict[str, Any]:
         """Restore everything ``save`` wrote; returns the trainer state (collective). On
-        another topology a ZeRO checkpoint is converted (``checkpoint_load.load_checkpoint``).
+        another topology a ZeRO checkpoint is converted (``restore.load_checkpoint``).
 
         Args:
             folder: a complete checkpoint folder.

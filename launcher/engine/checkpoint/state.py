@@ -1,24 +1,17 @@
 """What a checkpoint save writes, split in two: capture the state, then write it.
 
 ``capture_state`` runs on every rank at the step boundary and returns a ``Snapshot``: the big
-state (model weights and optimiser state, or the DeepSpeed engine's ZeRO files) as objects to
-serialise, and writes the small files at once through accelerate's own functions (LR
-schedulers, grad scaler, this rank's RNG states, registered objects) -- the same files, names
-and formats ``accelerator.save_state`` writes, so ``load_state``, ``zero_to_fp32`` and
-DeepSpeed's universal conversion read them unchanged. ``Snapshot.write`` then serialises the
-big state into the folder, hashing every byte on its way to the disk (``HashingFile``), and
-returns this rank's digests for the ``COMPLETE`` marker.
-
-With ``copy=True`` (``checkpoint.async_save``) every tensor is copied to host memory during the
-capture, so that training can change the live tensors while ``write`` runs in a background
-thread; with ``copy=False`` (synchronous saves) nothing is copied and ``write`` follows at once.
-
-Under DeepSpeed the engine's own ``save_checkpoint`` decides what each rank saves (ZeRO
-partitions, model states, their file names); the capture swaps the engine's checkpoint engine
-(DeepSpeed's pluggable writer, ``engine.checkpoint_engine``) for ``_CapturingEngine`` for the
-duration of that call, which records each ``save(state_dict, path)`` instead of writing it.
-DeepSpeed's own small files (``latest``, the ``zero_to_fp32.py`` recovery script) are written
-by the engine at once, as in any save.
+state (model and optimiser, or the DeepSpeed engine's ZeRO files) as objects to serialise;
+the small files (LR schedulers, grad scaler, this rank's RNG states, registered objects) are
+written at once through accelerate's own functions -- the same files, names and formats as
+``accelerator.save_state``, so ``load_state``, ``zero_to_fp32`` and DeepSpeed's universal
+conversion read them unchanged. ``Snapshot.write`` then serialises the big state, hashing every
+byte on its way to the disk (``HashingFile``), and returns this rank's digests for the
+``COMPLETE`` marker. With ``copy=True`` (``checkpoint.async_save``) every tensor is copied to
+host memory during the capture, so that ``write`` can run in a background thread. Under
+DeepSpeed, ``_CapturingEngine`` stands in for the engine's checkpoint writer during its
+``save_checkpoint`` and records each ``save(state_dict, path)`` instead of writing it.
+More: docs/checkpoints.md ("What a checkpoint holds").
 """
 from __future__ import annotations
 
@@ -28,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clicktower.launcher.engine.checkpoint_files import DS_MODEL_DIR, Digests, HashingFile, hash_files
+from clicktower.launcher.engine.checkpoint.files import DS_MODEL_DIR, Digests, HashingFile, hash_files
 
 
 @dataclass

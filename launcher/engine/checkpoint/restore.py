@@ -1,6 +1,6 @@
 """Resuming: which checkpoint (``resolve_resume``) and restoring it on this topology
 (``load_checkpoint``). Used by ``Checkpointer.resume`` / ``Checkpointer.load``; the layout and
-the conversions are described in ``clicktower.launcher.engine.checkpoint``.
+the conversions are described in docs/checkpoints.md.
 
 Verification (checksums, the remote listing, downloads) runs once per node, on the node's
 first process; the answer reaches every rank through one all-gather.
@@ -18,10 +18,10 @@ from typing import Any, Iterator
 import torch
 
 from clicktower.data.storage import describe_failure
-from clicktower.launcher.engine.checkpoint_files import (CHECKPOINT_DIR, DS_MODEL_DIR, STEP_DIR, TRAINER_STATE,
+from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, DS_MODEL_DIR, STEP_DIR, TRAINER_STATE,
                                                          find_resume_checkpoint)
-from clicktower.launcher.engine.checkpoint_remote import RemoteCheckpoints
-from clicktower.launcher.engine.convert import convert_to_ddp, convert_to_universal
+from clicktower.launcher.engine.checkpoint.remote import RemoteCheckpoints
+from clicktower.launcher.engine.checkpoint.convert import convert_to_ddp, convert_to_universal
 from clicktower.launcher.engine.distributed import zero_stage
 from clicktower.launcher.errors import ConfigError
 
@@ -226,7 +226,7 @@ def _repair_zero3_universal_load(accelerator: Any, universal: Path) -> None:
       weight decay on biases, LayerNorm weights and the temperature (clicktower's second and
       third groups): each group gets its own saved settings back.
     """
-    from clicktower.launcher.engine.convert import torch_load
+    from clicktower.launcher.engine.checkpoint.convert import torch_load
 
     for engine in accelerator._models:
         optimizer = engine.optimizer

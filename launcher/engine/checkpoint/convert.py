@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from clicktower.launcher.engine.checkpoint_files import (COPIED_AS_IS, DS_MODEL_DIR, TRAINER_STATE,
+from clicktower.launcher.engine.checkpoint.files import (COPIED_AS_IS, DS_MODEL_DIR, TRAINER_STATE,
                                                          write_complete_marker)
 from clicktower.launcher.engine.optim import OptimConfig, build_optimizer
 from clicktower.launcher.engine.schema import from_dict, read_yaml_sections

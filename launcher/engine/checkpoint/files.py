@@ -1,7 +1,7 @@
 """The on-disk checkpoint layout: names, checksums, the COMPLETE marker, finding the newest
 usable checkpoint. Plain files only (no accelerate, no torch): what the checkpointer writes and
 what resume, conversion and ``clicktower ckpt`` read. The layout is described in
-``clicktower.launcher.engine.checkpoint``.
+docs/checkpoints.md.
 
 Checksums scale with the ranks: every rank hashes the files it wrote while writing them
 (``HashingFile``), rank 0 gathers the digests into the ``COMPLETE`` marker and hashes only

@@ -1,22 +1,14 @@
 """Checkpoints in object storage (``checkpoint.remote_dir``): upload, prune, list, download.
 
-Layout under the remote folder mirrors the run folder::
-
-    REMOTE/checkpoints/step_00000800/...   every file of a complete local checkpoint,
-                                           its COMPLETE marker uploaded last
-    REMOTE/checkpoints/latest              the newest uploaded checkpoint (for people)
-    REMOTE/final/, REMOTE/best/            the towers, after the run / when the best changes
-
-A remote checkpoint without its ``COMPLETE`` object is an upload that did not finish: never a
-resume candidate, deleted by the next prune. A resume downloads into a staging folder next to
-the local checkpoints, verifies every checksum of the marker and renames it into place.
-
-Any URL ``clicktower.data.storage`` reads works (``s3://``, ``gs://`` ..., or a plain folder
-path, e.g. a shared file system). Filesystems come from ``Storage.filesystem`` (fsspec; s3fs
-and gcsfs told to try each request once); the retries are this module's: transient failures
-(``clicktower.data.storage.is_transient``) retried with exponential backoff and counted.
-``Storage``'s own read/write methods are not used because it has no recursive listing,
-download to a file or recursive delete.
+The remote folder mirrors the run folder (``REMOTE/checkpoints/step_XXXXXXXX/``, ``latest``,
+``final/``, ``best/``); a checkpoint's ``COMPLETE`` marker is uploaded last, so a remote
+checkpoint without it is an unfinished upload: never a resume candidate, deleted by the next
+prune. A resume downloads into a staging folder next to the local checkpoints, verifies every
+checksum and renames it into place. Any URL ``clicktower.data.storage`` reads works (or a plain
+folder path). Filesystems come from ``Storage.filesystem``, but the requests are this module's
+(``Storage`` has no recursive listing, download to a file or recursive delete), and so are the
+retries: transient failures (``storage.is_transient``) retried with backoff and counted.
+More: docs/checkpoints.md ("Checkpoints in object storage").
 """
 from __future__ import annotations
 
@@ -32,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from clicktower.data.storage import Storage, describe_failure, is_transient, is_url, join
-from clicktower.launcher.engine.checkpoint_files import (CHECKPOINT_DIR, COMPLETE, LATEST, STEP_DIR,
+from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, COMPLETE, LATEST, STEP_DIR,
                                                          check_checkpoint)
 from clicktower.launcher.errors import ConfigError
 
