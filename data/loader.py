@@ -240,6 +240,35 @@ def _negative_owners_and_teacher(samples: list[dict], per_query: int) -> tuple[t
     return owner, teacher
 
 
+def _collate(samples: list[dict], cfg: DataConfig, tokens: PairTokenizer | None,
+             features_dim: int | None) -> PairBatch:
+    """``ClickPairLoader.collate``: the item rows are the samples' items, then (with
+    ``tokens``) up to ``cfg.hard_negatives_per_query`` hard negatives of each, in order."""
+    per_query = cfg.hard_negatives_per_query
+    negatives = None
+    if per_query and tokens is not None:
+        negatives = [n for s in samples for n in s.get("hard_negatives", [])[:per_query]]
+    batch = PairBatch(keys=[s["__key__"] for s in samples], queries=[s["query"] for s in samples],
+                      items=[s["item_text"] for s in samples], labels=_labels(samples, negatives, per_query))
+    if any("hard_negatives" in s for s in samples):
+        batch.hard_negatives = [s.get("hard_negatives", []) for s in samples]
+    if features_dim is not None:
+        # One row per item row of the model (the batch's items, then its hard negatives).
+        table = FeatureTable.from_rows([e.get("features") for e in [*samples, *(negatives or ())]], features_dim)
+        batch.item_features = torch.from_numpy(table.values)
+        batch.item_features_present = torch.from_numpy(table.present)
+        batch.counts["missing_features"] = table.num_missing
+    elif samples and all("features" in s for s in samples):
+        if len({np.shape(s["features"]) for s in samples}) == 1:  # as read; no model input
+            batch.item_features = torch.from_numpy(np.stack([s["features"] for s in samples]))
+    if tokens is not None:
+        # Hard negatives tokenised WITH the items: one item-tower forward embeds both, so every
+        # rank runs the same number of forward passes (ZeRO-3) whatever its negative count.
+        items = batch.items + [n["item_text"] for n in negatives or ()]
+        batch.tokens = tokens(batch.queries, items, cfg.pad_to_multiple_of)
+    return batch
+
+
 # --------------------------------------------------------------------------------------
 # The loader
 # --------------------------------------------------------------------------------------
@@ -619,27 +648,4 @@ class ClickPairLoader:
         Args:
             samples: decoded samples from the shards.
         """
-        per_query = self.cfg.hard_negatives_per_query
-        negatives = None
-        if per_query and self.tokens is not None:
-            negatives = [n for s in samples for n in s.get("hard_negatives", [])[:per_query]]
-        batch = PairBatch(keys=[s["__key__"] for s in samples], queries=[s["query"] for s in samples],
-                          items=[s["item_text"] for s in samples], labels=_labels(samples, negatives, per_query))
-        if any("hard_negatives" in s for s in samples):
-            batch.hard_negatives = [s.get("hard_negatives", []) for s in samples]
-        if self.features_dim is not None:
-            # One row per item row of the model (the batch's items, then its hard negatives).
-            table = FeatureTable.from_rows([e.get("features") for e in [*samples, *(negatives or ())]],
-                                           self.features_dim)
-            batch.item_features = torch.from_numpy(table.values)
-            batch.item_features_present = torch.from_numpy(table.present)
-            batch.counts["missing_features"] = table.num_missing
-        elif samples and all("features" in s for s in samples):
-            if len({np.shape(s["features"]) for s in samples}) == 1:  # as read; no model input
-                batch.item_features = torch.from_numpy(np.stack([s["features"] for s in samples]))
-        if self.tokens is not None:
-            # Hard negatives tokenised WITH the items: one item-tower forward embeds both, so
-            # every rank runs the same number of forward passes (ZeRO-3) whatever its count.
-            items = batch.items + [n["item_text"] for n in negatives or ()]
-            batch.tokens = self.tokens(batch.queries, items, self.cfg.pad_to_multiple_of)
-        return batch
+        return _collate(samples, self.cfg, self.tokens, self.features_dim)
