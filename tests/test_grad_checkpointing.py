@@ -91,7 +91,7 @@ def test_checkpointing_is_non_reentrant_and_stops_at_frozen_layers():
             layers = model.query_tower.encoder.encoder.layer
             assert all(layer.gradient_checkpointing for layer in layers)
             assert all(layer._gradient_checkpointing_func.keywords == {"use_reentrant": False} for layer in layers)
-        inputs = {k: v for k, v in batch(0, 0).items() if k.endswith(("input_ids", "attention_mask"))}
+        inputs = batch(0, 0).model_inputs()
         query, item, scale = model(**inputs)
         (scale * (query * item).sum()).backward()
         grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
