@@ -95,7 +95,7 @@ def _cpu_seconds() -> float:
 def _drain(batches, limit: int) -> tuple[int, float]:
     n, t = 0, time.perf_counter()
     for b in batches:
-        n += len(b["keys"]) if "keys" in b else len(b["__key__"])
+        n += len(b["__key__"]) if isinstance(b, dict) else len(b.keys)  # webdataset: a dict
         if n >= limit:
             break
     return n, time.perf_counter() - t

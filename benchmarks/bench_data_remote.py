@@ -54,7 +54,7 @@ def read_probe(url: str, limit: int, tokenize: bool) -> None:
     loader = _loader(url, tokens=tokens)
     n, t = 0, time.perf_counter()
     for batch in loader:   # limit 0: the whole epoch (then bytes fetched / used is exact)
-        n += len(batch["keys"])
+        n += len(batch.keys)
         if limit and n >= limit:
             break
     dt = time.perf_counter() - t
@@ -89,7 +89,7 @@ def bench_ranks(url: str, worlds=(1, 2, 4)) -> list[dict]:
         fetched = used = requests = samples = 0
         for rank in range(world):
             loader = _loader(url, world, rank)
-            samples += sum(len(b["keys"]) for b in loader)
+            samples += sum(len(b.keys) for b in loader)
             io = loader.io_counts()
             fetched, used = fetched + io["io_bytes_read"], used + io["io_bytes_used"]
             requests += io["io_requests"]

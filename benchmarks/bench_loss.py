@@ -99,6 +99,7 @@ def _loss_fn(m: str, block_size=None):
     import torch
     import torch.nn.functional as F
 
+    from clicktower.data.batch import PairLabels
     from clicktower.kernels import fused_contrastive_loss, fused_symmetric_contrastive_loss
     from clicktower.modeling.losses import ContrastiveLoss
 
@@ -118,11 +119,11 @@ def _loss_fn(m: str, block_size=None):
         return lambda q, k, s, *ids: fused_symmetric_contrastive_loss(q, k, s, block_size=block_size)
     if m == "loss_sym":
         loss = ContrastiveLoss(symmetric=True, cross_device=False, block_size=block_size)
-        return lambda q, k, s, item_ids, query_ids: loss(q, k, s, item_ids, query_ids)
+        return lambda q, k, s, item_ids, query_ids: loss(q, k, s, PairLabels(item_ids=item_ids, query_ids=query_ids))
     if m == "two_pass":  # the symmetric training loss before issue 15, for comparison
         return lambda q, k, s, item_ids, query_ids: 0.5 * (
-            fused_contrastive_loss(q, k, s, None, item_ids, block_size) +
-            fused_contrastive_loss(k, q, s, None, query_ids, block_size))
+            fused_contrastive_loss(q, k, s, key_ids=item_ids, block_size=block_size) +
+            fused_contrastive_loss(k, q, s, key_ids=query_ids, block_size=block_size))
     if m == "openclip":
         clip = _load_cliploss()()
         return lambda q, k, s, *ids: clip(q, k, s)
@@ -250,13 +251,16 @@ def _dist_rank(rank: int, world: int, port: int, queue, local: int, dim: int, re
     import torch
     import torch.distributed as dist
 
+    from clicktower.data.batch import PairLabels
     from clicktower.modeling.losses import ContrastiveLoss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # 2 ranks on the 2 cores
     dist.init_process_group("gloo", rank=rank, world_size=world)
     q, k, s, item_ids, query_ids = _inputs(local, dim, torch.float32, torch.device("cpu"), seed=rank + 1)
-    fns = {gather: ContrastiveLoss(True, True, gather) for gather in (False, True)}
+    losses = {gather: ContrastiveLoss(True, True, gather, rank=rank, world_size=world) for gather in (False, True)}
+    fns = {gather: (lambda q, k, s, items, queries, fn=fn: fn(q, k, s, PairLabels(item_ids=items, query_ids=queries)))
+           for gather, fn in losses.items()}
     times = {False: [], True: []}
     for r in range(reps + 1):  # round 0 warms up
         for gather in ((False, True) if r % 2 else (True, False)):

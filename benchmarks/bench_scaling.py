@@ -129,6 +129,14 @@ def _batch(n: int, seq: int = 8) -> dict:
             "item_attention_mask": mask[1]}
 
 
+def _pair_batch(n: int, seq: int = 8):
+    """``_batch`` as the loader yields it (a ``PairBatch``, no labels), for ``TrainStep``."""
+    from clicktower.data.batch import PairBatch
+
+    keys = [str(i) for i in range(n)]
+    return PairBatch(keys=keys, queries=keys, items=keys, tokens=_batch(n, seq))
+
+
 def _ds_config(stage: int) -> dict:
     """The shipped configs/deepspeed/zero{stage}.json with the values accelerate would fill."""
     cfg = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
@@ -164,7 +172,7 @@ def _zero_worker(rank: int, world: int, port: int, name: str, stage: int, out: s
         model = _bert(MODELS[name], zero3_init=True)
     else:
         model = _bert(MODELS[name])
-    loss_fn = ContrastiveLoss(True, True)
+    loss_fn = ContrastiveLoss(True, True, rank=rank, world_size=world)
     psum = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     rec = {"model": name, "stage": stage, "rank": rank, "num_params": psum}
     if stage == 0:
@@ -256,14 +264,15 @@ def _gradcache_worker(rank: int, world: int, port: int, local: int, chunk: int, 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     model, opt = acc.prepare(model, opt)
-    trainer = TrainStep(acc, model, ContrastiveLoss(True, True, mask_duplicate_items=False),
+    trainer = TrainStep(acc, model, ContrastiveLoss(True, True, mask_duplicate_items=False, rank=acc.process_index,
+                                                    world_size=acc.num_processes),
                         Optimization(opt, sched, None), chunk or None)
-    trainer.train_step(_batch(4, seq))  # Adam state and allocator warm-up outside the measurement
+    trainer.train_step(_pair_batch(4, seq))  # Adam state and allocator warm-up outside the measurement
     gc.collect()
     base = _proc_status("VmRSS")
     _reset_peak_rss()
     t0 = time.perf_counter()
-    loss = trainer.train_step(_batch(local, seq))
+    loss = trainer.train_step(_pair_batch(local, seq))
     seconds = time.perf_counter() - t0
     rec = {"local_batch": local, "chunk": chunk, "step_peak_growth": _proc_status("VmHWM") - base,
            "step_s": seconds, "loss": float(loss)}
@@ -411,7 +420,7 @@ def _loss_worker(rank: int, world: int, port: int, local: int, dim: int, reps: i
     k = torch.nn.functional.normalize(torch.randn(local, dim, generator=g), dim=-1)
     rec = {}
     for cross in (False, True):
-        fn = ContrastiveLoss(True, cross)
+        fn = ContrastiveLoss(True, cross, rank=rank, world_size=world)
         times = []
         for _ in range(reps + 1):
             qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()

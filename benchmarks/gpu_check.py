@@ -399,8 +399,9 @@ def build_train_step(args, accelerator, device: torch.device, chunk: int | None)
         chunk: GradCache chunk in pairs, or None.
 
     Returns:
-        (step, batch dict of token tensors on ``device``, parameter count).
+        (step, a ``PairBatch`` of token tensors on ``device``, parameter count).
     """
+    from clicktower.data.batch import PairBatch
     from clicktower.launcher.engine.optim import OptimConfig, Optimization, build_optimizer, build_scheduler
     from clicktower.launcher.engine.step import TrainStep
     from clicktower.modeling.losses import ContrastiveLoss
@@ -423,7 +424,8 @@ def build_train_step(args, accelerator, device: torch.device, chunk: int | None)
              "item_input_ids": torch.randint(1000 % bert["vocab_size"], bert["vocab_size"], shape, generator=g),
              "query_attention_mask": torch.ones(shape, dtype=torch.long),
              "item_attention_mask": torch.ones(shape, dtype=torch.long)}
-    batch = {key: value.to(device) for key, value in batch.items()}
+    keys = [str(i) for i in range(args.batch)]
+    batch = PairBatch(keys=keys, queries=keys, items=keys, tokens=batch).to(device)
     params = sum(p.numel() for p in model.parameters())
     return step, batch, params
 

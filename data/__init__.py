@@ -14,6 +14,8 @@ _EXPORTS = {
     "ClickPairLoader": "clicktower.data.loader",
     "DataConfig": "clicktower.data.loader",
     "DataError": "clicktower.data.errors",
+    "PairBatch": "clicktower.data.batch",
+    "PairLabels": "clicktower.data.batch",
     "PairTokenizer": "clicktower.data.loader",
     "Rank": "clicktower.data.loader",
     "FieldMap": "clicktower.data.sources",

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from clicktower.data.batch import PairBatch, PairLabels
 from clicktower.data.errors import DataError
 from clicktower.data.features import FeatureTable
 from clicktower.data.manifest import ShardTable, apply_file_check, check_shard_files, load_manifest
@@ -69,8 +70,8 @@ from clicktower.data.stream import ERROR_REASONS, Plan, RankStream, Source, inta
 log = logging.getLogger("clicktower.data")
 
 ON_ERROR = ("skip", "raise")
-__all__ = ["ClickPairLoader", "DataConfig", "ERROR_REASONS", "MIX_PERIOD", "MixEntry",
-           "PairTokenizer", "Rank", "stable_id"]
+__all__ = ["ClickPairLoader", "DataConfig", "ERROR_REASONS", "MIX_PERIOD", "MixEntry", "PairBatch",
+           "PairLabels", "PairTokenizer", "Rank", "stable_id"]
 
 
 @dataclass
@@ -195,14 +196,22 @@ def stable_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
-def _loss_fields(samples: list[dict], per_query: int | None) -> dict[str, torch.Tensor]:
-    """The batch entries the loss reads from optional sample fields: ``exclude_ids`` (when a
-    sample lists any) and, when the batch has hard negatives (``per_query`` each at most),
-    ``hard_negative_owner`` and ``teacher_scores``."""
-    out = {} if per_query is None else _negative_owners_and_teacher(samples, per_query)
+def _labels(samples: list[dict], negatives: list[dict] | None, per_query: int) -> PairLabels:
+    """The batch's labels: item and query ids, ``weights`` and ``exclude_ids`` when a sample
+    carries them and, when the batch has hard negatives (``negatives``, at most ``per_query``
+    of each sample), their ids and owners and ``teacher_scores``."""
+    labels = PairLabels(
+        item_ids=torch.tensor([stable_id(str(s["item_id"])) for s in samples], dtype=torch.long),
+        query_ids=torch.tensor([stable_id(s["query"]) for s in samples], dtype=torch.long))
+    if any("weight" in s for s in samples):
+        labels.weights = torch.tensor([float(s.get("weight", 1.0)) for s in samples])
     if any("exclude_ids" in s for s in samples):
-        out["exclude_ids"] = _exclusion_lists(samples)
-    return out
+        labels.exclude_ids = _exclusion_lists(samples)
+    if negatives is not None:
+        labels.hard_negative_ids = torch.tensor([stable_id(str(n["item_id"])) for n in negatives],
+                                                dtype=torch.long)
+        labels.hard_negative_owner, labels.teacher_scores = _negative_owners_and_teacher(samples, per_query)
+    return labels
 
 
 def _exclusion_lists(samples: list[dict]) -> torch.Tensor:
@@ -215,21 +224,49 @@ def _exclusion_lists(samples: list[dict]) -> torch.Tensor:
     return out
 
 
-def _negative_owners_and_teacher(samples: list[dict], per_query: int) -> dict[str, torch.Tensor]:
-    """``hard_negative_owner`` [H] (the sample of each hard negative in the batch) and, when
-    a sample carries them, ``teacher_scores`` [B, 1 + per_query]: its positive's and its kept
-    hard negatives' scores, NaN where it has none."""
+def _negative_owners_and_teacher(samples: list[dict], per_query: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The owner [H] of each hard negative in the batch (its sample) and, when a sample
+    carries them, the teacher scores [B, 1 + per_query]: its positive's and its kept hard
+    negatives' scores, NaN where it has none (else None)."""
     counts = [len(s.get("hard_negatives", [])[:per_query]) for s in samples]
-    out = {"hard_negative_owner": torch.repeat_interleave(torch.arange(len(samples)),
-                                                          torch.tensor(counts, dtype=torch.long))}
-    if any("teacher_scores" in s for s in samples):
-        teacher = torch.full((len(samples), 1 + per_query), float("nan"))
-        for row, (s, n) in enumerate(zip(samples, counts)):
-            scores = s.get("teacher_scores")
-            if scores:  # the positive's, then the first n negatives' (the ones kept)
-                teacher[row, :1 + n] = torch.tensor([float(v) for v in scores[:1 + n]])
-        out["teacher_scores"] = teacher
-    return out
+    owner = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts, dtype=torch.long))
+    if not any("teacher_scores" in s for s in samples):
+        return owner, None
+    teacher = torch.full((len(samples), 1 + per_query), float("nan"))
+    for row, (s, n) in enumerate(zip(samples, counts)):
+        scores = s.get("teacher_scores")
+        if scores:  # the positive's, then the first n negatives' (the ones kept)
+            teacher[row, :1 + n] = torch.tensor([float(v) for v in scores[:1 + n]])
+    return owner, teacher
+
+
+def _collate(samples: list[dict], cfg: DataConfig, tokens: PairTokenizer | None,
+             features_dim: int | None) -> PairBatch:
+    """``ClickPairLoader.collate``: the item rows are the samples' items, then (with
+    ``tokens``) up to ``cfg.hard_negatives_per_query`` hard negatives of each, in order."""
+    per_query = cfg.hard_negatives_per_query
+    negatives = None
+    if per_query and tokens is not None:
+        negatives = [n for s in samples for n in s.get("hard_negatives", [])[:per_query]]
+    batch = PairBatch(keys=[s["__key__"] for s in samples], queries=[s["query"] for s in samples],
+                      items=[s["item_text"] for s in samples], labels=_labels(samples, negatives, per_query))
+    if any("hard_negatives" in s for s in samples):
+        batch.hard_negatives = [s.get("hard_negatives", []) for s in samples]
+    if features_dim is not None:
+        # One row per item row of the model (the batch's items, then its hard negatives).
+        table = FeatureTable.from_rows([e.get("features") for e in [*samples, *(negatives or ())]], features_dim)
+        batch.item_features = torch.from_numpy(table.values)
+        batch.item_features_present = torch.from_numpy(table.present)
+        batch.counts["missing_features"] = table.num_missing
+    elif samples and all("features" in s for s in samples):
+        if len({np.shape(s["features"]) for s in samples}) == 1:  # as read; no model input
+            batch.item_features = torch.from_numpy(np.stack([s["features"] for s in samples]))
+    if tokens is not None:
+        # Hard negatives tokenised WITH the items: one item-tower forward embeds both, so every
+        # rank runs the same number of forward passes (ZeRO-3) whatever its negative count.
+        items = batch.items + [n["item_text"] for n in negatives or ()]
+        batch.tokens = tokens(batch.queries, items, cfg.pad_to_multiple_of)
+    return batch
 
 
 # --------------------------------------------------------------------------------------
@@ -438,6 +475,34 @@ class ClickPairLoader:
                           "io_bytes_read": storage.stats.bytes_read})
         storage.close()
 
+    @classmethod
+    def from_config(cls, cfg: DataConfig, batch_size: int, rank: Rank = Rank(), seed: int = 0,
+                    tokens: PairTokenizer | None = None,
+                    broadcast_object: Callable[[Any], Any] | None = None,
+                    features_dim: int | None = None) -> "ClickPairLoader":
+        """The loader a ``DataConfig`` describes, reading its manifests (``train_manifest``,
+        or those of ``mix``), their shard files checked at once.
+
+        Args:
+            cfg: the data config.
+            batch_size: pairs per batch on this rank (``train.batch_size``).
+            rank: this rank and the world size.
+            seed: seed of the epoch orders (``train.seed``).
+            tokens: the towers' tokenizer and token limits; None: texts only.
+            broadcast_object: in a distributed run, rank 0's object on every rank (see the
+                class docstring): then only rank 0 checks the shard files.
+            features_dim: the model's ``item_features_dim`` (None: no feature rows).
+
+        Raises:
+            ValueError: the config names no manifest.
+            DataError: a manifest or its shard files are missing or malformed.
+        """
+        manifests = cfg.manifests()
+        if not manifests:
+            raise ValueError("data.train_manifest (or data.mix) is required to read training data")
+        return cls(cfg, manifests if cfg.mix is not None else manifests[0], batch_size, rank, seed, tokens,
+                   broadcast_object, features_dim)
+
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.world_size
@@ -547,7 +612,7 @@ class ClickPairLoader:
             self._segment()   # the same segment, now keyed under the new history
         return RankStream(self, segment, consumed, segment.num_batches(consumed))
 
-    def _batches(self, stream: RankStream) -> Iterable[list[dict] | dict]:
+    def _batches(self, stream: RankStream) -> Iterable[list[PairBatch] | dict]:
         """The stream's window items in order: read in this process (``num_workers=0``) or
         by DataLoader's worker processes, taken round-robin."""
         if self.cfg.num_workers == 0:
@@ -559,15 +624,16 @@ class ClickPairLoader:
                           persistent_workers=False, prefetch_factor=4,
                           generator=torch.Generator().manual_seed(self.seed))
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[PairBatch]:
         """Yield the rest of the current epoch, then move the state to the next epoch."""
         for item in self._batches(self._stream()):
             if isinstance(item, dict):   # a worker's error: {"__error__": message}
                 raise DataError(item["__error__"])
             for batch in item:   # one window's batches
-                self._add_counts(batch.pop("__counts__", {}))
                 # Counted here, not in collate: collate may run in a worker process.
-                self._missing_features += int(batch.pop("num_missing_features", 0))
+                counts, batch.counts = batch.counts, {}
+                self._missing_features += int(counts.pop("missing_features", 0))
+                self._add_counts(counts)
                 self.samples_consumed += self.global_batch
                 self._history[-1][2] += self.batch_size
                 yield batch
@@ -576,47 +642,10 @@ class ClickPairLoader:
             self.samples_consumed = 0
             self._history, self._current = [], None
 
-    def collate(self, samples: list[dict]) -> dict[str, Any]:
-        """Turn samples into a batch: keys, texts, int64 item ids, and token tensors.
+    def collate(self, samples: list[dict]) -> PairBatch:
+        """Turn samples into a batch: keys, texts, labels, token tensors and feature rows.
 
         Args:
             samples: decoded samples from the shards.
         """
-        batch: dict[str, Any] = {
-            "keys": [s["__key__"] for s in samples],
-            "queries": [s["query"] for s in samples],
-            "items": [s["item_text"] for s in samples],
-            "item_ids": torch.tensor([stable_id(str(s["item_id"])) for s in samples], dtype=torch.long),
-            "query_ids": torch.tensor([stable_id(s["query"]) for s in samples], dtype=torch.long),
-        }
-        if any("weight" in s for s in samples):
-            batch["weights"] = torch.tensor([float(s.get("weight", 1.0)) for s in samples])
-        if any("hard_negatives" in s for s in samples):
-            batch["hard_negatives"] = [s.get("hard_negatives", []) for s in samples]
-        if self.features_dim is None and samples and all("features" in s for s in samples):
-            shapes = {np.shape(s["features"]) for s in samples}
-            if len(shapes) == 1:
-                batch["item_features"] = torch.from_numpy(np.stack([s["features"] for s in samples]))
-        items = batch["items"]
-        per_query = self.cfg.hard_negatives_per_query
-        negatives: list[dict] = []
-        if per_query and self.tokens is not None:
-            negatives = [n for s in samples for n in s.get("hard_negatives", [])[:per_query]]
-            # Tokenised WITH the items: one item-tower forward embeds both, so every rank runs
-            # the same number of forward passes (ZeRO-3) whatever its negative count.
-            items = items + [n["item_text"] for n in negatives]
-            batch["hard_negative_ids"] = torch.tensor([stable_id(str(n["item_id"])) for n in negatives],
-                                                      dtype=torch.long)
-        if self.features_dim is not None:
-            # One row per item row of the model (the batch's items, then its hard negatives).
-            table = FeatureTable.from_rows([e.get("features") for e in [*samples, *negatives]],
-                                           self.features_dim)
-            batch["item_features"] = torch.from_numpy(table.values)
-            batch["item_features_present"] = torch.from_numpy(table.present)
-            batch["num_missing_features"] = table.num_missing
-        batch.update(_loss_fields(samples, per_query if "hard_negative_ids" in batch else None),
-                     num_items=len(samples))
-        if self.tokens is not None:
-            batch.update(self.tokens(batch["queries"], items, self.cfg.pad_to_multiple_of))
-        return batch
-
+        return _collate(samples, self.cfg, self.tokens, self.features_dim)

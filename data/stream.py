@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from clicktower.data.batch import PairBatch
 from clicktower.data.blockio import BlockReader, NodeCache, Prefetcher, run_failure
 from clicktower.data.errors import DataError
 from clicktower.data.manifest import ShardTable
@@ -324,7 +325,7 @@ class RankStream(IterableDataset):
         src, where = self.segment.locate(self.rank, positions[lo:hi])
         return (w * window + lo, src, where), _runs(src, where.shards, where.samples)
 
-    def batches(self, worker: int, num_workers: int) -> Iterator[list[dict] | dict]:
+    def batches(self, worker: int, num_workers: int) -> Iterator[list[PairBatch] | dict]:
         """The window items of worker ``worker`` of ``num_workers`` (window ``i`` of
         ``windows()`` goes to worker ``i % num_workers``)."""
         state = _Worker(self)
@@ -345,7 +346,7 @@ class RankStream(IterableDataset):
             fetch.close()
             state.close()
 
-    def _item(self, state: _Worker, where: tuple, got: dict) -> list[dict] | dict:
+    def _item(self, state: _Worker, where: tuple, got: dict) -> list[PairBatch] | dict:
         """One window's batches from its fetched samples."""
         first_slot, src, at = where
         out = []
@@ -364,11 +365,11 @@ class RankStream(IterableDataset):
                                      f"(see the warnings above); re-shard the damaged shards "
                                      f"or raise data.shuffle_buffer"}
             batch = self.collate(samples)
-            batch["__counts__"] = state.counts()
+            batch.counts.update(state.counts())
             out.append(batch)
         return out
 
-    def __iter__(self) -> Iterator[list[dict] | dict]:
+    def __iter__(self) -> Iterator[list[PairBatch] | dict]:
         info = get_worker_info()
         if info is None:
             return self.batches(0, 1)

@@ -536,7 +536,7 @@ def positive_logits(query, keys, logit_scale, targets=None) -> torch.Tensor:
     return (query.to(cd) * k_pos[: query.shape[0]].to(cd)).sum(1) * s.to(cd)
 
 
-def paired_logsumexp(query, keys, logit_scale, targets=None, key_ids=None, query_ids=None, key_query_ids=None,
+def paired_logsumexp(query, keys, logit_scale, *, targets=None, key_ids=None, query_ids=None, key_query_ids=None,
                      num_columns: int = 0, block_size=None, exclusions=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row log-sum-exps of ``logit_scale * query @ keys.T`` over all keys and column
     log-sum-exps over these queries for ``keys[:num_columns]``, from ONE tiled pass, with one
@@ -606,7 +606,7 @@ def _check_exclusions(exclusions, B: int, N: int):
     return tuple(exclusions)
 
 
-def contrastive_logsumexp(query, keys, logit_scale, targets=None, key_ids=None, block_size=None,
+def contrastive_logsumexp(query, keys, logit_scale, *, targets=None, key_ids=None, block_size=None,
                           query_ids=None, key_query_ids=None, exclude_ids=None):
     """Per-query log-sum-exp over keys of ``logit_scale * query @ keys.T`` (masked as in
     :func:`fused_contrastive_loss`), without materialising the [B, N] logits.
@@ -634,8 +634,9 @@ def contrastive_logsumexp(query, keys, logit_scale, targets=None, key_ids=None, 
     Returns:
         [B] fp32 (fp64 for fp64 inputs) log-sum-exp per query.
     """
-    lse, _ = paired_logsumexp(query, keys, logit_scale, targets, key_ids, query_ids, key_query_ids, 0, block_size,
-                              _exclusions(exclude_ids, key_ids))
+    lse, _ = paired_logsumexp(query, keys, logit_scale, targets=targets, key_ids=key_ids, query_ids=query_ids,
+                              key_query_ids=key_query_ids, block_size=block_size,
+                              exclusions=_exclusions(exclude_ids, key_ids))
     return lse
 
 
@@ -648,7 +649,7 @@ def _exclusions(exclude_ids, key_ids):
     return exclude_ids, key_ids
 
 
-def symmetric_logsumexp(query, keys, logit_scale, query_ids=None, key_ids=None, block_size=None,
+def symmetric_logsumexp(query, keys, logit_scale, *, query_ids=None, key_ids=None, block_size=None,
                         exclude_ids=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row and column log-sum-exps of ``logit_scale * query @ keys.T`` for paired rows
     (N == B), from one tiled pass; masks as in :func:`fused_symmetric_contrastive_loss`.
@@ -683,7 +684,7 @@ def symmetric_logsumexp(query, keys, logit_scale, query_ids=None, key_ids=None, 
     return _PairLSE.apply(query, keys, s, plan)
 
 
-def fused_contrastive_loss(query, keys, logit_scale, targets=None, key_ids=None, block_size=None,
+def fused_contrastive_loss(query, keys, logit_scale, *, targets=None, key_ids=None, block_size=None,
                            reduction: str = "mean", query_ids=None, key_query_ids=None, weights=None,
                            exclude_ids=None):
     """InfoNCE loss ``F.cross_entropy(logit_scale * query @ keys.T, targets)`` (with masked
@@ -717,13 +718,13 @@ def fused_contrastive_loss(query, keys, logit_scale, targets=None, key_ids=None,
     Returns:
         0-dim fp32 loss (fp64 for fp64 inputs).
     """
-    lse = contrastive_logsumexp(query, keys, logit_scale, targets, key_ids, block_size, query_ids, key_query_ids,
-                                exclude_ids)
+    lse = contrastive_logsumexp(query, keys, logit_scale, targets=targets, key_ids=key_ids, block_size=block_size,
+                                query_ids=query_ids, key_query_ids=key_query_ids, exclude_ids=exclude_ids)
     pos = positive_logits(query, keys, logit_scale, targets)
     return _reduce(lse - pos, reduction, weights)
 
 
-def fused_symmetric_contrastive_loss(query, keys, logit_scale, query_ids=None, key_ids=None,
+def fused_symmetric_contrastive_loss(query, keys, logit_scale, *, query_ids=None, key_ids=None,
                                      block_size=None, reduction: str = "mean", weights=None, exclude_ids=None):
     """Symmetric (CLIP-style) loss for paired rows (N == B): the mean of the query->key
     and key->query InfoNCE losses, from ONE tiled pass.
@@ -754,6 +755,7 @@ def fused_symmetric_contrastive_loss(query, keys, logit_scale, query_ids=None, k
     Returns:
         0-dim fp32 loss (fp64 for fp64 inputs).
     """
-    lse_r, lse_c = symmetric_logsumexp(query, keys, logit_scale, query_ids, key_ids, block_size, exclude_ids)
+    lse_r, lse_c = symmetric_logsumexp(query, keys, logit_scale, query_ids=query_ids, key_ids=key_ids,
+                                       block_size=block_size, exclude_ids=exclude_ids)
     pos = positive_logits(query, keys, logit_scale)
     return 0.5 * (_reduce(lse_r - pos, reduction, weights) + _reduce(lse_c - pos, reduction, weights))

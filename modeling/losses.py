@@ -2,23 +2,15 @@
 
 Row a of the query batch is paired with row a of the item batch; every other pair's item (and
 every hard negative) is a negative for query a, and every other pair's query is a negative for
-item a -- except false negatives. One rule for both directions: for an anchor pair a and a
-candidate pair c != a, c leaves a's denominators when c has a's item id (the same product
-clicked twice) or a's query id (the same query text clicked on another product); id -1 never
-matches. Hard negatives carry item ids only and are masked for the anchors of the same item.
-A pair may also list items it must never be scored against (``exclude_ids``: judged but not
-clicked items, variants of its positive): they leave its query->item denominator, hard
-negatives included, and its query leaves the item->query denominator of each listed item.
+item a -- except false negatives: a candidate with the anchor's item id or query id, and the
+items the anchor's ``exclude_ids`` list (id -1 never matches). Optionally (``distill_weight``)
+a KL term towards a teacher's softmax over each pair's positive and own hard negatives.
 
-Optionally (``distill_weight``) a distillation term: the KL divergence from a teacher's softmax
-over each pair's candidates (its positive and its own hard negatives, scores computed offline)
-to the student's softmax over the same candidates.
-
-Across devices (``cross_device=True`` under an initialised process group) the batch is the
-global one: each local query is scored against the items and hard negatives of every rank,
-gathered with :func:`clicktower.kernels.gather_with_grad`. The loss is the ONLY place that
-scales for distributed gradients (see :class:`ContrastiveLoss`). The tiled kernels live in
-:mod:`clicktower.kernels`; this module only combines their outputs.
+Across ranks (``cross_device`` with ``world_size`` > 1, given at construction) each local query
+is scored against every rank's items and hard negatives, gathered with
+:func:`clicktower.kernels.gather_with_grad`; the loss is the ONLY place that scales for
+distributed gradients. The tiled kernels live in :mod:`clicktower.kernels`. More:
+docs/training.md (the loss), docs/distributed.md, docs/fused-loss.md.
 """
 from __future__ import annotations
 
@@ -28,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clicktower.kernels import all_reduce_sum, distributed_world, gather_sizes, gather_with_grad
+from clicktower.data.batch import PairLabels
+from clicktower.kernels import all_reduce_sum, gather_sizes, gather_with_grad
 from clicktower.kernels import paired_logsumexp, positive_logits
 from clicktower.kernels.collectives import all_reduce_max
 
@@ -75,9 +68,45 @@ class LossConfig:
 
 
 class ContrastiveLoss(nn.Module):
-    """NT-Xent over the (global) batch, computed with the fused, tiled kernel.
+    """InfoNCE / NT-Xent for two towers: each query against its clicked item and every other
+    item of the (global) batch, plus hard negatives; optionally symmetric, with distillation.
 
-    Per rank the loss is
+    Inputs:
+
+    ========================  =========  ====================================================
+    argument                  shape      what
+    ========================  =========  ====================================================
+    ``query_emb``             [B, D]     local query embeddings (row a pairs with item a)
+    ``item_emb``              [B, D]     embeddings of each query's clicked item
+    ``logit_scale``           0-dim      inverse temperature (learned or fixed)
+    ``labels`` (optional)     PairLabels ids, weights, exclusions, hard negatives' ids and
+                                         owners, teacher scores; each field optional
+    ``hard_negative_emb``     [H, D]     optional extra negatives for every query
+    ========================  =========  ====================================================
+
+    Returns the scalar fp32 loss. ``PairBatch`` (``clicktower.data``) gives ``labels`` and
+    ``split_items`` gives the two item tensors; in a batch with ``labels.item_ids`` and
+    ``query_ids`` a candidate with the anchor's item id or query text is not a negative
+    (``mask_duplicate_items`` / ``mask_duplicate_queries``), nor are the items a pair's
+    ``exclude_ids`` list. With ``distill_weight`` > 0, pairs with ``teacher_scores`` add a KL
+    term over their positive and their own hard negatives (needs ``hard_negative_owner``).
+
+    Relations: ``symmetric=False`` is the one-direction InfoNCE of
+    :func:`clicktower.kernels.fused_contrastive_loss` (MultipleNegativesRankingLoss in
+    sentence-transformers); ``symmetric=True`` adds item->query as the CLIP loss does
+    (:func:`clicktower.kernels.fused_symmetric_contrastive_loss`); ``world_size`` > 1 with
+    ``cross_device`` makes every rank's items (and hard negatives) negatives, as OpenCLIP's
+    ``gather_with_grad``, and the result equals the single-process loss over the global batch.
+
+    Example::
+
+        loss_fn = ContrastiveLoss.from_config(LossConfig(), rank=0, world_size=1)
+        batch = next(iter(loader))                       # a PairBatch
+        query_emb, item_rows, scale = model(**batch.model_inputs())
+        items, hard = batch.split_items(item_rows)
+        loss_fn(query_emb, items, scale, batch.labels, hard).backward()
+
+    The maths. Per rank the loss is
 
         sum over local pairs a of w_a * CE_a  /  (sum of w over the global batch / W)
 
@@ -95,7 +124,7 @@ class ContrastiveLoss(nn.Module):
     Args:
         symmetric: also compute item->query (each local item against every rank's queries)
             and return the mean of both directions.
-        cross_device: gather keys from all ranks when a process group is initialised.
+        cross_device: gather keys from all ``world_size`` ranks (with ``world_size`` > 1).
         gather_queries: how the item->query direction sees the other ranks' queries. False
             (default): never move queries; in the same tiled pass as the query->item
             direction each rank computes, for every gathered item, the log-sum-exp over its
@@ -111,13 +140,18 @@ class ContrastiveLoss(nn.Module):
         block_size: tile side of the kernel; default ``clicktower.kernels.DEFAULT_BLOCK_SIZE``.
         distill_weight: weight of the distillation term (0: off; see :class:`LossConfig`).
         distill_temperature: the teacher's softmax temperature.
+        rank: this process's rank among ``world_size`` (the launcher's; the loss reads no
+            global state in ``forward``).
+        world_size: processes training together; every one must call the loss (collective).
     """
 
     def __init__(self, symmetric: bool = True, cross_device: bool = True, gather_queries: bool = False,
                  mask_duplicate_items: bool = True, mask_duplicate_queries: bool = True,
                  block_size: int | None = None, distill_weight: float = 0.0,
-                 distill_temperature: float = 1.0) -> None:
+                 distill_temperature: float = 1.0, *, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
         self.symmetric = symmetric
         self.cross_device = cross_device
         self.gather_queries = gather_queries
@@ -126,54 +160,52 @@ class ContrastiveLoss(nn.Module):
         self.block_size = block_size
         self.distill_weight = float(distill_weight)
         self.distill_temperature = float(distill_temperature)
+        # The ranks the keys are gathered over: this process alone without cross_device.
+        self.rank, self.world_size = (rank, world_size) if cross_device else (0, 1)
 
     @classmethod
-    def from_config(cls, cfg: LossConfig, distributed: bool) -> "ContrastiveLoss":
-        """The loss a ``LossConfig`` describes.
+    def from_config(cls, cfg: LossConfig, *, rank: int = 0, world_size: int = 1) -> "ContrastiveLoss":
+        """The loss a ``LossConfig`` describes, for one rank of ``world_size`` processes.
 
         Args:
             cfg: loss config.
-            distributed: more than one process trains (cross-device gathering applies).
+            rank: this process's rank (``accelerator.process_index``).
+            world_size: processes training together (``accelerator.num_processes``):
+                cross-device gathering applies above 1.
         """
-        return cls(cfg.symmetric, cfg.cross_device and distributed, cfg.gather_queries, cfg.mask_duplicate_items,
+        return cls(cfg.symmetric, cfg.cross_device and world_size > 1, cfg.gather_queries, cfg.mask_duplicate_items,
                    cfg.mask_duplicate_queries, distill_weight=cfg.distill_weight,
-                   distill_temperature=cfg.distill_temperature)
+                   distill_temperature=cfg.distill_temperature, rank=rank, world_size=world_size)
 
     def forward(self, query_emb: torch.Tensor, item_emb: torch.Tensor, logit_scale: torch.Tensor,
-                item_ids: torch.Tensor | None = None, query_ids: torch.Tensor | None = None,
-                hard_negative_emb: torch.Tensor | None = None, hard_negative_ids: torch.Tensor | None = None,
-                weights: torch.Tensor | None = None, exclude_ids: torch.Tensor | None = None,
-                teacher_scores: torch.Tensor | None = None,
-                hard_negative_owner: torch.Tensor | None = None) -> torch.Tensor:
+                labels: PairLabels | None = None, hard_negative_emb: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the loss.
 
         Args:
             query_emb: [B, D] local query embeddings.
             item_emb: [B, D] embeddings of each query's clicked item.
             logit_scale: 0-dim inverse temperature.
-            item_ids: [B] int64 product ids (-1 = unknown, never matches).
-            query_ids: [B] int64 query ids (-1 = unknown, never matches).
+            labels: the batch's labels (``PairLabels``; None: none). ``item_ids`` and
+                ``query_ids`` [B] (-1 never matches) feed the duplicate masks;
+                ``hard_negative_ids`` [H] mask a hard negative with the anchor's item id
+                (default: never masked); ``weights`` [B] weigh the pairs (no gradient);
+                ``exclude_ids`` [B, E] (needs ``item_ids``): keys with a listed id leave that
+                pair's query->item denominator, and its query leaves the item->query
+                denominator of each listed item, whatever ``mask_duplicate_items`` says
+                (ranks may differ in E or lack it); ``teacher_scores`` [B, 1 + K] and
+                ``hard_negative_owner`` [H] (non-decreasing) feed distillation.
             hard_negative_emb: [H, D] extra negatives for every query (query->item only).
-            hard_negative_ids: [H] int64 product ids of the hard negatives (-1 = unknown);
-                a hard negative with the anchor's item id is masked. Default: never masked.
-            weights: [B] float sample weights (data, no gradient); default 1 each.
-            exclude_ids: [B, E] int64 item ids each pair must not be scored against, padded
-                with -1 (needs ``item_ids``). Query->item: keys (items of every rank and hard
-                negatives) with a listed id leave that pair's denominator; item->query: the
-                pair's query leaves the denominator of every item whose id it lists. Applied
-                whatever ``mask_duplicate_items`` says. Ranks may differ in E or lack it.
-            teacher_scores: [B, 1 + K] float teacher scores of each pair's positive and its
-                first K hard negatives (NaN: none); used when ``distill_weight`` > 0.
-            hard_negative_owner: [H] int64 local pair of each hard negative (non-decreasing:
-                a pair's negatives in order); needed for distillation.
 
         Returns:
             The scalar loss (fp32).
         """
+        labels = PairLabels() if labels is None else labels
+        item_ids, query_ids, hard_negative_ids = labels.item_ids, labels.query_ids, labels.hard_negative_ids
+        weights, exclude_ids = labels.weights, labels.exclude_ids
         dup_items = self.mask_duplicate_items
         if not self.mask_duplicate_queries:
             query_ids = None
-        rank, world = distributed_world() if self.cross_device else (0, 1)
+        rank, world = self.rank, self.world_size
         batch, device = query_emb.shape[0], query_emb.device
         if weights is not None:
             weights = weights.detach().to(device)
@@ -190,9 +222,10 @@ class ContrastiveLoss(nn.Module):
         # The item->query direction from the same tiles (one pass): column log-sum-exps over
         # this rank's queries for every gathered item; in one process they are complete.
         columns = total if self.symmetric and (world == 1 or not self.gather_queries) else 0
-        lse, partial = paired_logsumexp(query_emb, keys, logit_scale, targets, dup_ids, query_ids,
-                                        key_query_ids, columns, self.block_size,
-                                        None if exclude is None else (exclude, key_ids))
+        lse, partial = paired_logsumexp(query_emb, keys, logit_scale, targets=targets, key_ids=dup_ids,
+                                        query_ids=query_ids, key_query_ids=key_query_ids, num_columns=columns,
+                                        block_size=self.block_size,
+                                        exclusions=None if exclude is None else (exclude, key_ids))
         positive = positive_logits(query_emb, item_emb, logit_scale)
         if weights is not None:
             weights = weights.to(lse.dtype)
@@ -200,9 +233,9 @@ class ContrastiveLoss(nn.Module):
         # distributed gradients are scaled.
         norm = (weights.sum() if total_weight is None else total_weight) / world
         loss = _weighted_sum(lse - positive, weights)
-        if self.distill_weight and teacher_scores is not None and hard_negative_emb is not None:
-            kl = _distillation(query_emb, item_emb, hard_negative_emb, hard_negative_owner, teacher_scores,
-                               logit_scale, self.distill_temperature)
+        if self.distill_weight and labels.teacher_scores is not None and hard_negative_emb is not None:
+            kl = _distillation(query_emb, item_emb, hard_negative_emb, labels.hard_negative_owner,
+                               labels.teacher_scores, logit_scale, self.distill_temperature)
             # Both directions' mean below halves the contrastive sum; the KL keeps its weight.
             loss = loss + (2.0 if self.symmetric else 1.0) * self.distill_weight * _weighted_sum(kl, weights)
         if not self.symmetric:
@@ -218,8 +251,9 @@ class ContrastiveLoss(nn.Module):
             pair_ids = None if key_ids is None else key_ids[:total]
             exclusions = None if exclude is None else (pair_ids[targets], _gather(exclude, sizes, world))
             item_lse, _ = paired_logsumexp(
-                item_emb, queries, logit_scale, targets, pair_ids if dup_items else None, query_ids,
-                None if key_query_ids is None else key_query_ids[:total], 0, self.block_size, exclusions)
+                item_emb, queries, logit_scale, targets=targets, key_ids=pair_ids if dup_items else None,
+                query_ids=query_ids, key_query_ids=None if key_query_ids is None else key_query_ids[:total],
+                block_size=self.block_size, exclusions=exclusions)
         return 0.5 * (loss + _weighted_sum(item_lse - positive, weights)) / norm
 
 

@@ -55,7 +55,7 @@ def _epoch(path, world=2, batch=5, on_error="skip", buffer=8):
     cfg = DataConfig(num_workers=0, on_error=on_error, shuffle_buffer=buffer, block_size=4)
     for rank in range(world):
         loader = ClickPairLoader(cfg, str(path), batch, Rank(rank, world), 1)
-        per_rank.append([b["keys"] for b in loader])
+        per_rank.append([b.keys for b in loader])
         loaders.append(loader)
     return per_rank, loaders
 

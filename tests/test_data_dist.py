@@ -16,7 +16,7 @@ def _read_epoch(rank: int, world: int, path: str) -> tuple[int, list]:
     loader = ClickPairLoader(DataConfig(num_workers=0, shuffle_buffer=200), path, 24, Rank(rank, world), seed=4)
     keys, steps = [], 0
     for batch in loader:
-        keys += batch["keys"]
+        keys += batch.keys
         steps += 1
         flag = torch.tensor([1])
         dist.all_reduce(flag)  # a collective per step, as DDP does: a straggler would hang

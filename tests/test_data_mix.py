@@ -67,7 +67,7 @@ def test_train_on_a_weighted_mix(two_manifests, tmp_path):
     loader = ClickPairLoader(cfg.data, [str(a), str(b)], cfg.train.batch_size, Rank(0, 1),
                              cfg.train.seed)
     assert loader.infinite
-    expected = [batch["keys"] for _, batch in zip(range(steps), loader)]
+    expected = [batch.keys for _, batch in zip(range(steps), loader)]
     assert trained == expected
     from_b = sum(int(k.split("-")[1]) > B_OFFSET for keys in trained for k in keys)
     assert 0 < from_b < steps * cfg.train.batch_size / 2   # ~25% of 96 pairs come from b

@@ -55,7 +55,7 @@ def _run(loaders, num_batches=None):
             break
         assert all(b is not None for b in batches), "ranks yield different batch counts"
         for keys, batch in zip(per_rank, batches):
-            keys.append(batch["keys"])
+            keys.append(batch.keys)
         step += 1
     return per_rank
 
@@ -242,18 +242,18 @@ def test_global_batches_mix_many_shards():
 def test_real_dataloader_workers_match_in_process_split(shard_dirs):
     path = shard_dirs[(7, None)]
     two_workers = DataConfig(num_workers=2, shuffle_buffer=50, block_size=8)
-    real = [b["keys"] for b in ClickPairLoader(two_workers, path, 16, Rank(1, 2), 5)]
+    real = [b.keys for b in ClickPairLoader(two_workers, path, 16, Rank(1, 2), 5)]
     sim = ClickPairLoader(two_workers, path, 16, Rank(1, 2), 5)
     with in_process_workers():
-        assert real == [b["keys"] for b in sim]
+        assert real == [b.keys for b in sim]
     # and a real-worker resume onto one rank, another batch size
     loader = ClickPairLoader(DataConfig(num_workers=0, shuffle_buffer=50, block_size=8), path, 16,
                              Rank(0, 1), 5)
     it = iter(loader)
-    head = [k for _ in range(5) for k in next(it)["keys"]]
+    head = [k for _ in range(5) for k in next(it).keys]
     resumed = ClickPairLoader(two_workers, path, 24, Rank(0, 1), 5)
     resumed.load_state_dict(loader.state_dict())
-    tail = [k for b in resumed for k in b["keys"]]
+    tail = [k for b in resumed for k in b.keys]
     assert len(set(head + tail)) == len(head + tail) > N - 24 - 2
 
 
@@ -262,7 +262,7 @@ def test_infinite_and_mixed(shard_dirs):
     endless = DataConfig(infinite=True, shuffle_buffer=30, block_size=8)
     loader = ClickPairLoader(endless, a, 50)
     it = iter(loader)
-    keys = [k for _ in range(12) for k in next(it)["keys"]]  # 600 > 2 passes of 257
+    keys = [k for _ in range(12) for k in next(it).keys]  # 600 > 2 passes of 257
     assert len(set(keys)) == N   # every sample is read...
     assert max(keys.count(k) for k in set(keys)) <= 3   # ...and none more than its passes
     state = loader.state_dict()
@@ -274,7 +274,7 @@ def test_infinite_and_mixed(shard_dirs):
     for rank in range(2):
         resumed = ClickPairLoader(endless, a, 25, Rank(rank, 2))
         resumed.load_state_dict(state)
-        nxt.append(next(iter(resumed))["keys"])
+        nxt.append(next(iter(resumed)).keys)
     assert len(set(nxt[0]) | set(nxt[1])) == 50
 
     mix = DataConfig(mix=[{"manifest": a, "weight": 0.7}, {"manifest": b, "weight": 0.3}])
@@ -283,7 +283,7 @@ def test_infinite_and_mixed(shard_dirs):
     batches = [next(it) for _ in range(20)]
     assert mixed.state_dict()["samples_consumed"] == 2000
     # keys are row numbers in both sources: tell them apart by shard membership instead
-    assert sum(len(b["keys"]) for b in batches) == 2000
+    assert sum(len(b.keys) for b in batches) == 2000
     with pytest.raises(ValueError, match="mix weight"):
         ClickPairLoader(DataConfig(), [a, b], 10)
 

@@ -47,7 +47,7 @@ def _epoch(manifest, world, batch, **cfg):
     """Every rank's keys of one epoch, and the loaders."""
     loaders = [ClickPairLoader(DataConfig(**{**SMALL, **cfg}), manifest, batch, Rank(r, world), 3)
                for r in range(world)]
-    return [[k for b in loader for k in b["keys"]] for loader in loaders], loaders
+    return [[k for b in loader for k in b.keys] for loader in loaders], loaders
 
 
 @pytest.mark.unit
@@ -107,7 +107,7 @@ def test_object_deleted_mid_epoch(s3, synth_dir, on_error, caplog):
     cfg = DataConfig(**{**SMALL, "prefetch_blocks": 1, "io_threads": 1, "on_error": on_error})
     loader = ClickPairLoader(cfg, url, 32, Rank(0, 1), 3)
     it = iter(loader)
-    keys = next(it)["keys"]
+    keys = next(it).keys
     Storage().remove(f"{url}/shard-000004.tar")   # gone after the loader started
     if on_error == "raise":
         with pytest.raises(DataError, match=f"{url}/shard-000004.tar"):
@@ -115,7 +115,7 @@ def test_object_deleted_mid_epoch(s3, synth_dir, on_error, caplog):
                 pass
         return
     with caplog.at_level(logging.WARNING, logger="clicktower.data"):
-        keys += [k for batch in it for k in batch["keys"]]
+        keys += [k for batch in it for k in batch.keys]
     lost = loader.error_counts()["missing_shard"]
     assert 0 < lost <= 300 and len(keys) == len(set(keys)) == 2000 // 32 * 32 - lost
     assert f"{url}/shard-000004.tar" in caplog.text
@@ -148,7 +148,7 @@ def test_shard_to_s3_manifest_last_then_append(s3, synth_dir, tmp_path):
     manifest = load_manifest(url)
     assert manifest["num_samples"] == 2000 and len(manifest["sources"]) == 2
     assert manifest["sources"][0] == "s3://clicks/logs/day1.jsonl"
-    keys = [k for b in ClickPairLoader(DataConfig(**SMALL), url, 100, Rank(0, 1), 3) for k in b["keys"]]
+    keys = [k for b in ClickPairLoader(DataConfig(**SMALL), url, 100, Rank(0, 1), 3) for k in b.keys]
     assert len(keys) == len(set(keys)) == 2000   # the appended keys do not collide
     resumed = ClickPairLoader(DataConfig(**SMALL), url, 100, Rank(0, 1), 3)
     resumed.load_state_dict(state)   # the set grew: a new epoch on the grown set
@@ -162,14 +162,14 @@ def test_node_cache_serves_later_epochs_within_its_size(s3_set, tmp_path):
     cache = tmp_path / "cache"
     cfg = DataConfig(**SMALL, cache_dir=str(cache), cache_max_bytes=64 * 2**20)
     loader = ClickPairLoader(cfg, s3_set, 50, Rank(0, 1), 3)
-    first = [k for b in loader for k in b["keys"]]
+    first = [k for b in loader for k in b.keys]
     fetched = loader.io_counts()["io_requests"]
-    second = [k for b in loader for k in b["keys"]]
+    second = [k for b in loader for k in b.keys]
     assert sorted(first) == sorted(second) and first != second   # a new epoch order...
     assert loader.io_counts()["io_requests"] == fetched           # ...served from the cache
     small = 1536 * 1024   # smaller than the shard set: least recently used chunks go
     cfg = DataConfig(**SMALL, cache_dir=str(tmp_path / "small"), cache_max_bytes=small)
-    keys = [k for b in ClickPairLoader(cfg, s3_set, 50, Rank(0, 1), 3) for k in b["keys"]]
+    keys = [k for b in ClickPairLoader(cfg, s3_set, 50, Rank(0, 1), 3) for k in b.keys]
     assert keys == first
     size = sum(f.stat().st_size for f in (tmp_path / "small").iterdir())
     assert 0 < size <= small * 1.1 + CACHE_CHUNK
@@ -206,7 +206,7 @@ def test_two_gloo_ranks_from_s3_then_resume_on_one(s3_set):
     assert len(head) == len(set(head)) == ranks[0]["state"]["samples_consumed"]
     resumed = ClickPairLoader(DataConfig(**{**SMALL, "num_workers": 1}), manifest, 40, Rank(0, 1), 3)
     resumed.load_state_dict(ranks[0]["state"])
-    tail = [k for b in resumed for k in b["keys"]]
+    tail = [k for b in resumed for k in b.keys]
     assert len(head + tail) == len(set(head + tail)) > 2000 - 40 - 2
 
 

@@ -46,7 +46,7 @@ def test_max_bytes_and_gzip(logs, tmp_path):
     for sh in loaded["shards"]:  # the uncompressed tar of a shard stays under the cap
         idx = np.load(sh["index"])
         assert int(idx[sh["num_samples"]]) + 1024 <= 20_000
-    got = [k for b in ClickPairLoader(DataConfig(), str(tmp_path / "g"), 10) for k in b["keys"]]
+    got = [k for b in ClickPairLoader(DataConfig(), str(tmp_path / "g"), 10) for k in b.keys]
     assert sorted(got) == keys
 
 
@@ -59,7 +59,7 @@ def test_item_fields_and_features(logs, tmp_path):
     assert sample["item"] == {"title": "Drill 0", "brand": "Varlo", "attributes": {"colour": "red"}}
     assert sample["features"].dtype == np.float32 and sample["features"].tolist() == [0.0, 1.0, -1.0]
     batch = next(iter(ClickPairLoader(DataConfig(), str(tmp_path / "f"), 8)))
-    assert batch["item_features"].shape == (8, 3)
+    assert batch.item_features.shape == (8, 3)
 
 
 @pytest.mark.e2e
@@ -197,7 +197,7 @@ def test_version_2_manifest_still_loads(logs, tmp_path):
                   gzip_block=8)
     del m["gzip_block"]
     (out / "manifest.json").write_text(json.dumps(m))
-    got = [k for b in ClickPairLoader(DataConfig(), str(out), 10) for k in b["keys"]]
+    got = [k for b in ClickPairLoader(DataConfig(), str(out), 10) for k in b.keys]
     assert sorted(got) == [f"00000-{i:012d}" for i in range(1, 71)]
     m["shards"][1]["index_bytes"] += 8
     (out / "manifest.json").write_text(json.dumps(m))

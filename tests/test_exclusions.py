@@ -8,6 +8,8 @@ GradCache (the negatives embedded in chunks and cached like the items).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from dist_exclude import (CASES, DISTILL_T, DISTILL_WEIGHT, OWNERS, TEACHER, cas
 from dist_harness import run_ranks
 from dist_workers import MASKS, assert_gradient_contract, global_batch, reference_loss
 
+from clicktower.data.batch import PairLabels
 from clicktower.kernels import fused_contrastive_loss, fused_symmetric_contrastive_loss
 from clicktower.modeling.losses import ContrastiveLoss, LossConfig
 
@@ -55,11 +58,10 @@ def test_loss_with_exclusions_matches_dense_reference(tile_masks, symmetric, har
     d = _fp64(global_batch())
     exclude = global_exclude("both")
     items, queries = MASKS[masks]
-    kwargs = dict(item_ids=d["item_ids"], query_ids=d["query_ids"], weights=d["weights"], exclude_ids=exclude)
-    if hard:
-        kwargs.update(hard_negative_emb=d["h"], hard_negative_ids=d["hn_ids"])
+    labels = PairLabels(item_ids=d["item_ids"], query_ids=d["query_ids"], weights=d["weights"], exclude_ids=exclude,
+                        hard_negative_ids=d["hn_ids"] if hard else None)
     loss = ContrastiveLoss(symmetric, False, False, items, queries, block_size=block)(d["q"], d["k"], d["scale"],
-                                                                                        **kwargs)
+                                                                                        labels, d["h"] if hard else None)
     ref = reference_loss(d["q"], d["k"], d["scale"], d["item_ids"], d["query_ids"] if queries else None,
                          d["h"] if hard else None, d["hn_ids"] if hard else None, d["weights"], symmetric,
                          exclude=exclude, mask_items=items)
@@ -76,13 +78,13 @@ def test_exclusions_mask_something_and_never_the_own_positive(symmetric):
     halves on); a list naming only the pair's own item changes nothing beyond what the
     duplicate-item half masks already (the positive itself stays)."""
     d = global_batch()
-    base = dict(item_ids=d["item_ids"], query_ids=d["query_ids"])
+    base = PairLabels(item_ids=d["item_ids"], query_ids=d["query_ids"])
     loss_fn = ContrastiveLoss(symmetric, False)
-    plain = loss_fn(d["q"], d["k"], d["scale"], **base)
-    listed = loss_fn(d["q"], d["k"], d["scale"], **base, exclude_ids=global_exclude("both"))
+    plain = loss_fn(d["q"], d["k"], d["scale"], base)
+    listed = loss_fn(d["q"], d["k"], d["scale"], replace(base, exclude_ids=global_exclude("both")))
     assert abs(float(plain) - float(listed)) > 1e-3
     own = d["item_ids"][:, None].clone()
-    torch.testing.assert_close(loss_fn(d["q"], d["k"], d["scale"], **base, exclude_ids=own), plain, **TOL)
+    torch.testing.assert_close(loss_fn(d["q"], d["k"], d["scale"], replace(base, exclude_ids=own)), plain, **TOL)
     if symmetric:  # item->query alone: a query leaves the items it lists
         only_items = reference_loss(d["q"], d["k"], d["scale"], d["item_ids"], d["query_ids"], symmetric=True)
         assert abs(float(listed) - float(only_items)) > 1e-3
@@ -92,7 +94,7 @@ def test_exclusions_mask_something_and_never_the_own_positive(symmetric):
 def test_exclude_ids_need_item_ids():
     d = global_batch()
     with pytest.raises(ValueError, match="exclude_ids needs item_ids"):
-        ContrastiveLoss(True, False)(d["q"], d["k"], d["scale"], exclude_ids=global_exclude("both"))
+        ContrastiveLoss(True, False)(d["q"], d["k"], d["scale"], PairLabels(exclude_ids=global_exclude("both")))
 
 
 @pytest.mark.unit
@@ -125,9 +127,8 @@ def test_fused_kernels_take_exclude_ids(tile_masks, block):
 
 def _distill_inputs():
     d = _fp64(global_batch())
-    return d, dict(item_ids=d["item_ids"], query_ids=d["query_ids"], weights=d["weights"],
-                   hard_negative_emb=d["h"], hard_negative_ids=d["hn_ids"], hard_negative_owner=OWNERS,
-                   teacher_scores=TEACHER.double())
+    return d, PairLabels(item_ids=d["item_ids"], query_ids=d["query_ids"], weights=d["weights"],
+                         hard_negative_ids=d["hn_ids"], hard_negative_owner=OWNERS, teacher_scores=TEACHER.double())
 
 
 @pytest.mark.unit
@@ -136,11 +137,11 @@ def test_distillation_term_is_the_weighted_kl_with_its_gradient(symmetric):
     """loss(distill_weight) - loss(0) = weight x the pair-by-pair KL reference, in value and in
     gradient (query, items, hard negatives, logit scale), with pairs lacking scores or
     negatives contributing nothing."""
-    d, kwargs = _distill_inputs()
+    d, labels = _distill_inputs()
     tensors = [d["q"], d["k"], d["h"], d["scale"]]
     with_kl = ContrastiveLoss(symmetric, False, distill_weight=DISTILL_WEIGHT, distill_temperature=DISTILL_T)
-    diff = with_kl(d["q"], d["k"], d["scale"], **kwargs) - ContrastiveLoss(symmetric, False)(
-        d["q"], d["k"], d["scale"], **kwargs)
+    diff = with_kl(d["q"], d["k"], d["scale"], labels, d["h"]) - ContrastiveLoss(symmetric, False)(
+        d["q"], d["k"], d["scale"], labels, d["h"])
     ref = DISTILL_WEIGHT * distill_reference(d["q"], d["k"], d["h"], d["scale"], OWNERS, TEACHER.double(),
                                              d["weights"], DISTILL_T)
     assert float(ref.detach()) > 1e-3  # not vacuous
@@ -151,12 +152,12 @@ def test_distillation_term_is_the_weighted_kl_with_its_gradient(symmetric):
 
 @pytest.mark.unit
 def test_distillation_gradcheck():
-    d, kwargs = _distill_inputs()
+    d, labels = _distill_inputs()
     loss_fn = ContrastiveLoss(True, False, block_size=3, distill_weight=DISTILL_WEIGHT, distill_temperature=DISTILL_T)
-    kwargs["exclude_ids"] = global_exclude("both")
+    labels.exclude_ids = global_exclude("both")
 
     def f(q, k, h, s):
-        return loss_fn(q, k, s, **{**kwargs, "hard_negative_emb": h})
+        return loss_fn(q, k, s, labels, h)
 
     assert torch.autograd.gradcheck(f, (d["q"], d["k"], d["h"], d["scale"]))
 
@@ -167,7 +168,7 @@ def test_distillation_config_is_validated():
     from clicktower.launcher.errors import ConfigError
 
     assert LossConfig().distill_weight == 0.0 and LossConfig().distill_temperature == 1.0
-    loss = ContrastiveLoss.from_config(LossConfig(distill_weight=0.5, distill_temperature=0.1), False)
+    loss = ContrastiveLoss.from_config(LossConfig(distill_weight=0.5, distill_temperature=0.1))
     assert (loss.distill_weight, loss.distill_temperature) == (0.5, 0.1)
     with pytest.raises(ConfigError, match="loss.distill_weight"):
         load_config(TINY_CONFIG, ["loss.distill_weight=-1"])

@@ -137,15 +137,15 @@ def test_vectors_survive_sharding_and_loading_with_hard_negatives(tmp_path):
                              tokens=_Tokens(), features_dim=DIM)
     seen = 0
     for batch in loader:
-        n = batch["num_items"]
-        feats, present = batch["item_features"], batch["item_features_present"]
-        assert feats.shape == (n + len(batch["hard_negative_ids"]), DIM) and feats.dtype == torch.float32
-        for row, item_id in enumerate(batch["items"]):
+        n = batch.num_pairs
+        feats, present = batch.item_features, batch.item_features_present
+        assert feats.shape == (n + len(batch.labels.hard_negative_ids), DIM) and feats.dtype == torch.float32
+        for row, item_id in enumerate(batch.items):
             i = int(item_id.split()[-1])
             assert bool(present[row]) == (i % 4 != 3)
             assert feats[row].tolist() == ([float(i)] * DIM if i % 4 != 3 else [0.0] * DIM)
         # The hard negatives' rows follow the items', with their own vectors.
-        for row, text in enumerate(batch["hard_negative_texts"], start=n):
+        for row, text in enumerate(batch.tokens["hard_negative_texts"], start=n):
             assert present[row] and feats[row].tolist() == [-float(text.split()[-1])] * DIM
         seen += n
     assert seen == 12 and loader.error_counts()["missing_features"] == 3
@@ -172,7 +172,7 @@ def test_bad_vectors_follow_on_error(tmp_path, policy, caplog):
         return
     batches = list(loader)
     # The bad sample leaves its batch (7 slots, 6 samples), counted.
-    assert sum(b["num_items"] for b in batches) == 6 and loader.error_counts()["bad_features"] == 1
+    assert sum(b.num_pairs for b in batches) == 6 and loader.error_counts()["bad_features"] == 1
     assert "00000-000000000003" in caplog.text
 
 

@@ -31,6 +31,7 @@ def checkpointing_worker(rank: int, world: int) -> dict:
     of uneven text lengths (so the buckets differ per rank and per tower)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from clicktower.data.batch import PairLabels
     from clicktower.modeling.losses import ContrastiveLoss
     from clicktower.modeling.towers import TwoTower
     from dist_gradcache import batch  # rows of 3..8 tokens, right-padded
@@ -43,13 +44,12 @@ def checkpointing_worker(rank: int, world: int) -> dict:
         ddp = DDP(model)
         ddp.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        loss_fn = ContrastiveLoss(symmetric=True, cross_device=True)
+        loss_fn = ContrastiveLoss(symmetric=True, cross_device=True, rank=rank, world_size=world)
         grads = None
         for step in range(STEPS):
             data = batch(rank, step)
-            inputs = {k: v for k, v in data.items() if k.endswith(("input_ids", "attention_mask"))}
-            query, item, scale = ddp(**inputs)
-            loss_fn(query, item, scale, item_ids=data["item_ids"]).backward()
+            query, item, scale = ddp(**data.model_inputs())
+            loss_fn(query, item, scale, PairLabels(item_ids=data.labels.item_ids)).backward()
             if grads is None:
                 grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
             optimizer.step()
@@ -91,7 +91,7 @@ def test_checkpointing_is_non_reentrant_and_stops_at_frozen_layers():
             layers = model.query_tower.encoder.encoder.layer
             assert all(layer.gradient_checkpointing for layer in layers)
             assert all(layer._gradient_checkpointing_func.keywords == {"use_reentrant": False} for layer in layers)
-        inputs = {k: v for k, v in batch(0, 0).items() if k.endswith(("input_ids", "attention_mask"))}
+        inputs = batch(0, 0).model_inputs()
         query, item, scale = model(**inputs)
         (scale * (query * item).sum()).backward()
         grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

@@ -217,11 +217,13 @@ class _EpochLoader:
         self.per_epoch, self.epoch, self.served = per_epoch, 0, 0
 
     def __iter__(self):
+        from dataclasses import replace
+
         from dist_gradcache import batch
 
         for index in range(self.per_epoch):
             self.served += 1
-            yield {**batch(0, self.served), "keys": [f"e{self.epoch}b{index}k{i}" for i in range(8)]}
+            yield replace(batch(0, self.served), keys=[f"e{self.epoch}b{index}k{i}" for i in range(8)])
         self.epoch += 1
 
     def error_counts(self) -> dict:

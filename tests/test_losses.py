@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clicktower.data.batch import PairLabels
 from clicktower.modeling.losses import ContrastiveLoss
 
 pytestmark = pytest.mark.unit
@@ -33,11 +34,12 @@ def test_symmetric_by_hand():
 def test_duplicate_items_are_not_negatives():
     # Items 0 and 2 are the same product: row 0 loses key 2, row 2 loses key 0.
     ids = torch.tensor([7, 8, 7])
-    loss = ContrastiveLoss(symmetric=False)(Q, K, torch.tensor(1.0), item_ids=ids)
+    loss = ContrastiveLoss(symmetric=False)(Q, K, torch.tensor(1.0), PairLabels(item_ids=ids))
     expected = [math.log(E + 1) - 1, ROW_LOSSES[1], math.log(1 + E) - 1]
     assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-6)
     # Id -1 means unknown and never matches.
-    unknown = ContrastiveLoss(symmetric=False)(Q, K, torch.tensor(1.0), item_ids=torch.tensor([-1, 8, -1]))
+    unknown = ContrastiveLoss(symmetric=False)(Q, K, torch.tensor(1.0),
+                                               PairLabels(item_ids=torch.tensor([-1, 8, -1])))
     assert unknown.item() == pytest.approx(sum(ROW_LOSSES) / 3, rel=1e-6)
 
 
@@ -56,14 +58,14 @@ def test_repeated_query_is_masked_in_both_directions_by_hand():
     # loses query 0 (item->query). Rows of the logits [1, 0, 1], [0, 2, 0], [0, 0, 1]; columns
     # [1, 0, 0], [0, 2, 0], [1, 0, 1]: both directions lose the same entries here.
     masked = [math.log(E + 1) - 1, math.log(E ** 2 + 2) - 2, math.log(1 + E) - 1]
-    loss = ContrastiveLoss(symmetric=True)(Q, K, torch.tensor(1.0), query_ids=torch.tensor([5, 6, 5]))
+    loss = ContrastiveLoss(symmetric=True)(Q, K, torch.tensor(1.0), PairLabels(query_ids=torch.tensor([5, 6, 5])))
     assert loss.item() == pytest.approx(sum(masked) / 3, rel=1e-6)
     # The same pairs by product id (the item half of the same rule) give the same loss...
-    by_item = ContrastiveLoss(symmetric=True)(Q, K, torch.tensor(1.0), item_ids=torch.tensor([7, 8, 7]))
+    by_item = ContrastiveLoss(symmetric=True)(Q, K, torch.tensor(1.0), PairLabels(item_ids=torch.tensor([7, 8, 7])))
     assert by_item.item() == pytest.approx(loss.item(), rel=1e-6)
     # ...and switching that half off gives the unmasked loss.
-    off = ContrastiveLoss(symmetric=True, mask_duplicate_queries=False)(Q, K, torch.tensor(1.0),
-                                                                        query_ids=torch.tensor([5, 6, 5]))
+    off = ContrastiveLoss(symmetric=True, mask_duplicate_queries=False)(
+        Q, K, torch.tensor(1.0), PairLabels(query_ids=torch.tensor([5, 6, 5])))
     col_losses = [math.log(E + 2) - 1, math.log(E ** 2 + 2) - 2, math.log(2 * E + 1) - 1]
     assert off.item() == pytest.approx(0.5 * (sum(ROW_LOSSES) + sum(col_losses)) / 3, rel=1e-6)
 
@@ -100,8 +102,9 @@ def test_false_negative_rule_matches_dense_definition(ids, halves, symmetric, ha
     s = b["scale"].double().requires_grad_()
     loss_fn = ContrastiveLoss(symmetric, cross_device=False, mask_duplicate_items=halves[0],
                               mask_duplicate_queries=halves[1], block_size=4)
-    extra = {"hard_negative_emb": h, "hard_negative_ids": hn_ids} if hard else {}
-    got = loss_fn(q, k, s, item_ids=item_ids, query_ids=query_ids, weights=b["weights"], **extra)
+    labels = PairLabels(item_ids=item_ids, query_ids=query_ids, weights=b["weights"],
+                        hard_negative_ids=hn_ids if hard else None)
+    got = loss_fn(q, k, s, labels, h if hard else None)
     got_grads = torch.autograd.grad(got, [q, k, s] + ([h] if hard else []))
     want = reference_loss(q, k, s, item_ids if halves[0] else None, query_ids if halves[1] else None,
                           h if hard else None, hn_ids if hard else None, b["weights"], symmetric)
@@ -119,7 +122,7 @@ def test_weight_one_everywhere_is_the_unweighted_loss(symmetric):
     for weights in (None, torch.ones(10)):
         q, k = b["q"].float().requires_grad_(), b["k"].float().requires_grad_()
         s = b["scale"].clone().requires_grad_()
-        loss = ContrastiveLoss(symmetric, block_size=4)(q, k, s, item_ids, query_ids, weights=weights)
+        loss = ContrastiveLoss(symmetric, block_size=4)(q, k, s, PairLabels(item_ids, query_ids, weights))
         loss.backward()
         results.append((loss.detach(), q.grad, k.grad, s.grad))
     for a, w in zip(*results):
@@ -132,5 +135,5 @@ def test_loss_config_defaults():
 
     cfg = LossConfig()
     assert (cfg.gather_queries, cfg.mask_duplicate_items, cfg.mask_duplicate_queries) == (False, True, True)
-    loss = ContrastiveLoss.from_config(LossConfig(mask_duplicate_queries=False), distributed=False)
+    loss = ContrastiveLoss.from_config(LossConfig(mask_duplicate_queries=False), world_size=1)
     assert (loss.gather_queries, loss.mask_duplicate_queries, loss.cross_device) == (False, False, False)

@@ -192,10 +192,10 @@ def test_mine_cli_writes_shards_that_train_with_hard_negatives(mined_one, tiny_m
     tok = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
     tokens = PairTokenizer(tok, max_query_length=32, max_item_length=32)
     batch = next(iter(ClickPairLoader(DataConfig(hard_negatives_per_query=2), str(out), 16, tokens=tokens)))
-    assert batch["item_input_ids"].shape[0] == 16 + len(batch["hard_negative_ids"])
-    assert len(batch["hard_negative_ids"]) > 0
+    assert batch.tokens["item_input_ids"].shape[0] == 16 + len(batch.labels.hard_negative_ids)
+    assert len(batch.labels.hard_negative_ids) > 0
     # No hard negative of the batch is the positive of the sample it came with.
-    for s, negs in zip(batch["items"], batch["hard_negatives"]):
+    for s, negs in zip(batch.items, batch.hard_negatives):
         assert all(n["item_text"] != s for n in negs)
 
     again = clicktower("mine", "--model", str(tiny_model), "--manifest", str(shard_dir), "--out", str(out))

@@ -85,22 +85,22 @@ def test_batch_carries_exclusions_teacher_scores_and_weights(field_shards):
     tokens = PairTokenizer(AutoTokenizer.from_pretrained(resolve_model_path(MINILM)), 16, 16)
     loader = ClickPairLoader(DataConfig(hard_negatives_per_query=1, shuffle_buffer=1), str(shards), 8, tokens=tokens)
     batch = next(iter(loader))
-    assert batch["exclude_ids"].dtype == torch.int64 and batch["exclude_ids"].shape[0] == 8
-    assert batch["teacher_scores"].shape == (8, 2)
-    assert batch["hard_negative_owner"].tolist() == sorted(batch["hard_negative_owner"].tolist())
+    assert batch.labels.exclude_ids.dtype == torch.int64 and batch.labels.exclude_ids.shape[0] == 8
+    assert batch.labels.teacher_scores.shape == (8, 2)
+    assert batch.labels.hard_negative_owner.tolist() == sorted(batch.labels.hard_negative_owner.tolist())
     seen_padding = False
     for row in range(8):
-        record = rows[int(batch["keys"][row].split("-")[1]) - 1]  # key: input number - row (1-based)
-        assert (record["query"], record["item_text"]) == (batch["queries"][row], batch["items"][row])
+        record = rows[int(batch.keys[row].split("-")[1]) - 1]  # key: input number - row (1-based)
+        assert (record["query"], record["item_text"]) == (batch.queries[row], batch.items[row])
         want = [stable_id(str(i)) for i in record["judged"]]
-        got = [i for i in batch["exclude_ids"][row].tolist() if i != -1]
+        got = [i for i in batch.labels.exclude_ids[row].tolist() if i != -1]
         assert got == want
-        seen_padding |= -1 in batch["exclude_ids"][row].tolist()
-        assert batch["weights"][row] == pytest.approx(record["grade"])  # graded positives
+        seen_padding |= -1 in batch.labels.exclude_ids[row].tolist()
+        assert batch.labels.weights[row] == pytest.approx(record["grade"])  # graded positives
         kept = min(1, len(record["negs"]))
-        assert batch["teacher_scores"][row, :1 + kept].tolist() == record["teacher"][:1 + kept]
-        assert all(math.isnan(v) for v in batch["teacher_scores"][row, 1 + kept:].tolist())
-        assert batch["hard_negative_owner"].tolist().count(row) == kept
+        assert batch.labels.teacher_scores[row, :1 + kept].tolist() == record["teacher"][:1 + kept]
+        assert all(math.isnan(v) for v in batch.labels.teacher_scores[row, 1 + kept:].tolist())
+        assert batch.labels.hard_negative_owner.tolist().count(row) == kept
     assert seen_padding  # lists of different lengths, padded with -1
 
 

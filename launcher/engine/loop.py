@@ -1,8 +1,9 @@
 """The training loop: optimiser steps until ``train.max_steps``, over epochs, with observers.
 
-``TrainLoop`` feeds the loader's micro-batches to a ``TrainStep`` and, after every optimiser
-step, hands a ``StepReport`` to its observers (metrics and progress, sample keys, periodic
-evaluation, checkpoints and preemption: ``observers.py``) in order. Its own state is the step
+``TrainLoop`` counts optimiser steps: it takes each step's micro-batches from
+``TrainStep.step_batches``, runs the step and then hands a ``StepReport`` to its observers
+(metrics and progress, sample keys, periodic evaluation, checkpoints and preemption:
+``observers.py``) in order. Its own state is the step
 count and the loader position, which the checkpoint observer saves.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Protocol, Sequence, get_args
+from typing import Any, Literal, Protocol, Sequence, get_args
 
 import torch
 
@@ -212,47 +213,23 @@ class TrainLoop:
         world = self.train_step.accelerator.num_processes
         for observer in self.observers:
             observer.on_start(self, resume_state is not None)
+        steps = self.train_step.step_batches(self.loader)
         try:
-            steps = self._step_batches()
-            while True:
+            while self.step < self.cfg.max_steps:
                 waited = time.perf_counter()
-                batches, epochs = next(steps, (None, None))
-                if batches is None:
-                    break
+                group = next(steps)
                 started = time.perf_counter()
-                loss = self.train_step(*batches)
+                loss = self.train_step(*group.batches)
                 self.step += 1
-                keys = [key for batch in batches for key in batch["keys"]]
-                key_epochs = [e for batch, e in zip(batches, epochs) for _ in batch["keys"]]
-                report = StepReport(self.step, loss, keys, key_epochs, len(keys) * world,
+                keys = group.keys
+                report = StepReport(self.step, loss, keys, group.key_epochs, len(keys) * world,
                                     time.perf_counter() - started, started - waited)
                 for observer in self.observers:
                     observer.after_step(self, report)
         finally:
+            steps.close()  # the loader's pass (and its worker processes) ends here
             for observer in self.observers:
                 observer.close()
-
-    def _step_batches(self) -> Iterator[tuple[list[dict[str, Any]], list[int]]]:
-        """The micro-batches of each remaining optimiser step, k at a time, until max_steps,
-        with the loader epoch each came from.
-
-        A step whose micro-batches straddle an epoch end continues into the next epoch (no
-        batch is dropped); the loader's position is only read between steps, so a
-        checkpoint never holds half a step.
-        """
-        group: list[dict[str, Any]] = []
-        epochs: list[int] = []
-        while self.step < self.cfg.max_steps:
-            for batch in self.loader:
-                group.append(batch)
-                # Read while the batch's epoch is current: the loader moves it on only after
-                # the epoch's last batch has been taken.
-                epochs.append(self.loader.epoch)
-                if len(group) == self.train_step.accumulation_steps:
-                    yield group, epochs
-                    group, epochs = [], []
-                    if self.step >= self.cfg.max_steps:
-                        return
 
 
 def save_final(accelerator: Any, model: Any, folder: Path, tokenizer: Any) -> Path:

@@ -1,37 +1,57 @@
 """One optimiser step of the two-tower model, under ``accelerate`` (one process, DDP or
-DeepSpeed ZeRO-1/2/3): forward and backward of each micro-batch, GradCache when the batch is
+DeepSpeed ZeRO-1/2/3): the grouping of the loader's micro-batches into steps
+(``step_batches``), forward and backward of each micro-batch, GradCache when the batch is
 embedded in chunks, then clipping, the optimiser and the LR schedule.
 
-``TrainStep`` knows nothing of epochs, logs or checkpoints (``loop.TrainLoop`` drives it), so a
-test can run one step alone and compare the update with a reference.
+``TrainStep`` passes each ``PairBatch`` on without knowing its fields and knows nothing of
+logs or checkpoints (``loop.TrainLoop`` counts the steps), so a test can run one step alone
+and compare the update with a reference.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
+from clicktower.data.batch import PairBatch
 from clicktower.launcher.engine.distributed import deepspeed_plugin, gradient_accumulation_steps, mean_over_ranks
 from clicktower.launcher.engine.optim import Optimization
 from clicktower.launcher.errors import ConfigError
 from clicktower.modeling.losses import ContrastiveLoss
 
-MODEL_INPUTS = ("query_input_ids", "query_attention_mask", "item_input_ids", "item_attention_mask")
-# Batch entries the loss reads (besides the embeddings), when present.
-LOSS_INPUTS = ("item_ids", "query_ids", "weights", "exclude_ids", "teacher_scores", "hard_negative_owner")
-# Item feature vectors, one row per item row (hard negatives included), when the loader
-# builds them for a model with ``model.item_features_dim``.
-FEATURE_INPUTS = ("item_features", "item_features_present")
+
+@dataclass
+class StepBatches:
+    """The micro-batches of one optimiser step and the loader epoch each came from.
+
+    Args:
+        batches: ``gradient_accumulation_steps`` micro-batches, in order.
+        epochs: the loader epoch of each (a step may straddle an epoch end).
+    """
+
+    batches: list[PairBatch]
+    epochs: list[int]
+
+    @property
+    def keys(self) -> list[str]:
+        """This rank's sample keys, all micro-batches in order."""
+        return [key for batch in self.batches for key in batch.keys]
+
+    @property
+    def key_epochs(self) -> list[int]:
+        """The loader epoch of each of ``keys``."""
+        return [epoch for batch, epoch in zip(self.batches, self.epochs) for _ in batch.keys]
 
 
 class TrainStep:
     """Forward, loss, backward and the optimiser update of one step.
 
     One optimiser step consumes k micro-batches, k being the ``gradient_accumulation_steps``
-    of accelerate or of the DeepSpeed config (1 by default).
+    of accelerate or of the DeepSpeed config (1 by default); ``step_batches`` groups them.
 
     Args:
         accelerator: the prepared accelerator.
@@ -59,11 +79,11 @@ class TrainStep:
         # From the last forward (logged): under ZeRO-3 the parameter itself is a partition.
         self.last_logit_scale = torch.tensor(float("nan"))
 
-    def __call__(self, *batches: dict[str, Any]) -> torch.Tensor:
+    def __call__(self, *batches: PairBatch) -> torch.Tensor:
         """One optimiser step; see ``train_step``."""
         return self.train_step(*batches)
 
-    def train_step(self, *batches: dict[str, Any]) -> torch.Tensor:
+    def train_step(self, *batches: PairBatch) -> torch.Tensor:
         """One optimiser step: forward, loss and backward of each micro-batch, then clip and step.
 
         Args:
@@ -86,7 +106,30 @@ class TrainStep:
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         return mean_over_ranks(self.accelerator, loss)
 
-    def forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
+    def step_batches(self, loader: Iterable[PairBatch]) -> Iterator[StepBatches]:
+        """The loader's micro-batches grouped into optimiser steps, ``accumulation_steps`` at
+        a time, epoch after epoch without end (the caller stops taking).
+
+        A step whose micro-batches straddle an epoch end continues into the next epoch (no
+        batch is dropped); a group is handed out only once complete, so the loader's position
+        read between steps never holds half a step.
+
+        Args:
+            loader: a ``ClickPairLoader`` (iterated once per epoch; its ``epoch`` is read).
+        """
+        group: list[PairBatch] = []
+        epochs: list[int] = []
+        while True:
+            for batch in loader:
+                group.append(batch)
+                # Read while the batch's epoch is current: the loader moves it on only after
+                # the epoch's last batch has been taken.
+                epochs.append(loader.epoch)
+                if len(group) == self.accumulation_steps:
+                    yield StepBatches(group, epochs)
+                    group, epochs = [], []
+
+    def forward_backward(self, batch: PairBatch) -> torch.Tensor:
         """Forward, loss and backward of one (micro-)batch, no optimiser step.
 
         The gradient is that of loss / k: ``accelerator.backward`` divides by the accumulation
@@ -98,29 +141,18 @@ class TrainStep:
         Returns:
             This rank's loss, detached and undivided.
         """
-        device = self.accelerator.device
-        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
-        if "item_features_present" in batch:
-            inputs.update({k: batch[k].to(device) for k in FEATURE_INPUTS})
-        ids = {k: batch[k].to(device) for k in LOSS_INPUTS if k in batch}
-        if "hard_negative_ids" in batch:
-            ids["hard_negative_ids"] = batch["hard_negative_ids"].to(device)
-        chunks = 1 if self.grad_cache_chunk is None else self._num_chunks(inputs, self.grad_cache_chunk)
+        batch = batch.to(self.accelerator.device)
+        chunks = 1 if self.grad_cache_chunk is None else self._num_chunks(batch.num_pairs, self.grad_cache_chunk)
         if chunks > 1:
-            loss = self.grad_cache_backward(inputs, ids, chunks)
-        else:
-            with self.accelerator.autocast():
-                query_emb, item_emb, logit_scale = self.model(**inputs)
-            if "hard_negative_ids" in batch:
-                # The item rows after the batch's own items are its hard negatives.
-                count = batch["num_items"]
-                ids["hard_negative_emb"] = item_emb[count:]
-                item_emb = item_emb[:count]
-            loss = self.loss_fn(query_emb, item_emb, logit_scale, **ids)
-            self.last_logit_scale = logit_scale.detach()
-            # Under DeepSpeed this is the engine's backward AND, at an accumulation boundary,
-            # its step (clip, optimiser, zero_grad).
-            self.accelerator.backward(loss)
+            return self.grad_cache_backward(batch, chunks)
+        with self.accelerator.autocast():
+            query_emb, item_emb, logit_scale = self.model(**batch.model_inputs())
+        item_emb, hard_negative_emb = batch.split_items(item_emb)
+        loss = self.loss_fn(query_emb, item_emb, logit_scale, batch.labels, hard_negative_emb)
+        self.last_logit_scale = logit_scale.detach()
+        # Under DeepSpeed this is the engine's backward AND, at an accumulation boundary,
+        # its step (clip, optimiser, zero_grad).
+        self.accelerator.backward(loss)
         return loss.detach()
 
     def optimizer_step(self) -> None:
@@ -134,10 +166,10 @@ class TrainStep:
             self.scheduler.step()  # a LambdaLR on the base optimiser's param groups, which ZeRO uses
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _num_chunks(self, inputs: dict[str, torch.Tensor], chunk: int) -> int:
-        """Chunks per step, the max over ranks: every rank must run the same number of
-        forward/backward calls (DDP broadcasts buffers per forward, ZeRO-3 gathers weights)."""
-        n = int(inputs[MODEL_INPUTS[0]].shape[0])
+    def _num_chunks(self, n: int, chunk: int) -> int:
+        """Chunks per step for a local batch of ``n`` pairs, the max over ranks: every rank
+        must run the same number of forward/backward calls (DDP broadcasts buffers per
+        forward, ZeRO-3 gathers weights)."""
         count = torch.tensor([math.ceil(n / chunk)], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             count = self.accelerator.reduce(count, reduction="max")
@@ -146,8 +178,7 @@ class TrainStep:
             raise ValueError(f"local batch of {n} pairs cannot be split into {count} chunks")
         return count
 
-    def grad_cache_backward(self, inputs: dict[str, torch.Tensor], ids: dict[str, torch.Tensor],
-                            num_chunks: int) -> torch.Tensor:
+    def grad_cache_backward(self, batch: PairBatch, num_chunks: int) -> torch.Tensor:
         """GradCache: the gradients of the full-batch loss with one chunk's activations alive.
 
         1. Embed each chunk under no_grad, saving the RNG state first.
@@ -157,53 +188,48 @@ class TrainStep:
            the surrogate ``sum(emb * cached_grad)`` through ``accelerator.backward`` -- the
            DeepSpeed engine's own backward under ZeRO -- synchronising only on the last.
 
-        Hard negatives (the item rows after the pairs' own) are split into as many
-        chunks as the pairs: chunk j embeds its pairs' items followed by the j-th slice of the
-        negatives in ONE item-tower call, so the number of forward calls stays the same on
-        every rank (ZeRO-3 gathers weights per call) whatever its negative count; their
-        embeddings are cached and back-propagated like the items'.
+        Hard negatives are split into as many chunks as the pairs (``PairBatch.chunks``):
+        chunk j embeds its pairs' items followed by the j-th slice of the negatives in ONE
+        item-tower call, so the number of forward calls stays the same on every rank (ZeRO-3
+        gathers weights per call) whatever its negative count; their embeddings are cached
+        and back-propagated like the items'.
 
         Args:
-            inputs: the model inputs of the local batch.
-            ids: what the loss reads besides the embeddings (ids, weights, exclusions...).
+            batch: the local batch, on the device.
             num_chunks: how many near-equal chunks (the same on every rank).
 
         Returns:
             The (local) loss.
         """
         acc, model = self.accelerator, self.model
-        n = int(inputs[MODEL_INPUTS[0]].shape[0])
-        hard = "hard_negative_ids" in ids
-        pair_spans = _spans(n, num_chunks)
-        neg_spans = _spans(int(inputs[MODEL_INPUTS[2]].shape[0]) - n if hard else 0, num_chunks)
-        chunks = [_chunk_inputs(inputs, p, g, n) for p, g in zip(pair_spans, neg_spans)]
+        hard = batch.num_hard_negatives is not None
+        chunks = batch.chunks(num_chunks)
         states, queries, items, negatives = [], [], [], []
         with torch.no_grad():
-            for chunk, (a, b) in zip(chunks, pair_spans):
+            for chunk in chunks:
                 states.append(_rng_state(acc.device))
                 with acc.autocast():
-                    q, i, scale = model(**chunk)
+                    q, i, scale = model(**chunk.inputs)
                 queries.append(q)
-                items.append(i[:b - a])
-                negatives.append(i[b - a:])
+                for out, part in zip((items, negatives), chunk.split_items(i)):
+                    out.append(part)
         # fp32 leaves: under fp16 autocast the cached gradients would be fp16 and underflow
         # before the scaler sees them.
         leaves = [torch.cat(x).float().requires_grad_() for x in (queries, items, negatives)]
         scale = scale.detach().requires_grad_()
-        loss_ids = dict(ids, hard_negative_emb=leaves[2]) if hard else ids
-        loss = self.loss_fn(leaves[0], leaves[1], scale, **loss_ids)
+        loss = self.loss_fn(leaves[0], leaves[1], scale, batch.labels, leaves[2] if hard else None)
         *grads, scale_grad = torch.autograd.grad(loss, leaves[:3 if hard else 2] + [scale])
         grads = [g.float() for g in grads] + ([] if hard else [leaves[2].new_zeros(leaves[2].shape)])
         self.last_logit_scale = scale.detach()
-        for index, (chunk, (a, b), (c, d)) in enumerate(zip(chunks, pair_spans, neg_spans)):
-            last = index == len(chunks) - 1
+        for index, chunk in enumerate(chunks):
+            (a, b), (c, d) = chunk.pairs, chunk.negatives
             _set_rng_state(acc.device, states[index])
-            with self._accumulating(not last):
+            with self._accumulating(index < len(chunks) - 1):
                 with acc.autocast():
-                    q, i, s = model(**chunk)
-                i = i.float()
-                surrogate = ((q.float() * grads[0][a:b]).sum() + (i[:b - a] * grads[1][a:b]).sum()
-                             + (i[b - a:] * grads[2][c:d]).sum())
+                    q, i, s = model(**chunk.inputs)
+                own, hard_rows = chunk.split_items(i.float())
+                surrogate = ((q.float() * grads[0][a:b]).sum() + (own * grads[1][a:b]).sum()
+                             + (hard_rows * grads[2][c:d]).sum())
                 # The logit scale's whole-batch gradient, spread evenly over the chunks (the
                 # scale is the same in each): every chunk's backward then reaches every
                 # parameter. Added on the last chunk only, ZeRO-3 applied it twice.
@@ -232,33 +258,6 @@ class TrainStep:
         else:
             with self.accelerator.no_sync(self.model):
                 yield
-
-def _spans(n: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` consecutive near-equal ``(start, end)`` ranges covering ``range(n)`` (some
-    empty when ``n < parts``)."""
-    bounds = [0]
-    for size in (len(t) for t in torch.arange(n).tensor_split(parts)):
-        bounds.append(bounds[-1] + size)
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _chunk_inputs(inputs: dict[str, torch.Tensor], pairs: tuple[int, int], negatives: tuple[int, int],
-                  num_pairs: int) -> dict[str, torch.Tensor]:
-    """One GradCache chunk's model inputs: the queries and items of its pairs, the items
-    followed by its slice of the hard negatives (item rows from ``num_pairs`` on). Every
-    item-side input (``item_*``: tokens, masks, feature rows) is sliced alike."""
-    (a, b), (c, d) = pairs, negatives
-    rows = None
-    if d > c:
-        rows = torch.cat([torch.arange(a, b), torch.arange(num_pairs + c, num_pairs + d)])
-    out = {}
-    for key, value in inputs.items():
-        if not key.startswith("item_"):
-            out[key] = value[a:b]
-        else:
-            out[key] = value[a:b] if rows is None else value[rows.to(value.device)]
-    return out
-
 
 def _rng_state(device: torch.device) -> tuple:
     """CPU (and this CUDA device's) RNG state, to replay a chunk's dropout."""

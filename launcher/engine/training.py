@@ -12,7 +12,6 @@ from pathlib import Path
 import yaml
 
 from clicktower.data.loader import ClickPairLoader, PairTokenizer, Rank
-from clicktower.data.shards import load_manifest
 from clicktower.launcher.engine.checkpoint import Checkpointer
 from clicktower.launcher.engine.config import ExperimentConfig, to_dict
 from clicktower.launcher.engine.distributed import (accelerator_kwargs, broadcast_object, gradient_accumulation_steps,
@@ -48,11 +47,6 @@ def train(cfg: ExperimentConfig) -> Path:
 
     if not cfg.data.manifests():
         raise ConfigError("data.train_manifest (or data.mix) is required for training")
-    # Everything a user can get wrong is checked before anything is written: the manifests
-    # here (every rank), the shard files by the loader (one rank, the others get its answer).
-    manifests = [load_manifest(m, check_files=False, storage_options=cfg.data.storage_options)
-                 for m in cfg.data.manifests()]
-    manifest = manifests if cfg.data.mix is not None else manifests[0]
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
     accelerator = Accelerator(**accelerator_kwargs(cfg.train.collective_timeout_s, cfg.train.mixed_precision),
                               **accelerator_tracking_kwargs(cfg.train.report_to, cfg.train.output_dir))
@@ -62,11 +56,13 @@ def train(cfg: ExperimentConfig) -> Path:
     set_numerics(accelerator.device, cfg.train.deterministic)  # deterministic kernels, or TF32 on CUDA
 
     prepare_launch(accelerator, cfg.train.batch_size, cfg.optim.max_grad_norm)  # DeepSpeed "auto"s, checks
-    loader = ClickPairLoader(cfg.data, manifest, cfg.train.batch_size,
-                             Rank(accelerator.process_index, accelerator.num_processes), cfg.train.seed,
-                             PairTokenizer(tokenizer, cfg.model.max_query_length, cfg.model.max_item_length),
-                             broadcast_object if accelerator.num_processes > 1 else None,
-                             features_dim=cfg.model.item_features_dim)
+    # Everything a user can get wrong is checked before anything is written: the loader reads
+    # its manifests (every rank) and checks the shard files (one rank, the others get its answer).
+    rank = Rank(accelerator.process_index, accelerator.num_processes)
+    loader = ClickPairLoader.from_config(
+        cfg.data, cfg.train.batch_size, rank, cfg.train.seed,
+        PairTokenizer(tokenizer, cfg.model.max_query_length, cfg.model.max_item_length),
+        broadcast_object if rank.world_size > 1 else None, features_dim=cfg.model.item_features_dim)
     if cfg.train.epochs is not None:  # epochs -> optimiser steps, as the loader batches them
         steps = epoch_steps(cfg.train.epochs, len(loader), gradient_accumulation_steps(accelerator))
         if steps < 1:
@@ -86,7 +82,7 @@ def train(cfg: ExperimentConfig) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     # Negatives from every rank when distributed: the loss gathers and scales (nothing else does).
-    loss_fn = ContrastiveLoss.from_config(cfg.loss, accelerator.num_processes > 1)
+    loss_fn = ContrastiveLoss.from_config(cfg.loss, rank=rank.rank, world_size=rank.world_size)
     step = TrainStep(accelerator, model, loss_fn, Optimization(optimizer, scheduler, cfg.optim.max_grad_norm),
                      cfg.train.grad_cache_chunk)
 

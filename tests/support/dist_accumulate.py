@@ -14,6 +14,7 @@ the parameters (gathered under ZeRO-3), counters and losses to OUT.pt.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from clicktower.launcher.engine.metrics import MetricsLog
 from clicktower.launcher.engine.optim import Optimization
 from clicktower.launcher.engine.step import TrainStep
 from clicktower.modeling.losses import ContrastiveLoss
-from dist_gradcache import BATCH, batch, prepared_sgd_model
+from dist_gradcache import BATCH, batch, prepared_sgd_model, world
 
 STEPS = 2  # micro-batches per optimiser step
 
@@ -43,7 +44,7 @@ class FixedLoader:
     def __iter__(self):
         for index in range(self.count):
             self.served += 1
-            yield {**batch(self.rank, index), "keys": [f"r{self.rank}m{index}k{i}" for i in range(BATCH)]}
+            yield replace(batch(self.rank, index), keys=[f"r{self.rank}m{index}k{i}" for i in range(BATCH)])
 
     def error_counts(self) -> dict:
         return {}
@@ -57,7 +58,7 @@ def build(accelerator: Accelerator, run_dir: str, steps: int) -> TrainLoop:
     cfg = TrainConfig(batch_size=BATCH, max_steps=1, log_every_steps=1, output_dir=run_dir,
                       progress_bar=False, sample_keys_log=True)
     loader = FixedLoader(accelerator.process_index, 3)
-    step = TrainStep(accelerator, model, ContrastiveLoss(True, accelerator.num_processes > 1),
+    step = TrainStep(accelerator, model, ContrastiveLoss(True, **world(accelerator)),
                      Optimization(optimizer, scheduler, None))
     observers = [MetricsObserver(MetricsLog(Path(run_dir) / "metrics.jsonl", accelerator.is_main_process), cfg,
                                  accelerator.is_main_process),

@@ -12,6 +12,7 @@ import itertools
 
 import torch
 
+from clicktower.data.batch import PairBatch, PairLabels
 from clicktower.modeling.losses import ContrastiveLoss
 from dist_workers import (BLOCK, DIM, HN_SIZES, MASKS, SIZES, StepAccelerator, TinyTowers, global_batch,
                           local_slice, reference_loss)
@@ -68,11 +69,11 @@ def exclusion_loss_worker(rank: int, world: int) -> dict:
         q, k = (local_slice(data[n], SIZES, rank).clone().requires_grad_() for n in ("q", "k"))
         h = local_slice(data["h"], HN_SIZES, rank).clone().requires_grad_()
         s = data["scale"].clone().requires_grad_()
-        kwargs = {n: local_slice(data[n], SIZES, rank) for n in ("item_ids", "query_ids", "weights")}
-        kwargs["exclude_ids"] = local_exclude(rank, variant)
-        if with_hn:
-            kwargs.update(hard_negative_emb=h, hard_negative_ids=local_slice(data["hn_ids"], HN_SIZES, rank))
-        loss = ContrastiveLoss(symmetric, True, gather, *MASKS[masks], block_size=BLOCK)(q, k, s, **kwargs)
+        labels = PairLabels(**{n: local_slice(data[n], SIZES, rank) for n in ("item_ids", "query_ids", "weights")},
+                            exclude_ids=local_exclude(rank, variant),
+                            hard_negative_ids=local_slice(data["hn_ids"], HN_SIZES, rank) if with_hn else None)
+        loss_fn = ContrastiveLoss(symmetric, True, gather, *MASKS[masks], block_size=BLOCK, rank=rank, world_size=world)
+        loss = loss_fn(q, k, s, labels, h if with_hn else None)
         loss.backward()
         out[case] = {"loss": loss.detach(), "q": q.grad, "k": k.grad, "s": s.grad, "h": h.grad if with_hn else None}
     return out
@@ -95,7 +96,7 @@ def distill_reference(q, k, h, s, owners, teacher, weights, temperature: float) 
     return total / weights.sum()
 
 
-def step_batch(rank: int) -> dict:
+def step_batch(rank: int) -> PairBatch:
     """Rank ``rank``'s training batch of ``global_batch(2)`` for TinyTowers: the item rows are
     the pairs' items followed by the rank's hard negatives, as the loader lays them out."""
     data = global_batch(2)
@@ -103,12 +104,14 @@ def step_batch(rank: int) -> dict:
     h = local_slice(data["h"], HN_SIZES, rank)
     items = torch.cat([part["k"], h])
     owners = local_slice(OWNERS, HN_SIZES, rank) - sum(SIZES[:rank])
-    return {"query_input_ids": part["q"], "query_attention_mask": torch.ones(SIZES[rank], DIM),
-            "item_input_ids": items, "item_attention_mask": torch.ones(items.shape[0], DIM),
-            "item_ids": part["item_ids"], "query_ids": part["query_ids"], "weights": part["weights"],
-            "hard_negative_ids": local_slice(data["hn_ids"], HN_SIZES, rank), "num_items": SIZES[rank],
-            "exclude_ids": local_exclude(rank, "both"), "hard_negative_owner": owners,
-            "teacher_scores": local_slice(TEACHER, SIZES, rank)}
+    keys = [f"r{rank}p{i}" for i in range(SIZES[rank])]
+    tokens = {"query_input_ids": part["q"], "query_attention_mask": torch.ones(SIZES[rank], DIM),
+              "item_input_ids": items, "item_attention_mask": torch.ones(items.shape[0], DIM)}
+    labels = PairLabels(item_ids=part["item_ids"], query_ids=part["query_ids"], weights=part["weights"],
+                        exclude_ids=local_exclude(rank, "both"),
+                        hard_negative_ids=local_slice(data["hn_ids"], HN_SIZES, rank), hard_negative_owner=owners,
+                        teacher_scores=local_slice(TEACHER, SIZES, rank))
+    return PairBatch(keys=keys, queries=keys, items=keys, labels=labels, tokens=tokens)
 
 
 def exclusion_step_worker(rank: int, world: int, gather: bool) -> dict:
@@ -124,7 +127,7 @@ def exclusion_step_worker(rank: int, world: int, gather: bool) -> dict:
     for chunk in (None, 2):
         model = DDP(TinyTowers())
         loss_fn = ContrastiveLoss(True, True, gather, block_size=BLOCK, distill_weight=DISTILL_WEIGHT,
-                                  distill_temperature=DISTILL_T)
+                                  distill_temperature=DISTILL_T, rank=rank, world_size=world)
         step = TrainStep(StepAccelerator(world), model, loss_fn, Optimization(None, None, None), chunk)
         loss = step.forward_backward(batch)
         out[chunk] = {name: p.grad for name, p in model.module.named_parameters()} | {"loss": loss}

@@ -21,10 +21,12 @@ one backward, the gradient averaged over ranks. Every rank writes ``OUT.pt.RANK`
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import torch
 from accelerate import Accelerator
 
+from clicktower.data.batch import PairBatch, PairLabels
 from clicktower.launcher.engine.distributed import accelerator_kwargs, gathered_parameters, prepare_launch
 from clicktower.launcher.engine.optim import Optimization
 from clicktower.launcher.engine.step import TrainStep
@@ -37,19 +39,21 @@ BERT = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_he
             attention_probs_dropout_prob=0.0)
 
 
-def batch(rank: int, step: int) -> dict:
+def batch(rank: int, step: int) -> PairBatch:
     g = torch.Generator().manual_seed(100 * step + rank)
     lengths = torch.randint(3, 9, (2, BATCH), generator=g)
     mask = (torch.arange(8)[None, None, :] < lengths[..., None]).long()
     ids = torch.randint(1, 64, (2, BATCH, 8), generator=g) * mask
     # Products 5 and 6 recur within and across ranks (masked as duplicates).
     item_ids = torch.tensor([5, 6, 7 + rank * 10, 5, 8 + rank * 10, 6, 9 + rank * 10, -1])
-    return {"query_input_ids": ids[0], "query_attention_mask": mask[0], "item_input_ids": ids[1],
-            "item_attention_mask": mask[1], "item_ids": item_ids,
-            "query_ids": torch.arange(BATCH) + 100 * rank, "keys": [str(i) for i in range(BATCH)]}
+    keys = [str(i) for i in range(BATCH)]
+    return PairBatch(keys=keys, queries=keys, items=keys,
+                     labels=PairLabels(item_ids=item_ids, query_ids=torch.arange(BATCH) + 100 * rank),
+                     tokens={"query_input_ids": ids[0], "query_attention_mask": mask[0], "item_input_ids": ids[1],
+                             "item_attention_mask": mask[1]})
 
 
-def with_hard_negatives(b: dict, rank: int, step: int) -> dict:
+def with_hard_negatives(b: PairBatch, rank: int, step: int) -> PairBatch:
     """``b`` plus hard negatives (3 on rank 0, 2 on rank 1: uneven) appended to the item rows,
     their ids (one repeats product 5, masked for its pairs) and exclusion lists naming
     products of both ranks and a hard negative."""
@@ -61,10 +65,15 @@ def with_hard_negatives(b: dict, rank: int, step: int) -> dict:
     exclude = torch.full((BATCH, 2), -1, dtype=torch.long)
     exclude[0] = torch.tensor([6, 40])  # product 6 (both ranks) and rank 0's hard negative 40
     exclude[2, 0] = 17 - 10 * rank      # the other rank's product 7 + 10 r
-    return dict(b, item_input_ids=torch.cat([b["item_input_ids"], ids]),
-                item_attention_mask=torch.cat([b["item_attention_mask"], mask]),
-                hard_negative_ids=torch.tensor([40, 5, 41][:count]),
-                num_items=BATCH, exclude_ids=exclude)
+    tokens = dict(b.tokens, item_input_ids=torch.cat([b.tokens["item_input_ids"], ids]),
+                  item_attention_mask=torch.cat([b.tokens["item_attention_mask"], mask]))
+    return replace(b, tokens=tokens, labels=replace(b.labels, hard_negative_ids=torch.tensor([40, 5, 41][:count]),
+                                                    exclude_ids=exclude))
+
+
+def world(accelerator: Accelerator) -> dict:
+    """The loss's ``rank`` and ``world_size`` keywords for this process."""
+    return {"rank": accelerator.process_index, "world_size": accelerator.num_processes}
 
 
 def tiny_model(dropout: float | None = None) -> TwoTower:
@@ -101,7 +110,7 @@ def main(out: str, chunk: str, hard: str = "") -> None:
     accelerator = Accelerator(**accelerator_kwargs())
     prepare_launch(accelerator, BATCH, None)
     model, optimizer, scheduler = prepared_sgd_model(accelerator, 1.0)
-    train_step = TrainStep(accelerator, model, ContrastiveLoss(True, accelerator.num_processes > 1),
+    train_step = TrainStep(accelerator, model, ContrastiveLoss(True, **world(accelerator)),
                            Optimization(optimizer, scheduler, None), None if chunk == "none" else int(chunk))
     rank = accelerator.process_index
     batches = [batch(rank, step) for step in range(2)]
@@ -149,7 +158,7 @@ def record_forwards(module: torch.nn.Module, device: torch.device) -> list[dict]
     return calls
 
 
-def autograd_reference(model: TwoTower, loss_fn: ContrastiveLoss, chunks: list[dict], ids: dict,
+def autograd_reference(model: TwoTower, loss_fn: ContrastiveLoss, chunks: list[dict], labels: PairLabels,
                        device: torch.device) -> dict:
     """The step's gradient by plain autograd through the same chunks and dropout masks.
 
@@ -157,7 +166,7 @@ def autograd_reference(model: TwoTower, loss_fn: ContrastiveLoss, chunks: list[d
         model: an unwrapped copy holding the step's starting weights.
         loss_fn: the step's loss (its gather makes this collective).
         chunks: the step's first-pass forwards as recorded (inputs and RNG state at entry).
-        ids: item/query ids of the local batch.
+        labels: item/query ids of the local batch.
         device: the accelerator's device.
 
     Returns:
@@ -172,7 +181,7 @@ def autograd_reference(model: TwoTower, loss_fn: ContrastiveLoss, chunks: list[d
         _set_rng_state(device, call["rng"])
         outs.append(model(**call["inputs"]))
     query_emb, item_emb = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-    loss = loss_fn(query_emb, item_emb, outs[-1][2], **ids)
+    loss = loss_fn(query_emb, item_emb, outs[-1][2], labels)
     loss.backward()
     world = dist.get_world_size() if dist.is_initialized() else 1
     grads = {}
@@ -197,7 +206,7 @@ def replay_main(out: str, chunk: str, dropout: str) -> None:
     model, optimizer, scheduler = prepared_sgd_model(accelerator, 1.0, float(dropout))
     inner = accelerator.unwrap_model(model)
     calls = record_forwards(inner, device)
-    loss_fn = ContrastiveLoss(True, accelerator.num_processes > 1)
+    loss_fn = ContrastiveLoss(True, **world(accelerator))
     train_step = TrainStep(accelerator, model, loss_fn, Optimization(optimizer, scheduler, None), int(chunk))
     reference = tiny_model(float(dropout)).to(device)
     steps = []
@@ -211,10 +220,10 @@ def replay_main(out: str, chunk: str, dropout: str) -> None:
         after = {k: v.detach().clone() for k, v in inner.named_parameters()}
         recorded = list(calls)
         first = [c for c in recorded if not c["grad"]]
-        ids = {k: local[k].to(device) for k in ("item_ids", "query_ids")}
-        steps.append({"batch": {k: v for k, v in local.items() if k != "keys"}, "calls": recorded,
+        labels = PairLabels(item_ids=local.labels.item_ids, query_ids=local.labels.query_ids).to(device)
+        steps.append({"batch": local.model_inputs(), "calls": recorded,
                       "loss": loss, "before": before, "after": after,
-                      "reference": autograd_reference(reference, loss_fn, first, ids, device)})
+                      "reference": autograd_reference(reference, loss_fn, first, labels, device)})
     torch.save({"rank": rank, "world": accelerator.num_processes, "steps": steps}, f"{out}.{rank}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from clicktower.data.batch import PairBatch, PairLabels
 from clicktower.kernels import gather_with_grad
 from clicktower.modeling.losses import ContrastiveLoss
 
@@ -151,17 +152,15 @@ def loss_worker(rank: int, world: int) -> dict:
         q, k = (local_slice(data[n], SIZES, rank).clone().requires_grad_() for n in ("q", "k"))
         h = local_slice(data["h"], HN_SIZES, rank).clone().requires_grad_()
         s = data["scale"].clone().requires_grad_()
-        kwargs = {}
+        labels = PairLabels()
         if masks != "none":
-            kwargs = {n: local_slice(data[n], SIZES, rank) for n in ("item_ids", "query_ids")}
-        if with_hn:
-            kwargs["hard_negative_emb"] = h
-            if masks != "none":
-                kwargs["hard_negative_ids"] = local_slice(data["hn_ids"], HN_SIZES, rank)
+            labels = PairLabels(**{n: local_slice(data[n], SIZES, rank) for n in ("item_ids", "query_ids")})
+            if with_hn:
+                labels.hard_negative_ids = local_slice(data["hn_ids"], HN_SIZES, rank)
         if weighted:
-            kwargs["weights"] = local_slice(data["weights"], SIZES, rank)
-        loss_fn = ContrastiveLoss(symmetric, True, gather, *MASKS[masks], block_size=BLOCK)
-        loss = loss_fn(q, k, s, **kwargs)
+            labels.weights = local_slice(data["weights"], SIZES, rank)
+        loss_fn = ContrastiveLoss(symmetric, True, gather, *MASKS[masks], block_size=BLOCK, rank=rank, world_size=world)
+        loss = loss_fn(q, k, s, labels, h if with_hn else None)
         loss.backward()
         out[case] = {"loss": loss.detach(), "q": q.grad, "k": k.grad, "s": s.grad, "h": h.grad if with_hn else None}
     # cross_device=False under a process group: the local in-batch loss, no collectives.
@@ -207,9 +206,9 @@ def ddp_worker(rank: int, world: int, symmetric: bool, gather: bool, weighted: b
     model = DDP(TinyTowers())
     part = {n: local_slice(data[n], SIZES, rank) for n in ("q", "k", "item_ids", "query_ids", "weights")}
     emb_q, emb_k, scale = model(part["q"], None, part["k"], None)
-    loss = ContrastiveLoss(symmetric, True, gather, block_size=BLOCK)(
-        emb_q, emb_k, scale, item_ids=part["item_ids"], query_ids=part["query_ids"],
-        weights=part["weights"] if weighted else None)
+    loss = ContrastiveLoss(symmetric, True, gather, block_size=BLOCK, rank=rank, world_size=world)(
+        emb_q, emb_k, scale, PairLabels(item_ids=part["item_ids"], query_ids=part["query_ids"],
+                                        weights=part["weights"] if weighted else None))
     loss.backward()
     return {name: p.grad for name, p in model.module.named_parameters()} | {"loss": loss.detach()}
 
@@ -249,13 +248,15 @@ def step_worker(rank: int, world: int, gather: bool) -> dict:
     data = global_batch(2)
     part = {n: local_slice(data[n], SIZES, rank) for n in ("q", "k", "item_ids", "query_ids", "weights")}
     ones = torch.ones(SIZES[rank], DIM)
-    batch = {"query_input_ids": part["q"], "query_attention_mask": ones, "item_input_ids": part["k"],
-             "item_attention_mask": ones, "item_ids": part["item_ids"], "query_ids": part["query_ids"],
-             "weights": part["weights"]}
+    keys = [f"r{rank}p{i}" for i in range(SIZES[rank])]
+    batch = PairBatch(keys=keys, queries=keys, items=keys,
+                      labels=PairLabels(item_ids=part["item_ids"], query_ids=part["query_ids"], weights=part["weights"]),
+                      tokens={"query_input_ids": part["q"], "query_attention_mask": ones,
+                              "item_input_ids": part["k"], "item_attention_mask": ones})
     out = {}
     for chunk in (None, 2):
         model = DDP(TinyTowers())
-        loss_fn = ContrastiveLoss(True, True, gather, block_size=BLOCK)
+        loss_fn = ContrastiveLoss(True, True, gather, block_size=BLOCK, rank=rank, world_size=world)
         step = TrainStep(StepAccelerator(world), model, loss_fn, Optimization(None, None, None), chunk)
         loss = step.forward_backward(batch)
         out[chunk] = {name: p.grad for name, p in model.module.named_parameters()} | {"loss": loss}

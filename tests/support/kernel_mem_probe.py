@@ -12,6 +12,7 @@ import sys
 import torch
 
 from clicktower.kernels import fused_contrastive_loss, fused_symmetric_contrastive_loss
+from clicktower.data.batch import PairLabels
 from clicktower.modeling.losses import ContrastiveLoss
 
 
@@ -43,7 +44,8 @@ def main():
     elif method == "fused_sym":
         loss = fused_symmetric_contrastive_loss(q, k, s, block_size=block)
     elif method == "loss_sym":
-        loss = ContrastiveLoss(symmetric=True, cross_device=False, block_size=block)(q, k, s, item_ids, query_ids)
+        loss = ContrastiveLoss(symmetric=True, cross_device=False, block_size=block)(
+            q, k, s, PairLabels(item_ids=item_ids, query_ids=query_ids))
     else:
         loss = torch.nn.functional.cross_entropy(s * q @ k.T, torch.arange(B))
     loss.backward()

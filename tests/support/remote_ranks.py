@@ -24,7 +24,7 @@ def read_half_epoch(rank: int, world: int, manifest: str, batch: int, cfg_kwargs
     it = iter(loader)
     keys = []
     for _ in range(loader.batches_per_epoch // 2):
-        keys += next(it)["keys"]
+        keys += next(it).keys
         dist.all_reduce(torch.tensor([1]))
     return {"keys": keys, "state": loader.state_dict(), "startup": startup,
             "io": loader.io_counts(), "errors": loader.error_counts()}
