@@ -99,7 +99,7 @@ def _loss_fn(m: str, block_size=None):
     import torch
     import torch.nn.functional as F
 
-    from clicktower.data.batch import PairLabels
+    from clicktower.kernels.labels import PairLabels
     from clicktower.kernels import fused_contrastive_loss, fused_symmetric_contrastive_loss
     from clicktower.modeling.losses import ContrastiveLoss
 
@@ -251,7 +251,7 @@ def _dist_rank(rank: int, world: int, port: int, queue, local: int, dim: int, re
     import torch
     import torch.distributed as dist
 
-    from clicktower.data.batch import PairLabels
+    from clicktower.kernels.labels import PairLabels
     from clicktower.modeling.losses import ContrastiveLoss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -4,55 +4,24 @@
 ``PairBatch`` owns the layout of the item rows: the batch's B items, then its H hard
 negatives, in one tensor (one item-tower call embeds both). Only this module slices it:
 ``split_items`` for a whole batch, ``chunks`` for GradCache. A new per-sample field goes into
-``PairLabels`` here, the loader's ``collate`` and the loss (docs/training.md, "Adding a
+``PairLabels`` (``kernels/labels.py``), the loader's ``collate`` and the loss (docs/training.md, "Adding a
 per-sample field").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+
+# The labels live beside the loss kernels that read them, so that the loss (modeling) and the
+# loader (data) share the type without importing each other; re-exported here.
+from clicktower.kernels.labels import PairLabels
 
 __all__ = ["BatchChunk", "PairBatch", "PairLabels"]
 
 # The token tensors a tokenised batch carries, named as TwoTower.forward takes them.
 TOKEN_INPUTS = ("query_input_ids", "query_attention_mask", "item_input_ids", "item_attention_mask")
-
-
-@dataclass
-class PairLabels:
-    """Per-sample labels of B pairs and H hard negatives: everything the loss reads besides
-    the embeddings. Every field is optional (None: the batch does not carry it).
-
-    Args:
-        item_ids: [B] int64 product id of each pair's item (-1: unknown, never matches).
-        query_ids: [B] int64 id of each pair's query text (-1: unknown).
-        weights: [B] float sample weights (default 1 each).
-        exclude_ids: [B, E] int64 item ids each pair must never be scored against, padded
-            with -1.
-        hard_negative_ids: [H] int64 product ids of the hard negatives. Set (possibly empty)
-            exactly when the batch's item rows hold hard negatives after its items.
-        hard_negative_owner: [H] int64 pair of each hard negative, non-decreasing.
-        teacher_scores: [B, 1 + K] float teacher scores of each pair's positive and its first
-            K hard negatives (NaN: none).
-    """
-
-    item_ids: torch.Tensor | None = None
-    query_ids: torch.Tensor | None = None
-    weights: torch.Tensor | None = None
-    exclude_ids: torch.Tensor | None = None
-    hard_negative_ids: torch.Tensor | None = None
-    hard_negative_owner: torch.Tensor | None = None
-    teacher_scores: torch.Tensor | None = None
-
-    def to(self, device: torch.device | str) -> "PairLabels":
-        """These labels with every tensor on ``device``.
-
-        Args:
-            device: the target device.
-        """
-        return replace(self, **{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
 
 
 @dataclass(frozen=True)

@@ -1,51 +1,15 @@
 """Streaming click-pair batches from indexed WebDataset shards to every rank and loader worker.
 
-The order (``clicktower.data.order``)
--------------------------------------
-An epoch's order is computed from the shard sample counts, the seed and the config alone (no
-data is read to know it): a seeded permutation of the shards, cut into blocks of
-``block_size`` contiguous samples, the blocks of ``interleave_shards`` shards at a time read
-in turn. Blocks are dealt to the ranks round-robin (the last partial round split evenly), so
-a rank fetches only its own blocks, each with one ranged request; each rank permutes its
-stream inside windows of whole batches that together span about ``interleave_shards``
-blocks, so a global batch mixes that many shards. Every rank yields the same number of
-batches; what is left after the last full batch (fewer than ``world_size * batch_size`` plus
-one sample per rank) is dropped for that epoch, and the next epoch has a new order.
+``ClickPairLoader`` yields ``PairBatch``es (``data/batch.py``). An epoch's order is a function
+of the manifest counts, the seed and the config alone (``clicktower.data.order``): shard
+blocks dealt round-robin to the ranks, read in windows that mix ``interleave_shards`` shards
+per global batch, the same batches for any worker count. Every rank yields the same number
+of batches; a bad sample is skipped and counted (or raised, ``on_error="raise"``) without
+moving any other sample. The state (epoch, samples consumed, per-layout segments) resumes
+exactly on any world or batch size, each sample read at most once per epoch; ``data.mix``
+mixes several manifests in a fixed, seeded pattern (always infinite).
 
-Loader workers read whole windows (window ``i`` by worker ``i % num_workers``), prefetching
-the next windows' blocks on ``io_threads`` threads, at most ``prefetch_blocks`` ahead; the
-batches come out in the same order for any worker count.
-
-Resume: the state is ``{"epoch", "samples_consumed", "segments", ...}``: ``segments`` lists
-``[world_size, batch_size, batches * batch_size read per rank]`` for each layout the epoch
-was read under, and holds no rank or worker. On the same world and batch size a resume goes
-on reading; on others, the unread samples of the partly read windows (and blocks) are dealt
-first, sample by sample, then whole blocks again. Within an epoch every sample is read at
-most once across all resumes.
-
-Bad data
---------
-Which samples an epoch has, and so how many batches every rank yields, depends only on the
-manifest counts. A sample that turns out bad when read (truncated tar, corrupt gzip, invalid
-UTF-8 or JSON, a missing field, empty or absurdly long text, a duplicate key, a shard that
-was missing when the loader started or deleted since, a read that failed after
-``max_retries`` retries) is, with ``on_error="skip"`` (default), left out of its batch: that
-batch is one sample short on that rank, no other sample moves, and batch counts never differ
-between ranks. It is counted by reason (``error_counts()``, with the ``retries`` of transient
-errors) and logged with its shard and key (the first 3 of each reason per worker, then at
-10, 100, 1000...). With ``on_error="raise"`` the loader stops with a ``DataError`` naming the
-shard (its URL) and key. Missing or wrong-sized shards and indexes are found when the loader
-starts (manifest validation: on one rank, the others receive its findings when the launcher
-passes ``broadcast_object``).
-
-Modes
------
-``data.infinite: true`` chains epochs without end (no remainder is dropped;
-``epoch`` stays 0 and ``samples_consumed`` counts global positions since the start). Several
-manifests weighted by ``data.mix: [{manifest, weight}, ...]`` are mixed in a fixed, seeded
-pattern of period 1000 (e.g. 700 clicks, 300 purchases per 1000 positions of a rank's
-stream); each source is read in its own epoch orders, so a source's samples repeat only
-after all of them were used. Mixing is always infinite.
+Order, resume, bad data and mixing in detail: docs/data.md.
 """
 from __future__ import annotations
 

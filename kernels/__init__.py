@@ -17,6 +17,10 @@ else:
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "all_reduce_sum",
+    "distributed_world",
+    "gather_sizes",
+    "gather_with_grad",
     "contrastive_logsumexp",
     "fused_contrastive_loss",
     "fused_symmetric_contrastive_loss",

@@ -1,33 +1,15 @@
 """Fused, tiled contrastive (InfoNCE / NT-Xent) losses in plain PyTorch.
 
-The [B, N] similarity matrix is never materialised. Query and key blocks are streamed
-through a fixed tile buffer; the forward pass keeps only per-row and per-column running
-max / sum-of-exp vectors (an online log-sum-exp), and the backward pass recomputes each tile
-once and feeds it straight into the two gradient matmuls. No Triton, no compiled extension:
-the same code runs on CPU and CUDA.
+The [B, N] similarity matrix is never materialised: query and key blocks stream through a
+fixed tile buffer, the forward keeps running row and column log-sum-exps, and the backward
+recomputes each tile once and feeds it straight into the two gradient matmuls. No Triton, no
+compiled extension: the same code runs on CPU and CUDA.
 
-One kernel (``_PairLSE``) serves every loss: for B queries against N keys it returns the
-row log-sum-exps over all N keys and, from the same tiles, the column log-sum-exps over the
-B queries for the first C keys (the in-batch items; the keys after them, hard negatives, get
-no column). C = 0 is the one-direction loss, C = B the symmetric loss, and across devices
-each rank's columns are partial sums over its own queries, combined by the caller.
-
-Memory: besides the inputs, O((B + N) * D) for working copies / gradient accumulators plus
-two tiles of min(B, block_size) x block_size.
-
-FLOPs: 2*B*N*D in the forward (logits), 2*B*N*D (recompute) + 4*B*N*D (the grad_query
-and grad_keys matmuls) in the backward: 8*B*N*D in all, for one direction and for both
-(both directions share the tiles, their exps and the gradient matmuls).
-
-Paths, chosen from one bound on the spread of the call's logits (2 |s| max|q| max|k|): within
-_FLAT_SPAN every row and column shares one constant shift and the forward just sums exps;
-beyond it rows keep online maxima and columns are rescaled from the same exps while the tile
-allows (_FAST_SPREAD), with an exact second exp where it does not. The backward shares one
-exp between both directions while the log-sum-exps span at most _FAST_SPREAD.
-
-Host synchronisation: on a GPU each call reads one value back per pass (forward: the spread
-bound; backward: the span of the log-sum-exps), never per tile; on the CPU, where such reads
-are free, the kernel also decides per tile and finds masked pairs up front.
+One kernel (``_PairLSE``) serves every loss: the row log-sum-exps over all N keys and, from
+the same tiles, the column log-sum-exps over the B queries for the first C keys (C = 0: one
+direction; C = B: symmetric; across devices, partial columns combined by the caller).
+Memory O((B + N) * D) plus two tiles; 8*B*N*D FLOPs; one host read per pass on a GPU.
+Paths, masks, precision and tests: docs/fused-loss.md, "How the kernel works".
 """
 from __future__ import annotations
 

@@ -1,27 +1,14 @@
 """Which logits leave the denominators of the fused contrastive kernels.
 
-Entry (i, j) of the [B, N] logits (query row i, key column j) is masked when j is not row i's
-positive (``targets[i]``) and, for at least one id kind, row i's id equals key j's id; id -1
-never matches. A kind is a pair ``(row_ids [B], col_ids [N])``: for the item half of the
-training rule the row ids are the items of each row's positive and the column ids the items
-of the keys; for the query half, each row's query id and the query id of the pair each key
-came from. Both halves are symmetric relations between pairs, so one mask serves the
-query->item direction (rows as anchors) and the item->query direction (columns as anchors).
+Entry (i, j) of the [B, N] logits is masked when j is not row i's positive and, for at least
+one id kind, row i's id equals key j's id (id -1 never matches). A kind is a pair
+``(row_ids, col_ids)``, each side one id per row/column or a padded LIST of ids (per-sample
+exclusions). The rule is symmetric between pairs, so one mask serves both directions.
 
-A side of a kind may also be a LIST of ids per row or column (``[B, E]`` / ``[N, E]``, padded
-with -1): the entry is masked when the two sides share an id. Per-sample exclusions use it:
-``(exclude_ids [B, E], key item ids [N])`` masks the listed items for row i (query->item) and,
-by the same entry, query i for every listed item (item->query).
-
-Two representations, chosen once per kernel call:
-
-* sparse (CPU, the usual case): every masked (i, j) is found up front by sorting the column
-  ids (O((B + N) log N), no [B, N] comparison), bucketed per tile, and applied with one
-  ``index_fill_`` of the few entries a tile holds; tiles without any are known to be clean.
-  In real batches ids rarely collide, so most tiles need no mask work at all.
-* dense (on GPUs, or when ids collide so often that the pair list would outgrow
-  ``_SPARSE_PAIRS_PER_ROW * (B + N)`` entries): each tile's bool mask is recomputed from the
-  ids. This needs no host synchronisation (the sparse list's length is data-dependent).
+Two representations, chosen once per call: sparse (the CPU's usual case: masked pairs found
+up front by sorting ids, applied per tile with one ``index_fill_``) and dense (GPUs, or ids
+that collide too often: each tile's mask recomputed from the ids, no host synchronisation).
+Details: docs/fused-loss.md, "How the kernel works" (Masks).
 """
 from __future__ import annotations
 

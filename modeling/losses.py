@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clicktower.data.batch import PairLabels
+from clicktower.kernels.labels import PairLabels
 from clicktower.kernels import all_reduce_sum, gather_sizes, gather_with_grad
 from clicktower.kernels import paired_logsumexp, positive_logits
 from clicktower.kernels.collectives import all_reduce_max

@@ -18,7 +18,7 @@ from dist_exclude import (CASES, DISTILL_T, DISTILL_WEIGHT, OWNERS, TEACHER, cas
 from dist_harness import run_ranks
 from dist_workers import MASKS, assert_gradient_contract, global_batch, reference_loss
 
-from clicktower.data.batch import PairLabels
+from clicktower.kernels.labels import PairLabels
 from clicktower.kernels import fused_contrastive_loss, fused_symmetric_contrastive_loss
 from clicktower.modeling.losses import ContrastiveLoss, LossConfig
 

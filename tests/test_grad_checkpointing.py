@@ -31,7 +31,7 @@ def checkpointing_worker(rank: int, world: int) -> dict:
     of uneven text lengths (so the buckets differ per rank and per tower)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from clicktower.data.batch import PairLabels
+    from clicktower.kernels.labels import PairLabels
     from clicktower.modeling.losses import ContrastiveLoss
     from clicktower.modeling.towers import TwoTower
     from dist_gradcache import batch  # rows of 3..8 tokens, right-padded

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clicktower.data.batch import PairLabels
+from clicktower.kernels.labels import PairLabels
 from clicktower.modeling.losses import ContrastiveLoss
 
 pytestmark = pytest.mark.unit

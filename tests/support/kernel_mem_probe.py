@@ -12,7 +12,7 @@ import sys
 import torch
 
 from clicktower.kernels import fused_contrastive_loss, fused_symmetric_contrastive_loss
-from clicktower.data.batch import PairLabels
+from clicktower.kernels.labels import PairLabels
 from clicktower.modeling.losses import ContrastiveLoss
 
 
