@@ -34,10 +34,12 @@ test-fast: install
 	$(call PYTEST,$(VENV)) -m "unit and not slow" tests
 
 # torch stays the local CPU wheel here too: the newest torch on PyPI is a multi-GB CUDA build.
+# A fresh venv without the lock gets the newest version of everything else; no --upgrade, which
+# would replace the installed torch as well.
 test-latest:
 	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST)/bin/python -m pip install --quiet -e ".[test]"
 	{ grep '^#' $(LOCK) | grep -v '^# Generated'; echo "# Generated $$(date +%F) by make test-latest (pip freeze)."; \
 	  $(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } \
 		> $(LATEST)/constraints.txt
