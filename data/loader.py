@@ -89,7 +89,8 @@ class DataConfig:
         io_threads: concurrent requests per worker.
         cache_dir: optional node-local folder keeping fetched shard bytes for later epochs
             (shared by the node's processes), at most ``cache_max_bytes``, least recently
-            used evicted first; URLs only (local shards need no cache).
+            used evicted first, keyed by the content the manifest names (sha256, size,
+            version tag); URLs only (local shards need no cache).
         cache_max_bytes: size limit of ``cache_dir``.
         max_retries: retries of a transient read failure (timeout, dropped connection, HTTP
             429/5xx), with exponential backoff; each is counted (``data_retries``), and a
