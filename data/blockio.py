@@ -8,7 +8,10 @@ which is read in chunks of ``INDEX_CHUNK`` entries and cached (one chunk serves 
 ``Prefetcher`` keeps the runs of the next windows in flight on ``io_threads`` threads, at
 most ``prefetch_blocks`` runs ahead of the one being decoded, so memory stays bounded.
 ``NodeCache`` (``data.cache_dir``) keeps fetched byte chunks on a local disk for later
-epochs, shared by every process of the node, evicting the least recently used.
+epochs, shared by every process of the node, evicting the least recently used. Every file is
+tied to the content the manifest names: a reader pins each file's size and version tag when it
+first reads it (the size must be the manifest's), every read is checked against the pin, and
+cache entries are keyed by the shard's manifest sha256 and the pin, never by the URL alone.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from clicktower.data.shards import SampleError
-from clicktower.data.storage import Storage, describe_failure, is_url
+from clicktower.data.storage import (ContentChanged, FileVersion, Storage, changed_message, describe_failure,
+                                     is_url)
 
 INDEX_CHUNK = 8192          # index entries per read (64 KiB): one chunk serves ~8 runs
 _NPY_HEADER = 128           # np.save's header for a 1-D uint64 array (format 1.0)
@@ -49,11 +53,14 @@ class NodeCache:
         os.makedirs(directory, exist_ok=True)
         self._added = 0
 
-    def _file(self, url: str, chunk: int) -> str:
-        return os.path.join(self.directory, hashlib.sha1(url.encode()).hexdigest()[:24] + f"-{chunk}")
+    def _file(self, url: str, content: str, chunk: int) -> str:
+        # The content key (manifest sha256, size, version tag) is part of the name: shards
+        # rewritten at the same URL never hit the old bytes (they age out by LRU).
+        return os.path.join(self.directory, hashlib.sha1(f"{url}\n{content}".encode()).hexdigest()[:24] + f"-{chunk}")
 
-    def get(self, url: str, chunk: int) -> bytes | None:
-        path = self._file(url, chunk)
+    def get(self, url: str, content: str, chunk: int) -> bytes | None:
+        """A cached chunk of ``url`` as it held ``content``, or None."""
+        path = self._file(url, content, chunk)
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
@@ -62,8 +69,9 @@ class NodeCache:
         except FileNotFoundError:
             return None
 
-    def put(self, url: str, chunk: int, data: bytes) -> None:
-        path = self._file(url, chunk)
+    def put(self, url: str, content: str, chunk: int, data: bytes) -> None:
+        """Keep chunk ``chunk`` of ``url`` as it held ``content``."""
+        path = self._file(url, content, chunk)
         tmp = f"{path}.tmp-{os.getpid()}-{id(data)}"
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -94,15 +102,24 @@ class NodeCache:
                 pass
             total -= size
 
-    def read(self, storage: Storage, url: str, start: int, end: int, file_size: int) -> bytes:
-        """Bytes ``[start, end)`` of ``url`` through the cache (whole chunks are fetched)."""
+    def read(self, storage: Storage, url: str, start: int, end: int, version: FileVersion, content: str) -> bytes:
+        """Bytes ``[start, end)`` of ``url`` through the cache (whole chunks are fetched).
+
+        Args:
+            storage: fetches what the cache lacks.
+            url: the object.
+            start: first byte.
+            end: byte after the last.
+            version: the object's pinned size and tag: fetched chunks must come from it.
+            content: the cache key of that content (manifest sha256, size, tag).
+        """
         parts = []
         for chunk in range(start // CACHE_CHUNK, (max(end, start + 1) - 1) // CACHE_CHUNK + 1):
-            data = self.get(url, chunk)
+            data = self.get(url, content, chunk)
             if data is None:
                 lo = chunk * CACHE_CHUNK
-                data = storage.read_range(url, lo, min(lo + CACHE_CHUNK, file_size))
-                self.put(url, chunk, data)
+                data = storage.read_range(url, lo, min(lo + CACHE_CHUNK, version.size), version)
+                self.put(url, content, chunk, data)
             parts.append(data)
         data = b"".join(parts)
         first = start // CACHE_CHUNK * CACHE_CHUNK
@@ -183,11 +200,38 @@ class BlockReader:
         self.source, self.storage, self.cache = source, storage, cache
         self._chunks = _SingleFlightLRU(_CACHED_INDEX_CHUNKS)   # (shard, chunk) -> entries
         self._scanned = _SingleFlightLRU(4)   # version-1 shards: shard -> scanned offsets
+        self._pins: dict[str, FileVersion] = {}   # path -> the content this reader reads
+        self._pin_lock = threading.Lock()
 
-    def _read(self, url: str, start: int, end: int, file_size: int | None) -> bytes:
-        if self.cache is not None and file_size is not None and is_url(url):
-            return self.cache.read(self.storage, url, start, end, file_size)
-        return self.storage.read_range(url, start, end)
+    def _pin(self, url: str, manifest_size: int | None, started: int) -> FileVersion:
+        """The version of ``url`` this reader reads: asked on its first read (one metadata
+        request), its size checked against the manifest's and its tag against the one the
+        start-up check listed (``started``, a ``FileVersion.digest()``; 0: none), then fixed
+        for every later read."""
+        with self._pin_lock:
+            pinned = self._pins.get(url)
+        if pinned is not None:
+            return pinned
+        now = self.storage.version(url)
+        if manifest_size is not None and now.size != manifest_size:
+            raise ContentChanged(changed_message(f"{now.size} bytes, the manifest lists {manifest_size}"),
+                                 source=url)
+        if started and now.digest() and now.digest() != started:
+            raise ContentChanged(changed_message(f"version {now.tag}, not the one listed when the loader started"),
+                                 source=url)
+        with self._pin_lock:
+            return self._pins.setdefault(url, now)
+
+    def _read(self, url: str, start: int, end: int, file_size: int | None, shard: int) -> bytes:
+        """Bytes of ``url`` (shard ``shard`` or its index) from the content the manifest names
+        (``file_size``: its size there; a shard found damaged at start is read as it is)."""
+        started = int(self.source.table.versions[shard, 0 if url == self.source.path(shard) else 1])
+        version = self._pin(url, None if shard in self.source.damaged else file_size, started)
+        if self.cache is not None and is_url(url):
+            # The shard's sha256 names the content of the shard and of its index alike.
+            content = f"{self.source.sha256(shard)}:{version.size}:{version.tag}"
+            return self.cache.read(self.storage, url, start, end, version, content)
+        return self.storage.read_range(url, start, end, version)
 
     def _entries(self, shard: int, a: int, b: int) -> np.ndarray:
         """Index entries ``[a, b)`` of ``shard`` (offsets, then gzip block offsets)."""
@@ -214,7 +258,7 @@ class BlockReader:
     def _index_chunk(self, shard: int, index: str, c: int) -> np.ndarray:
         start = _NPY_HEADER + 8 * c * INDEX_CHUNK
         size = self.source.index_size(shard)
-        data = self._read(index, 0 if c == 0 else start, start + 8 * INDEX_CHUNK, size)
+        data = self._read(index, 0 if c == 0 else start, start + 8 * INDEX_CHUNK, size, shard)
         if c == 0:
             if data[:6] != _NPY_MAGIC or b"<u8" not in data[:_NPY_HEADER]:
                 raise SampleError("truncated", f"index {index} is not a uint64 .npy file")
@@ -230,12 +274,12 @@ class BlockReader:
         path = self.source.path(shard)
         size = int(self.source.sizes[shard])
         if not gb:
-            data = self._read(path, int(offsets[0]), int(offsets[-1]), size)
+            data = self._read(path, int(offsets[0]), int(offsets[-1]), size, shard)
             return [_slice(data, int(offsets[i] - offsets[0]), int(offsets[i + 1] - offsets[0]))
                     for i in range(hi - lo)]
         b0, b1 = lo // gb, (hi - 1) // gb
         blocks = self._entries(shard, n + 1 + b0, n + 1 + b1 + 2).astype(np.int64)
-        comp = self._read(path, int(blocks[0]), int(blocks[-1]), size)
+        comp = self._read(path, int(blocks[0]), int(blocks[-1]), size, shard)
         out: list[bytes | SampleError] = []
         for b in range(b0, b1 + 1):
             first, last = max(lo, b * gb), min(hi, (b + 1) * gb)

@@ -35,7 +35,7 @@ log = logging.getLogger("clicktower.data")
 
 ON_ERROR = ("skip", "raise")
 __all__ = ["ClickPairLoader", "DataConfig", "ERROR_REASONS", "MIX_PERIOD", "MixEntry", "PairBatch",
-           "PairLabels", "PairTokenizer", "Rank", "stable_id"]
+           "PairLabels", "PairTokenizer", "Rank", "batches_until_epoch", "stable_id"]
 
 
 @dataclass
@@ -89,7 +89,8 @@ class DataConfig:
         io_threads: concurrent requests per worker.
         cache_dir: optional node-local folder keeping fetched shard bytes for later epochs
             (shared by the node's processes), at most ``cache_max_bytes``, least recently
-            used evicted first; URLs only (local shards need no cache).
+            used evicted first, keyed by the content the manifest names (sha256, size,
+            version tag); URLs only (local shards need no cache).
         cache_max_bytes: size limit of ``cache_dir``.
         max_retries: retries of a transient read failure (timeout, dropped connection, HTTP
             429/5xx), with exponential backoff; each is counted (``data_retries``), and a
@@ -358,6 +359,29 @@ def _check_files(manifest: dict, storage: Storage) -> dict:
         return {"error": exc.message}
     except Exception as exc:   # noqa: BLE001 - the store's errors, after the retries
         return {"error": f"cannot check the shards ({type(exc).__name__}: {exc})"}
+
+
+def batches_until_epoch(loader: "ClickPairLoader", epochs: int) -> int:
+    """Batches every rank of ``loader`` still yields before the data has been read ``epochs``
+    times: the rest of the current epoch, then ``len(loader)`` for each epoch before
+    ``epochs`` (a finite stream, read under the loader's world and batch size); an endless
+    stream of one manifest counts global positions, up to ``epochs x num_samples``. What a
+    run of ``train.epochs`` passes has left, from any restored position on any world size.
+
+    Args:
+        loader: the loader, at its (restored) position.
+        epochs: passes over the data in all (``train.epochs``).
+
+    Raises:
+        ValueError: a mix of manifests (an endless stream without epochs).
+    """
+    if loader.cfg.mix is not None:
+        raise ValueError("a mix of manifests has no epochs to count")
+    if loader.infinite:   # one global position across the passes, no remainder dropped
+        return max(0, epochs * loader.num_samples - loader.samples_consumed) // loader.global_batch
+    if loader.epoch >= epochs:
+        return 0
+    return loader.remaining_batches() + (epochs - 1 - loader.epoch) * len(loader)
 
 
 def _warn_damage(sources: list[Source]) -> None:

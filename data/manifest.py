@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from clicktower.data.errors import DataError, short_repr
-from clicktower.data.storage import Storage, basename, describe_failure, is_url, join, parent
+from clicktower.data.storage import FileVersion, Storage, basename, describe_failure, is_url, join, parent
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "VERSION", "ShardTable", "check_shard_files",
            "index_bytes", "index_entries", "index_path", "load_manifest", "read_manifest_json"]
@@ -113,6 +113,8 @@ class ShardTable(Sequence):
         self._index_names = index_names   # version 2 entries whose index is not the default
         self.missing: dict[int, str] = {}   # shard -> why (load_manifest, on_missing="skip")
         self.damaged: dict[int, str] = {}
+        # [shard, 0: shard / 1: index] -> FileVersion.digest() at the start-up check (0: none)
+        self.versions = np.zeros((len(rel_paths), 2), dtype=np.uint64)
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -124,6 +126,10 @@ class ShardTable(Sequence):
     def path(self, i: int) -> str:
         """Shard ``i``'s absolute path or URL."""
         return join(self.root, self.rel_path(i))
+
+    def sha256(self, i: int) -> str:
+        """Shard ``i``'s sha256 as the manifest lists it (hex)."""
+        return self._sha[i].tobytes().hex()
 
     def index(self, i: int) -> str | None:
         """Absolute path of shard ``i``'s index, or ``None`` (version 1: no index)."""
@@ -152,7 +158,7 @@ class ShardTable(Sequence):
             raise IndexError(i)
         i %= len(self)
         entry = {"path": self.path(i), "num_samples": int(self.counts[i]),
-                 "bytes": int(self.sizes[i]), "sha256": self._sha[i].tobytes().hex(),
+                 "bytes": int(self.sizes[i]), "sha256": self.sha256(i),
                  "index": self.index(i)}
         if self.gzip_blocks[i]:
             entry["gzip_block"] = int(self.gzip_blocks[i])
@@ -346,50 +352,57 @@ class _ManifestCheck:
         return table
 
 
-def check_shard_files(table: ShardTable, storage: Storage,
-                      verify_checksums: bool = False) -> dict[str, dict[int, str]]:
+def check_shard_files(table: ShardTable, storage: Storage, verify_checksums: bool = False) -> dict[str, Any]:
     """What is wrong with a table's shard and index files: ``{"missing": {shard: why},
-    "damaged": {shard: why}}`` (damaged: the shard and its index are there but a size or
-    the checksum differs; the readers read what is there). Small and picklable, so one rank
-    can check and broadcast it.
+    "damaged": {shard: why}, "versions": array}`` (damaged: the shard and its index are there
+    but a size or the checksum differs; the readers read what is there; versions: [shards, 2]
+    ``FileVersion.digest()`` of each shard's and index's version tag where the listing gives
+    one, S3 ETags, else 0). Small and picklable, so one rank can check and broadcast it.
 
     Args:
         table: from ``load_manifest(..., check_files=False)``.
         storage: where to look (counts its metadata calls).
         verify_checksums: also re-hash every shard.
     """
-    listings: dict[str, dict[str, int] | None] = {}
+    import numpy as np
 
-    def size_of(path: str) -> int | None:
+    listings: dict[str, dict[str, FileVersion] | None] = {}
+    # The objects' versions now (16 bytes a shard): a reader finding another one refuses it.
+    versions = np.zeros((len(table), 2), dtype=np.uint64)
+    out: dict[str, Any] = {"missing": {}, "damaged": {}, "versions": versions}
+
+    def size_of(path: str, i: int, kind: int) -> int | None:
         folder = parent(path)
         if folder not in listings:
-            listings[folder] = storage.list_sizes(folder)
+            listings[folder] = storage.list_versions(folder)
         listing = listings[folder]
         if listing is not None:
-            return listing.get(basename(path))
+            found = listing.get(basename(path))
+            if found is not None:
+                versions[i, kind] = found.digest()
+            return None if found is None else found.size
         try:
             return storage.size(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    out: dict[str, dict[int, str]] = {"missing": {}, "damaged": {}}
     for i in range(len(table)):
         rel, path = table.rel_path(i), table.path(i)
         size = int(table.sizes[i])
-        got = size_of(path)
+        got = size_of(path, i, 0)
         problem = None
         if got is None:
             problem = f"shard {rel!r} is missing ({path})"
         elif got != size:
             problem = (f"shard {rel!r} has {got} bytes, the manifest lists {size} "
                        f"(truncated or modified)")
-        elif verify_checksums and sha256_of(path, storage) != table._sha[i].tobytes().hex():
+        elif verify_checksums and sha256_of(path, storage) != table.sha256(i):
             problem = f"shard {rel!r}: sha256 differs from the manifest (corrupted or modified)"
         index = table.index(i)
         index_there = True
         if index is not None:
             want = table.listed_index_sizes.get(i) if table.version == 2 else table.index_size(i)
-            idx_got = size_of(index)
+            idx_got = size_of(index, i, 1)
             idx_rel = index[len(table.root):].lstrip("/") if index.startswith(table.root) else index
             index_there = idx_got is not None
             if problem is None and idx_got is None:
@@ -404,7 +417,7 @@ def check_shard_files(table: ShardTable, storage: Storage,
     return out
 
 
-def apply_file_check(table: ShardTable, found: dict[str, dict[int, str]], on_missing: str,
+def apply_file_check(table: ShardTable, found: dict[str, Any], on_missing: str,
                      manifest_path: str) -> None:
     """Record ``check_shard_files``' findings in ``table`` (``on_missing="skip"``) or raise
     the first in shard order as a ``DataError`` (``"raise"``)."""
@@ -413,3 +426,5 @@ def apply_file_check(table: ShardTable, found: dict[str, dict[int, str]], on_mis
         raise DataError(problems[min(problems)], source=manifest_path)
     table.missing.update(found["missing"])
     table.damaged.update(found["damaged"])
+    if "versions" in found:
+        table.versions = found["versions"]

@@ -14,12 +14,14 @@ Why fsspec rather than obstore, and the retry policy: docs/data.md ("Data on obj
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import posixpath
 import random
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from clicktower.data.errors import DataError
@@ -98,6 +100,47 @@ def is_transient(exc: BaseException) -> bool:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
+
+
+# Object metadata naming one version of an object's content: the ETag first (S3, GCS, most
+# HTTP servers; in listings and in a HEAD alike, so the two compare), then a GCS generation
+# or S3 version id, then a modification time.
+_VERSION_FIELDS = ("ETag", "etag", "generation", "VersionId", "LastModified", "last_modified", "mtime", "updated")
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """Which content a path or URL holds: its size and a tag that changes when the content is
+    replaced (S3 version id or ETag, GCS generation, HTTP ETag; a local file's inode and
+    modification time; empty where the store gives none: then only the size tells).
+
+    Args:
+        size: bytes.
+        tag: the store's version tag.
+    """
+
+    size: int
+    tag: str = ""
+
+    def digest(self) -> int:
+        """The tag as a non-zero 64-bit number (0 where there is no tag): what the start-up
+        check keeps per file, 8 bytes instead of the string."""
+        if not self.tag:
+            return 0
+        return int.from_bytes(hashlib.blake2b(self.tag.encode(), digest_size=8).digest(), "little") | 1
+
+    def change(self, now: "FileVersion") -> str | None:
+        """What differs in ``now`` (None: nothing), e.g. ``size 1200 -> 1180``."""
+        if now.size != self.size:
+            return f"size {self.size} -> {now.size}"
+        if now.tag != self.tag:
+            return f"version {self.tag or '?'} -> {now.tag or '?'}"
+        return None
+
+
+class ContentChanged(DataError):
+    """A shard or index no longer holds the content the loader started reading: reading on
+    would mix two versions of the data, so the read is refused (never a bad sample)."""
 
 
 class IOStats:
@@ -203,7 +246,7 @@ class Storage:
 
     # -- reading -----------------------------------------------------------------------
 
-    def _pread(self, path: str, size: int, offset: int) -> bytes:
+    def _pread(self, path: str, size: int, offset: int, version: FileVersion | None = None) -> bytes:
         # Under the lock: another thread may otherwise close (evict) the descriptor, or
         # reuse its number for another file, between the lookup and the read.
         with self._lock:
@@ -214,11 +257,53 @@ class Storage:
                     os.close(self._fds.popitem(last=False)[1])
             else:
                 self._fds.move_to_end(path)
-            return os.pread(fd, size, offset)
+            data = os.pread(fd, size, offset)
+            # After the read: a rewrite before or during it shows in the descriptor's
+            # size, inode or modification time (one fstat, no I/O).
+            now = _local_version(os.fstat(fd)) if version is not None else None
+        if now is not None and version.change(now):
+            raise ContentChanged(changed_message(version.change(now)), source=path)
+        return data
 
-    def read_range(self, path: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of a file or object (shorter when the file is)."""
-        return self._read(path, start, end)
+    def read_range(self, path: str, start: int, end: int, version: FileVersion | None = None) -> bytes:
+        """Bytes ``[start, end)`` of a file or object (shorter when the file is).
+
+        Args:
+            path: local path or URL.
+            start: first byte.
+            end: byte after the last.
+            version: the content the bytes must come from (``version()`` of the path when
+                the reader started on it): a local file is checked after the read, an object
+                at a URL by its metadata after the read (one more metadata request).
+
+        Raises:
+            ContentChanged: the file or object holds other content than ``version``.
+        """
+        if version is not None and not is_url(path):
+            data = self._pread(local_path(path), end - start, start, version)
+            self.stats.add(requests=1, bytes_read=len(data))
+            return data
+        data = self._read(path, start, end)
+        if version is not None:
+            # Bytes from before a replacement are the old content, whole; a replacement
+            # before the read shows in the metadata read after it.
+            change = version.change(self.version(path))
+            if change:
+                raise ContentChanged(changed_message(change), source=path)
+        return data
+
+    def version(self, path: str) -> FileVersion:
+        """The size and version tag of a file or object (a metadata request); freshly asked,
+        not from a listing cache. ``FileNotFoundError`` when it is not there."""
+        self.stats.add(metadata=1)
+        if not is_url(path):
+            return _local_version(os.stat(local_path(path)))
+        fs = self.filesystem(path)
+        fs.invalidate_cache(path)   # fsspec keeps listings: a replaced object must show
+        info = self._retry(path, lambda: fs.info(path))
+        if info.get("type") == "directory" or info.get("size") is None:
+            raise FileNotFoundError(path)
+        return FileVersion(int(info["size"]), _tag(info))
 
     def read_bytes(self, path: str) -> bytes:
         """The whole file or object."""
@@ -267,15 +352,16 @@ class Storage:
             return bool(self._retry(path, lambda: fs.exists(path)))
         return os.path.exists(local_path(path))
 
-    def list_sizes(self, folder: str) -> dict[str, int] | None:
-        """``{name: size}`` of the files directly in ``folder``, or None where the store
-        cannot list (HTTP) or the folder is not there. One call for a local folder, one per
-        page of 1,000 keys on S3: the start-up check of many shards."""
+    def list_versions(self, folder: str) -> dict[str, FileVersion] | None:
+        """``{name: FileVersion}`` of the files directly in ``folder``, or None where the
+        store cannot list (HTTP) or the folder is not there. One call for a local folder, one
+        per page of 1,000 keys on S3: the start-up check of many shards. Objects carry the
+        store's version tag (S3 ETag...); local files none (node-local copies differ)."""
         self.stats.add(metadata=1)
         if not is_url(folder):
             try:
                 with os.scandir(local_path(folder)) as entries:
-                    return {e.name: e.stat().st_size for e in entries if e.is_file()}
+                    return {e.name: FileVersion(e.stat().st_size) for e in entries if e.is_file()}
             except OSError:
                 return None
         if folder.partition("://")[0].lower() in ("http", "https"):
@@ -285,7 +371,7 @@ class Storage:
             entries = self._retry(folder, lambda: fs.ls(folder, detail=True, refresh=True))
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return {basename(e["name"]): int(e.get("size") or 0) for e in entries
+        return {basename(e["name"]): FileVersion(int(e.get("size") or 0), _tag(e)) for e in entries
                 if e.get("type") == "file"}
 
     # -- writing -----------------------------------------------------------------------
@@ -322,6 +408,22 @@ class Storage:
                 os.remove(local_path(path))
         except FileNotFoundError:
             pass
+
+
+def changed_message(change: str) -> str:
+    """The one line of a ``ContentChanged``: what changed, and why reading stops."""
+    return (f"replaced while the loader reads it ({change}): not mixing two versions of the data; "
+            f"write a new manifest for the new files and restart")
+
+
+def _tag(info: dict[str, Any]) -> str:
+    """The version tag in an fsspec info or listing entry ("" where it has none)."""
+    return next((str(info[k]) for k in _VERSION_FIELDS if info.get(k) not in (None, "")), "")
+
+
+def _local_version(st: os.stat_result) -> FileVersion:
+    # A rewrite in place changes the modification time; a replacement by rename, the inode.
+    return FileVersion(st.st_size, f"{st.st_ino}:{st.st_mtime_ns}")
 
 
 def describe_failure(exc: BaseException) -> str:

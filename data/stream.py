@@ -87,6 +87,10 @@ class Source:
     def index_size(self, shard: int) -> int | None:
         return self.table.index_size(shard)
 
+    def sha256(self, shard: int) -> str:
+        """Shard ``shard``'s sha256 in the manifest (hex): names its content."""
+        return self.table.sha256(shard)
+
 
 def intact_samples(table: ShardTable, i: int, storage: Storage) -> int:
     """Samples of a shorter-than-listed shard ``i`` that lie wholly inside the file."""
@@ -197,6 +201,8 @@ class _Worker:
             return [SampleError("missing_shard", src.missing[shard])] * (hi - lo)
         try:
             return self.readers[k].read_run(shard, lo, hi)
+        except DataError:   # a shard replaced under the loader: refused, never a bad sample
+            raise
         except Exception as exc:   # noqa: BLE001 - one policy for every store's errors
             return [run_failure(exc, src.path(shard))] * (hi - lo)
 

@@ -159,3 +159,17 @@ def shard_dir(synth_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "shards"
     write_shards([str(synth_dir / "train.jsonl")], str(out), FieldMap(), shard_size=300)
     return out
+
+
+@pytest.fixture(scope="session")
+def epoch_shard_dir(synth_dir, tmp_path_factory) -> Path:
+    """The first 320 synthetic pairs (the size of issue 26's epochs example) in shards of 100:
+    whole global batches of 16 and 32, so every epoch reads every pair at 1 x 16 or 2 x 16."""
+    from clicktower.data.shards import write_shards
+    from clicktower.data.sources import FieldMap
+
+    folder = tmp_path_factory.mktemp("epoch_shards")
+    lines = (synth_dir / "train.jsonl").read_text("utf-8").splitlines(keepends=True)[:320]
+    (folder / "train.jsonl").write_text("".join(lines), "utf-8")
+    write_shards([str(folder / "train.jsonl")], str(folder / "shards"), FieldMap(), shard_size=100)
+    return folder / "shards"

@@ -228,3 +228,46 @@ def test_cli_missing_bucket_or_manifest_and_append(s3, synth_dir, tmp_path):
         assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["num_samples"] == 4000 and summary["shards"] == 6
+
+
+@pytest.mark.unit
+def test_node_cache_never_serves_a_rewritten_shard_set(s3, synth_dir, tmp_path):
+    """Issue 26: shards rewritten in place at the same s3:// prefix (new content, new manifest):
+    the next loader on the same node cache reads the new samples, not the cached bytes (the
+    cache was keyed by URL and chunk: 296 of 300 queries came from the old data)."""
+    url = "s3://clicks/rewritten"
+    lines = (synth_dir / "train.jsonl").read_text("utf-8").splitlines(keepends=True)[:300]
+    (tmp_path / "clicks.jsonl").write_text("".join(lines), "utf-8")
+    write_shards([str(tmp_path / "clicks.jsonl")], url, FieldMap(), shard_size=100)
+    cfg = DataConfig(**SMALL, cache_dir=str(tmp_path / "cache"))
+    old = [q for b in ClickPairLoader(cfg, url, 50, Rank(0, 1), 3) for q in b.queries]
+    (tmp_path / "clicks.jsonl").write_text("".join(lines).replace('"query": "', '"query": "new '), "utf-8")
+    write_shards([str(tmp_path / "clicks.jsonl")], url, FieldMap(), shard_size=100, overwrite=True)
+    new = [q for b in ClickPairLoader(cfg, url, 50, Rank(0, 1), 3) for q in b.queries]
+    assert len(old) == len(new) == 300 and not any(q.startswith("new ") for q in old)
+    assert all(q.startswith("new ") for q in new)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cached", [False, True], ids=["direct", "node_cache"])
+def test_objects_replaced_mid_epoch_are_refused_not_mixed(s3, synth_dir, tmp_path, cached):
+    """The same manifest, every shard object replaced by one of the same size after the first
+    batch (new ETags): one line naming the object, and no sample of the new content read."""
+    from test_data_content import mark_queries
+
+    url = f"s3://clicks/replaced-{'cached' if cached else 'direct'}"
+    write_shards([str(synth_dir / "train.jsonl")], url, FieldMap(), shard_size=300)
+    cfg = DataConfig(**{**SMALL, "prefetch_blocks": 1, "io_threads": 1},
+                     cache_dir=str(tmp_path / "cache") if cached else None)
+    it = iter(ClickPairLoader(cfg, url, 32, Rank(0, 1), 3))
+    queries = list(next(it).queries)
+    storage = Storage()
+    for shard in range(7):
+        path = f"{url}/shard-{shard:06d}.tar"
+        storage.write_bytes(path, mark_queries(storage.read_bytes(path)))
+    with pytest.raises(DataError) as err:
+        for batch in it:
+            queries += batch.queries
+    message = str(err.value)
+    assert "\n" not in message and f"{url}/shard-0000" in message and "replaced while the loader reads it" in message
+    assert not any(q.startswith("~") for q in queries) and len(queries) < 2000

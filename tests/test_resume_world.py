@@ -9,15 +9,21 @@ loader state is a global sample count from which every world size derives the sa
 (tests/test_data_properties.py), and it must equal the uninterrupted run's at step 16. The
 runs read with test_resume_zero's ``SAME_BATCHES`` settings (in ``_args``), under which every
 world size trains on the same global batches.
+``train.epochs`` across a world-size change (issue 26): each pair trained once an epoch, the
+LR by pairs read.
 Per-rank RNG streams cannot carry over to ranks that did not exist (the tiny model has no
 dropout, so they do not change these runs).
 """
 from __future__ import annotations
 
+import json
 import shutil
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from conftest import TINY_CONFIG
 from dist_harness import consumed_keys, keys_per_step
 from test_resume_zero import STEP8, STEP16, STEPS, _args, _losses, _position, _run, _trainer_state
 
@@ -66,3 +72,43 @@ def test_global_batch_change_keeps_the_data_position(shard_dir, tmp_path):
     # Steps 1-8 (2 ranks) and 9-16 (1 rank) together: every key at most once.
     keys = [k for record in (consumed_keys(ref), consumed_keys(out)) for _, ks in record.values() for k in ks]
     assert len(keys) == len(set(keys)) == 8 * 32 + 8 * 16
+
+
+@pytest.mark.parametrize("before,after", [(("cpu_2proc_ddp", 10), ("cpu_1proc", 20)),
+                                          (("cpu_1proc", 20), ("cpu_2proc_ddp", 10))],
+                         ids=["2to1", "1to2"])
+def test_epochs_across_a_world_size_change(before, after, epoch_shard_dir, tmp_path):
+    """Issue 26: ``train.epochs=2`` on 320 pairs (16 a process), checkpointed at the end of
+    epoch 0 (``before``: config, steps per epoch), resumed on the other world size: every
+    pair trained exactly twice (once an epoch), the run ends at the end of epoch 1, and the
+    LR follows the schedule by pairs read: at every pair count both runs reach, the
+    uninterrupted run's LR. Before, 2 -> 1 trained 2.5 epochs and 1 -> 2 stopped at once."""
+    def args(out: Path, *extra: str) -> list[str]:
+        return ["--config", str(TINY_CONFIG), f"data.train_manifest={epoch_shard_dir}", f"train.output_dir={out}",
+                "train.max_steps=null", "train.epochs=2", "train.log_every_steps=1", "train.progress_bar=false",
+                "train.sample_keys_log=true", f"checkpoint.every_steps={before[1]}", *extra]
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    _run(before[0], args(ref, "train.resume=none"))
+    cut = f"step_{before[1]:08d}"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref / "checkpoints" / cut, out / "checkpoints" / cut)
+    _run(after[0], args(out))
+    lrs = {name: {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+           for name, run in (("ref", ref), ("run", out))}
+    assert sorted(lrs["run"]) == list(range(before[1] + 1, before[1] + after[1] + 1))
+    trained = Counter()
+    for run, last in ((ref, before[1]), (out, None)):
+        for (_, step), (epochs, keys) in consumed_keys(run).items():
+            if last is None or step <= last:
+                trained.update(zip(keys, epochs))
+    assert len({key for key, _ in trained}) == 320
+    assert set(trained.values()) == {1} and {epoch for _, epoch in trained} == {0, 1}
+    assert len(trained) == 640   # every pair once in each epoch
+    # Pairs after step s: before[1] steps of 320 // before[1] pairs, then 320 // after[1] a step.
+    per_ref, per_run = 320 // before[1], 320 // after[1]
+    for step, lr in lrs["run"].items():
+        pairs = 320 + (step - before[1]) * per_run
+        if pairs % per_ref == 0:
+            assert lr == pytest.approx(lrs["ref"][pairs // per_ref], rel=1e-9, abs=1e-12)
+    assert lrs["run"][before[1] + after[1]] == pytest.approx(0.0, abs=1e-12)   # linear to 0 at the end

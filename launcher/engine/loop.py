@@ -1,4 +1,4 @@
-"""The training loop: optimiser steps until ``train.max_steps``, over epochs, with observers.
+"""The training loop: optimiser steps until ``train.max_steps`` or ``train.epochs`` passes, with observers.
 
 ``TrainLoop`` counts optimiser steps: it takes each step's micro-batches from
 ``TrainStep.step_batches``, runs the step and then hands a ``StepReport`` to its observers
@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol, Sequence, get_args
 
 import torch
 
+from clicktower.data.loader import batches_until_epoch
 from clicktower.launcher.engine.distributed import gathered_parameters
 from clicktower.launcher.engine.step import TrainStep
 
@@ -26,17 +27,23 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 DEFAULT_MAX_STEPS = 100
 
 
-def epoch_steps(epochs: int, batches_per_epoch: int, accumulation_steps: int) -> int:
-    """Optimiser steps of ``epochs`` passes: every micro-batch of every epoch, k per step
-    (a step may straddle an epoch end, as ``TrainLoop`` runs it); a remainder of fewer
-    than k micro-batches makes no step.
+def planned_steps(cfg: "TrainConfig", step: int, loader: Any, accumulation_steps: int) -> int:
+    """The optimiser step at which the run ends, from where it stands: ``cfg.max_steps``,
+    or with ``cfg.epochs`` the steps taken plus one step per ``accumulation_steps``
+    micro-batches the loader still yields in its epochs ``0 .. epochs - 1`` (a step may
+    straddle an epoch end; a remainder of fewer makes none). Computed from the data
+    position, which a checkpoint restores exactly on any world size: a resume with another
+    global batch still ends after ``epochs`` passes (docs/training.md, "Epochs").
 
     Args:
-        epochs: passes over the data (``train.epochs``).
-        batches_per_epoch: micro-batches per epoch on every rank (the loader's ``len``).
+        cfg: train config.
+        step: optimiser steps taken (restored on a resume).
+        loader: the ``ClickPairLoader``, at its (restored) position.
         accumulation_steps: micro-batches per optimiser step.
     """
-    return epochs * batches_per_epoch // accumulation_steps
+    if cfg.epochs is None:
+        return cfg.max_steps
+    return step + batches_until_epoch(loader, cfg.epochs) // accumulation_steps
 
 
 @dataclass
@@ -46,12 +53,13 @@ class TrainConfig:
     Args:
         batch_size: pairs per device per step (the global batch is this x world size).
         max_steps: optimiser steps of the run (100 when neither it nor ``epochs`` is set).
-        epochs: instead of ``max_steps``, passes over the training manifest: the run takes
-            ``epochs x batches per epoch // gradient_accumulation_steps`` optimiser steps,
-            a batch per epoch being ``num_samples // (batch_size x world size)`` as the
-            loader reads them (the incomplete last global batch is dropped); the LR schedule
-            decays over those steps. Setting both is an error, and so is ``data.mix`` (an
-            endless stream). ``config.yaml`` records the derived ``max_steps``.
+        epochs: instead of ``max_steps``, passes over the training manifest: the run ends
+            when the loader reaches the end of its epoch ``epochs - 1`` (the incomplete last global
+            batch of each epoch dropped, and a last step of fewer than
+            ``gradient_accumulation_steps`` micro-batches), counted from the restored data
+            position on every start, so resumes on another world size train ``epochs``
+            passes too; the LR schedule decays by the fraction of those pairs read.
+            Setting both is an error, and so is ``data.mix`` (an endless stream).
         output_dir: where ``metrics.jsonl``, ``config.yaml`` and ``final/`` go.
         seed: seeds model init, dropout and the data order.
         log_every_steps: one ``metrics.jsonl`` line (and progress update) every N steps.
@@ -164,7 +172,8 @@ class Observer(Protocol):
 
 
 class TrainLoop:
-    """Runs optimiser steps until ``cfg.max_steps``, looping over epochs.
+    """Runs optimiser steps until ``max_steps`` (``planned_steps``, set by ``fit``), looping
+    over epochs.
 
     Args:
         train_step: the step to run (it holds the accelerator and the model).
@@ -178,6 +187,7 @@ class TrainLoop:
         self.train_step, self.loader, self.cfg = train_step, loader, cfg
         self.observers = list(observers)
         self.step = 0
+        self.max_steps = cfg.max_steps   # with cfg.epochs: planned from the data position by fit()
         self.observer_states: dict[str, Any] = {}  # from the checkpoint resumed from
 
     def state_dict(self) -> dict[str, Any]:
@@ -196,7 +206,7 @@ class TrainLoop:
         self.observer_states = dict(state.get("observers") or {})
 
     def fit(self, resume_state: dict[str, Any] | None = None) -> None:
-        """Train until ``cfg.max_steps``.
+        """Train until ``max_steps``: ``cfg.max_steps``, or ``cfg.epochs`` passes over the data.
 
         Args:
             resume_state: the loop state of the checkpoint resumed from, or None for a fresh
@@ -207,15 +217,20 @@ class TrainLoop:
         """
         if resume_state is not None:
             self.load_state_dict(resume_state)
+        accumulation = self.train_step.accumulation_steps
+        self.max_steps = planned_steps(self.cfg, self.step, self.loader, accumulation)
+        world = self.train_step.accelerator.num_processes
+        # The LR schedule counts pairs read: from here a step reads this layout's global
+        # batches (a resume on another world size changes it; the pairs read so far stay).
+        self.train_step.scheduler.set_layout(self.cfg.batch_size * world * accumulation, self.max_steps)
         # Hugging Face's from_pretrained returns encoders in eval mode: without this a
         # pretrained tower would train with its dropout silently off.
         self.train_step.model.train()
-        world = self.train_step.accelerator.num_processes
         for observer in self.observers:
             observer.on_start(self, resume_state is not None)
         steps = self.train_step.step_batches(self.loader)
         try:
-            while self.step < self.cfg.max_steps:
+            while self.step < self.max_steps:
                 waited = time.perf_counter()
                 group = next(steps)
                 started = time.perf_counter()

@@ -30,7 +30,7 @@ class MetricsObserver:
 
     Args:
         metrics: the run's ``metrics.jsonl`` writer.
-        cfg: train config (``log_every_steps``, ``max_steps``, ``progress_bar``).
+        cfg: train config (``log_every_steps``, ``progress_bar``; the step count is the loop's).
         main_process: whether this rank shows the progress bar.
         tracker: the run's experiment trackers (None: none); its run is resumed from the
             checkpoint (this observer's state).
@@ -60,7 +60,7 @@ class MetricsObserver:
         if self.tracker is not None:
             saved = loop.observer_states.get(self.name, {}).get("tracker") if resumed else None
             self.tracker.start(saved or None)
-        self.bar = tqdm(total=self.cfg.max_steps, initial=loop.step, desc="train", dynamic_ncols=True,
+        self.bar = tqdm(total=loop.max_steps, initial=loop.step, desc="train", dynamic_ncols=True,
                         disable=not (self.cfg.progress_bar and self.main_process))
         self._reset_window()
 
@@ -70,7 +70,7 @@ class MetricsObserver:
         self.window_step_s += report.step_time_s
         self.window_wait_s += report.data_wait_s
         self.bar.update(1)
-        if report.step % self.cfg.log_every_steps and report.step != self.cfg.max_steps:
+        if report.step % self.cfg.log_every_steps and report.step != loop.max_steps:
             return
         elapsed = time.perf_counter() - self.window_start
         steps = report.step % self.cfg.log_every_steps or self.cfg.log_every_steps

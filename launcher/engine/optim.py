@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -20,8 +20,11 @@ class OptimConfig:
         weight_decay: AdamW decoupled weight decay (not on biases, norms, temperature).
         betas: AdamW betas.
         eps: AdamW epsilon.
-        warmup_steps: linear warmup from 0 to ``lr``.
-        schedule: decay after warmup, down to ``min_lr_ratio * lr`` at ``train.max_steps``.
+        warmup_steps: linear warmup from 0 to ``lr`` (the pairs of this many steps of the
+            run's first layout).
+        schedule: decay after warmup, down to ``min_lr_ratio * lr`` at the end of the run, by
+            the fraction of the run's pairs read (with ``train.epochs`` across world-size
+            changes too: docs/training.md, "Epochs").
         min_lr_ratio: final learning rate as a fraction of the peak.
         max_grad_norm: gradient clipping threshold (None disables clipping).
         implementation: how AdamW runs its update. ``loop``: one tensor at a time (the same
@@ -88,32 +91,128 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """The schedule's factor on each group's peak learning rate at ``step`` (0-based).
+    """The schedule's factor on each group's peak learning rate at ``step`` (0-based), for a
+    run of ``max_steps`` steps of equal size (``pairs_multiplier`` with a step as the unit).
 
     Args:
         step: optimiser steps already taken.
         cfg: optimiser config.
         max_steps: total steps of the run.
     """
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    return pairs_multiplier(step, SchedulePosition(pairs_per_step=1, total_pairs=max_steps,
+                                                   warmup_pairs=cfg.warmup_steps), cfg)
+
+
+@dataclass
+class SchedulePosition:
+    """Where the LR schedule stands, counted in pairs read (global data positions, whatever
+    the world size): optimiser step ``step`` had read ``pairs`` pairs, and every step from
+    there reads ``pairs_per_step`` (global batch x accumulation steps) until ``total_pairs``.
+    Saved with the scheduler, so a resume on another world size keeps the pairs read so far.
+
+    Args:
+        step: the anchor: optimiser steps taken when the layout was last set.
+        pairs: pairs read by then.
+        pairs_per_step: pairs each later step reads.
+        total_pairs: pairs read when the run ends (where the decay reaches its floor).
+        warmup_pairs: ``optim.warmup_steps`` in pairs, fixed by the run's first layout.
+    """
+
+    step: int = 0
+    pairs: int = 0
+    pairs_per_step: int = 1
+    total_pairs: int = 1
+    warmup_pairs: int = 0
+
+    def pairs_at(self, step: int) -> int:
+        """Pairs read before optimiser step ``step + 1`` (``step`` steps taken)."""
+        return self.pairs + (step - self.step) * self.pairs_per_step
+
+
+def pairs_multiplier(step: int, position: SchedulePosition, cfg: OptimConfig) -> float:
+    """The schedule's factor at ``step`` (0-based), from the pairs read by then: a linear
+    warmup over ``position.warmup_pairs``, then the decay by the fraction of the pairs after
+    warmup that have been read. With equal steps this is the step schedule exactly.
+
+    Args:
+        step: optimiser steps already taken.
+        position: the schedule's position (pairs per step, totals).
+        cfg: optimiser config (``schedule``, ``min_lr_ratio``).
+    """
+    pairs, unit = position.pairs_at(step), position.pairs_per_step
+    if pairs < position.warmup_pairs:
+        # (step + 1) / warmup_steps in steps; capped where a resume changed the step size.
+        return min(1.0, (pairs + unit) / position.warmup_pairs)
     if cfg.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    span = max(unit, position.total_pairs - position.warmup_pairs)
+    progress = min(1.0, (pairs - position.warmup_pairs) / span)
     shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
-                    max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` following ``lr_multiplier`` (its state saves with the checkpoint).
+class PairsLR(torch.optim.lr_scheduler.LambdaLR):
+    """A ``LambdaLR`` following ``pairs_multiplier``: the schedule's progress is the pairs
+    read, so it stays exact when a resume changes the world size (a step then reads another
+    number of pairs: ``set_layout``). Its ``SchedulePosition`` saves with its state.
 
     Args:
         optimizer: the optimiser whose groups it scales.
         cfg: optimiser config.
-        max_steps: total steps of the run.
+        pairs_per_step: pairs an optimiser step reads (global batch x accumulation steps).
+        max_steps: total steps of the run, as first planned (``set_layout`` corrects it).
     """
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, max_steps))
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, pairs_per_step: int,
+                 max_steps: int) -> None:
+        self.position = SchedulePosition(0, 0, pairs_per_step, max_steps * pairs_per_step,
+                                         cfg.warmup_steps * pairs_per_step)
+        super().__init__(optimizer, lambda step: pairs_multiplier(step, self.position, cfg))
+
+    def set_layout(self, pairs_per_step: int, max_steps: int) -> None:
+        """From the current step on, each step reads ``pairs_per_step`` pairs and the run
+        ends at ``max_steps``; the pairs read so far stay. Re-applies the current step's
+        learning rate (the run's total may have moved by an epoch's dropped remainder).
+
+        Args:
+            pairs_per_step: pairs an optimiser step reads now.
+            max_steps: the step at which the run ends.
+        """
+        step = self.last_epoch
+        pairs = self.position.pairs_at(step)
+        self.position = replace(self.position, step=step, pairs=pairs, pairs_per_step=pairs_per_step,
+                                total_pairs=pairs + (max_steps - step) * pairs_per_step)
+        for group, fn, base in zip(self.optimizer.param_groups, self.lr_lambdas, self.base_lrs):
+            group["lr"] = base * fn(step)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """LambdaLR's state, the position as a plain dict (checkpoints load weights-only)."""
+        state = super().state_dict()
+        state["position"] = asdict(self.position)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output; a state saved before positions were kept (no
+        ``"position"``) keeps this run's, which counts the restored steps at its step size."""
+        state = dict(state_dict)
+        position = state.pop("position", None)
+        super().load_state_dict(state)
+        if position is not None:
+            self.position = SchedulePosition(**position)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int,
+                    pairs_per_step: int = 1) -> PairsLR:
+    """The run's LR schedule, by pairs read (its state saves with the checkpoint).
+
+    Args:
+        optimizer: the optimiser whose groups it scales.
+        cfg: optimiser config.
+        max_steps: total steps of the run, as first planned.
+        pairs_per_step: pairs an optimiser step reads (1: a step is the unit).
+    """
+    return PairsLR(optimizer, cfg, pairs_per_step, max_steps)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from clicktower.launcher.engine.config import ExperimentConfig, to_dict
 from clicktower.launcher.engine.distributed import (accelerator_kwargs, broadcast_object, gradient_accumulation_steps,
                                                      peer_loss_errors, prepare_launch, resolve_numerics,
                                                      set_numerics)
-from clicktower.launcher.engine.loop import TrainLoop, epoch_steps, save_final
+from clicktower.launcher.engine.loop import TrainLoop, planned_steps, save_final
 from clicktower.launcher.engine.metrics import MetricsLog
 from clicktower.launcher.engine.observers import (CheckpointObserver, EvalObserver, MetricsObserver,
                                                   SampleKeysObserver)
@@ -63,12 +63,13 @@ def train(cfg: ExperimentConfig) -> Path:
         cfg.data, cfg.train.batch_size, rank, cfg.train.seed,
         PairTokenizer(tokenizer, cfg.model.max_query_length, cfg.model.max_item_length),
         broadcast_object if rank.world_size > 1 else None, features_dim=cfg.model.item_features_dim)
-    if cfg.train.epochs is not None:  # epochs -> optimiser steps, as the loader batches them
-        steps = epoch_steps(cfg.train.epochs, len(loader), gradient_accumulation_steps(accelerator))
-        if steps < 1:
-            raise ConfigError(f"train.epochs={cfg.train.epochs}: {len(loader)} batches per epoch make no optimiser "
-                              f"step of {gradient_accumulation_steps(accelerator)} micro-batches")
-        cfg = replace(cfg, train=replace(cfg.train, max_steps=steps, epochs=None))
+    accumulation = gradient_accumulation_steps(accelerator)
+    # With train.epochs the run ends at the end of that epoch, wherever a resume restarts it
+    # (TrainLoop.fit plans the steps from the restored data position); this is a fresh run's.
+    steps = planned_steps(cfg.train, 0, loader, accumulation)
+    if steps < 1:
+        raise ConfigError(f"train.epochs={cfg.train.epochs}: {len(loader)} batches per epoch make no optimiser "
+                          f"step of {accumulation} micro-batches")
     out = Path(cfg.train.output_dir)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if accelerator.is_main_process:
@@ -76,7 +77,8 @@ def train(cfg: ExperimentConfig) -> Path:
         (out / "config.yaml").write_text(config_yaml)
     model = TwoTower.from_config(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    # By pairs read: exact when a resume changes the global batch (docs/training.md, "Epochs").
+    scheduler = build_scheduler(optimizer, cfg.optim, steps, cfg.train.batch_size * rank.world_size * accumulation)
     # The scheduler is stepped once per optimiser step on every rank, so accelerate must not
     # step it num_processes times (nor DeepSpeed's engine): it is not prepared.
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 
 from clicktower.data.batch import PairBatch, PairLabels
 from clicktower.launcher.engine.distributed import accelerator_kwargs, gathered_parameters, prepare_launch
-from clicktower.launcher.engine.optim import Optimization
+from clicktower.launcher.engine.optim import OptimConfig, Optimization, build_scheduler
 from clicktower.launcher.engine.step import TrainStep
 from clicktower.modeling.losses import ContrastiveLoss
 from clicktower.modeling.towers import TwoTower, TwoTowerConfig
@@ -101,7 +101,8 @@ def prepared_sgd_model(accelerator: Accelerator, lr: float, dropout: float | Non
     """
     model = tiny_model(dropout)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    # The trainer's schedule (the loop sets its layout), constant: every step at ``lr``.
+    scheduler = build_scheduler(optimizer, OptimConfig(lr=lr, schedule="constant"), 1)
     model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, scheduler
 
