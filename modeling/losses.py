@@ -119,7 +119,10 @@ class ContrastiveLoss(nn.Module):
     local embeddings (through the gather's backward) is W times the gradient of that
     single-process loss; DDP's / DeepSpeed's averaging over W ranks then makes exactly the
     update of one process holding the whole global batch. With one process (or
-    ``cross_device=False``) it is the plain in-batch weighted mean.
+    ``cross_device=False``) it is the plain in-batch weighted mean. A global batch whose
+    weights are all 0 (weights are >= 0) has loss 0 and a zero gradient on every rank (the
+    denominator is taken as 1 there: every term is 0 x CE); ``last_total_weight`` keeps the
+    global total of the last forward.
 
     Args:
         symmetric: also compute item->query (each local item against every rank's queries)
@@ -162,6 +165,9 @@ class ContrastiveLoss(nn.Module):
         self.distill_temperature = float(distill_temperature)
         # The ranks the keys are gathered over: this process alone without cross_device.
         self.rank, self.world_size = (rank, world_size) if cross_device else (0, 1)
+        # The sum of w over the global batch of the last forward (a tensor or a float, read
+        # only when a step goes wrong: reading it every step would cost a device sync).
+        self.last_total_weight: torch.Tensor | float | None = None
 
     @classmethod
     def from_config(cls, cfg: LossConfig, *, rank: int = 0, world_size: int = 1) -> "ContrastiveLoss":
@@ -231,7 +237,10 @@ class ContrastiveLoss(nn.Module):
             weights = weights.to(lse.dtype)
         # Sum over local pairs / (sum of w over the global batch / W): the one place
         # distributed gradients are scaled.
-        norm = (weights.sum() if total_weight is None else total_weight) / world
+        if total_weight is None:
+            total_weight = weights.sum()
+        self.last_total_weight = total_weight
+        norm = _nonzero(total_weight) / world
         loss = _weighted_sum(lse - positive, weights)
         if self.distill_weight and labels.teacher_scores is not None and hard_negative_emb is not None:
             kl = _distillation(query_emb, item_emb, hard_negative_emb, labels.hard_negative_owner,
@@ -255,6 +264,17 @@ class ContrastiveLoss(nn.Module):
                 query_ids=query_ids, key_query_ids=None if key_query_ids is None else key_query_ids[:total],
                 block_size=self.block_size, exclusions=exclusions)
         return 0.5 * (loss + _weighted_sum(item_lse - positive, weights)) / norm
+
+
+def _nonzero(total: torch.Tensor | float) -> torch.Tensor | float:
+    """The global total weight, or 1 where it is 0. Weights are >= 0 (a relevance grade of 0
+    is legal), so a total of 0 means every weight of the global batch is 0: every term of the
+    sum is then 0 x CE, and dividing by 1 instead of 0 makes the loss 0 with a zero gradient
+    instead of 0 / 0 = NaN (which poisoned the update and every checkpoint after it). Every
+    rank holds the same global total, so all ranks take this branch together."""
+    if isinstance(total, torch.Tensor):
+        return torch.where(total != 0, total, torch.ones_like(total))  # != : a NaN total stays NaN
+    return total if total != 0 else 1.0
 
 
 def _gather(x: torch.Tensor, sizes: list[int] | None, world: int) -> torch.Tensor:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -177,3 +178,45 @@ def test_checkpoint_config_keys_are_validated():
                      ("checkpoint.async_save=maybe", "async_save")):
         with pytest.raises(ConfigError, match=key):
             load_config(TINY_CONFIG, [bad])
+
+
+def test_save_refuses_a_model_with_nan_weights(tmp_path):
+    """A NaN model is never written: no folder, no marker, ``latest`` still names the last
+    finite checkpoint (issue 26: a NaN step_00000005 was resumed forever)."""
+    acc, model, optimizer, scheduler, ckpt = _setup(tmp_path)
+    _step(model, optimizer, scheduler)
+    ckpt.save(1, {"loader": {}})
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"refusing to checkpoint step 2: 1 model tensor\(s\) hold NaN or inf "
+                                                 r"\(e\.g\. .+\); the newest checkpoint stays .*step_00000001"):
+        ckpt.save(2, {"loader": {}})
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"] and not list(root.glob(".tmp-*"))
+    assert (root / LATEST).read_text().strip() == "step_00000001"
+
+
+def test_resume_refuses_a_checkpoint_with_nan_weights(tmp_path):
+    """A complete checkpoint whose weights hold NaN (as older versions saved after a NaN
+    update; here its weights file rewritten and its marker re-hashed) is refused on resume
+    with one line naming the folder and what to do."""
+    from safetensors.torch import load_file, save_file
+
+    from clicktower.launcher.engine.checkpoint.files import write_complete_marker
+    from clicktower.launcher.errors import ConfigError
+
+    acc, model, optimizer, scheduler, ckpt = _setup(tmp_path, keep_last=5)
+    for step in (1, 2):
+        _step(model, optimizer, scheduler)
+        ckpt.save(step, {"loader": {}})
+    folder = tmp_path / "checkpoints" / "step_00000002"
+    weights = load_file(str(folder / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_complete_marker(folder, 2)
+    assert find_resume_checkpoint(tmp_path, "auto") == folder  # complete and checksummed: only the weights tell
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(folder))}: 1 model tensor\(s\) hold NaN or inf .*delete that folder"):
+        ckpt.resume("auto")
+    assert ckpt.resume(str(tmp_path / "checkpoints" / "step_00000001"))["step"] == 1  # an older one loads
+    assert all(torch.isfinite(p).all() for p in model.parameters())

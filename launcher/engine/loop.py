@@ -18,7 +18,7 @@ import torch
 
 from clicktower.data.loader import batches_until_epoch
 from clicktower.launcher.engine.distributed import gathered_parameters
-from clicktower.launcher.engine.step import TrainStep
+from clicktower.launcher.engine.step import NonFiniteStep, TrainStep
 
 
 # Training precisions accelerate knows (its ``mixed_precision``); fp8 is not supported.
@@ -214,6 +214,8 @@ class TrainLoop:
 
         Raises:
             Preempted: after the checkpoint, when a stop signal arrived (checkpoint observer).
+            NonFiniteStep: a step's loss or gradient norm is not finite (every rank; no
+                checkpoint of it is written).
         """
         if resume_state is not None:
             self.load_state_dict(resume_state)
@@ -234,7 +236,11 @@ class TrainLoop:
                 waited = time.perf_counter()
                 group = next(steps)
                 started = time.perf_counter()
-                loss = self.train_step(*group.batches)
+                try:
+                    loss = self.train_step(*group.batches)
+                except NonFiniteStep as exc:
+                    # Raised before the observers run: this state is never checkpointed.
+                    raise NonFiniteStep(f"step {self.step + 1}: {exc}") from None
                 self.step += 1
                 keys = group.keys
                 report = StepReport(self.step, loss, keys, group.key_epochs, len(keys) * world,

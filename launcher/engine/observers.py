@@ -10,7 +10,6 @@ Every rank calls every observer (evaluation and checkpoints are collective).
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -93,12 +92,9 @@ class MetricsObserver:
             mean_loss: mean loss over the window's steps.
             pairs_per_sec: global pairs per second over the window.
 
-        Raises:
-            FloatingPointError: the loss is not finite.
+        A non-finite loss never gets here: ``TrainStep`` checks every step's loss and gradient
+        norm before the optimiser step and raises ``NonFiniteStep``.
         """
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"loss is {mean_loss} at step {step}: lower optim.lr "
-                                     "or check the data")
         scale = float(loop.train_step.last_logit_scale)
         return {"step": step, "epoch": loop.loader.epoch, "loss": mean_loss,
                 "lr": loop.train_step.scheduler.get_last_lr()[0], "temperature": 1.0 / scale,

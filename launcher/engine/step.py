@@ -1,7 +1,8 @@
 """One optimiser step of the two-tower model, under ``accelerate`` (one process, DDP or
 DeepSpeed ZeRO-1/2/3): the grouping of the loader's micro-batches into steps
 (``step_batches``), forward and backward of each micro-batch, GradCache when the batch is
-embedded in chunks, then clipping, the optimiser and the LR schedule.
+embedded in chunks, then clipping, the check that the loss and the gradient norm are finite
+(``NonFiniteStep``, every step, before the optimiser), the optimiser and the LR schedule.
 
 ``TrainStep`` passes each ``PairBatch`` on without knowing its fields and knows nothing of
 logs or checkpoints (``loop.TrainLoop`` counts the steps), so a test can run one step alone
@@ -96,15 +97,19 @@ class TrainStep:
         if len(batches) != self.accumulation_steps:
             raise ValueError(f"one optimiser step takes {self.accumulation_steps} micro-batches "
                              f"(gradient_accumulation_steps), got {len(batches)}")
-        losses = []
+        losses, total_weights = [], []
         for index, batch in enumerate(batches):
             # All but the last micro-batch only accumulate local gradients: no DDP all-reduce,
             # and under DeepSpeed no engine step (accelerate steps the engine at the boundary).
             with self._accumulating(index < len(batches) - 1):
                 losses.append(self.forward_backward(batch))
-        self.optimizer_step()
+            total_weights.append(self.loss_fn.last_total_weight)
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-        return mean_over_ranks(self.accelerator, loss)
+        # Averaged over ranks BEFORE the optimiser step: the finite check below must see the
+        # same value on every rank, so that all raise (or none) and no rank waits alone.
+        loss = mean_over_ranks(self.accelerator, loss)
+        self.optimizer_step(loss, total_weights)
+        return loss
 
     def step_batches(self, loader: Iterable[PairBatch]) -> Iterator[StepBatches]:
         """The loader's micro-batches grouped into optimiser steps, ``accumulation_steps`` at
@@ -155,12 +160,21 @@ class TrainStep:
         self.accelerator.backward(loss)
         return loss.detach()
 
-    def optimizer_step(self) -> None:
-        """Clip, step the optimiser and the LR schedule, zero the gradients."""
-        if self.max_grad_norm is not None and not self.deepspeed:
-            # DeepSpeed clips inside engine.step (gradient_clipping, filled from
-            # optim.max_grad_norm by configure_deepspeed); clipping here would be too late.
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+    def optimizer_step(self, loss: torch.Tensor | None = None, total_weights: list | None = None) -> None:
+        """Clip, check that the loss and the gradient norm are finite, step the optimiser and
+        the LR schedule, zero the gradients.
+
+        Args:
+            loss: the step's loss averaged over ranks (None: not checked).
+            total_weights: the global total sample weight of each micro-batch (for the
+                error message only).
+
+        Raises:
+            NonFiniteStep: the loss or the gradient norm is NaN or infinite (on every rank
+                alike); without DeepSpeed the optimiser has not stepped.
+        """
+        grad_norm = _grad_norm(self.accelerator, self.model, self.max_grad_norm, self.deepspeed)
+        _check_finite(loss, grad_norm, total_weights or [], self.deepspeed)
         self.optimizer.step()  # a no-op under DeepSpeed: accelerator.backward stepped the engine
         if not getattr(self.optimizer, "step_was_skipped", False):  # fp16: the scaler skipped an overflow step
             self.scheduler.step()  # a LambdaLR on the base optimiser's param groups, which ZeRO uses
@@ -258,6 +272,76 @@ class TrainStep:
         else:
             with self.accelerator.no_sync(self.model):
                 yield
+
+
+class NonFiniteStep(FloatingPointError):
+    """The loss or the gradient norm of a step is NaN or infinite. Raised on every rank alike
+    (both values are the same on every rank), before the step's state can be checkpointed;
+    ``TrainLoop`` prefixes the step number."""
+
+
+def _grad_norm(accelerator: Any, model: nn.Module, max_grad_norm: float | None,
+               deepspeed: bool) -> torch.Tensor | None:
+    """The global gradient norm of this step, the same on every rank, clipping on the way
+    (None where none is known: fp16 loss scaling, where an overflow is the scaler's to skip,
+    or a DeepSpeed config with ``compute_grad_norm: false``).
+
+    Without DeepSpeed the gradients are already all-reduced (DDP) when this runs, so every
+    rank computes the same norm: the check costs no collective. DeepSpeed's engine stepped
+    inside the backward (clipping included) and reports the norm it computed over all
+    partitions (ZeRO skips a step whose norm is not finite and reports inf; ZeRO-1/2 under
+    bf16 only with ``check_grad_overflow``)."""
+    if deepspeed:
+        # The engine clipped inside its step (gradient_clipping, filled from
+        # optim.max_grad_norm by configure_deepspeed); clipping here would be too late.
+        if model.fp16_enabled():
+            return None
+        norm = model.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(norm, dtype=torch.float32)
+    if getattr(accelerator, "scaler", None) is not None:
+        # fp16: inf gradients are the scaler's business (it skips the step and lowers the
+        # scale); accelerate's clipping unscales first, as it must.
+        if max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        return None
+    if max_grad_norm is not None:
+        return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+def _check_finite(loss: torch.Tensor | None, grad_norm: torch.Tensor | None, total_weights: list,
+                  deepspeed: bool) -> None:
+    """Raise ``NonFiniteStep`` when the loss or the gradient norm is not finite: one host sync
+    per step (the metrics observer reads the loss every step anyway)."""
+    values = [v.detach().float().reshape(()) for v in (loss, grad_norm) if v is not None]
+    if not values or bool(torch.isfinite(torch.stack([v.to(values[0].device) for v in values])).all()):
+        return
+    raise NonFiniteStep(_nonfinite_message(loss, grad_norm, total_weights, deepspeed))
+
+
+def _nonfinite_message(loss: torch.Tensor | None, grad_norm: torch.Tensor | None, total_weights: list,
+                       deepspeed: bool) -> str:
+    """What went wrong in a step and what to do, without guessing a cause the numbers rule out."""
+    loss_value = float("nan") if loss is None else float(loss)
+    norm_value = None if grad_norm is None else float(grad_norm)
+    which = "loss" if not math.isfinite(loss_value) else "gradient norm"
+    weights = [float(w) for w in total_weights if w is not None]
+    weight_text = ", ".join(f"{w:g}" for w in weights) or "unknown"
+    norm_text = "unknown" if norm_value is None else f"{norm_value:g}"
+    applied = ("the DeepSpeed engine has already stepped (ZeRO skips a non-finite fp32 step)" if deepspeed
+               else "the optimiser did not step")
+    head = (f"non-finite {which}: loss {loss_value:g}, gradient norm {norm_text}, total sample weight of the "
+            f"global batch {weight_text}; {applied} and nothing of this state was checkpointed")
+    if weights and all(w == 0 for w in weights):
+        # A zero-weight batch has loss 0 and a zero gradient (ContrastiveLoss): if it is here
+        # anyway the weights themselves or the model's inputs are bad, not the learning rate.
+        hint = "The batch's sample weights are all 0 and still gave a non-finite value: check the weight field"
+    else:
+        hint = ("Check the step's samples for bad inputs (train.sample_keys_log=true lists them) and, if the "
+                "loss was rising before this step, lower optim.lr or optim.max_grad_norm")
+    return f"{head}. {hint}; then resume from the newest checkpoint (train.resume=auto)"
+
 
 def _rng_state(device: torch.device) -> tuple:
     """CPU (and this CUDA device's) RNG state, to replay a chunk's dropout."""

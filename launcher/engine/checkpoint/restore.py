@@ -22,6 +22,7 @@ from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, DS_MODE
                                                          find_resume_checkpoint)
 from clicktower.launcher.engine.checkpoint.remote import RemoteCheckpoints
 from clicktower.launcher.engine.checkpoint.convert import convert_to_ddp, convert_to_universal
+from clicktower.launcher.engine.checkpoint.state import nonfinite_parameters
 from clicktower.launcher.engine.distributed import zero_stage
 from clicktower.launcher.errors import ConfigError
 
@@ -126,7 +127,8 @@ def load_checkpoint(accelerator: Any, folder: Path, root: Path) -> dict[str, Any
         root: the run's ``checkpoints/`` folder (where a universal conversion goes).
 
     Raises:
-        ConfigError: a checkpoint that this topology cannot load (the message says why).
+        ConfigError: a checkpoint that this topology cannot load, or whose weights hold a NaN
+            or an infinity (the message says why and names the folder).
     """
     acc = accelerator
     state = json.loads((folder / TRAINER_STATE).read_text())
@@ -165,7 +167,29 @@ def load_checkpoint(accelerator: Any, folder: Path, root: Path) -> dict[str, Any
         logger.warning("%s: saved by %s processes, resumed on %s: weights, optimiser, schedule and data "
                        "position are restored; per-rank RNG streams only for ranks below %s",
                        folder, saved_world, now["world_size"], min(saved_world, now["world_size"]))
+    _refuse_nonfinite(acc, folder)
     return state
+
+
+def nonfinite_weights(accelerator: Any) -> list[str]:
+    """The model parameters holding a NaN or an infinity on any rank, sorted; the same list on
+    every rank (collective: one all-gather; under ZeRO-3 each rank checks its own partition).
+
+    Args:
+        accelerator: the training accelerator (models prepared).
+    """
+    per_rank = all_gather_objects(nonfinite_parameters(accelerator), accelerator)
+    return sorted({name for names in per_rank for name in names})
+
+
+def _refuse_nonfinite(acc: Any, folder: Path) -> None:
+    """Refuse, on every rank, a checkpoint whose loaded weights are not finite: older versions
+    saved the state after a NaN update, and resuming it trained on NaN for ever."""
+    names = nonfinite_weights(acc)
+    if names:
+        raise ConfigError(f"{folder}: {len(names)} model tensor(s) hold NaN or inf (e.g. {names[0]}), saved after "
+                          "a step that went non-finite; delete that folder to resume from the checkpoint before it "
+                          "(train.resume=auto) or name an older one (train.resume=PATH)")
 
 
 class _ElsewherePartition:

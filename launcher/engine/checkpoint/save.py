@@ -26,8 +26,8 @@ from clicktower.data.storage import describe_failure
 from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, COMPLETE, LATEST, TRAINER_STATE, fsync_dir,
                                                          list_checkpoints, step_dir_name, write_atomic,
                                                          write_complete_marker)
-from clicktower.launcher.engine.checkpoint.restore import (all_gather_objects, load_checkpoint, resolve_resume,
-                                                           topology)
+from clicktower.launcher.engine.checkpoint.restore import (all_gather_objects, load_checkpoint, nonfinite_weights,
+                                                           resolve_resume, topology)
 from clicktower.launcher.engine.checkpoint.remote import RemoteCheckpoints
 from clicktower.launcher.engine.checkpoint.state import Snapshot, capture_state
 from clicktower.launcher.errors import ConfigError
@@ -181,9 +181,14 @@ class Checkpointer:
 
         Returns:
             The checkpoint folder (there once committed).
+
+        Raises:
+            FloatingPointError: the model holds a NaN or an infinity (on every rank alike):
+                nothing is written, and the checkpoints already there stay as they are.
         """
         self.wait()  # at most one save in flight
         acc = self.accelerator
+        self._refuse_nonfinite(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -206,6 +211,16 @@ class Checkpointer:
         if not self.cfg.async_save:
             self.wait()
         return self.root / step_dir_name(step)
+
+    def _refuse_nonfinite(self, step: int) -> None:
+        """Raise on every rank when any rank's weights are not finite (collective): a NaN
+        checkpoint would be resumed from, and fail, forever. The training step checks the
+        loss and gradients first; this is the last line before the disk."""
+        names = nonfinite_weights(self.accelerator)
+        if names:
+            raise FloatingPointError(
+                f"refusing to checkpoint step {step}: {len(names)} model tensor(s) hold NaN or inf "
+                f"(e.g. {names[0]}); the newest checkpoint stays {self.last_saved or 'as it was'}")
 
     def poll(self) -> None:
         """Commit the save in flight if every rank has written its part (collective: call on

@@ -239,3 +239,27 @@ def capture_state(accelerator: Any, folder: Path, copy: bool) -> Snapshot:
         save_custom_state(obj, str(folder), i, save_on_each_node=on_each_node)
     snapshot.written.append(f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl")
     return snapshot
+
+
+def nonfinite_parameters(accelerator: Any) -> list[str]:
+    """Names of the prepared models' parameters that hold a NaN or an infinity on this rank
+    (under ZeRO-3 the rank's own partition of each: the full tensor is nowhere). One host
+    sync for all of them; the caller agrees over ranks.
+
+    Args:
+        accelerator: the training accelerator (models prepared).
+    """
+    import torch
+
+    names, flags = [], []
+    for model in accelerator._models:
+        for name, param in model.named_parameters():
+            tensor = getattr(param, "ds_tensor", None)  # ZeRO-3: this rank's partition
+            tensor = param.detach() if tensor is None else tensor.detach()
+            if tensor.numel():
+                names.append(name.removeprefix("module."))
+                flags.append(torch.isfinite(tensor).all())
+    if not flags:
+        return []
+    finite = torch.stack([flag.to(flags[0].device) for flag in flags]).tolist()  # offloaded partitions
+    return [name for name, ok in zip(names, finite) if not ok]
