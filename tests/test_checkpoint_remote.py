@@ -103,6 +103,28 @@ def test_transient_errors_are_retried_and_counted_unreachable_is_one_error(s3, t
 
 
 @pytest.mark.unit
+def test_remote_pruning_keeps_each_runs_commits(s3, tmp_path):
+    """Run b uploads beside run a's higher-numbered checkpoints: b's commits survive its
+    pruning (keep_last=2), a's are left alone, and a fresh node's auto follows latest to b."""
+    from accelerate import Accelerator
+
+    from clicktower.launcher.engine.checkpoint.restore import resolve_resume
+
+    remote = RemoteCheckpoints(f"s3://{BUCKET}/lineage", keep_last=2, backoff_s=0.01)
+    for run, commit, step in [("a", 1, 16), ("a", 2, 24), ("b", 1, 4), ("b", 2, 8), ("b", 3, 12)]:
+        folder = _fake_checkpoint(tmp_path / run, step)
+        lineage = {"id": run, "commit": commit, "parent": commit - 1 or None}
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "lineage": lineage}))
+        write_complete_marker(folder, step)
+        remote.upload_checkpoint(folder)
+        remote.prune(folder.name)
+        assert remote.latest() in remote.complete_steps()
+    assert remote.complete_steps() == ["step_00000008", "step_00000012", "step_00000016", "step_00000024"]
+    found = resolve_resume(Accelerator(cpu=True), tmp_path / "fresh" / "checkpoints", "auto", True, remote)
+    assert found.name == "step_00000012" and check_checkpoint(found) is None
+
+
+@pytest.mark.unit
 def test_failed_upload_keeps_the_local_checkpoint_and_a_fresh_node_resumes_from_the_bucket(s3, tmp_path,
                                                                                          caplog, capsys):
     cfg = CheckpointConfig(keep_last=2, remote_dir=f"s3://{BUCKET}/inproc", remote_retries=1)

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from clicktower.launcher.engine.checkpoint.files import write_complete_marker
+
 from conftest import REPO, TINY_CONFIG, cli_env, clicktower, run
 from dist_harness import assert_exactly_once, consumed_keys, free_port, keys_per_step, logged_steps
 from dist_launch import ACCELERATE
@@ -147,8 +149,16 @@ def test_sigkill_inside_a_save_then_resume_is_bitwise_identical(reference, shard
     assert len(list((torn / "pytorch_model").glob("*optim_states.pt"))) == 2
     assert not (torn / "COMPLETE").exists() and (root / "latest").read_text().strip() == STEP8
     assert not (out / "final").exists() and not (root / STEP16).exists()
-    # Beside it, a complete-looking step-16 checkpoint whose shard got corrupted: passed over too.
+    # Beside it, a committed step-16 checkpoint of this run whose shard got corrupted since:
+    # the reference's, made this run's commit after step 8 (its lineage record, re-marked),
+    # named by latest. Passed over too, for the step-8 commit it follows.
     shutil.copytree(ref / "checkpoints" / STEP16, root / STEP16)
+    state = _trainer_state(root / STEP16)
+    step8 = _trainer_state(root / STEP8)["lineage"]
+    state["lineage"] = {"id": step8["id"], "commit": step8["commit"] + 1, "parent": step8["commit"]}
+    (root / STEP16 / "trainer_state.json").write_text(json.dumps(state))
+    write_complete_marker(root / STEP16, 16)
+    (root / "latest").write_text(STEP16 + "\n")
     shard = sorted((root / STEP16 / "pytorch_model").glob("*optim_states.pt"))[-1]
     shard.write_bytes(shard.read_bytes()[:-100])
 

@@ -79,8 +79,11 @@ class TrainConfig:
             (all the step's micro-batches under gradient accumulation) and the loader epoch
             of each (one step's micro-batches can straddle an epoch end), for exactly-once
             checks across kills and resumes. Off by default (one line per step).
-        resume: ``auto`` (newest complete checkpoint in ``output_dir``, if any), ``none``, or
-            a checkpoint folder.
+        resume: ``auto`` (the newest complete checkpoint of the run lineage that
+            ``output_dir``'s ``latest`` pointer names, if any), ``none`` (start over; refused
+            where ``output_dir`` holds checkpoints), ``new`` (start a new run lineage beside
+            the checkpoints there, which it never prunes or resumes), or a checkpoint folder
+            (docs/checkpoints.md, "Run lineages").
         grad_cache_chunk: GradCache: embed the local batch in chunks of this many pairs
             without activations, compute the loss and its gradient w.r.t. the embeddings on
             the whole (global) batch, then re-run each chunk with grad and back-propagate the

@@ -10,6 +10,7 @@ Every rank calls every observer (evaluation and checkpoints are collective).
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from clicktower.launcher.engine.metrics import MetricsLog, SampleKeysLog
 from clicktower.launcher.engine.periodic_eval import PeriodicEvaluator
 from clicktower.launcher.engine.preemption import Preempted, PreemptionHandler
 from clicktower.launcher.engine.tracking import Tracker
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsObserver:
@@ -132,7 +135,8 @@ class SampleKeysObserver:
 
 
 class EvalObserver:
-    """Runs the periodic evaluation when due and logs its record to ``metrics.jsonl``.
+    """Runs the periodic evaluation when due and logs its record to ``metrics.jsonl``; its
+    state (the best score, step and metric so far) goes into every checkpoint.
 
     Args:
         evaluator: the held-out evaluation (collective).
@@ -145,8 +149,19 @@ class EvalObserver:
     def __init__(self, evaluator: PeriodicEvaluator, metrics: MetricsLog, tracker: Tracker | None = None) -> None:
         self.evaluator, self.metrics, self.tracker = evaluator, metrics, tracker
 
+    def state_dict(self) -> dict[str, Any]:
+        """The evaluator's best so far (``PeriodicEvaluator.state_dict``)."""
+        return {"best": self.evaluator.state_dict()}
+
     def on_start(self, loop: TrainLoop, resumed: bool) -> None:
-        pass
+        if not resumed:
+            return
+        saved = loop.observer_states.get(self.name)
+        if saved is None:  # a checkpoint of an earlier version, or of a run without evaluation
+            logger.warning("the checkpoint resumed from has no record of the best evaluation: the next "
+                           "evaluation replaces %s/best", self.evaluator.out)
+            return
+        self.evaluator.load_state_dict(saved["best"])
 
     def after_step(self, loop: TrainLoop, report: StepReport) -> None:
         if self.evaluator.due(report.step):

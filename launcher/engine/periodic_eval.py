@@ -4,11 +4,14 @@ Every ``eval.every_steps`` steps each rank embeds its slice of the catalog and o
 queries; the catalog embeddings are all-gathered, each rank scores its queries against the
 whole catalog, and the per-query metrics are gathered to the main process, which writes
 ``eval/...`` metrics to ``metrics.jsonl`` and, when ``eval.metric`` improves, the towers to
-``OUTPUT_DIR/best/`` (with ``best.json``: step and metrics).
+``OUTPUT_DIR/best/`` (with ``best.json``: step and metrics). The best so far (score, step,
+metric) is part of every checkpoint (``state_dict``), so a resumed run replaces ``best/`` only
+with a better model.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,8 @@ from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_shar
 from clicktower.launcher.retrieval.metrics import (METRIC_NAMES, MIN_RELEVANCE, exact_topk, mean_metrics,
                                                    query_metrics)
 from clicktower.launcher.retrieval.readers import read_catalog_features, read_judged_queries
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +78,29 @@ class PeriodicEvaluator:
         # Bad catalog vectors: the item is embedded without its vector (counted by the reader).
         self.ids, self.texts, self.features = read_catalog_features(cfg.catalog, "features" if dim else None, dim)
         self.best = -math.inf
+        self.best_step: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The best evaluation so far, saved in every checkpoint: ``score`` (None before
+        any), ``step`` and ``metric``."""
+        return {"metric": self.cfg.metric, "score": self.best if math.isfinite(self.best) else None,
+                "step": self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's ``state_dict()``: ``best/`` is replaced only by a better
+        score. A best by another ``eval.metric`` is not comparable: the next evaluation
+        replaces ``best/`` (with a warning).
+
+        Args:
+            state: the saved best.
+        """
+        if state.get("score") is None:
+            return
+        if state.get("metric") != self.cfg.metric:
+            logger.warning("eval.metric=%s, but the best model so far was chosen by %s (step %s): the next "
+                           "evaluation replaces best/", self.cfg.metric, state.get("metric"), state.get("step"))
+            return
+        self.best, self.best_step = float(state["score"]), state.get("step")
 
     def due(self, step: int) -> bool:
         return self.cfg.every_steps is not None and step % self.cfg.every_steps == 0
@@ -97,7 +125,7 @@ class PeriodicEvaluator:
         record = {"step": step, **{f"eval/{k}": v for k, v in summary.items()}}
         value = summary.get(self.cfg.metric, -math.inf)
         if value > self.best:
-            self.best = value
+            self.best, self.best_step = value, step
             self.save_best(step, summary)
         return record
 

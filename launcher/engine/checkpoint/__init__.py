@@ -3,7 +3,7 @@
 A checkpoint is the folder ``OUTPUT_DIR/checkpoints/step_XXXXXXXX/`` holding the model and
 optimiser (accelerate's files, or the DeepSpeed engine's ZeRO shards, one set per rank), the LR
 scheduler, every rank's RNG states, and ``trainer_state.json`` (step, data loader position,
-counters, saving topology) with the resolved ``config.yaml``. It counts only once its
+counters, saving topology, run lineage) with the resolved ``config.yaml``. It counts only once its
 ``COMPLETE`` marker (every file's sha256, written last) is there; the ``latest`` pointer then
 names it. Modules: ``save`` (``Checkpointer``, ``CheckpointConfig``), ``state`` (capturing and
 writing a rank's state), ``files`` (layout, marker, checksums), ``restore`` (which checkpoint,

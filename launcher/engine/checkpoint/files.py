@@ -1,7 +1,8 @@
-"""The on-disk checkpoint layout: names, checksums, the COMPLETE marker, finding the newest
-usable checkpoint. Plain files only (no accelerate, no torch): what the checkpointer writes and
-what resume, conversion and ``clicktower ckpt`` read. The layout is described in
-docs/checkpoints.md.
+"""The on-disk checkpoint layout: names, checksums, the COMPLETE marker, run lineages (which
+checkpoints belong to which run, in commit order: ``Lineage``), finding the checkpoint to
+resume from. Plain files only (no accelerate, no torch): what the checkpointer writes and what
+resume, pruning, conversion and ``clicktower ckpt`` read. The layout is described in
+docs/checkpoints.md ("Run lineages" for the lineage rules).
 
 Checksums scale with the ranks: every rank hashes the files it wrote while writing them
 (``HashingFile``), rank 0 gathers the digests into the ``COMPLETE`` marker and hashes only
@@ -14,7 +15,11 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from clicktower.launcher.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +32,121 @@ DS_MODEL_DIR = "pytorch_model"  # accelerate's folder name for the DeepSpeed eng
 COPIED_AS_IS = ("config.yaml", "custom_checkpoint_*.pkl", "random_states_*.pkl", "scheduler*.bin",
                 "scaler.pt", "sampler*.bin")
 Digests = dict[str, dict[str, object]]  # relative path -> {"sha256": hex, "bytes": size}
+LEGACY_LINEAGE = "legacy"  # checkpoints written before lineages were recorded
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a checkpoint sits in its run's history (``trainer_state.json``'s ``lineage``).
+
+    Args:
+        id: the run lineage: minted at a fresh start, carried through every resume.
+        commit: the lineage's commit counter at this checkpoint (unique within the lineage:
+            a resume that goes back continues after the highest commit it finds).
+        parent: the commit this one follows (the previous save, or the checkpoint resumed
+            from); None for the first commit of a lineage.
+        legacy: written by an earlier version (no record): commit = step, parent unknown.
+    """
+
+    id: str
+    commit: int
+    parent: int | None = None
+    legacy: bool = False
+
+    def record(self) -> dict[str, Any]:
+        """The ``lineage`` entry of ``trainer_state.json``."""
+        return {"id": self.id, "commit": self.commit, "parent": self.parent}
+
+
+def parse_lineage(state: dict[str, Any]) -> Lineage:
+    """The lineage of a checkpoint from its trainer state (legacy when it has none).
+
+    Args:
+        state: the parsed ``trainer_state.json``.
+    """
+    record = state.get("lineage")
+    if not record:
+        return Lineage(LEGACY_LINEAGE, int(state.get("step", 0)), None, legacy=True)
+    parent = record.get("parent")
+    return Lineage(str(record["id"]), int(record["commit"]), None if parent is None else int(parent))
+
+
+def read_lineage(folder: Path) -> Lineage | None:
+    """The lineage of checkpoint ``folder``, or None when its trainer state is unreadable.
+
+    Args:
+        folder: a checkpoint folder.
+    """
+    try:
+        return parse_lineage(json.loads((folder / TRAINER_STATE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def lineage_chain(entries: dict[str, Lineage], head: str) -> list[str]:
+    """The checkpoints of ``head``'s lineage that lead to it, newest first: each one's parent
+    next. Commits a resume went back from (abandoned by it) are not in the chain.
+
+    Args:
+        entries: checkpoint name -> lineage (any lineages; others are left out).
+        head: the newest checkpoint of the chain (a key of ``entries``).
+    """
+    top = entries[head]
+    same = sorted((n for n, lin in entries.items() if lin.id == top.id and lin.commit <= top.commit),
+                  key=lambda n: entries[n].commit, reverse=True)
+    chain, bound = [], top.commit
+    for name in same:
+        lin = entries[name]
+        if lin.commit > bound:  # after the parent of a later commit: abandoned by a resume
+            continue
+        chain.append(name)
+        # A legacy checkpoint's parent is unknown: the next older one, as steps ordered them.
+        bound = lin.parent if lin.parent is not None else (lin.commit - 1 if lin.legacy else -1)
+    return chain
+
+
+def prune_plan(entries: dict[str, Lineage], head: str, keep_last: int, where: str) -> list[str]:
+    """The checkpoints to delete after ``head`` was committed: those of its lineage beyond the
+    newest ``keep_last`` of its chain (the commits a resume went back from among them, named in
+    a warning). Other lineages' checkpoints are never in it.
+
+    Args:
+        entries: checkpoint name -> lineage.
+        head: the checkpoint just committed.
+        keep_last: ``checkpoint.keep_last``.
+        where: the checkpoints folder (for the warning).
+    """
+    chain = lineage_chain(entries, head)
+    keep = set(chain[:keep_last])
+    doomed = [name for name, lin in entries.items() if lin.id == entries[head].id and name not in keep]
+    for name in doomed:
+        if name not in chain:
+            logger.warning("deleting checkpoint %s/%s: abandoned by a resume from an earlier commit of its run",
+                           where, name)
+    return doomed
+
+
+def lineage_head(entries: dict[str, Lineage], latest: str | None, where: str) -> str | None:
+    """The checkpoint a resume continues from: the one ``latest`` names, else the newest
+    commit of the only lineage there; None when there is none.
+
+    Args:
+        entries: checkpoint name -> lineage, of the complete-looking checkpoints.
+        latest: the name in the ``latest`` pointer, if any.
+        where: the checkpoints folder (for the message).
+
+    Raises:
+        ConfigError: several lineages and no pointer to choose among them.
+    """
+    if latest in entries:
+        return latest
+    ids = sorted({lin.id for lin in entries.values()})
+    if not ids:
+        return None
+    if len(ids) > 1:
+        raise ConfigError(f"train.resume=auto: {where} holds checkpoints of {len(ids)} runs ({', '.join(ids)}) and "
+                          f"no {LATEST} pointer names one of them; pick one with train.resume=CHECKPOINT_DIR")
+    return max(entries, key=lambda n: entries[n].commit)
 
 
 def step_dir_name(step: int) -> str:
@@ -154,12 +274,40 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
                   key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def find_resume_checkpoint(output_dir: str | Path, resume: str, verify_checksums: bool = True) -> Path | None:
-    """Resolve ``train.resume``: ``none``, ``auto`` (newest usable checkpoint) or a path.
+def read_latest(root: Path) -> str | None:
+    """The checkpoint name the ``latest`` pointer of ``root`` holds, if any.
+
+    Args:
+        root: a ``checkpoints/`` folder.
+    """
+    try:
+        return (root / LATEST).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def local_lineages(output_dir: str | Path) -> dict[str, Lineage]:
+    """Lineage of every complete-looking checkpoint of a run folder (``COMPLETE`` there and a
+    readable trainer state), by checkpoint name, oldest step first.
 
     Args:
         output_dir: the run's output folder.
-        resume: ``none``, ``auto`` or a checkpoint folder.
+    """
+    found = ((folder.name, read_lineage(folder)) for folder in list_checkpoints(output_dir)
+             if (folder / COMPLETE).is_file())
+    return {name: lineage for name, lineage in found if lineage is not None}
+
+
+def find_resume_checkpoint(output_dir: str | Path, resume: str, verify_checksums: bool = True) -> Path | None:
+    """Resolve ``train.resume``: ``none`` / ``new`` (start over), ``auto`` or a path.
+
+    ``auto`` continues the run lineage the ``latest`` pointer names: its newest usable
+    checkpoint, then the commits that led to it. Checkpoints of other lineages (another run
+    started in this folder) are named, never taken.
+
+    Args:
+        output_dir: the run's output folder.
+        resume: ``none``, ``new``, ``auto`` or a checkpoint folder.
         verify_checksums: recompute checksums while checking.
 
     Returns:
@@ -167,8 +315,9 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str, verify_checksums
 
     Raises:
         FileNotFoundError: an explicit path that is not a usable checkpoint.
+        ConfigError: (``auto``) several lineages and no ``latest`` pointer naming one.
     """
-    if resume == "none":
+    if resume in ("none", "new"):
         return None
     if resume != "auto":
         path = Path(resume)
@@ -182,9 +331,20 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str, verify_checksums
     for torn in sorted(root.glob(".tmp-step_*")) if root.is_dir() else []:
         logger.warning("skipping checkpoint %s: incomplete (a save interrupted before its %s marker)",
                        torn, COMPLETE)
-    for candidate in reversed(list_checkpoints(output_dir)):
-        problem = check_checkpoint(candidate, verify_checksums)
+    entries = local_lineages(output_dir)
+    for folder in list_checkpoints(output_dir):
+        if folder.name not in entries:
+            logger.warning("skipping checkpoint %s: %s", folder, check_checkpoint(folder, False) or "unreadable state")
+    head = lineage_head(entries, read_latest(root), str(root))
+    if head is None:
+        return None
+    others = [n for n in entries if entries[n].id != entries[head].id]  # oldest step first
+    if others:
+        logger.warning("not resuming %d checkpoint(s) of another run in %s (newest: %s); train.resume=%s "
+                       "resumes it", len(others), root, others[-1], root / others[-1])
+    for name in lineage_chain(entries, head):
+        problem = check_checkpoint(root / name, verify_checksums)
         if problem is None:
-            return candidate
-        logger.warning("skipping checkpoint %s: %s", candidate, problem)
+            return root / name
+        logger.warning("skipping checkpoint %s: %s", root / name, problem)
     return None

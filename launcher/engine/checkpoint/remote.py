@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from clicktower.data.storage import Storage, describe_failure, is_transient, is_url, join
-from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, COMPLETE, LATEST, STEP_DIR,
-                                                         check_checkpoint)
+from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, COMPLETE, LATEST, STEP_DIR, TRAINER_STATE,
+                                                         Lineage, check_checkpoint, lineage_head, parse_lineage,
+                                                         prune_plan)
 from clicktower.launcher.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -54,26 +55,24 @@ def with_retries(call: Callable[[], T], max_retries: int, backoff_s: float, jitt
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-class RemoteCheckpoints:
-    """A run's checkpoints in object storage; uploads run in one background thread.
+class RemoteFolder:
+    """A remote folder (``checkpoint.remote_dir``): its requests, retried and counted, and the
+    listing of the checkpoints in it.
 
     Args:
-        url: ``checkpoint.remote_dir``.
-        keep_last: complete checkpoints kept remotely (``checkpoint.keep_last``).
+        url: the folder's URL or path.
         options: fsspec storage options (``checkpoint.storage_options``).
         max_retries: retries of a transient failure per request.
         backoff_s: first wait between retries (doubled each time, with jitter).
     """
 
-    def __init__(self, url: str, keep_last: int, options: dict[str, Any] | None = None,
-                 max_retries: int = 5, backoff_s: float = 0.2) -> None:
-        self.url, self.keep_last = url.rstrip("/"), keep_last
+    def __init__(self, url: str, options: dict[str, Any] | None = None, max_retries: int = 5,
+                 backoff_s: float = 0.2) -> None:
+        self.url = url.rstrip("/")
         self.max_retries, self.backoff_s = max_retries, backoff_s
         self.counts = {"uploaded": 0, "retries": 0, "failures": 0}
         self._storage = Storage(options, max_retries, backoff_s)
-        self._thread: threading.Thread | None = None
         self._jitter = random.Random()  # private: the training RNGs stay untouched
-        self._best_step: int | None = None
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -103,6 +102,88 @@ class RemoteCheckpoints:
         if not is_url(remote):
             os.makedirs(os.path.dirname(remote), exist_ok=True)
         self._retry(lambda: fs.put_file(str(local), remote))
+
+    # -- listing ---------------------------------------------------------------------
+
+    def _listing_fs(self) -> Any:
+        """The filesystem with its listing cache dropped: s3fs keeps every folder listing it
+        made (the step folders' too, not only ``root``), which would hide what was uploaded
+        since, by this process or another node."""
+        fs = self._fs()
+        fs.invalidate_cache()
+        return fs
+
+    def complete_steps(self) -> list[str]:
+        """Names of the complete remote checkpoints, oldest first."""
+        root = self.path(CHECKPOINT_DIR)
+        fs = self._listing_fs()
+        try:
+            found = self._retry(lambda: fs.find(root, maxdepth=2))
+        except FileNotFoundError:
+            return []
+        base = fs._strip_protocol(root).rstrip("/")
+        names = set()
+        for entry in found:
+            rel = str(entry)[len(base):].strip("/")
+            head, _, tail = rel.partition("/")
+            if tail == COMPLETE and STEP_DIR.match(head):
+                names.add(head)
+        return sorted(names, key=lambda n: int(STEP_DIR.match(n).group(1)))
+
+    def all_steps(self) -> list[str]:
+        """Names of every remote ``step_`` folder, complete or not."""
+        root = self.path(CHECKPOINT_DIR)
+        fs = self._listing_fs()
+        try:
+            entries = self._retry(lambda: fs.ls(root, detail=False))
+        except FileNotFoundError:
+            return []
+        names = [os.path.basename(str(e).rstrip("/")) for e in entries]
+        return [name for name in names if STEP_DIR.match(name)]
+
+    def latest(self) -> str | None:
+        """The checkpoint name the remote ``latest`` pointer holds, if any."""
+        fs = self._fs()
+        try:
+            return self._retry(lambda: fs.cat_file(self.path(CHECKPOINT_DIR, LATEST))).decode().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def lineages(self, complete: list[str] | None = None) -> dict[str, Lineage]:
+        """Lineage of every complete remote checkpoint (from its trainer state), by name; one
+        whose trainer state cannot be read is named and left out.
+
+        Args:
+            complete: the names from ``complete_steps`` (None: listed here).
+        """
+        fs, out = self._fs(), {}
+        for name in self.complete_steps() if complete is None else complete:
+            try:
+                state = self._retry(lambda: fs.cat_file(self.path(CHECKPOINT_DIR, name, TRAINER_STATE)))
+                out[name] = parse_lineage(json.loads(state))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("skipping remote checkpoint %s: unreadable %s (%s)", self.path(CHECKPOINT_DIR, name),
+                               TRAINER_STATE, describe_failure(exc))
+        return out
+
+
+class RemoteCheckpoints(RemoteFolder):
+    """A run's checkpoints in object storage; uploads run in one background thread.
+
+    Args:
+        url: ``checkpoint.remote_dir``.
+        keep_last: complete checkpoints kept remotely (``checkpoint.keep_last``).
+        options: fsspec storage options (``checkpoint.storage_options``).
+        max_retries: retries of a transient failure per request.
+        backoff_s: first wait between retries (doubled each time, with jitter).
+    """
+
+    def __init__(self, url: str, keep_last: int, options: dict[str, Any] | None = None,
+                 max_retries: int = 5, backoff_s: float = 0.2) -> None:
+        super().__init__(url, options, max_retries, backoff_s)
+        self.keep_last = keep_last
+        self._thread: threading.Thread | None = None
+        self._best_step: int | None = None
 
     # -- start-up ------------------------------------------------------------------
 
@@ -156,7 +237,7 @@ class RemoteCheckpoints:
         try:
             self.upload_checkpoint(folder)
             self.counts["uploaded"] += 1
-            self.prune()
+            self.prune(folder.name)
             if best is not None:
                 self.upload_best(best)
         except Exception as exc:  # noqa: BLE001 - a failed upload must not stop training
@@ -214,57 +295,29 @@ class RemoteCheckpoints:
             self.upload_tree(best, "best", last="best.json")
             self._best_step = json.loads((best / "best.json").read_text()).get("step")
 
-    # -- listing, pruning, download --------------------------------------------------
+    # -- pruning, download --------------------------------------------------------------
 
-    def _listing_fs(self) -> Any:
-        """The filesystem with its listing cache dropped: s3fs keeps every folder listing it
-        made (the step folders' too, not only ``root``), which would hide what was uploaded
-        since, by this process or another node."""
-        fs = self._fs()
-        fs.invalidate_cache()
-        return fs
+    def prune(self, head: str | None = None) -> None:
+        """Keep the newest ``keep_last`` commits of ``head``'s run lineage (``head`` and the
+        commits that led to it); delete the lineage's other complete checkpoints (older ones,
+        and those a resume went back from, named) and unfinished uploads of earlier steps
+        (marker first, so that a half-deleted checkpoint is never a candidate). Other
+        lineages' checkpoints are left alone.
 
-    def complete_steps(self) -> list[str]:
-        """Names of the complete remote checkpoints, oldest first."""
-        root = self.path(CHECKPOINT_DIR)
-        fs = self._listing_fs()
-        try:
-            found = self._retry(lambda: fs.find(root, maxdepth=2))
-        except FileNotFoundError:
-            return []
-        base = fs._strip_protocol(root).rstrip("/")
-        names = set()
-        for entry in found:
-            rel = str(entry)[len(base):].strip("/")
-            head, _, tail = rel.partition("/")
-            if tail == COMPLETE and STEP_DIR.match(head):
-                names.add(head)
-        return sorted(names, key=lambda n: int(STEP_DIR.match(n).group(1)))
-
-    def all_steps(self) -> list[str]:
-        """Names of every remote ``step_`` folder, complete or not."""
-        root = self.path(CHECKPOINT_DIR)
-        fs = self._listing_fs()
-        try:
-            entries = self._retry(lambda: fs.ls(root, detail=False))
-        except FileNotFoundError:
-            return []
-        names = [os.path.basename(str(e).rstrip("/")) for e in entries]
-        return [name for name in names if STEP_DIR.match(name)]
-
-    def prune(self) -> None:
-        """Keep the newest ``keep_last`` complete remote checkpoints; delete older ones and
-        unfinished uploads older than the newest complete one (marker first, so that a
-        half-deleted checkpoint is never a candidate)."""
+        Args:
+            head: the checkpoint just uploaded (None: the one ``latest`` names).
+        """
         complete = self.complete_steps()
-        if not complete:
+        entries = self.lineages(complete)
+        head = head if head in entries else lineage_head(entries, self.latest(), self.path(CHECKPOINT_DIR))
+        if head is None:
             return
-        keep = set(complete[-self.keep_last:])
-        newest = int(STEP_DIR.match(complete[-1]).group(1))
+        doomed = set(prune_plan(entries, head, self.keep_last, self.path(CHECKPOINT_DIR)))
+        newest = int(STEP_DIR.match(head).group(1))
+        # Unfinished uploads of earlier steps are garbage; a later one may be in progress.
+        doomed |= {n for n in self.all_steps() if n not in complete and int(STEP_DIR.match(n).group(1)) < newest}
         fs = self._fs()
-        for name in self.all_steps():
-            if name in keep or int(STEP_DIR.match(name).group(1)) > newest:
-                continue
+        for name in sorted(doomed):
             remote = self.path(CHECKPOINT_DIR, name)
             if name in complete:
                 self._retry(lambda: fs.rm_file(join(remote, COMPLETE)))

@@ -18,8 +18,9 @@ from typing import Any, Iterator
 import torch
 
 from clicktower.data.storage import describe_failure
-from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, DS_MODEL_DIR, STEP_DIR, TRAINER_STATE,
-                                                         find_resume_checkpoint)
+from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, COMPLETE, DS_MODEL_DIR, TRAINER_STATE,
+                                                         find_resume_checkpoint, lineage_chain, lineage_head,
+                                                         list_checkpoints, read_lineage)
 from clicktower.launcher.engine.checkpoint.remote import RemoteCheckpoints
 from clicktower.launcher.engine.checkpoint.convert import convert_to_ddp, convert_to_universal
 from clicktower.launcher.engine.checkpoint.state import nonfinite_parameters
@@ -62,13 +63,15 @@ def resolve_resume(accelerator: Any, root: Path, setting: str, verify_checksums:
     Args:
         accelerator: the training accelerator.
         root: the run's ``checkpoints/`` folder.
-        setting: ``train.resume``: ``auto``, ``none`` or a checkpoint folder.
+        setting: ``train.resume``: ``auto``, ``none``, ``new`` or a checkpoint folder.
         verify_checksums: recompute every file's sha256 while checking.
         remote: the run's remote checkpoints (``auto`` looks there too), or None.
 
     Raises:
         FileNotFoundError: ``setting`` names a folder that is not a usable checkpoint.
-        ConfigError: the nodes found different checkpoints (no shared file system).
+        ConfigError: the nodes found different checkpoints (no shared file system);
+            ``none`` where checkpoints of an earlier run are; ``auto`` among several run
+            lineages with no ``latest`` pointer naming one.
     """
     answer = None
     if accelerator.is_local_main_process:
@@ -77,11 +80,15 @@ def resolve_resume(accelerator: Any, root: Path, setting: str, verify_checksums:
             answer = ("ok", str(found) if found is not None else None)
         except FileNotFoundError as exc:
             answer = ("missing", str(exc))
+        except ConfigError as exc:  # raised on every rank below, not only here
+            answer = ("config", str(exc))
     answers = all_gather_objects(answer, accelerator)
     leaders = [a for a in answers if a is not None]
     for kind, text in leaders:
         if kind == "missing":
             raise FileNotFoundError(text)
+        if kind == "config":
+            raise ConfigError(text)
     names = sorted({Path(text).name if text else "none" for _, text in leaders})
     if len(names) > 1:
         raise ConfigError(f"train.resume={setting}: the nodes found different checkpoints ({', '.join(names)}); "
@@ -91,16 +98,42 @@ def resolve_resume(accelerator: Any, root: Path, setting: str, verify_checksums:
     return Path(mine) if mine else None
 
 
+def _refuse_earlier_run(root: Path, remote: RemoteCheckpoints | None) -> None:
+    """``train.resume=none`` where checkpoints are: starting over there would mix two runs'
+    checkpoints in one folder (and, before lineages, prune the new run's), so it is refused."""
+    local = [p.name for p in list_checkpoints(root.parent) if (p / COMPLETE).is_file()]
+    where, names = root, local
+    if not local and remote is not None:
+        where, names = remote.path(CHECKPOINT_DIR), remote.complete_steps()
+    if names:
+        raise ConfigError(f"train.resume=none: {where} holds checkpoints of an earlier run (newest: {names[-1]}); "
+                          "continue it with train.resume=auto, start a new run beside them with train.resume=new, "
+                          "or use another train.output_dir")
+
+
 def _find(root: Path, setting: str, verify_checksums: bool, remote: RemoteCheckpoints | None) -> Path | None:
-    """Local resolution, then (``auto`` with a remote) a newer remote checkpoint, downloaded
-    and verified; a broken one is named and passed over."""
+    """Local resolution, then (``auto`` with a remote) a newer remote checkpoint of the same
+    run lineage, downloaded and verified; a broken one is named and passed over."""
+    if setting == "none":
+        _refuse_earlier_run(root, remote)
     local = find_resume_checkpoint(root.parent, setting, verify_checksums)
     if setting != "auto" or remote is None:
         return local
-    newest_local = int(STEP_DIR.match(local.name).group(1)) if local is not None else -1
-    for name in reversed(remote.complete_steps()):
-        if int(STEP_DIR.match(name).group(1)) <= newest_local:
-            break
+    entries = remote.lineages()
+    if local is not None:
+        mine = read_lineage(local)
+        newer = [n for n, lin in entries.items() if lin.id == mine.id and lin.commit > mine.commit]
+        if not newer:
+            return local
+        latest = remote.latest()
+        head = latest if latest in newer else max(newer, key=lambda n: entries[n].commit)
+    else:
+        head = lineage_head(entries, remote.latest(), remote.path(CHECKPOINT_DIR))
+        if head is None:
+            return None
+    for name in lineage_chain(entries, head):
+        if local is not None and entries[name].commit <= mine.commit:
+            break  # the local one is as new
         try:
             root.mkdir(parents=True, exist_ok=True)
             folder = remote.download(name, root, verify_checksums)
@@ -133,6 +166,7 @@ def load_checkpoint(accelerator: Any, folder: Path, root: Path) -> dict[str, Any
     acc = accelerator
     state = json.loads((folder / TRAINER_STATE).read_text())
     state.pop("remote", None)  # the uploader's counters: informative only
+    state.pop("lineage", None)  # the checkpointer's own record (``Checkpointer.resume`` reads it)
     # The saving topology is the checkpointer's own record, not part of the trainer state.
     saved = state.pop("topology", None) or {"world_size": None, "zero_stage": 0}
     now = topology(acc)

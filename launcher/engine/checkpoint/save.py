@@ -18,14 +18,15 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clicktower.data.storage import describe_failure
-from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, COMPLETE, LATEST, TRAINER_STATE, fsync_dir,
-                                                         list_checkpoints, step_dir_name, write_atomic,
-                                                         write_complete_marker)
+from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, LATEST, TRAINER_STATE, Lineage, fsync_dir,
+                                                         local_lineages, prune_plan, read_latest, read_lineage,
+                                                         step_dir_name, write_atomic, write_complete_marker)
 from clicktower.launcher.engine.checkpoint.restore import (all_gather_objects, load_checkpoint, nonfinite_weights,
                                                            resolve_resume, topology)
 from clicktower.launcher.engine.checkpoint.remote import RemoteCheckpoints
@@ -86,6 +87,40 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.remote_retries must be >= 0, got {self.remote_retries}")
 
 
+def continue_lineage(folder: Path | None, setting: str, root: Path,
+                     remote: RemoteCheckpoints | None) -> tuple[str, int | None, int]:
+    """The lineage a run continues, as (id, parent commit, next commit number): a fresh one
+    without ``folder``, else ``folder``'s, numbered after every commit of it found here or
+    remotely. A resume that goes back to an earlier commit in ``root`` points ``latest`` at it,
+    so that ``auto`` continues from there, not from the commits it left (deleted at the next
+    save, by the pruning).
+
+    Args:
+        folder: the checkpoint resumed from, or None.
+        setting: ``train.resume``.
+        root: the run's ``checkpoints/`` folder.
+        remote: the run's remote checkpoints, or None.
+    """
+    here = local_lineages(root.parent)
+    if folder is None:
+        fresh = uuid.uuid4().hex[:12]
+        if setting == "new" and here:
+            print(f"train.resume=new: new run lineage {fresh} in {root}; the {len(here)} checkpoint(s) there "
+                  "are kept, never pruned or resumed by it", flush=True)
+        return fresh, None, 1
+    lineage = read_lineage(folder)
+    known = [lin.commit for lin in here.values() if lin.id == lineage.id]
+    if remote is not None:
+        known += [lin.commit for lin in remote.lineages().values() if lin.id == lineage.id]
+    left = [name for name, lin in here.items() if lin.id == lineage.id and lin.commit > lineage.commit]
+    if left:
+        print(f"train.resume={setting}: going back to commit {lineage.commit} of run lineage {lineage.id}; its "
+              f"later checkpoint(s) {', '.join(left)} are deleted at the next save", flush=True)
+    if folder.parent.resolve() == root.resolve() and read_latest(root) != folder.name:
+        write_atomic(root / LATEST, folder.name + "\n")
+    return lineage.id, lineage.commit, max([lineage.commit, *known]) + 1
+
+
 class _PendingSave:
     """A rank's part of a save: its snapshot being written (in a thread when async).
 
@@ -142,6 +177,11 @@ class Checkpointer:
         self.last_save_time = time.monotonic()
         self.last_saved: Path | None = None
         self.pending: _PendingSave | None = None
+        # The run lineage the next save continues (rank 0's; set by ``resume``, else minted
+        # at the first save): its id, the commit it follows, and its commit number.
+        self.lineage_id: str | None = None
+        self.parent: int | None = None
+        self.next_commit = 1
         self.remote = (RemoteCheckpoints(cfg.remote_dir, cfg.keep_last, cfg.storage_options, cfg.remote_retries)
                        if cfg.remote_dir else None)
 
@@ -203,7 +243,7 @@ class Checkpointer:
         snapshot = capture_state(acc, tmp, copy=self.cfg.async_save)
         if acc.is_main_process:
             (tmp / "config.yaml").write_text(self.config_yaml, encoding="utf-8")
-            state = {**trainer_state, "step": step, "topology": topology(acc)}
+            state = {**trainer_state, "step": step, "topology": topology(acc), "lineage": self._next_lineage()}
             if self.remote is not None:
                 state["remote"] = dict(self.remote.counts)
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
@@ -249,6 +289,9 @@ class Checkpointer:
             digests = {name: entry for _, files, _ in results for name, entry in files.items()}
             write_complete_marker(pending.folder, pending.step, digests)
             if final.exists():  # a re-save of the same step after a resume
+                other = read_lineage(final)
+                if other is not None and other.id != self.lineage_id:
+                    logger.warning("replacing checkpoint %s of another run (lineage %s)", final, other.id)
                 shutil.rmtree(final)
             os.replace(pending.folder, final)
             fsync_dir(self.root)
@@ -262,10 +305,21 @@ class Checkpointer:
         acc.wait_for_everyone()
         self.last_saved = final
 
+    def _next_lineage(self) -> dict[str, Any]:
+        """The ``lineage`` record of the save being made (rank 0), and the next one's parent."""
+        if self.lineage_id is None:  # saved without ``resume`` (Python use): a fresh lineage
+            self.lineage_id = uuid.uuid4().hex[:12]
+        record = Lineage(self.lineage_id, self.next_commit, self.parent).record()
+        self.parent, self.next_commit = self.next_commit, self.next_commit + 1
+        return record
+
     def _prune(self) -> None:
-        complete = [p for p in list_checkpoints(self.root.parent) if (p / COMPLETE).is_file()]
-        for old in complete[:-self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Keep the newest ``keep_last`` commits of this run's lineage: the checkpoint just
+        committed (``latest``) and those that led to it; other lineages' are never touched."""
+        entries = local_lineages(self.root.parent)
+        head = read_latest(self.root)
+        for name in prune_plan(entries, head, self.cfg.keep_last, str(self.root)) if head in entries else []:
+            shutil.rmtree(self.root / name, ignore_errors=True)
 
     def finish(self, final: Path | None = None) -> None:
         """End of the run or a stop (collective): commit the save in flight; rank 0 uploads
@@ -294,14 +348,17 @@ class Checkpointer:
         """Resolve ``train.resume`` and restore that checkpoint (collective).
 
         Args:
-            setting: ``auto`` (the newest usable checkpoint of the run, local or remote, if
-                any), ``none``, or a checkpoint folder.
+            setting: ``auto`` (the newest usable checkpoint of the run lineage ``latest``
+                names, local or remote, if any), ``none`` (refused where checkpoints are),
+                ``new`` (a new lineage beside any checkpoints there), or a checkpoint folder.
 
         Returns:
             The trainer state saved with it (step, data position), or None for a fresh run.
 
         Raises:
-            ConfigError: ``checkpoint.remote_dir`` cannot be written (before any training).
+            ConfigError: ``checkpoint.remote_dir`` cannot be written (before any training);
+                ``none`` in a folder with checkpoints; ``auto`` among several lineages that
+                no ``latest`` pointer tells apart.
         """
         if self.remote is not None:
             problem = None
@@ -314,6 +371,8 @@ class Checkpointer:
             if problem:
                 raise ConfigError(problem)
         folder = resolve_resume(self.accelerator, self.root, setting, self.cfg.verify_checksums, self.remote)
+        if self.accelerator.is_main_process:
+            self.lineage_id, self.parent, self.next_commit = continue_lineage(folder, setting, self.root, self.remote)
         if folder is None:
             return None
         state = self.load(folder)
