@@ -18,7 +18,7 @@ PYTEST = HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PATH="$(CURDIR)/$(1)/bin:
 
 install: $(STAMP)
 
-$(STAMP): setup.py $(LOCK)
+$(STAMP): setup.py launcher/_rootguard.py $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -c $(LOCK) -e ".[test]"

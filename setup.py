@@ -4,11 +4,58 @@ The four top-level code folders install as subpackages of one import name
 (``clicktower.launcher``, ``clicktower.modeling``, ``clicktower.data``,
 ``clicktower.kernels``), so no bare ``data`` module lands in site-packages.
 """
-from setuptools import find_packages, setup
+import os
+
+from setuptools import Command, find_packages, setup
+from setuptools.command.build import build
+
 
 SUBPACKAGES = ("launcher", "modeling", "data", "kernels")
 # Each folder with its own sub-packages (launcher.commands, launcher.engine, launcher.retrieval).
 PACKAGES = [name for p in SUBPACKAGES for name in [f"clicktower.{p}"] + [f"clicktower.{p}.{sub}" for sub in find_packages(p)]]
+
+
+
+class build_rootguard(Command):
+    """Install launcher/_rootguard.py as a top-level module plus the .pth line that runs it.
+
+    It keeps the repository root, on sys.path when Python starts there, from shadowing the PyPI
+    packages named like the code folders (``kernels``: transformers >= 5.25 imports it). A
+    build sub-command, so that wheels and editable installs (PEP 660) both carry the two files.
+    """
+
+    description = "write the root guard's module and .pth"
+    user_options = []
+    FILES = {"_clicktower_rootguard.py": None, "clicktower-rootguard.pth": "import _clicktower_rootguard; _clicktower_rootguard.install()\n"}
+
+    def initialize_options(self):
+        self.build_lib = None
+        self.editable_mode = False
+
+    def finalize_options(self):
+        self.set_undefined_options("build", ("build_lib", "build_lib"))
+
+    def _target(self):
+        # An editable wheel is assembled from install_lib; build_lib is thrown away there.
+        return self.get_finalized_command("install").install_lib if self.editable_mode else self.build_lib
+
+    def run(self):
+        os.makedirs(self._target(), exist_ok=True)
+        with open(os.path.join("launcher", "_rootguard.py")) as source:
+            module = source.read()
+        for name, text in self.FILES.items():
+            with open(os.path.join(self._target(), name), "w") as out:
+                out.write(module if text is None else text)
+
+    def get_outputs(self):
+        return [] if self.editable_mode else [os.path.join(self.build_lib, name) for name in self.FILES]
+
+    def get_output_mapping(self):
+        return {}
+
+
+class build_with_rootguard(build):
+    sub_commands = build.sub_commands + [("build_rootguard", None)]
 
 setup(
     name="clicktower",
@@ -53,5 +100,6 @@ setup(
                  "boto3==1.43.117", "botocore==1.43.117", "aiobotocore==3.10.0", "s3fs==2026.9.0",
                  "fsspec==2026.9.0", "aiohttp>=3.8", "tensorboard>=2.10", "wandb>=0.15"],
     },
+    cmdclass={"build": build_with_rootguard, "build_rootguard": build_rootguard},
     entry_points={"console_scripts": ["clicktower=clicktower.launcher.cli:main"]},
 )

@@ -5,11 +5,6 @@ spawned shard-writer process) does not import torch.
 """
 from __future__ import annotations
 
-if __name__ == "data":  # imported by its bare name from the repository root: see kernels/_shadow.py
-    from clicktower.kernels._shadow import step_aside
-
-    step_aside(__name__, __path__[0])  # the rest of this file only defines names
-
 _EXPORTS = {
     "ClickPairLoader": "clicktower.data.loader",
     "DataConfig": "clicktower.data.loader",

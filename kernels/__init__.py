@@ -1,19 +1,14 @@
 """clicktower.kernels: fused, memory-lean loss kernels (plain PyTorch, CPU and CUDA)."""
-if __name__ == "kernels":  # imported by its bare name from the repository root: see _shadow.py
-    from clicktower.kernels._shadow import step_aside
-
-    step_aside(__name__, __path__[0])
-else:
-    from .collectives import all_reduce_sum, distributed_world, gather_sizes, gather_with_grad
-    from .contrastive import (
-        DEFAULT_BLOCK_SIZE,
-        contrastive_logsumexp,
-        fused_contrastive_loss,
-        fused_symmetric_contrastive_loss,
-        paired_logsumexp,
-        positive_logits,
-        symmetric_logsumexp,
-    )
+from .collectives import all_reduce_sum, distributed_world, gather_sizes, gather_with_grad
+from .contrastive import (
+    DEFAULT_BLOCK_SIZE,
+    contrastive_logsumexp,
+    fused_contrastive_loss,
+    fused_symmetric_contrastive_loss,
+    paired_logsumexp,
+    positive_logits,
+    symmetric_logsumexp,
+)
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",

@@ -1,5 +1,1 @@
 """clicktower.launcher."""
-if __name__ == "launcher":  # imported by its bare name from the repository root: see kernels/_shadow.py
-    from clicktower.kernels._shadow import step_aside
-
-    step_aside(__name__, __path__[0])

@@ -17,27 +17,28 @@ from conftest import REPO, clicktower, run
 pytestmark = pytest.mark.e2e
 
 PROBE = """
-import importlib, json, sys
+import importlib, importlib.util, json, sys
+spec = importlib.util.find_spec(sys.argv[1])
+found = {"spec": None if spec is None else [spec.origin, list(spec.submodule_search_locations or [])]}
 try:
     module = importlib.import_module(sys.argv[1])
 except ModuleNotFoundError as exc:
-    print(json.dumps({"missing": str(exc)}))
+    found["missing"] = str(exc)
 else:
-    print(json.dumps({"file": getattr(module, "__file__", None), "path": list(getattr(module, "__path__", []))}))
+    found["file"] = getattr(module, "__file__", None)
+print(json.dumps(found))
 """
+FOLDERS = ("kernels", "data", "modeling", "launcher")
 
 
-def _resolve(name: str) -> dict:
-    result = run([sys.executable, "-c", PROBE, name], cwd=REPO)
+def _resolve(name: str, cwd=REPO) -> dict:
+    result = run([sys.executable, "-c", PROBE, name], cwd=cwd)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _outside_repo(places: list) -> bool:
-    return all(p and not str(p).startswith(f"{REPO}/{name}") for p in places for name in FOLDERS)
-
-
-FOLDERS = ("kernels", "data", "modeling", "launcher")
+def _outside(root, places: list) -> bool:
+    return all(p and not str(p).startswith(f"{root}/{name}") for p in places for name in FOLDERS)
 
 
 def test_installed_kernels_package_wins_over_the_root_folder():
@@ -48,7 +49,8 @@ def test_installed_kernels_package_wins_over_the_root_folder():
     assert Version(transformers.__version__) >= Version("5.25"), "the lock should test transformers >= 5.25"
     found = _resolve("kernels")
     assert "missing" not in found
-    assert "site-packages" in found["file"] and _outside_repo([found["file"], *found["path"]])
+    origin, locations = found["spec"]  # the finder itself, not only the import, skips the folder
+    assert "site-packages" in origin and found["file"] == origin and _outside(REPO, [origin, *locations])
     # And transformers' own use of it, from the root.
     result = run([sys.executable, "-c", "import kernels, transformers.integrations.hub_kernels"], cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -57,9 +59,30 @@ def test_installed_kernels_package_wins_over_the_root_folder():
 @pytest.mark.parametrize("name", ["data", "modeling", "launcher"])
 def test_bare_folder_names_resolve_to_nothing_from_the_root(name):
     found = _resolve(name)
-    # No PyPI package of that name is installed here: the bare import fails as if this
-    # repository were not on sys.path, and names the real import.
-    assert found.get("missing", "").startswith(f"No module named '{name}'") and f"clicktower.{name}" in found["missing"]
+    # No PyPI package of that name is installed here: nothing is found, as if this repository
+    # were not on sys.path.
+    assert found["spec"] is None
+    assert found["missing"] == f"No module named '{name}'"
+
+
+def test_the_guard_hides_only_a_checkout_and_only_the_code_folders(tmp_path):
+    """The installed path hook (launcher/_rootguard.py) keys on a checkout, not on a name."""
+    for root, marked in ((tmp_path / "checkout", True), (tmp_path / "other", False)):
+        for name in ("data", "tests"):
+            (root / name).mkdir(parents=True)
+            (root / name / "__init__.py").write_text("")
+        (root / "launcher").mkdir()
+        if marked:
+            (root / "launcher" / "_rootguard.py").write_text("")
+        assert (_resolve("data", cwd=root)["spec"] is None) == marked
+        assert _resolve("tests", cwd=root)["spec"][0] == str(root / "tests" / "__init__.py")
+
+
+def test_installed_guard_is_this_checkouts():
+    """An edit to launcher/_rootguard.py needs a reinstall (make install does it): catch a stale copy."""
+    import _clicktower_rootguard
+
+    assert open(_clicktower_rootguard.__file__).read() == (REPO / "launcher" / "_rootguard.py").read_text()
 
 
 def test_python_m_entry_points_start_from_the_root():
