@@ -13,8 +13,7 @@ import json
 import sys
 
 from clicktower.launcher.errors import run_cli
-from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE
-from clicktower.launcher.retrieval.mining import mine
+from clicktower.launcher.retrieval.defaults import EMBED_BATCH_SIZE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, help="samples per output shard (default: the input's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output shard folder")
     args = parser.parse_args(argv)
+    # Imported after parsing: --help and usage errors need neither torch nor transformers.
+    from clicktower.launcher.retrieval.mining import mine
+
     summary = mine(args.model, args.manifest, args.out, args.catalog, tuple(args.ranks), args.margin,
                    args.negatives, args.keep_existing, args.batch_size, args.shard_size, args.overwrite,
                    relative_margin=args.relative_margin, sample=args.sample, seed=args.seed,

@@ -12,9 +12,6 @@ import argparse
 import os
 import sys
 
-from clicktower.launcher.engine.config import load_config
-from clicktower.launcher.engine.preemption import EXIT_PREEMPTED, Preempted
-from clicktower.launcher.engine.training import train
 from clicktower.launcher.errors import run_cli
 
 
@@ -38,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         argv: the command's arguments (default: ``sys.argv[1:]``).
     """
     config_path, overrides = parse_args(argv)
+    # Imported after parsing: --help and usage errors need neither torch nor transformers.
+    from clicktower.launcher.engine.config import load_config
+    from clicktower.launcher.engine.preemption import EXIT_PREEMPTED, Preempted
+    from clicktower.launcher.engine.training import train
+
     cfg = load_config(config_path, overrides)
     # One line per job, not per rank (the launcher sets RANK for every worker).
     main_rank = os.environ.get("RANK", "0") == "0"
