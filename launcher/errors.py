@@ -36,14 +36,16 @@ _NOISE = (
 
 
 class _DropRecords(logging.Filter):
-    """Drops the log records whose message starts with ``prefix`` (one logger's, nothing else)."""
+    """Drops the log records whose message starts with ``prefix`` (one logger's, nothing else;
+    accelerate's multi-process logger may put ``[RANK n] `` before it)."""
 
     def __init__(self, prefix: str):
         super().__init__()
         self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
+        msg = str(record.msg)
+        return not (msg.startswith(self.prefix) or msg.startswith("[RANK ") and self.prefix in msg[:32 + len(self.prefix)])
 
 
 def _quiet_libraries() -> None:
