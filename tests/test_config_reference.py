@@ -140,3 +140,5 @@ def test_help_imports_neither_torch_nor_transformers():
                               text=True, timeout=120, cwd=Path(REPO).parent)
         assert "usage: clicktower" in done.stdout, (args, done.stderr[-2000:])
         assert json.loads(done.stderr.strip().splitlines()[-1]) == [], args
+        if args[0] == "train":   # where a user looks first for the keys
+            assert "clicktower config" in done.stdout

@@ -21,7 +21,10 @@ def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
     Args:
         argv: the command's arguments (default: ``sys.argv[1:]``).
     """
-    parser = argparse.ArgumentParser(prog="clicktower train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="clicktower train", description=__doc__.split("\n\n")[0],
+                                     epilog="Every config key with its type, default and meaning: clicktower config "
+                                            "(or docs/config.md); the values a run would use: clicktower config "
+                                            "--config FILE [overrides].")
     parser.add_argument("--config", required=True, help="experiment YAML file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=20")
     args = parser.parse_args(argv)
