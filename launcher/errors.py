@@ -25,7 +25,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
             PermissionError)
 
 
-# Library log records dropped by ``_quiet_libraries``: (logger, message start, why it is noise).
+# Library log records dropped by ``_quiet_libraries``: (logger, message start), each with why.
 _NOISE = (
     # Every checkpoint save of shared towers (one encoder under two names): accelerate lists
     # each of the ~100 aliased tensor names (~5.5 KB); the aliases are restored on load.
@@ -45,7 +45,9 @@ class _DropRecords(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = str(record.msg)
-        return not (msg.startswith(self.prefix) or msg.startswith("[RANK ") and self.prefix in msg[:32 + len(self.prefix)])
+        if msg.startswith("[RANK "):
+            msg = msg.partition("] ")[2]
+        return not msg.startswith(self.prefix)
 
 
 def _quiet_libraries() -> None:

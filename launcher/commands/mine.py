@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_existing and args.existing not in (None, "merge"):
         parser.error("--keep-existing is --existing merge")
     summary = mine(args.model, args.manifest, args.out, args.catalog, tuple(args.ranks), args.margin,
-                   args.negatives, "merge" if args.keep_existing else args.existing, args.batch_size, args.shard_size, args.overwrite,
+                   args.negatives, "merge" if args.keep_existing else args.existing, args.batch_size,
+                   args.shard_size, args.overwrite,
                    relative_margin=args.relative_margin, sample=args.sample, seed=args.seed,
                    exclude_ids_field=args.exclude_ids_field, variant_key=args.variant_key,
                    features_field=args.features_field)
