@@ -38,8 +38,9 @@ def check_vector(value: Any, dim: int | None = None) -> np.ndarray:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
-            raise BadFeatures(f"not a JSON list of numbers: {short_repr(value)}") from None
+        except json.JSONDecodeError as exc:
+            raise BadFeatures(f"not a JSON list of numbers ({exc.msg} at column {exc.colno}): "
+                              f"{short_repr(value)}") from None
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "fiu" or value.ndim != 1:
             raise BadFeatures(f"expected a 1-D numeric vector, got a {value.ndim}-D {value.dtype} array")

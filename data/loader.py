@@ -315,7 +315,7 @@ def _load_manifests(manifest: str | dict | Sequence[str | dict], cfg: DataConfig
                          f"with one mix weight each, in the same order")
     on_missing = "raise" if cfg.on_error == "raise" else "skip"
     loaded = []
-    for m in manifests:
+    for i, m in enumerate(manifests):
         if isinstance(m, dict) and isinstance(m.get("shards"), ShardTable):
             # Checked already under this policy or "raise": used as is (checking again
             # would look at every shard a second time). Unchecked (check_files=False), or
@@ -330,7 +330,11 @@ def _load_manifests(manifest: str | dict | Sequence[str | dict], cfg: DataConfig
             if "path" not in m:
                 raise ValueError("a manifest dict must come from load_manifest")
             m = m["path"]
-        loaded.append((load_manifest(m, check_files=False, storage=storage), True))
+        try:
+            loaded.append((load_manifest(m, check_files=False, storage=storage), True))
+        except DataError as exc:   # name the key that gave the path: the fix goes there
+            key = "data.train_manifest" if cfg.mix is None else f"data.mix[{i}].manifest"
+            raise DataError(f"{key}: {exc}") from None
     found = None
     if broadcast_object is None or rank == 0:
         found = [_check_files(m, storage) if todo else None for m, todo in loaded]
@@ -434,6 +438,8 @@ class ClickPairLoader:
         storage = Storage(cfg.storage_options, cfg.max_retries)
         loaded = _load_manifests(manifest, cfg, storage, rank.rank, broadcast_object)
         self.cfg, self.manifest = cfg, loaded[0]
+        # The sample fields each manifest declares, in order (what a run can use: teacher scores...).
+        self.manifest_fields = [list(m.get("fields") or ()) for m in loaded]
         self._sources = [Source(m, storage) for m in loaded]
         _warn_damage(self._sources)
         self.batch_size, self.rank, self.world_size = batch_size, rank.rank, rank.world_size

@@ -236,7 +236,9 @@ def read_manifest_json(path: str, storage: Storage, compact: bool = False) -> tu
     folder = not is_url(path) and os.path.isdir(path)
     try:
         raw = storage.read_bytes(manifest_path)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        if "bucket" in str(exc).lower():   # the store's own words: the bucket, not the file, is missing
+            raise DataError(f"no such file: {exc.strerror or exc.args[0]}", source=manifest_path) from None
         raise DataError("no such file" if not folder else
                         f"no {MANIFEST_NAME} (not a shard directory, or still being written)",
                         source=manifest_path if not folder else path) from None

@@ -137,6 +137,18 @@ def check_appendable(existing: dict, field_map: dict, gzip: bool, gzip_block: in
                         f"{bool(existing.get('gzip'))}, gzip_block={existing.get('gzip_block')}")
 
 
+def check_new_sources(existing: dict, inputs: list[str], out_dir: str) -> None:
+    """Raise a DataError when an input is already among the ``sources`` of the shard set
+    being appended to (the same path as given, or the same file)."""
+    listed = existing.get("sources") or []
+    same = {os.path.abspath(s) for s in listed if not is_url(s)} | set(listed)
+    for path in inputs:
+        if path in same or not is_url(path) and os.path.abspath(path) in same:
+            raise DataError(f"cannot append {path}: the shard set already holds it (its manifest's sources "
+                            f"list it), so its pairs would be read twice per epoch; pass --force to append "
+                            f"it again anyway", source=out_dir)
+
+
 def check_out(out_dir: str, inputs: list[str], overwrite: bool, storage: Storage) -> None:
     """Raise a DataError unless ``write_shards`` may write a new shard set to ``out_dir``."""
     if not is_url(out_dir):

@@ -455,7 +455,8 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
                  max_shard_bytes: int | None = None, gzip: bool = False,
                  gzip_block: int = DEFAULT_GZIP_BLOCK,
                  split_bytes: int = DEFAULT_SPLIT_BYTES, append: bool = False,
-                 storage: Storage | None = None, features_file: tuple[str, str] | None = None) -> dict:
+                 storage: Storage | None = None, features_file: tuple[str, str] | None = None,
+                 force: bool = False) -> dict:
     """Convert click-log inputs into indexed WebDataset tar shards plus ``manifest.json``.
 
     Args:
@@ -488,6 +489,7 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
         features_file: ``(matrix.npy, ids.txt)``: item feature vectors kept apart from the
             inputs, row i of the matrix belonging to the item id on line i; samples and hard
             negatives get the vector of their item id (exclusive with ``field_map.features``).
+        force: ``append`` also inputs the manifest's ``sources`` list (else refused: read twice).
 
     Returns:
         The manifest, as written: ``{"format", "version", "num_samples", "fields",
@@ -514,6 +516,7 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
     previous = outputs.existing_manifest(out_dir, storage) if append else None
     if previous is not None:
         outputs.check_appendable(previous, field_map.to_dict(), gzip, gzip_block)
+        outputs.check_new_sources(previous, [] if force else inputs, out_dir)
     else:
         outputs.check_out(out_dir, inputs, overwrite, storage)
     # Fail fast: every input exists, is readable and has the mapped fields before any shard

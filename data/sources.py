@@ -767,7 +767,7 @@ def _hard_negatives(value: Any, name: str, at: _Row) -> list[dict]:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise at.error(name, f"not a JSON list of {{item_id, item_text}} objects "
-                                 f"({exc.msg}): {short_repr(value)}") from None
+                                 f"({exc.msg} at column {exc.colno} of the value): {short_repr(value)}") from None
     if not isinstance(value, (list, tuple)):
         raise at.error(name, f"expected a list of {{item_id, item_text}} objects, got "
                              f"{type(value).__name__}")
@@ -913,6 +913,8 @@ def _add_exclusions_and_teacher(sample: dict, record: Mapping[str, Any], fm: Fie
         sample["exclude_ids"] = [_item_id(v, f"{fm.exclude_ids}[{i}]", at) for i, v in enumerate(value)]
     if fm.teacher_scores is not None:
         value = _get(record, fm.teacher_scores, at)
+        if value is None:  # present but null: this sample has no teacher scores (the loss skips it)
+            return
         if isinstance(value, str):
             value = _json_list(value, fm.teacher_scores, "numbers", at)
         if hasattr(value, "tolist"):
@@ -931,4 +933,5 @@ def _json_list(value: str, name: str, what: str, at: _Row) -> Any:
     try:
         return json.loads(value)
     except json.JSONDecodeError as exc:
-        raise at.error(name, f"not a JSON list of {what} ({exc.msg}): {short_repr(value)}") from None
+        raise at.error(name, f"not a JSON list of {what} ({exc.msg} at column {exc.colno} of the value): "
+                             f"{short_repr(value)}") from None

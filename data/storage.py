@@ -238,6 +238,9 @@ class Storage:
                 raise
             except Exception as exc:   # noqa: BLE001 - every store library has its own types
                 if attempt == self.max_retries or not is_transient(exc):
+                    if isinstance(exc, OSError) and exc.filename is None and type(exc).__module__ == "builtins":
+                        # s3fs's "The specified bucket does not exist" names no URL: add it.
+                        raise type(exc)(exc.errno, exc.strerror or str(exc), url) from exc
                     raise
                 self.stats.add(retries=1)
                 wait = min(self.backoff_s * 2 ** attempt, _MAX_WAIT_S)

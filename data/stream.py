@@ -189,6 +189,7 @@ class _Worker:
         self.readers = [BlockReader(s, self.storage, cache) for s in stream.sources]
         self.errors: dict[str, int] = {}   # since the last batch (sent with it)
         self.logged: dict[str, int] = {}
+        self.last: dict[str, str] = {}   # the latest message of each reason (to name a whole batch's cause)
         self.recent: OrderedDict[tuple, None] = OrderedDict()
         self.recent_limit = max(4 * stream.segment.window, 4096)
         self.bytes_used = 0
@@ -211,6 +212,7 @@ class _Worker:
         where = f"sample {key!r}: " if key else ""
         self.errors[reason] = self.errors.get(reason, 0) + 1
         n = self.logged[reason] = self.logged.get(reason, 0) + 1   # since the worker started
+        self.last[reason] = f"{where}{message}"
         if self.stream.on_error == "raise":
             raise DataError(f"{where}{message} (data.on_error=raise; 'skip' skips and counts)",
                             source=path)
@@ -256,6 +258,17 @@ class _Worker:
 
     def close(self) -> None:
         self.storage.close()
+
+
+def _empty_batch_error(j: int, rank: int, state: _Worker) -> str:
+    """Why batch ``j`` has no good sample, naming the fix: a config key when every sample
+    failed the model's vector length (a wrong ``model.item_features_dim``, not damage)."""
+    if set(state.errors) == {"bad_features"} and "model.item_features_dim" in state.last["bad_features"]:
+        return (f"every sample of batch {j} on rank {rank} has a feature vector of another length than "
+                f"model.item_features_dim, e.g. {state.last['bad_features']}: set model.item_features_dim "
+                f"to the length of the shards' vectors")
+    return (f"every sample of batch {j} on rank {rank} is bad (see the warnings above); re-shard the "
+            f"damaged shards or raise data.shuffle_buffer")
 
 
 def _runs(src: np.ndarray, shards: np.ndarray, samples: np.ndarray) -> list[tuple[int, int, int, int]]:
@@ -367,9 +380,7 @@ class RankStream(IterableDataset):
             if not samples:
                 # Only dense damage gets here (sparse bad samples just shorten a batch): an
                 # empty batch would desynchronise DDP, so stop instead.
-                return {"__error__": f"every sample of batch {j} on rank {self.rank} is bad "
-                                     f"(see the warnings above); re-shard the damaged shards "
-                                     f"or raise data.shuffle_buffer"}
+                return {"__error__": _empty_batch_error(j, self.rank, state)}
             batch = self.collate(samples)
             batch.counts.update(state.counts())
             out.append(batch)

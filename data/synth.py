@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clicktower.data.errors import DataError
+
 # Attribute pools: canonical catalog spelling -> what shoppers type instead.
 COLOURS = {
     "Black": ["black"], "White": ["white"], "Gray": ["grey", "gray"], "Navy Blue": ["navy", "dark blue"],
@@ -298,14 +300,19 @@ def generate(out_dir: str | Path, num_pairs: int, seed: int = 0, num_items: int 
     Returns:
         Counts of what was written.
     """
+    # DataErrors (ValueErrors): the CLI prints them as one line with exit status 2.
     if num_pairs < 1:
-        raise ValueError(f"--pairs must be >= 1, got {num_pairs}")
+        raise DataError(f"--pairs must be >= 1, got {num_pairs}")
     if image_features is not None and image_features < 1:
-        raise ValueError(f"--image-features must be >= 1, got {image_features}")
+        raise DataError(f"--image-features must be >= 1, got {image_features}")
+    if num_items is not None and num_items < 1:
+        raise DataError(f"--items must be >= 1, got {num_items}")
     rng = random.Random(seed)
+    catalog = "--items" if num_items else f"by default max(240, min(5000, --pairs / 10)) for --pairs {num_pairs}"
     num_items = num_items or max(240, min(5000, num_pairs // 10))
     if not 0 <= cold_items < num_items:
-        raise ValueError(f"--cold-items must be in [0, {num_items}) (the catalog size), got {cold_items}")
+        raise DataError(f"--cold-items must be in [0, {num_items}): fewer than the catalog's {num_items} products "
+                        f"({catalog}), got {cold_items}; lower --cold-items or raise --items")
     num_eval_queries = num_eval_queries if num_eval_queries is not None else min(300, max(20, num_pairs // 20))
     products = build_catalog(rng, num_items)
     vectors = add_image_features(products, image_features, seed) if image_features else None

@@ -3,6 +3,7 @@
     clicktower synth --out data/synth --pairs 20000 --seed 0
     clicktower shard data/synth/train.jsonl --out data/shards
     clicktower train --config configs/demo.yaml train.max_steps=100
+    clicktower config --config configs/demo.yaml
     clicktower eval --model runs/demo/final --queries data/synth/eval.jsonl --catalog data/synth/catalog.jsonl
     clicktower embed --model runs/demo/final --catalog data/synth/catalog.jsonl --out runs/demo/index
     clicktower search --index runs/demo/index "cordless drill"
@@ -18,11 +19,13 @@ import sys
 from clicktower.launcher.errors import USAGE_ERROR, run_cli
 
 # Subcommand -> help line. Each is the module ``clicktower.launcher.commands.<name>`` with a
-# ``main(argv)``, imported lazily so that ``clicktower synth`` does not pay for torch and transformers.
+# ``main(argv)``, imported lazily; each imports torch and transformers only after parsing its
+# arguments, so that ``--help`` and argument errors come at once (tests/test_cli_help.py).
 COMMANDS = {
     "synth": "generate synthetic click logs",
     "shard": "convert click logs into WebDataset shards",
     "train": "train a two-tower model from a YAML config",
+    "config": "every config key with its type, default and meaning (or a config's values)",
     "eval": "retrieval metrics of a model over a catalog",
     "embed": "embed a catalog on every rank and build a FAISS index",
     "search": "top items of an index for a query",

@@ -47,7 +47,8 @@ class LossConfig:
             scores (``clicktower shard --teacher-field``) add ``distill_weight`` x KL(teacher
             softmax || student softmax) over their positive and their own hard negatives
             (``data.hard_negatives_per_query``), weighted and averaged like the contrastive
-            term.
+            term. A run whose data carries no teacher scores, or that reads no hard negatives,
+            is refused rather than trained without the term.
         distill_temperature: the teacher's temperature: its softmax is over
             ``score / distill_temperature`` (the student's is over its own scaled logits).
     """

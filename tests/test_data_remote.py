@@ -219,10 +219,10 @@ def test_cli_missing_bucket_or_manifest_and_append(s3, synth_dir, tmp_path):
                             f"train.output_dir={tmp_path / 'run'}", env=env, timeout=300)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, result.stderr
-        assert len(lines) == 1 and lines[0].startswith("clicktower: error: s3://") and \
+        assert len(lines) == 1 and lines[0].startswith("clicktower: error: data.train_manifest: s3://") and \
             "no such file" in lines[0], lines
     src = str(synth_dir / "train.jsonl")
-    for extra in ([], ["--append"]):
+    for extra in ([], ["--append", "--force"]):  # the same file twice: forced
         result = clicktower("shard", src, "--out", "s3://clicks/cli", "--shard-size", "700", *extra,
                             env=env, timeout=300)
         assert result.returncode == 0, result.stderr

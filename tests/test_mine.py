@@ -237,3 +237,60 @@ def test_mine_cli_positive_aware_flags(tiny_model, shard_dir, synth_dir, tmp_pat
     bad = clicktower("mine", "--model", str(tiny_model), "--manifest", str(shard_dir), "--out",
                      str(tmp_path / "c"), "--variant-key", "(")
     assert bad.returncode == 2 and "--variant-key" in bad.stderr
+
+
+def _own_negatives_input(synth_dir, folder) -> str:
+    """40 synthetic pairs as shards: the even ones with 2 hard negatives and 3 teacher scores,
+    the odd ones with none and 1 teacher score (the positive's)."""
+    from clicktower.data.shards import write_shards
+    from clicktower.data.sources import FieldMap
+
+    rows = [json.loads(line) for line in (synth_dir / "train.jsonl").read_text("utf-8").splitlines()[:40]]
+    catalog = [json.loads(line) for line in (synth_dir / "catalog.jsonl").read_text("utf-8").splitlines()]
+    for i, row in enumerate(rows):
+        negs = [c for c in catalog if c["item_id"] != row["item_id"]][i: i + 2] if i % 2 == 0 else []
+        row["hard_negatives"] = [{"item_id": c["item_id"], "item_text": c["item_text"]} for c in negs]
+        row["teacher_scores"] = [9.0] + [1.0 + j for j in range(len(negs))]
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+    write_shards([str(folder / "train.jsonl")], str(folder / "shards"),
+                 FieldMap(hard_negatives="hard_negatives", teacher_scores="teacher_scores"), shard_size=100)
+    return str(folder / "shards")
+
+
+@pytest.mark.unit
+def test_mine_refuses_existing_negatives_unless_told_keep_merge_or_replace(tiny_model, synth_dir, tmp_path, capsys,
+                                                                            caplog):
+    """Input with its own hard negatives and teacher scores: refused in one line without
+    --existing (before the model loads); keep / merge / replace each do and say what they say."""
+    from clicktower.launcher.cli import main as clicktower_main
+    from clicktower.launcher.retrieval.mining import mine
+
+    shards = _own_negatives_input(synth_dir, tmp_path / "in")
+    source = {s["__key__"]: s for shard in load_manifest(shards)["shards"] for s in iter_shard(shard["path"])}
+    assert clicktower_main(["mine", "--model", "no/such-model", "--manifest", shards, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "20 of 40 samples have hard negatives and 40 teacher scores already" in err[0]
+    assert "--existing (keep:" in err[0] and not (tmp_path / "x").exists()
+
+    out = {}
+    for policy in ("keep", "merge", "replace"):
+        caplog.clear()
+        summary = mine(str(tiny_model), shards, str(tmp_path / policy), str(synth_dir / "catalog.jsonl"),
+                       ranks=(2, 40), margin=-2, negatives=3, existing=policy)
+        assert f"mine --existing {policy}: 20 of 40 samples" in caplog.text
+        assert summary["existing"] == policy and summary["samples_with_hard_negatives"] == 20
+        out[policy] = {s["__key__"]: s for shard in load_manifest(str(tmp_path / policy))["shards"]
+                       for s in iter_shard(shard["path"])}
+    for key, s in source.items():
+        own = [n["item_id"] for n in s["hard_negatives"]]
+        kept, merged, replaced = (out[p][key] for p in ("keep", "merge", "replace"))
+        if own:   # keep: untouched, teacher scores included; merge: own first; neither keeps scores
+            assert [n["item_id"] for n in kept["hard_negatives"]] == own
+            assert kept["teacher_scores"] == s["teacher_scores"]
+            assert [n["item_id"] for n in merged["hard_negatives"]][:2] == own
+            assert len(merged["hard_negatives"]) > 2
+        else:
+            assert "teacher_scores" not in kept and kept["hard_negatives"]
+        assert "teacher_scores" not in merged and "teacher_scores" not in replaced
+        assert len(replaced["hard_negatives"]) <= 3

@@ -14,13 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from clicktower.data.shards import write_shards
-from clicktower.data.sources import FieldMap
-from clicktower.data.synth import generate
-from clicktower.launcher.engine.config import load_config
-from clicktower.launcher.engine.training import train
 from clicktower.launcher.errors import run_cli
-from clicktower.launcher.retrieval.evaluation import evaluate
 
 METRICS = ("recall@10", "recall@100", "mrr@10", "ndcg@10")
 # Products of the demo's 2,000 that no training pair clicks: the cold-start rows of its table.
@@ -37,6 +31,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="products kept out of every training pair (cold start), still in the catalog")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     args = parser.parse_args(argv)
+    # Imported after parsing: --help and usage errors need neither torch nor transformers.
+    from clicktower.data.shards import write_shards
+    from clicktower.data.sources import FieldMap
+    from clicktower.data.synth import generate
+    from clicktower.launcher.engine.config import load_config
+    from clicktower.launcher.engine.training import train
+    from clicktower.launcher.retrieval.evaluation import evaluate
+
     out = Path(args.out)
     started = time.perf_counter()
 

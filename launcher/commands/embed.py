@@ -13,8 +13,7 @@ import json
 import sys
 
 from clicktower.launcher.errors import run_cli
-from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE
-from clicktower.launcher.retrieval.faiss_index import embed_catalog
+from clicktower.launcher.retrieval.defaults import EMBED_BATCH_SIZE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features-field", default="features",
                         help="catalog field of the item feature vectors (read when the model fuses them)")
     args = parser.parse_args(argv)
+    # Imported after parsing: --help and usage errors need neither torch nor transformers.
+    from clicktower.launcher.retrieval.faiss_index import embed_catalog
+
     meta = embed_catalog(args.model, args.catalog, args.out, args.index, args.batch_size,
                          features_field=args.features_field)
     if meta is not None:

@@ -12,9 +12,7 @@ import json
 import sys
 
 from clicktower.launcher.errors import run_cli
-from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE
-from clicktower.launcher.retrieval.evaluation import evaluate
-from clicktower.launcher.retrieval.metrics import MIN_RELEVANCE
+from clicktower.launcher.retrieval.defaults import EMBED_BATCH_SIZE, MIN_RELEVANCE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="training shard set: also report cold/<metric> (queries whose relevant items "
                              "were never a positive in M) and warm/<metric>")
     args = parser.parse_args(argv)
+    # Imported after parsing: --help and usage errors need neither torch nor transformers.
+    from clicktower.launcher.retrieval.evaluation import evaluate
+
     summary = evaluate(args.model, args.queries, args.catalog, args.min_relevance, args.batch_size,
                        args.mode, args.per_query, args.features_field, args.train_manifest, args.on_error)
     print(json.dumps(summary), flush=True)

@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 
-from clicktower.launcher.engine.export import export
 from clicktower.launcher.errors import run_cli
 
 
@@ -28,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="checkpoint folder (any ZeRO stage) or final/ folder")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
+    # Imported after parsing: --help and usage errors need neither torch nor transformers.
+    from clicktower.launcher.engine.export import export
+
     print(json.dumps(export(args.checkpoint, args.out)), flush=True)
     return 0
 

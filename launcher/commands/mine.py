@@ -13,8 +13,7 @@ import json
 import sys
 
 from clicktower.launcher.errors import run_cli
-from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE
-from clicktower.launcher.retrieval.mining import mine
+from clicktower.launcher.retrieval.defaults import EMBED_BATCH_SIZE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,13 +47,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="catalog field of the item feature vectors (read when the model fuses them; "
                              "mined negatives carry their vectors)")
     parser.add_argument("--negatives", type=int, default=5, help="hard negatives per sample")
-    parser.add_argument("--keep-existing", action="store_true", help="keep the samples' own hard negatives first")
+    parser.add_argument("--existing", choices=("keep", "merge", "replace"), default=None,
+                        help="input samples that already have hard negatives or teacher scores: keep them "
+                             "as they are (only the others get mined ones), merge (theirs first, then "
+                             "mined; teacher scores dropped) or replace (mined only); without this flag "
+                             "such input is refused")
+    parser.add_argument("--keep-existing", action="store_true", help="the same as --existing merge")
     parser.add_argument("--batch-size", type=int, default=EMBED_BATCH_SIZE, help="texts per forward pass")
     parser.add_argument("--shard-size", type=int, help="samples per output shard (default: the input's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output shard folder")
     args = parser.parse_args(argv)
+    # Imported after parsing: --help and usage errors need neither torch nor transformers.
+    from clicktower.launcher.retrieval.mining import mine
+
+    if args.keep_existing and args.existing not in (None, "merge"):
+        parser.error("--keep-existing is --existing merge")
     summary = mine(args.model, args.manifest, args.out, args.catalog, tuple(args.ranks), args.margin,
-                   args.negatives, args.keep_existing, args.batch_size, args.shard_size, args.overwrite,
+                   args.negatives, "merge" if args.keep_existing else args.existing, args.batch_size,
+                   args.shard_size, args.overwrite,
                    relative_margin=args.relative_margin, sample=args.sample, seed=args.seed,
                    exclude_ids_field=args.exclude_ids_field, variant_key=args.variant_key,
                    features_field=args.features_field)

@@ -9,7 +9,6 @@ import json
 import sys
 
 from clicktower.launcher.errors import run_cli
-from clicktower.launcher.retrieval.faiss_index import SearchIndex
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("query", nargs="+", help="the query text")
     args = parser.parse_args(argv)
+    # Imported after parsing: --help and usage errors need neither torch nor transformers.
+    from clicktower.launcher.retrieval.faiss_index import SearchIndex
+
     query = " ".join(args.query)
     hits = SearchIndex(args.index, args.model).search([query], args.k)[0]
     if args.json:

@@ -76,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     replace.add_argument("--append", action="store_true",
                          help="add the inputs' shards to the shard set at --out (same field mapping "
                               "and --gzip) without rewriting it; the manifest is replaced last")
+    parser.add_argument("--force", action="store_true",
+                        help="with --append: also append an input the shard set's manifest already lists "
+                             "in its sources (refused otherwise: its pairs would be read twice)")
     args = parser.parse_args(argv)
+    if args.force and not args.append:
+        parser.error("--force goes with --append")
     if args.shard_size < 1:
         parser.error("--shard-size must be >= 1")
     if args.workers < 1:
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = write_shards(args.inputs, args.out, field_map, shard_size=args.shard_size,
                             overwrite=args.overwrite, workers=args.workers,
                             max_shard_bytes=args.max_shard_bytes, gzip=args.gzip,
-                            split_bytes=args.split_bytes, append=args.append,
+                            split_bytes=args.split_bytes, append=args.append, force=args.force,
                             features_file=(args.features_file, args.features_ids) if args.features_file else None)
     print(json.dumps({"out": args.out, "num_samples": manifest["num_samples"], "shards": len(manifest["shards"])}))
     return 0

@@ -15,12 +15,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from clicktower.launcher.engine.config import load_config
 from clicktower.launcher.errors import ConfigError, run_cli
 from clicktower.launcher.slurm import render, submit, template_text
 
 def build_script(args: argparse.Namespace) -> str:
     """The job script for the parsed ``submit`` arguments (config and overrides validated first)."""
+    # Imported here, after parsing: --help needs neither torch nor transformers.
+    from clicktower.launcher.engine.config import load_config
+
     config = Path(args.config).resolve()
     load_config(config, args.overrides)  # a typo fails here, not hours later in the queue
     if args.nodes < 1:

@@ -22,12 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-items", type=int, default=0, metavar="K",
                         help="K products no training pair clicks (still in the catalog and the judgements)")
     args = parser.parse_args(argv)
-    if args.pairs < 1:
-        parser.error("--pairs must be >= 1")
-    if args.image_features is not None and args.image_features < 1:
-        parser.error("--image-features must be >= 1")
-    if args.cold_items < 0:
-        parser.error("--cold-items must be >= 0")
+    # generate() checks the values (some only it can: --cold-items against the catalog size),
+    # each a one-line error with exit status 2.
     counts = generate(args.out, args.pairs, args.seed, args.items, args.eval_queries,
                       image_features=args.image_features, cold_items=args.cold_items)
     print(json.dumps({"out": args.out, **counts}))

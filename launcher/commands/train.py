@@ -12,9 +12,6 @@ import argparse
 import os
 import sys
 
-from clicktower.launcher.engine.config import load_config
-from clicktower.launcher.engine.preemption import EXIT_PREEMPTED, Preempted
-from clicktower.launcher.engine.training import train
 from clicktower.launcher.errors import run_cli
 
 
@@ -24,7 +21,10 @@ def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
     Args:
         argv: the command's arguments (default: ``sys.argv[1:]``).
     """
-    parser = argparse.ArgumentParser(prog="clicktower train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="clicktower train", description=__doc__.split("\n\n")[0],
+                                     epilog="Every config key with its type, default and meaning: clicktower config "
+                                            "(or docs/config.md); the values a run would use: clicktower config "
+                                            "--config FILE [overrides].")
     parser.add_argument("--config", required=True, help="experiment YAML file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=20")
     args = parser.parse_args(argv)
@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         argv: the command's arguments (default: ``sys.argv[1:]``).
     """
     config_path, overrides = parse_args(argv)
+    # Imported after parsing: --help and usage errors need neither torch nor transformers.
+    from clicktower.launcher.engine.config import load_config
+    from clicktower.launcher.engine.preemption import EXIT_PREEMPTED, Preempted
+    from clicktower.launcher.engine.training import train
+
     cfg = load_config(config_path, overrides)
     # One line per job, not per rank (the launcher sets RANK for every worker).
     main_rank = os.environ.get("RANK", "0") == "0"

@@ -21,7 +21,8 @@ class OptimConfig:
         betas: AdamW betas.
         eps: AdamW epsilon.
         warmup_steps: linear warmup from 0 to ``lr`` (the pairs of this many steps of the
-            run's first layout).
+            run's first layout). A warmup not shorter than the run is warned about: the
+            learning rate would never reach ``lr``.
         schedule: decay after warmup, down to ``min_lr_ratio * lr`` at the end of the run, by
             the fraction of the run's pairs read (with ``train.epochs`` across world-size
             changes too: docs/training.md, "Epochs").

@@ -21,8 +21,8 @@ import torch
 
 from clicktower.launcher.engine.distributed import gathered_parameters
 from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_sharded
-from clicktower.launcher.retrieval.metrics import (METRIC_NAMES, MIN_RELEVANCE, exact_topk, mean_metrics,
-                                                   query_metrics)
+from clicktower.launcher.retrieval.defaults import MIN_RELEVANCE
+from clicktower.launcher.retrieval.metrics import METRIC_NAMES, exact_topk, mean_metrics, query_metrics
 from clicktower.launcher.retrieval.readers import read_catalog_features, read_judged_queries
 
 logger = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ def read_yaml_sections(path: str | Path | None, overrides: list[str] = ()) -> di
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+            raise ConfigError(f"{path}: invalid YAML {yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides:
@@ -51,7 +51,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r}: expected key.sub=value")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        if text.strip()[:1] in ("{", "["):  # meant as a mapping or list: say where it breaks
+            raise ConfigError(f"override {key}=...: invalid YAML {yaml_problem(exc, 'of the value')}") from None
         value = text  # an unparseable value stays a string; the type check judges it
     if isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
         # Keep the raw text too: a str field given ``123`` or ``null`` should get that text.
@@ -63,6 +65,25 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
     node[parts[-1]] = value
+
+
+def yaml_problem(exc: yaml.YAMLError, where: str = "") -> str:
+    """``at line L, column C: what`` for a YAML (or JSON) syntax error: the position of the
+    problem itself (PyYAML's message starts with where the enclosing mapping began, often
+    column 1), 1-based; then the enclosing construct's start.
+
+    Args:
+        exc: the error ``yaml.safe_load`` raised.
+        where: words after the position (``"of the value"``).
+    """
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f": {' '.join(str(exc).split())}"
+    text = f"at line {mark.line + 1}, column {mark.column + 1}{' ' + where if where else ''}: {exc.problem}"
+    context = getattr(exc, "context_mark", None)
+    if getattr(exc, "context", None) and context is not None:
+        text += f" ({exc.context} at line {context.line + 1}, column {context.column + 1})"
+    return text
 
 
 @dataclass(frozen=True)

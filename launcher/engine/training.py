@@ -19,6 +19,7 @@ from clicktower.launcher.engine.distributed import (accelerator_kwargs, broadcas
                                                      set_numerics)
 from clicktower.launcher.engine.loop import TrainLoop, planned_steps, save_final
 from clicktower.launcher.engine.metrics import MetricsLog
+from clicktower.launcher.engine.noop_checks import check_distillation, check_warmup
 from clicktower.launcher.engine.observers import (CheckpointObserver, EvalObserver, MetricsObserver,
                                                   SampleKeysObserver)
 from clicktower.launcher.engine.optim import Optimization, build_optimizer, build_scheduler
@@ -70,6 +71,8 @@ def train(cfg: ExperimentConfig) -> Path:
     if steps < 1:
         raise ConfigError(f"train.epochs={cfg.train.epochs}: {len(loader)} batches per epoch make no optimiser "
                           f"step of {accumulation} micro-batches")
+    check_distillation(cfg, loader.manifest_fields)  # settings that would do nothing: refused or warned
+    check_warmup(cfg, steps, accelerator.is_main_process)
     out = Path(cfg.train.output_dir)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if accelerator.is_main_process:

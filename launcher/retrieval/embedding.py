@@ -13,11 +13,9 @@ import torch
 
 from clicktower.data.features import FeatureTable
 from clicktower.kernels import distributed_world, gather_with_grad
+from clicktower.launcher.retrieval.defaults import EMBED_BATCH_SIZE
 from clicktower.modeling.towers import Tower
 
-# Texts per forward pass when embedding a catalog or queries: the one default of
-# ``eval.batch_size`` and of the ``--batch-size`` of ``clicktower eval/embed/mine``.
-EMBED_BATCH_SIZE = 128
 
 
 @torch.no_grad()

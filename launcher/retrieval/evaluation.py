@@ -11,8 +11,8 @@ from typing import Any
 
 from clicktower.data.features import FeatureTable
 from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_texts
-from clicktower.launcher.retrieval.metrics import (MIN_RELEVANCE, cold_warm_metrics, exact_topk, mean_metrics,
-                                                   query_metrics)
+from clicktower.launcher.retrieval.defaults import MIN_RELEVANCE
+from clicktower.launcher.retrieval.metrics import cold_warm_metrics, exact_topk, mean_metrics, query_metrics
 from clicktower.launcher.retrieval.readers import (load_towers, read_catalog_features, read_judged_queries,
                                                    token_limits, trained_item_ids)
 from clicktower.modeling.towers import Tower

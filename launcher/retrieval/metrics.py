@@ -8,8 +8,6 @@ import torch
 
 # The metrics every evaluation reports (and ``eval.metric`` may select from).
 METRIC_NAMES = ("recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10")
-# The grade from which a judged item counts as relevant, unless a command or config says otherwise.
-MIN_RELEVANCE = 2.0
 
 
 def exact_topk(queries: torch.Tensor, catalog: torch.Tensor, k: int,

@@ -40,6 +40,11 @@ from clicktower.launcher.retrieval.readers import load_towers, read_catalog_feat
 # teacher_scores are not: they score the sample's old negatives, not the mined ones.
 _PASSTHROUGH = ("label", "weight", "features", "exclude_ids")
 SAMPLES = ("top", "random")
+# What becomes of the input's own hard negatives and teacher scores (``--existing``).
+EXISTING = {"keep": "samples that have hard negatives keep them and their teacher scores; the others get mined ones",
+            "merge": "their hard negatives first, then the mined ones; teacher scores dropped (they score only the "
+                     "old negatives)",
+            "replace": "mined negatives only; their hard negatives and teacher scores dropped"}
 _log = logging.getLogger("clicktower")
 
 
@@ -155,7 +160,7 @@ def _norm(text: str) -> str:
 
 def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
          ranks: tuple[int, int] = (10, 100), margin: float = 0.05, negatives: int = 5,
-         keep_existing: bool = False, batch_size: int = EMBED_BATCH_SIZE, shard_size: int | None = None,
+         existing: str | None = None, batch_size: int = EMBED_BATCH_SIZE, shard_size: int | None = None,
          overwrite: bool = False, *, relative_margin: float | None = None, sample: str = "top", seed: int = 0,
          exclude_ids_field: str | None = None, variant_key: str | None = None,
          features_field: str = "features") -> dict[str, Any] | None:
@@ -169,7 +174,7 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
         ranks: 1-based inclusive rank window of kept candidates.
         margin: drop candidates scoring above the positive's score minus this.
         negatives: hard negatives per sample.
-        keep_existing: put the sample's existing hard negatives first, mined ones after.
+        existing: ``keep``, ``merge`` or ``replace`` samples' own negatives (``EXISTING``); None: refuse.
         batch_size: texts per forward pass.
         shard_size: samples per output shard (default: the input's).
         overwrite: replace an existing output shard folder.
@@ -196,6 +201,7 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
         raise DataError(f"{out}: output exists and is not empty; pass --overwrite to replace it")
     manifest = load_manifest(manifest_path)
     samples = list(iter_manifest_samples(manifest))
+    had = _check_existing(samples, existing, manifest_path)  # before the model loads: fails fast
     pool: dict[str, str] = {}
     vectors: dict[str, Any] = {}  # item id -> feature vector, for an item tower that fuses them
     query_tower, item_tower, tokenizer = load_towers(model)
@@ -218,8 +224,7 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
     queries = list(query_of)
 
     state = Accelerator()  # honours ACCELERATE_USE_CPU (gloo) like clicktower embed
-    query_tower.to(state.device)
-    item_tower.to(state.device)
+    query_tower, item_tower = query_tower.to(state.device), item_tower.to(state.device)
     q_len, i_len = token_limits(query_tower, item_tower)
     world = state.num_processes
     query_emb = embed_sharded(query_tower, tokenizer, queries, q_len, state.device, batch_size)
@@ -242,7 +247,7 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
     for negative in (n for negs in mined for n in negs):  # hard negatives carry their own vectors
         if negative["item_id"] in vectors:
             negative["features"] = vectors[negative["item_id"]]
-    summary = _write(samples, mined, manifest, out, keep_existing, shard_size, overwrite)
+    summary = {**_write(samples, mined, manifest, out, existing, shard_size, overwrite), "existing": existing, **had}
     summary.update({"model": str(model), "manifest": str(manifest_path), "pool_items": len(pool_ids),
                     "queries": len(queries), "ranks": list(ranks), "margin": margin,
                     "relative_margin": relative_margin, "sample": sample, "seed": seed,
@@ -273,8 +278,35 @@ def _check_rules(ranks: tuple[int, int], negatives: int, relative_margin: float 
             raise DataError(f"--variant-key {variant_key!r}: not a regular expression ({exc})") from None
 
 
+def _check_existing(samples: list[dict], existing: str | None, manifest_path: str) -> dict[str, int]:
+    """Count the samples with their own hard negatives or teacher scores; refuse them without
+    an ``existing`` policy (nothing is dropped silently), else say on stderr what happens."""
+    if existing is not None and existing not in EXISTING:
+        raise DataError(f"--existing {existing!r}: must be one of {', '.join(EXISTING)}")
+    had = {"samples_with_hard_negatives": sum(bool(s.get("hard_negatives")) for s in samples),
+           "samples_with_teacher_scores": sum(s.get("teacher_scores") is not None for s in samples)}
+    if not any(had.values()):
+        return had
+    found = (f"{had['samples_with_hard_negatives']} of {len(samples)} samples have hard negatives and "
+             f"{had['samples_with_teacher_scores']} teacher scores")
+    if existing is None:
+        choices = "; ".join(f"{name}: {what}" for name, what in EXISTING.items())
+        raise DataError(f"{found} already; choose what becomes of them with --existing ({choices})",
+                        source=manifest_path)
+    _log.warning("mine --existing %s: %s: %s", existing, found, EXISTING[existing])
+    return had
+
+
+def _negatives(sample: dict, mined: list[dict], existing: str | None) -> tuple[list[dict], Any]:
+    """A sample's hard negatives and teacher scores in the new shards (``--existing``)."""
+    own = list(sample.get("hard_negatives") or [])
+    if existing == "keep" and own:
+        return own, sample.get("teacher_scores")
+    return (own + mined if existing == "merge" else mined), None
+
+
 def _write(samples: list[dict], mined: list[list[dict]], manifest: dict, out: str,
-           keep_existing: bool, shard_size: int | None, overwrite: bool) -> dict[str, Any]:
+           existing: str | None, shard_size: int | None, overwrite: bool) -> dict[str, Any]:
     """Write the samples with their negatives as JSONL, then shard it with ``write_shards``."""
     fields = set(manifest.get("fields") or ())
     # The samples go through a JSONL file next to a local output (same disk), or in a
@@ -284,17 +316,17 @@ def _write(samples: list[dict], mined: list[list[dict]], manifest: dict, out: st
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         jsonl = tmp / "samples.jsonl"
-        with_negatives = 0
+        with_negatives = teachers = 0
         with open(jsonl, "w", encoding="utf-8") as fh:
             for s, negs in zip(samples, mined):
                 negs = [{k: n[k] for k in ("item_id", "item_text", "features") if k in n} for n in negs]
-                if keep_existing:
-                    negs = list(s.get("hard_negatives") or []) + negs
+                negs, teacher = _negatives(s, negs, existing)
+                teachers += teacher is not None
                 # Vectors as JSON lists (the shards' decoder gave numpy arrays).
                 negs = [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in n.items()} for n in negs]
                 with_negatives += bool(negs)
                 record = {"query": s["query"], "item_id": s["item_id"], "item_text": s["item_text"],
-                          "hard_negatives": negs}
+                          "hard_negatives": negs, "teacher_scores": teacher}
                 for name in _PASSTHROUGH:
                     if name in s:
                         value = s[name]
@@ -304,7 +336,8 @@ def _write(samples: list[dict], mined: list[list[dict]], manifest: dict, out: st
                              label="label" if "label" in fields else None,
                              weight="weight" if "weight" in fields else None,
                              exclude_ids="exclude_ids" if "exclude_ids" in fields else None,
-                             features="features" if "features" in fields else None)
+                             features="features" if "features" in fields else None,
+                             teacher_scores="teacher_scores" if teachers else None)
         written = write_shards([str(jsonl)], out, field_map,
                                shard_size=shard_size or int(manifest.get("shard_size") or 100_000),
                                overwrite=overwrite)

@@ -8,8 +8,7 @@ from typing import Any
 from clicktower.data.errors import DataError
 from clicktower.data.features import BadFeatures, FeatureTable, check_vector, is_missing
 from clicktower.data.sources import iter_records
-from clicktower.modeling.towers import (DEFAULT_MAX_ITEM_LENGTH, DEFAULT_MAX_QUERY_LENGTH, Tower,
-                                        resolve_model_path)
+from clicktower.modeling.towers import DEFAULT_MAX_ITEM_LENGTH, DEFAULT_MAX_QUERY_LENGTH, Tower, download_model
 
 log = logging.getLogger("clicktower")
 
@@ -18,11 +17,12 @@ def load_towers(model: str) -> tuple[Tower, Tower, Any]:
     """Load ``(query_tower, item_tower, tokenizer)`` from a ``final/`` or an encoder folder.
 
     Args:
-        model: folder path or ``pkg://`` reference.
+        model: folder path, ``pkg://`` reference or Hugging Face Hub id (downloaded when
+            not cached, unless offline).
     """
     from transformers import AutoTokenizer
 
-    root = Path(resolve_model_path(model))
+    root = Path(download_model(model))
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such model folder")
     if (root / "query_tower").is_dir():
