@@ -400,6 +400,45 @@ def _warn_damage(sources: list[Source]) -> None:
                         len(src.missing), len(src.damaged))
 
 
+class _NoFeaturesWarning:
+    """One warning line when the model expects item feature vectors (``features_dim``) and
+    the first batches read carry none: the item tower would train on its learnt "missing"
+    embedding alone, silently (shards written without ``--features-field``/``--features-file``,
+    or another field name). Rank 0's loader only, so that a run warns once.
+
+    Args:
+        features_dim: the model's ``item_features_dim`` (None: nothing to watch).
+    """
+
+    BATCHES = 8  # watched batches: a few, since a batch of sparse vectors may hold none by chance
+
+    def __init__(self, features_dim: int | None) -> None:
+        self.features_dim, self.done = features_dim, features_dim is None
+        self.batches = self.rows = 0
+
+    def see(self, batch: PairBatch, missing: int) -> None:
+        """Count a batch read: ``missing`` of its item rows lack a vector."""
+        if self.done:
+            return
+        rows = 0 if batch.item_features_present is None else int(batch.item_features_present.numel())
+        if rows > missing:  # a vector arrived: nothing to say
+            self.done = True
+            return
+        self.batches, self.rows = self.batches + 1, self.rows + rows
+        if self.batches >= self.BATCHES:
+            self.finish()
+
+    def finish(self) -> None:
+        """Warn now if no batch seen had a vector (at most once)."""
+        if self.done or not self.batches:
+            return
+        self.done = True
+        log.warning("model.item_features_dim=%d, but the first %d batch(es) read (%d item rows) carry no item "
+                    "feature vector: the item tower trains on its learnt 'missing' embedding alone (were the "
+                    "shards written with --features-field or --features-file?)", self.features_dim,
+                    self.batches, self.rows)
+
+
 class ClickPairLoader:
     """Batches of (query, item) pairs for one rank, resumable to the exact sample on any
     world size and worker count (see the module docstring for the order and the rules).
@@ -435,6 +474,7 @@ class ClickPairLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.features_dim = features_dim
         self._missing_features = 0
+        self._no_features = _NoFeaturesWarning(features_dim if rank.rank == 0 else None)
         storage = Storage(cfg.storage_options, cfg.max_retries)
         loaded = _load_manifests(manifest, cfg, storage, rank.rank, broadcast_object)
         self.cfg, self.manifest = cfg, loaded[0]
@@ -626,11 +666,14 @@ class ClickPairLoader:
             for batch in item:   # one window's batches
                 # Counted here, not in collate: collate may run in a worker process.
                 counts, batch.counts = batch.counts, {}
-                self._missing_features += int(counts.pop("missing_features", 0))
+                missing = int(counts.pop("missing_features", 0))
+                self._missing_features += missing
+                self._no_features.see(batch, missing)
                 self._add_counts(counts)
                 self.samples_consumed += self.global_batch
                 self._history[-1][2] += self.batch_size
                 yield batch
+        self._no_features.finish()  # an epoch of fewer batches than the warning waits for
         if not self.infinite:
             self.epoch += 1
             self.samples_consumed = 0

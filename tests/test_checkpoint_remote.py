@@ -17,7 +17,9 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -143,7 +145,7 @@ def test_failed_upload_keeps_the_local_checkpoint_and_a_fresh_node_resumes_from_
         saved = [p.detach().clone() for p in model.parameters()]
         ckpt.finish()
     assert "step_00000001" in caplog.text and "the local checkpoint is kept" in caplog.text
-    assert ckpt.remote.counts == {"uploaded": 1, "retries": 1, "failures": 1}  # one retry, then given up
+    assert ckpt.remote.counts == {"uploaded": 1, "retries": 1, "failures": 1, "superseded": 0}  # one retry, then given up
     assert check_checkpoint(tmp_path / "node_a" / "checkpoints" / "step_00000001") is None
     assert ckpt.remote.complete_steps() == ["step_00000002"]
     fs = ckpt.remote._fs()
@@ -157,6 +159,92 @@ def test_failed_upload_keeps_the_local_checkpoint_and_a_fresh_node_resumes_from_
     assert "downloaded s3://ckpts/inproc/checkpoints/step_00000002" in capsys.readouterr().out
     assert state["step"] == 2 and check_checkpoint(tmp_path / "node_b" / "checkpoints" / "step_00000002") is None
     assert all(torch.equal(a, b) for a, b in zip(saved, model.parameters()))
+
+
+def _tower_folder(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def _read_tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+class _Killed(BaseException):
+    """A kill in the middle of an upload (not an Exception: nothing retries or catches it)."""
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("where", ["s3", "folder"])
+def test_best_and_final_uploads_are_atomic_and_leave_no_stale_files(s3, tmp_path, monkeypatch, where):
+    """best/ (or final/) replaced in the bucket or a plain remote folder: while an upload is
+    part way (killed after its first file) a reader gets one 'no COMPLETE marker' error, never
+    old and new files mixed; after a complete upload it gets exactly the new folder, verified,
+    and the old folder's files the new one lacks are gone from the remote."""
+    url = f"s3://{BUCKET}/tree" if where == "s3" else str(tmp_path / "remote")
+    remote = RemoteCheckpoints(url, keep_last=2, backoff_s=0.01)
+    old = {"query_tower/model.safetensors": b"old" * 100, "old_only.txt": b"x", "best.json": b'{"step": 4}'}
+    new = {"query_tower/model.safetensors": b"new" * 90, "item_tower/config.json": b"{}", "best.json": b'{"step": 8}'}
+    remote.upload_tree(_tower_folder(tmp_path / "old", old), "best")
+    assert _read_tree(remote.download_tree("best", tmp_path / "read1")) == old
+
+    real_put, puts = remote._put, []
+
+    def killed_after_one(local, dest):
+        if puts:
+            raise _Killed()
+        puts.append(dest)
+        real_put(local, dest)
+
+    monkeypatch.setattr(remote, "_put", killed_after_one)
+    with pytest.raises(_Killed):
+        remote.upload_tree(_tower_folder(tmp_path / "new", new), "best")
+    with pytest.raises(ValueError, match="no COMPLETE marker"):
+        remote.download_tree("best", tmp_path / "read2")
+    assert not (tmp_path / "read2").exists()
+
+    monkeypatch.setattr(remote, "_put", real_put)
+    remote.upload_tree(tmp_path / "new", "best")
+    assert _read_tree(remote.download_tree("best", tmp_path / "read3")) == new
+    assert sorted(remote._tree_files("best")) == sorted([*new, "COMPLETE"])  # old_only.txt deleted
+
+
+@pytest.mark.unit
+def test_uploads_never_stall_a_save_and_a_waiting_one_is_superseded(s3, tmp_path, monkeypatch):
+    """The store hangs (each checkpoint upload held until released): saves 2 and 3 return at
+    once all the same (before, the commit of save 2 waited for upload 1); save 3 replaces the
+    waiting upload of save 2 (counted, warned about); the folder being uploaded survives the
+    local pruning (keep_last=1) until the uploads are done; the end of the run waits for them."""
+    cfg = CheckpointConfig(keep_last=1, remote_dir=f"s3://{BUCKET}/stall", remote_retries=1)
+    acc, model, optimizer, scheduler, ckpt = _setup(tmp_path, cfg=cfg)
+    assert ckpt.resume("auto") is None
+    release, started = threading.Event(), threading.Event()
+    real_upload = ckpt.remote.upload_checkpoint
+
+    def held_upload(folder):
+        started.set()
+        assert release.wait(20), "never released"
+        return real_upload(folder)
+
+    monkeypatch.setattr(ckpt.remote, "upload_checkpoint", held_upload)
+    root = tmp_path / "checkpoints"
+    _step(model, optimizer, scheduler)
+    ckpt.save(1, {"loader": {}})
+    assert started.wait(30)
+    began = time.monotonic()
+    for step in (2, 3):
+        _step(model, optimizer, scheduler)
+        ckpt.save(step, {"loader": {}})
+    assert time.monotonic() - began < 15 and not release.is_set()  # returned while upload 1 hangs
+    assert ckpt.remote.counts["superseded"] == 1
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001", "step_00000003"]
+    release.set()
+    ckpt.finish()
+    assert ckpt.remote.counts == {"uploaded": 2, "retries": 0, "failures": 0, "superseded": 1}
+    assert ckpt.remote.complete_steps() == ["step_00000003"]
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003"]
 
 
 # -- end to end: clicktower train on one process ---------------------------------------
@@ -218,6 +306,60 @@ def test_lost_local_folder_resumes_from_the_bucket_with_the_uninterrupted_losses
     assert [got[s] for s in got] == [expected[s] for s in got]
     ref_keys = keys_per_step(consumed_keys(ref))
     assert keys_per_step(consumed_keys(out)) == {s: ref_keys[s] for s in range(9, STEPS + 1)}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_async_uploads_then_a_two_rank_resume_from_the_bucket_on_another_world_size(s3, epoch_shard_dir, tmp_path):
+    """train.epochs=2 on 320 pairs with checkpoint.async_save and checkpoint.remote_dir: one
+    process (32 pairs a step) killed while its step-10 commit is held, once step 5 (mid-epoch
+    0) is in the bucket; its output folder deleted; then 2 ranks (10 + 10 pairs a step) on
+    the empty disk download step 5 and train to the end of epoch 1. Every pair is trained
+    exactly once in each epoch over both runs (the sample-keys logs), the 2-rank run's async
+    saves are uploaded, and its final/ reads back whole from the bucket."""
+    from test_resume_zero import _cmd
+
+    out, url = tmp_path / "run", f"s3://{BUCKET}/epochs"
+
+    def args(*extra: str) -> list[str]:
+        return ["--config", str(TINY_CONFIG), f"data.train_manifest={epoch_shard_dir}", f"train.output_dir={out}",
+                "train.max_steps=null", "train.epochs=2", "train.log_every_steps=1", "train.progress_bar=false",
+                "train.sample_keys_log=true", "checkpoint.every_steps=5", "checkpoint.keep_last=3",
+                "checkpoint.async_save=true", f"checkpoint.remote_dir={url}", *extra]
+
+    log = tmp_path / "killed_run.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "clicktower"), "train", *args("train.batch_size=32")],
+                                cwd=REPO, env=hold_env(10, {**cli_env(), **s3.env}), stdout=fh, stderr=fh)
+    bucket = RemoteCheckpoints(url, keep_last=3)
+    try:
+        deadline = time.monotonic() + 300
+        while "step_00000005" not in bucket.complete_steps():
+            assert proc.poll() is None, f"the run ended before its step-10 commit:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "step 5 never reached the bucket"
+            time.sleep(0.2)
+    finally:
+        kill_tree(proc, timeout=30)
+    first = {key: value for key, value in consumed_keys(out).items() if key[1] <= 5}
+    shutil.rmtree(out)  # a fresh node: nothing on the local disk
+
+    cmd, env = _cmd("cpu_2proc_ddp", args("train.batch_size=10"))
+    result = subprocess.run(cmd, cwd=REPO, env={**env, **s3.env}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"downloaded {url}/checkpoints/step_00000005" in result.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step_00000005'} at step 5" in result.stdout
+    # 160 pairs left in epoch 0 and 320 in epoch 1, 20 a step: steps 6 to 5 + 8 + 16.
+    assert sorted(_losses(out)) == list(range(6, 30))
+    trained = Counter()
+    for (_, step), (epochs, keys) in [*first.items(), *consumed_keys(out).items()]:
+        trained.update(zip(keys, epochs))
+    assert len(trained) == 640 and set(trained.values()) == {1}  # every pair once in each epoch
+    assert len({key for key, _ in trained}) == 320 and {epoch for _, epoch in trained} == {0, 1}
+    # Saves at steps 10, 15, 20 and 25, committed at later step boundaries (async): the last
+    # one is uploaded (the end of the run waits for it); an earlier one may be superseded.
+    assert " 0 failed upload(s)" in result.stdout and bucket.complete_steps()[-1] == "step_00000025"
+    final = bucket.download_tree("final", tmp_path / "final")
+    assert _read_tree(final) == _read_tree(out / "final")
 
 
 @pytest.mark.e2e

@@ -3,6 +3,7 @@ embedding slices and export (model.item_features_dim, clicktower shard --feature
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from clicktower.data.errors import DataError
 from clicktower.data.features import FeatureTable, check_vector, load_features_file
-from clicktower.data.loader import ClickPairLoader, DataConfig
+from clicktower.data.loader import ClickPairLoader, DataConfig, Rank
 from clicktower.data.shards import iter_shard, write_shards
 from clicktower.data.sources import FieldMap
 from clicktower.launcher.retrieval.embedding import embed_slice, embed_texts
@@ -149,6 +150,42 @@ def test_vectors_survive_sharding_and_loading_with_hard_negatives(tmp_path):
             assert present[row] and feats[row].tolist() == [-float(text.split()[-1])] * DIM
         seen += n
     assert seen == 12 and loader.error_counts()["missing_features"] == 3
+
+
+def _feature_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "carry no item feature vector" in r.getMessage()]
+
+
+def test_a_model_expecting_vectors_warns_once_when_the_first_batches_carry_none(tmp_path, caplog):
+    """model.item_features_dim on shards without vectors: one warning line, once the first
+    8 batches came without any (or at the end of a shorter epoch), never again; rank 1's
+    loader stays quiet (one line per run); data with vectors gives none."""
+    src = _write_jsonl(tmp_path / "clicks.jsonl", [{**r, "features": None} for r in _rows(12)])
+    write_shards([src], str(tmp_path / "none"), FieldMap(features="features"), shard_size=5)
+    with caplog.at_level(logging.WARNING, logger="clicktower.data"):
+        loader = ClickPairLoader(DataConfig(shuffle_buffer=1), str(tmp_path / "none"), 1, features_dim=DIM)
+        batches = iter(loader)
+        for _ in range(7):
+            next(batches)
+        assert _feature_warnings(caplog) == []
+        next(batches)
+        assert _feature_warnings(caplog) == [
+            f"model.item_features_dim={DIM}, but the first 8 batch(es) read (8 item rows) carry no item feature "
+            "vector: the item tower trains on its learnt 'missing' embedding alone (were the shards written with "
+            "--features-field or --features-file?)"]
+        list(batches), list(loader)  # the rest of the epoch, and another one
+        assert len(_feature_warnings(caplog)) == 1
+        caplog.clear()
+        short = ClickPairLoader(DataConfig(shuffle_buffer=1), str(tmp_path / "none"), 3, features_dim=DIM)
+        list(short)  # 4 batches in the epoch: warned at its end
+        assert [m.split(": ")[0] for m in _feature_warnings(caplog)] == [
+            f"model.item_features_dim={DIM}, but the first 4 batch(es) read (12 item rows) carry no item feature vector"]
+        caplog.clear()
+        list(ClickPairLoader(DataConfig(shuffle_buffer=1), str(tmp_path / "none"), 1, Rank(1, 2), features_dim=DIM))
+        src = _write_jsonl(tmp_path / "vectors.jsonl", _rows(12))
+        write_shards([src], str(tmp_path / "some"), FieldMap(features="features"), shard_size=5)
+        list(ClickPairLoader(DataConfig(shuffle_buffer=1), str(tmp_path / "some"), 1, features_dim=DIM))
+    assert _feature_warnings(caplog) == []
 
 
 class _Tokens:

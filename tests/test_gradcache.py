@@ -288,3 +288,18 @@ def test_grad_cache_with_accumulation_is_a_config_error(tmp_path, one_batch_per_
 
     with pytest.raises(ConfigError, match="grad_cache_chunk cannot be combined with gradient_accumulation_steps=2"):
         _local_trainer(tmp_path, 2, grad_cache_chunk=4)
+
+
+@pytest.mark.multiprocess
+def test_short_gradcache_batch_fails_on_every_rank_at_once():
+    """2 gloo ranks, GradCache in chunks of 1 pair, local batches of 3 and 5 pairs (rank 0's
+    bad samples skipped): the step would need 5 chunks on each rank. Both ranks raise the same
+    ShortGradCacheBatch before any forward, naming the chunk size that fits; neither is left
+    waiting in the loss's gather (run_ranks' 60 s limit)."""
+    from dist_harness import run_ranks
+    from dist_workers import short_gradcache_worker
+
+    results = run_ranks(short_gradcache_worker, 2, timeout=60.0)
+    assert [r["raised"] for r in results] == ["ShortGradCacheBatch"] * 2
+    assert results[0]["message"] == results[1]["message"]
+    assert "only 3 pair(s)" in results[0]["message"] and "train.grad_cache_chunk >= 2" in results[0]["message"]

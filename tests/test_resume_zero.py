@@ -12,8 +12,9 @@
 - ``clicktower ckpt convert``: consolidated weights and every parameter's optimiser state.
 - ZeRO to ZeRO on another world size (2 -> 1 for ZeRO-2 and ZeRO-3, 1 -> 2 for ZeRO-2, the
   global batch kept): converted through DeepSpeed's universal checkpoint when the resume
-  finds the mismatch; the losses stay within 1e-5 of the run that never changed size, on the
-  same global batches, each sample once.
+  finds the mismatch, or offline (``ckpt convert --to universal``, then ``train.resume=`` the
+  output; ZeRO-2, 2 -> 1 and 1 -> 2); the losses stay within 1e-5 of the run that never
+  changed size, on the same global batches, each sample once.
 - ``checkpoint.async_save`` (ZeRO-2): SIGKILL while the step-16 write is held in its
   background thread, after training went on to the end: step 8 stays the latest, the resume
   is bitwise identical, verification ran in one process of the node, and the async
@@ -252,6 +253,12 @@ def _check_resized(ref: Path, out: Path, result: subprocess.CompletedProcess, wo
     position at step 16."""
     assert "converting to a universal checkpoint" in result.stderr and "resumed from" in result.stdout
     assert not (out / "checkpoints" / f".universal-{STEP8}").exists()  # removed after the load
+    _check_continued(ref, out, world, stage)
+
+
+def _check_continued(ref: Path, out: Path, world: int, stage: int) -> None:
+    """Losses within 1e-5 of the never-resized run from step 9, the same global batches, each
+    sample once over steps 1-20, the same data position at step 16, the new topology."""
     expected, got = _losses(ref), _losses(out)
     assert sorted(got) == list(range(9, STEPS + 1))
     assert max(abs(got[s] - expected[s]) for s in range(9, STEPS + 1)) <= 1e-5
@@ -273,10 +280,33 @@ def test_zero_checkpoint_resumes_under_zero_on_one_process(reference, shard_dir,
     _check_resized(ref, out, result, world=1, stage=int(config[-1]))
 
 
+def _convert_offline(checkpoint: Path, universal: Path) -> None:
+    """``clicktower ckpt convert --to universal`` (what a large model's user runs once)."""
+    converted = clicktower("ckpt", "convert", str(checkpoint), "--out", str(universal), "--to", "universal")
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    assert (universal / "pytorch_model" / "zero").is_dir()
+
+
+@pytest.mark.parametrize("reference", ["zero2"], indirect=True)
+def test_offline_universal_checkpoint_resumes_on_one_process(reference, shard_dir, tmp_path, one_process_configs):
+    """2 -> 1 under ZeRO-2 through an offline conversion: ``ckpt convert --to universal`` of
+    the 2-process step-8 checkpoint, then ``train.resume=`` that folder on one process. Nothing
+    is converted again, and the run continues the never-resized one."""
+    config, ref = reference
+    universal = tmp_path / "universal_8"
+    _convert_offline(ref / "checkpoints" / STEP8, universal)
+    out = tmp_path / "run"
+    result = _run(one_process_configs[config], _args(shard_dir, out, "train.batch_size=32",
+                                                     f"train.resume={universal}"))
+    assert f"resumed from {universal} at step 8" in result.stdout and "converting" not in result.stderr
+    _check_continued(ref, out, world=1, stage=2)
+
+
 @pytest.mark.parametrize("reference", ["zero2"], indirect=True)
 def test_one_process_zero_checkpoint_resumes_under_zero_on_two(reference, shard_dir, tmp_path, one_process_configs):
     """1 -> 2 under ZeRO-2: the new rank 1 holds no parameter of the one-scalar temperature
-    group, which DeepSpeed's universal loader cannot handle by itself."""
+    group, which DeepSpeed's universal loader cannot handle by itself; converted on the fly,
+    and again through an offline ``ckpt convert --to universal`` and ``train.resume=`` it."""
     config, _ = reference
     ref = tmp_path / "ref"
     _run(one_process_configs[config], _args(shard_dir, ref, "train.resume=none", "train.batch_size=32"))
@@ -285,6 +315,12 @@ def test_one_process_zero_checkpoint_resumes_under_zero_on_two(reference, shard_
     shutil.copytree(ref / "checkpoints" / STEP8, out / "checkpoints" / STEP8)
     result = _run(config, _args(shard_dir, out, "train.batch_size=16"))
     _check_resized(ref, out, result, world=2, stage=2)
+
+    universal, offline = tmp_path / "universal_8", tmp_path / "offline"
+    _convert_offline(ref / "checkpoints" / STEP8, universal)
+    result = _run(config, _args(shard_dir, offline, "train.batch_size=16", f"train.resume={universal}"))
+    assert f"resumed from {universal} at step 8" in result.stdout and "converting" not in result.stderr
+    _check_continued(ref, offline, world=2, stage=2)
 
 
 @pytest.mark.parametrize("reference", ["zero2"], indirect=True)

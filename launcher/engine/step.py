@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from clicktower.data.batch import PairBatch
+from clicktower.data.errors import DataError
 from clicktower.launcher.engine.distributed import deepspeed_plugin, gradient_accumulation_steps, mean_over_ranks
 from clicktower.launcher.engine.optim import Optimization
 from clicktower.launcher.errors import ConfigError
@@ -183,13 +184,24 @@ class TrainStep:
     def _num_chunks(self, n: int, chunk: int) -> int:
         """Chunks per step for a local batch of ``n`` pairs, the max over ranks: every rank
         must run the same number of forward/backward calls (DDP broadcasts buffers per
-        forward, ZeRO-3 gathers weights)."""
-        count = torch.tensor([math.ceil(n / chunk)], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            count = self.accelerator.reduce(count, reduction="max")
-        count = int(count[0])
-        if count > n:
-            raise ValueError(f"local batch of {n} pairs cannot be split into {count} chunks")
+        forward, ZeRO-3 gathers weights).
+
+        Raises:
+            ShortGradCacheBatch: some rank's batch has fewer pairs than that count (its bad
+                samples were skipped), raised on every rank alike.
+        """
+        # One collective gives every rank the chunk count and the smallest and largest local
+        # batches (the smallest negated, under MAX), so that all ranks raise together: a rank
+        # raising alone would leave the others waiting in the loss's gather until the
+        # collective timeout.
+        local = torch.tensor([math.ceil(n / chunk), -n, n], device=self.accelerator.device)
+        both = self.accelerator.reduce(local, reduction="max") if self.accelerator.num_processes > 1 else local
+        count, fewest, most = int(both[0]), -int(both[1]), int(both[2])
+        if count > fewest:
+            raise ShortGradCacheBatch(
+                f"GradCache: this step runs {count} chunks of up to train.grad_cache_chunk={chunk} pairs on every "
+                f"rank, but a rank's local batch holds only {fewest} pair(s) (bad samples skipped?); "
+                f"train.grad_cache_chunk >= {math.ceil(most / max(fewest, 1))} fits batches of {fewest} to {most} pairs")
         return count
 
     def grad_cache_backward(self, batch: PairBatch, num_chunks: int) -> torch.Tensor:
@@ -272,6 +284,11 @@ class TrainStep:
         else:
             with self.accelerator.no_sync(self.model):
                 yield
+
+
+class ShortGradCacheBatch(DataError):
+    """A rank's local batch is shorter than the step's GradCache chunk count. Raised on every
+    rank alike (the counts are all-reduced first), before any forward."""
 
 
 class NonFiniteStep(FloatingPointError):

@@ -261,3 +261,29 @@ def step_worker(rank: int, world: int, gather: bool) -> dict:
         loss = step.forward_backward(batch)
         out[chunk] = {name: p.grad for name, p in model.module.named_parameters()} | {"loss": loss}
     return out
+
+
+def short_gradcache_worker(rank: int, world: int) -> dict:
+    """``TrainStep.forward_backward`` with GradCache in chunks of 1 pair on the uneven local
+    batches of ``SIZES`` (3 and 5 pairs): the step runs 5 chunks, more than rank 0's pairs.
+    Returns what this rank raised (type name and message), or that it went on."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from clicktower.launcher.engine.optim import Optimization
+    from clicktower.launcher.engine.step import TrainStep
+
+    data = global_batch(2)
+    part = {n: local_slice(data[n], SIZES, rank) for n in ("q", "k", "item_ids", "query_ids")}
+    ones = torch.ones(SIZES[rank], DIM)
+    keys = [f"r{rank}p{i}" for i in range(SIZES[rank])]
+    batch = PairBatch(keys=keys, queries=keys, items=keys,
+                      labels=PairLabels(item_ids=part["item_ids"], query_ids=part["query_ids"]),
+                      tokens={"query_input_ids": part["q"], "query_attention_mask": ones,
+                              "item_input_ids": part["k"], "item_attention_mask": ones})
+    loss_fn = ContrastiveLoss(True, True, False, block_size=BLOCK, rank=rank, world_size=world)
+    step = TrainStep(StepAccelerator(world), DDP(TinyTowers()), loss_fn, Optimization(None, None, None), 1)
+    try:
+        step.forward_backward(batch)
+    except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
+        return {"raised": type(exc).__name__, "message": str(exc)}
+    return {"raised": None}

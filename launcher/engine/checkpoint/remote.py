@@ -1,14 +1,14 @@
 """Checkpoints in object storage (``checkpoint.remote_dir``): upload, prune, list, download.
 
 The remote folder mirrors the run folder (``REMOTE/checkpoints/step_XXXXXXXX/``, ``latest``,
-``final/``, ``best/``); a checkpoint's ``COMPLETE`` marker is uploaded last, so a remote
-checkpoint without it is an unfinished upload: never a resume candidate, deleted by the next
-prune. A resume downloads into a staging folder next to the local checkpoints, verifies every
-checksum and renames it into place. Any URL ``clicktower.data.storage`` reads works (or a plain
-folder path). Filesystems come from ``Storage.filesystem``, but the requests are this module's
-(``Storage`` has no recursive listing, download to a file or recursive delete), and so are the
-retries: transient failures (``storage.is_transient``) retried with backoff and counted.
-More: docs/checkpoints.md ("Checkpoints in object storage").
+``final/``, ``best/``). A ``COMPLETE`` marker (every file's sha256) goes last: a checkpoint
+without it is an unfinished upload (never resumed from, pruned); ``final/`` and ``best/`` lose
+theirs first, drop stale files, and get the new one last (``download_tree`` reads them whole).
+One upload runs in a background thread, one waits; a newer checkpoint supersedes the waiting
+one, so training never waits for the store. Downloads are staged, verified, then renamed.
+Filesystems come from ``Storage.filesystem`` (any URL ``clicktower.data.storage`` reads, or a
+folder path), the requests and retries are this module's (transient failures retried with
+backoff and counted). More: docs/checkpoints.md ("Checkpoints in object storage").
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from typing import Any, Callable, TypeVar
 
 from clicktower.data.storage import Storage, describe_failure, is_transient, is_url, join
 from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, COMPLETE, LATEST, STEP_DIR, TRAINER_STATE,
-                                                         Lineage, check_checkpoint, lineage_head, parse_lineage,
-                                                         prune_plan)
+                                                         Lineage, check_checkpoint, hash_files, lineage_head,
+                                                         parse_lineage, prune_plan, sha256_file)
 from clicktower.launcher.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -167,6 +167,82 @@ class RemoteFolder:
         return out
 
 
+    # -- whole folders (final/, best/) ---------------------------------------------------
+
+    def upload_tree(self, folder: Path, name: str) -> None:
+        """Upload a folder (``final/``, ``best/``) to ``REMOTE/name/``, atomically for readers
+        that honour its ``COMPLETE`` marker (``download_tree``): the old marker is deleted
+        first, every file is uploaded, the remote files the new folder does not have are
+        deleted, and the new marker (every file's sha256 and size) goes last. A kill part way
+        leaves no marker: readers refuse the folder until the next upload completes.
+
+        Args:
+            folder: the local folder.
+            name: its name under the remote folder.
+        """
+        fs, remote = self._fs(), self.path(name)
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
+        digests = hash_files(folder, files)  # before the upload: a marker lists what was sent
+        try:
+            self._retry(lambda: fs.rm_file(join(remote, COMPLETE)))
+        except FileNotFoundError:
+            pass
+        for rel in files:
+            self._put(folder / rel, join(remote, rel))
+        for stale in sorted(set(self._tree_files(name)) - set(files) - {COMPLETE}):
+            self._retry(lambda: fs.rm_file(join(remote, stale)))
+        marker = json.dumps({"files": digests}, indent=1) + "\n"
+        self._retry(lambda: fs.pipe_file(join(remote, COMPLETE), marker.encode()))
+
+    def _tree_files(self, name: str) -> list[str]:
+        """Paths of every file under ``REMOTE/name/``, relative to it."""
+        root = self.path(name)
+        fs = self._listing_fs()
+        try:
+            found = self._retry(lambda: fs.find(root))
+        except FileNotFoundError:
+            return []
+        base = fs._strip_protocol(root).rstrip("/")
+        return [str(entry)[len(base):].strip("/") for entry in found]
+
+    def download_tree(self, name: str, dest: Path) -> Path:
+        """Download ``REMOTE/name/`` (``final/``, ``best/``) as its last complete upload left it:
+        the files its ``COMPLETE`` marker lists, each verified against the marker's sha256,
+        into a staging folder renamed to ``dest``.
+
+        Args:
+            name: the folder's name under the remote folder.
+            dest: the local folder to create (must not exist).
+
+        Raises:
+            ValueError: no marker (never uploaded, or an upload in progress or killed), or a
+                file that does not match it (replaced by an upload that started meanwhile).
+            FileExistsError: ``dest`` exists.
+        """
+        fs, remote = self._fs(), self.path(name)
+        if dest.exists():
+            raise FileExistsError(f"{dest} exists")
+        try:
+            marker = self._retry(lambda: fs.cat_file(join(remote, COMPLETE)))
+        except FileNotFoundError:
+            raise ValueError(f"{remote}: no {COMPLETE} marker (not uploaded, or an upload is in progress or was "
+                             "interrupted)") from None
+        files = json.loads(marker)["files"]
+        staging = dest.parent / f".download-{dest.name}-{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            for rel, entry in files.items():
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                self._retry(lambda: fs.get_file(join(remote, rel), str(staging / rel)))
+                if sha256_file(staging / rel) != entry["sha256"]:
+                    raise ValueError(f"{join(remote, rel)} does not match its {COMPLETE} marker (a new upload "
+                                     "started while downloading?); try again")
+            os.replace(staging, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return dest
+
+
 class RemoteCheckpoints(RemoteFolder):
     """A run's checkpoints in object storage; uploads run in one background thread.
 
@@ -182,8 +258,15 @@ class RemoteCheckpoints(RemoteFolder):
                  max_retries: int = 5, backoff_s: float = 0.2) -> None:
         super().__init__(url, options, max_retries, backoff_s)
         self.keep_last = keep_last
+        self.counts["superseded"] = 0
+        # The uploader: its thread (None when idle), the upload it runs and the one waiting,
+        # each (checkpoint folder, staged best/ copy or None); all guarded by the lock.
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._best_step: int | None = None
+        self._active: tuple[Path, Path | None] | None = None
+        self._queued: tuple[Path, Path | None] | None = None
+        self._best_step: int | None = None  # of the best/ uploaded last
+        self._best_staged: int | None = None  # of the best/ staged last (training thread)
 
     # -- start-up ------------------------------------------------------------------
 
@@ -207,31 +290,65 @@ class RemoteCheckpoints(RemoteFolder):
     # -- uploads (main process, background) ----------------------------------------
 
     def wait(self) -> None:
-        """Wait for the upload in flight, if any."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Wait until every queued upload is done (the end of the run, a stop)."""
+        thread = self._thread  # the uploader clears it (under the lock) once the queue is empty
+        if thread is not None:
+            thread.join()
+
+    def in_use(self) -> set[str]:
+        """Names of the local checkpoint folders being uploaded or queued: the local pruning
+        leaves them (a later save's pruning deletes them)."""
+        with self._lock:
+            return {job[0].name for job in (self._active, self._queued) if job is not None}
 
     def upload_async(self, folder: Path, best: Path | None = None) -> None:
         """Upload a complete local checkpoint (then prune remotely), and ``best`` when it
-        holds another best model than the one uploaded last, in the background; waits for
-        the previous upload first.
+        holds another best model than the one staged last, in the background, without
+        waiting: one upload runs at a time and one waits behind it; a newer checkpoint
+        replaces a waiting one whose upload has not started (counted ``superseded``, warned
+        about), so a slow store never stalls training and the bucket gets the newest.
 
         Args:
-            folder: a complete ``step_XXXXXXXX`` folder (not pruned locally before ``wait``).
+            folder: a complete ``step_XXXXXXXX`` folder (kept by the local pruning while
+                ``in_use``).
             best: the run's ``best/`` folder, if any. A changed one is copied here, on the
-                calling (training) thread, to ``checkpoints/.best-upload``: the periodic
+                calling (training) thread, to ``checkpoints/.best-upload-STEP``: the periodic
                 evaluation may rewrite ``best/`` while the upload runs.
         """
-        self.wait()
+        if self._thread is None:  # idle (only this thread starts uploads): copies a kill left are garbage
+            for stale in folder.parent.glob(".best-upload-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         staged = None
-        if best is not None and self._best_changed(best):
-            staged = folder.parent / ".best-upload"
+        if best is not None and self._best_step_of(best) not in (None, self._best_staged):
+            staged = folder.parent / f".best-upload-{folder.name}"
             shutil.rmtree(staged, ignore_errors=True)
             shutil.copytree(best, staged)
-        self._thread = threading.Thread(target=self._upload_job, args=(folder, staged), daemon=True,
-                                        name="clicktower-upload")
-        self._thread.start()
+            self._best_staged = self._best_step_of(best)
+        with self._lock:
+            if self._queued is not None:
+                dropped, dropped_best = self._queued
+                self.counts["superseded"] += 1
+                logger.warning("checkpoint.remote_dir: %s superseded by %s before its upload started (uploads are "
+                               "slower than the checkpoints)", dropped.name, folder.name)
+                if staged is None:  # the best/ it carried is still the newest one
+                    staged = dropped_best
+                elif dropped_best is not None:
+                    shutil.rmtree(dropped_best, ignore_errors=True)
+            self._queued = (folder, staged)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run_queue, daemon=True, name="clicktower-upload")
+                self._thread.start()
+
+    def _run_queue(self) -> None:
+        """The uploader thread: the queued upload, until none is queued."""
+        while True:
+            with self._lock:
+                self._active, self._queued = self._queued, None
+                if self._active is None:
+                    self._thread = None
+                    return
+                job = self._active
+            self._upload_job(*job)
 
     def _upload_job(self, folder: Path, best: Path | None) -> None:
         try:
@@ -266,34 +383,24 @@ class RemoteCheckpoints(RemoteFolder):
         self._retry(lambda: fs.pipe_file(self.path(CHECKPOINT_DIR, LATEST), (folder.name + "\n").encode()))
         return remote
 
-    def upload_tree(self, folder: Path, name: str, last: str | None = None) -> None:
-        """Upload a folder (``final/``, ``best/``) to ``REMOTE/name/``.
-
-        Args:
-            folder: the local folder.
-            name: its name under the remote folder.
-            last: a file name uploaded after every other (a marker), if any.
-        """
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
-        files.sort(key=lambda p: p.name == last)  # stable: only moves ``last`` to the end
-        for path in files:
-            self._put(path, self.path(name, str(path.relative_to(folder))))
-
-    def _best_changed(self, best: Path) -> bool:
+    @staticmethod
+    def _best_step_of(best: Path) -> int | None:
+        """The step in a ``best/`` folder's ``best.json`` (None: no model there yet)."""
         marker = best / "best.json"
-        return marker.is_file() and json.loads(marker.read_text()).get("step") != self._best_step
+        return json.loads(marker.read_text()).get("step") if marker.is_file() else None
 
     def upload_best(self, best: Path) -> None:
         """Upload a ``best/`` folder when it holds another best model than the one uploaded
         last (call it when nothing rewrites the folder meanwhile).
 
         Args:
-            best: ``best/`` or a copy of it (with ``best.json``, written last by the periodic
-                evaluation and uploaded last here).
+            best: ``best/`` or a copy of it (with ``best.json``, written by the periodic
+                evaluation).
         """
-        if self._best_changed(best):
-            self.upload_tree(best, "best", last="best.json")
-            self._best_step = json.loads((best / "best.json").read_text()).get("step")
+        step = self._best_step_of(best)
+        if step not in (None, self._best_step):
+            self.upload_tree(best, "best")
+            self._best_step = step
 
     # -- pruning, download --------------------------------------------------------------
 

@@ -54,8 +54,9 @@ class CheckpointConfig:
             costs one copy of the state in host memory).
         remote_dir: also keep checkpoints in object storage (``s3://bucket/runs/x``, any
             URL the data layer reads, or a folder path): each complete checkpoint, then
-            ``final/`` and ``best/``, is uploaded by rank 0 in the background;
-            ``train.resume=auto`` looks there too. Credentials and endpoints come from the
+            ``final/`` and ``best/``, is uploaded by rank 0 in the background, never
+            stalling a step (a checkpoint still waiting for its upload is superseded by the
+            next one); ``train.resume=auto`` looks there too. Credentials and endpoints come from the
             store library's own settings (``AWS_ENDPOINT_URL``...) or ``storage_options``.
         storage_options: fsspec options for ``remote_dir``.
         remote_retries: retries of a transient remote failure per request (backoff doubling
@@ -296,12 +297,13 @@ class Checkpointer:
             os.replace(pending.folder, final)
             fsync_dir(self.root)
             write_atomic(self.root / LATEST, final.name + "\n")  # the pointer last
-            if self.remote is not None:
-                self.remote.wait()  # its upload reads a folder the pruning may delete
-            self._prune()
+            # No wait for the upload in flight (that stalled training on a slow store): this
+            # one is queued (replacing one still waiting), and the pruning, after it, leaves
+            # the folders being uploaded or queued.
             if self.remote is not None:
                 best = self.root.parent / "best"
                 self.remote.upload_async(final, best if best.is_dir() else None)
+            self._prune()
         acc.wait_for_everyone()
         self.last_saved = final
 
@@ -315,11 +317,14 @@ class Checkpointer:
 
     def _prune(self) -> None:
         """Keep the newest ``keep_last`` commits of this run's lineage: the checkpoint just
-        committed (``latest``) and those that led to it; other lineages' are never touched."""
+        committed (``latest``) and those that led to it; other lineages' are never touched.
+        A folder still being uploaded (or queued) stays until a later pruning."""
         entries = local_lineages(self.root.parent)
         head = read_latest(self.root)
+        uploading = self.remote.in_use() if self.remote is not None else set()
         for name in prune_plan(entries, head, self.cfg.keep_last, str(self.root)) if head in entries else []:
-            shutil.rmtree(self.root / name, ignore_errors=True)
+            if name not in uploading:
+                shutil.rmtree(self.root / name, ignore_errors=True)
 
     def finish(self, final: Path | None = None) -> None:
         """End of the run or a stop (collective): commit the save in flight; rank 0 uploads
@@ -332,6 +337,7 @@ class Checkpointer:
         if self.remote is None or not self.accelerator.is_main_process:
             return
         self.remote.wait()
+        self._prune()  # the folders the uploads kept
         try:
             if final is not None and final.is_dir():
                 self.remote.upload_tree(final, "final")
@@ -341,8 +347,9 @@ class Checkpointer:
             self.remote.counts["failures"] += 1
             logger.warning("checkpoint.remote_dir: uploading final/ or best/ failed (%s)", describe_failure(exc))
         counts = self.remote.counts
+        superseded = f"; {counts['superseded']} superseded before their upload started" if counts["superseded"] else ""
         print(f"checkpoint.remote_dir: {counts['uploaded']} checkpoint(s) uploaded to {self.remote.url} "
-              f"({counts['retries']} retries, {counts['failures']} failed upload(s))", flush=True)
+              f"({counts['retries']} retries, {counts['failures']} failed upload(s)){superseded}", flush=True)
 
     def resume(self, setting: str) -> dict[str, Any] | None:
         """Resolve ``train.resume`` and restore that checkpoint (collective).
