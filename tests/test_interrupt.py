@@ -1,11 +1,12 @@
-"""Ctrl-C during ``clicktower train`` (a real subprocess, the tiny BERT): the first SIGINT
-checkpoints the step in flight and exits 75 with the command that resumes, and that command
-resumes from the checkpoint with each step once in ``metrics.jsonl``; a second SIGINT aborts at
-once, without a checkpoint.
+"""Ctrl-C during ``clicktower train`` (a real subprocess, the tiny BERT): the first SIGINT (to
+the process group, as a terminal sends it) checkpoints the step in flight and exits 75 with the
+command that resumes, and that command resumes from the checkpoint with each step once in
+``metrics.jsonl``; a second SIGINT aborts at once, without a checkpoint.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import signal
@@ -48,19 +49,23 @@ def _wait(proc: subprocess.Popen, ready, what: str, log: Path) -> None:
 
 @pytest.mark.slow
 def test_first_ctrl_c_checkpoints_and_prints_the_command_that_resumes(shard_dir, tmp_path):
+    """As at a terminal: SIGINT to the whole process group, DataLoader workers included (they
+    must neither die nor answer: one message, one checkpoint)."""
     out, log = tmp_path / "run", tmp_path / "run.log"
-    args = _args(shard_dir, out, "train.resume=new")  # not auto: the printed command must say auto
+    # train.resume=new, not auto: the printed command must say auto.
+    args = _args(shard_dir, out, "train.resume=new", "data.num_workers=2")
     with open(log, "w") as fh:
-        proc = subprocess.Popen([CLICKTOWER, *args], cwd=REPO, env=cli_env(), stdout=fh, stderr=fh)
+        proc = subprocess.Popen([CLICKTOWER, *args], cwd=REPO, env=cli_env(), stdout=fh, stderr=fh,
+                                start_new_session=True)
     try:
         _wait(proc, lambda: len(_steps(out)) >= 3, "3 logged steps", log)
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         rc = proc.wait(timeout=120)
     finally:
         kill_tree(proc, timeout=30)
     text = log.read_text()
     assert rc == 75, text[-3000:]
-    assert "Ctrl-C: saving a checkpoint at the end of this step" in text
+    assert text.count("Ctrl-C: saving a checkpoint at the end of this step") == 1, text[-3000:]
     stopped = re.search(r"^preempted at step (\d+); checkpoint (\S+)$", text, re.M)
     assert stopped, text[-3000:]
     step, folder = int(stopped[1]), Path(stopped[2])

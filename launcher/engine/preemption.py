@@ -44,8 +44,10 @@ class PreemptionHandler:
         self.accelerator = accelerator
         self.signal_name: str | None = None
         self._previous = {}
+        self._pid = os.getpid()
 
     def install(self) -> "PreemptionHandler":
+        self._pid = os.getpid()
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._record)
         return self
@@ -57,6 +59,8 @@ class PreemptionHandler:
 
     def _record(self, signum: int, _frame: Any) -> None:
         # Only a flag: the step in flight finishes, collectives included.
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker (Ctrl-C reaches the terminal's whole process group)
         name = signal.Signals(signum).name
         if signum == signal.SIGINT:
             if self.signal_name == name:
