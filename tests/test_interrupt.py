@@ -23,8 +23,6 @@ from procs import kill_tree
 
 from clicktower.launcher.engine.checkpoint import check_checkpoint
 
-pytestmark = pytest.mark.e2e
-
 CLICKTOWER = str(Path(sys.executable).parent / "clicktower")
 
 
@@ -47,6 +45,7 @@ def _wait(proc: subprocess.Popen, ready, what: str, log: Path) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_first_ctrl_c_checkpoints_and_prints_the_command_that_resumes(shard_dir, tmp_path):
     """As at a terminal: SIGINT to the whole process group, DataLoader workers included (they
@@ -83,6 +82,7 @@ def test_first_ctrl_c_checkpoints_and_prints_the_command_that_resumes(shard_dir,
     assert _steps(out) == list(range(1, step + 3))
 
 
+@pytest.mark.e2e
 def test_second_ctrl_c_aborts_at_once_without_a_checkpoint(shard_dir, tmp_path):
     """The first Ctrl-C arrives while the step-4 save is held (tests/support/hold_save: two
     minutes between its files and its marker); the second ends the run within seconds."""
@@ -107,3 +107,20 @@ def test_second_ctrl_c_aborts_at_once_without_a_checkpoint(shard_dir, tmp_path):
     assert rc == 130 and "clicktower: interrupted" in text, text[-3000:]
     assert waited < 10, f"the second Ctrl-C took {waited:.1f} s"
     assert not (out / "checkpoints" / "step_00000004").exists() and "resume with:" not in text
+
+
+@pytest.mark.unit
+def test_the_handlers_are_given_back_when_the_loop_ends():
+    """train() called from Python leaves the caller's Ctrl-C as it was once its loop is over."""
+    from clicktower.launcher.engine.observers import CheckpointObserver
+    from clicktower.launcher.engine.preemption import PreemptionHandler, resume_command
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    observer = CheckpointObserver(checkpointer=None, preemption=PreemptionHandler(accelerator=None).install())
+    assert signal.getsignal(signal.SIGINT) is not before[signal.SIGINT]
+    observer.close()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    assert resume_command(["--config", "c.yaml", "a=1"], "auto", launched=False) == \
+        "clicktower train --config c.yaml a=1"
+    assert resume_command(["--config", "my run.yaml", "train.resume=new"], "new", launched=True) == \
+        "the same launch command with: -m clicktower.launcher.train --config 'my run.yaml' train.resume=auto"
