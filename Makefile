@@ -47,4 +47,4 @@ test-latest:
 	@echo "newest allowed versions pass the fast tier: $(LATEST)/constraints.txt is the candidate lock"
 
 clean:
-	rm -rf demo_out runs .pytest_cache
+	rm -rf demo_out runs work .pytest_cache

@@ -21,7 +21,7 @@ import os
 import re
 import tarfile
 import zlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from clicktower.data import outputs
 from clicktower.data.errors import DataError, short_repr
@@ -391,11 +391,17 @@ def _plan_ranges(inputs: list[str], split_bytes: int, first_source: int = 0) -> 
     return ranges
 
 
-def _run_parts(jobs: list[dict], workers: int) -> list[dict]:
+def _run_parts(jobs: list[dict], workers: int, progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Write every range (``workers`` processes); ``progress(done, total)`` after each."""
+    tick = progress or (lambda done, total: None)
     if workers == 1 or len(jobs) == 1:
-        return [_write_part(job) for job in jobs]
+        results = []
+        for job in jobs:
+            results.append(_write_part(job))
+            tick(len(results), len(jobs))
+        return results
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     # spawn, not fork: the caller may hold threads (tokenizers, torch) that fork would copy
     # mid-lock; clicktower.data imports lazily, so a spawned writer starts in well under 1 s.
@@ -404,6 +410,9 @@ def _run_parts(jobs: list[dict], workers: int) -> list[dict]:
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
         futures = [pool.submit(_write_part, job) for job in jobs]
         try:
+            for done, future in enumerate(as_completed(futures), 1):
+                future.result()  # the first failure raises here, not after the slow ones
+                tick(done, len(jobs))
             return [f.result() for f in futures]
         except BaseException:
             for f in futures:
@@ -456,7 +465,8 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
                  gzip_block: int = DEFAULT_GZIP_BLOCK,
                  split_bytes: int = DEFAULT_SPLIT_BYTES, append: bool = False,
                  storage: Storage | None = None, features_file: tuple[str, str] | None = None,
-                 force: bool = False) -> dict:
+                 force: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
     """Convert click-log inputs into indexed WebDataset tar shards plus ``manifest.json``.
 
     Args:
@@ -490,6 +500,8 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
             inputs, row i of the matrix belonging to the item id on line i; samples and hard
             negatives get the vector of their item id (exclusive with ``field_map.features``).
         force: ``append`` also inputs the manifest's ``sources`` list (else refused: read twice).
+        progress: called as ``progress(done, total)`` each time a range of the inputs is
+            written (``clicktower shard`` prints it).
 
     Returns:
         The manifest, as written: ``{"format", "version", "num_samples", "fields",
@@ -533,7 +545,7 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
                  "max_shard_bytes": max_shard_bytes, "gzip": gzip, "gzip_block": gzip_block,
                  "features_file": list(features_file) if features_file else None}
                 for r, segments in enumerate(ranges)]
-        parts = _run_parts(jobs, workers)
+        parts = _run_parts(jobs, workers, progress)
         settings = {"shard_size": shard_size, "max_shard_bytes": max_shard_bytes, "gzip": gzip,
                     "gzip_block": gzip_block if gzip else None, "split_bytes": split_bytes,
                     "num_ranges": len(ranges)}

@@ -6,8 +6,9 @@ numbers without dashes, shuffled words, typos); clicks follow a Zipf law over po
 one batch often holds the same product twice. ``generate`` writes ``train.jsonl``,
 ``catalog.jsonl`` and ``eval.jsonl`` (held-out queries with graded relevance: 3 the intended
 product, 2 another product matching everything the query says, 1 same kind missing an
-attribute); options add an "image" feature vector per product (``add_image_features``) and
-cold products no training pair clicks. More: docs/data.md ("Synthetic click logs").
+attribute); options add an "image" feature vector per product (``add_image_features``), cold
+products no training pair clicks, and per-click training signals (``training_signals``: hard
+negatives, an engagement grade, judged exclusions, teacher scores). More: docs/data.md.
 """
 from __future__ import annotations
 
@@ -273,10 +274,50 @@ def add_image_features(products: list[Product], dim: int, seed: int) -> dict[str
     return out
 
 
+# Engagement behind a click, as the ``grade`` of ``training_signals``: 1 click, 2 add to
+# cart, 3 purchase, with these probabilities.
+GRADES = ((1, 0.7), (2, 0.2), (3, 0.1))
+MAX_JUDGED = 20
+
+
+def training_signals(rng: random.Random, intent: Intent, by_category: list[list[Product]],
+                     hard_negatives: int) -> dict[str, Any]:
+    """What richer click logs carry besides the pair, for one training click.
+
+    ``negs``: up to ``hard_negatives`` products of the clicked one's category that miss a
+    facet the query names (shown, not clicked: true hard negatives); ``grade``: the click's
+    engagement (``GRADES``); ``judged``: ids of the other products that match everything the
+    query names (relevant but not clicked: never negatives; at most ``MAX_JUDGED``); ``teacher``: a teacher model's
+    scores, the positive first, then each of ``negs`` (higher the more facets it shares).
+
+    Args:
+        rng: the signals' own random stream.
+        intent: the click's query intent (``make_query``).
+        by_category: the catalog by category.
+        hard_negatives: negatives per click.
+    """
+    grades = judge(intent, by_category, rng, num_partial=0)
+    target = intent.product
+    judged = sorted(i for i, g in grades.items() if g == 2)
+    if len(judged) > MAX_JUDGED:  # a broad query ("grill"): a sample is enough to show the idea
+        judged = sorted(rng.sample(judged, MAX_JUDGED))
+    others = [p for p in by_category[target.category] if p.item_id not in grades]
+    negs = rng.sample(others, min(hard_negatives, len(others)))
+    axes = intent.axes or tuple(target.values)
+
+    def teacher(product: Product) -> float:
+        shared = sum(product.values[a] == target.values[a] for a in axes) / len(axes)
+        return round(0.3 + 0.4 * shared + rng.gauss(0.0, 0.03), 4)
+
+    return {"negs": [{"item_id": p.item_id, "item_text": p.title} for p in negs],
+            "grade": rng.choices([g for g, _ in GRADES], weights=[w for _, w in GRADES])[0],
+            "judged": judged, "teacher": [round(0.9 + rng.gauss(0.0, 0.03), 4), *map(teacher, negs)]}
+
+
 def generate(out_dir: str | Path, num_pairs: int, seed: int = 0, num_items: int | None = None,
              num_eval_queries: int | None = None, zipf_exponent: float = 1.05,
              max_relevant: int = 20, image_features: int | None = None,
-             cold_items: int = 0) -> dict[str, Any]:
+             cold_items: int = 0, hard_negatives: int | None = None) -> dict[str, Any]:
     """Write ``train.jsonl``, ``catalog.jsonl`` and ``eval.jsonl`` into ``out_dir``.
 
     The same arguments always give byte-identical files. Eval queries never appear as train
@@ -296,6 +337,8 @@ def generate(out_dir: str | Path, num_pairs: int, seed: int = 0, num_items: int 
             leave out colour and material, which only the vector shows).
         cold_items: products (drawn at random, popular ones included) never clicked in
             ``train.jsonl``; they stay in the catalog and in the eval judgements.
+        hard_negatives: add ``training_signals`` with this many hard negatives to every row
+            of ``train.jsonl`` (fields ``negs``, ``grade``, ``judged``, ``teacher``).
 
     Returns:
         Counts of what was written.
@@ -307,6 +350,8 @@ def generate(out_dir: str | Path, num_pairs: int, seed: int = 0, num_items: int 
         raise DataError(f"--image-features must be >= 1, got {image_features}")
     if num_items is not None and num_items < 1:
         raise DataError(f"--items must be >= 1, got {num_items}")
+    if hard_negatives is not None and hard_negatives < 1:
+        raise DataError(f"--hard-negatives must be >= 1, got {hard_negatives}")
     rng = random.Random(seed)
     catalog = "--items" if num_items else f"by default max(240, min(5000, --pairs / 10)) for --pairs {num_pairs}"
     num_items = num_items or max(240, min(5000, num_pairs // 10))
@@ -329,12 +374,15 @@ def generate(out_dir: str | Path, num_pairs: int, seed: int = 0, num_items: int 
     train_queries: set[str] = set()
     train_rows = []
     clicked = [(p, w) for p, w in zip(ranked, weights) if p.item_id not in cold]
+    signals_rng = random.Random(f"{seed}:signals")  # its own stream: the pairs stay as they are
     for product in rng.choices([p for p, _ in clicked], weights=[w for _, w in clicked], k=num_pairs):
-        query, _ = make_query(rng, product)
+        query, intent = make_query(rng, product)
         train_queries.add(query)
         row = {"query": query, "item_id": product.item_id, "item_text": product.title}
         if vectors is not None:
             row["features"] = vectors[product.item_id]
+        if hard_negatives is not None:
+            row.update(training_signals(signals_rng, intent, by_category, hard_negatives))
         train_rows.append(row)
 
     eval_rng = random.Random(f"{seed}:eval")
@@ -368,6 +416,8 @@ def generate(out_dir: str | Path, num_pairs: int, seed: int = 0, num_items: int 
         counts["cold_items"] = len(cold)
     if vectors is not None:
         counts["image_features"] = image_features
+    if hard_negatives is not None:
+        counts["hard_negatives"] = hard_negatives
     return counts
 
 

@@ -220,3 +220,49 @@ def test_resume_refuses_a_checkpoint_with_nan_weights(tmp_path):
         ckpt.resume("auto")
     assert ckpt.resume(str(tmp_path / "checkpoints" / "step_00000001"))["step"] == 1  # an older one loads
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _metric_steps(path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_metrics_travel_in_the_checkpoint_and_a_resume_keeps_each_step_once(tmp_path):
+    """metrics.jsonl is copied into every checkpoint; a resume puts it back up to the resumed
+    step: the stopped run's later records go (they are trained again), and a run folder
+    without the file (a fresh disk, the checkpoint downloaded) gets the steps before."""
+    from clicktower.launcher.engine.metrics import MetricsLog
+
+    acc, model, optimizer, scheduler, _ = _setup(tmp_path)
+    metrics = MetricsLog(tmp_path / "metrics.jsonl", True)
+    ckpt = Checkpointer(acc, tmp_path, CheckpointConfig(keep_last=2), "train: {}\n", metrics)
+    for step in range(1, 7):
+        _step(model, optimizer, scheduler)
+        metrics.write({"step": step, "loss": 1.0 / step})
+        if step == 4:
+            folder = ckpt.save(step, {"loader": {}})
+    assert _metric_steps(folder / "metrics.jsonl") == [1, 2, 3, 4]
+    assert _metric_steps(metrics.path) == [1, 2, 3, 4, 5, 6]
+
+    fresh = Checkpointer(acc, tmp_path, CheckpointConfig(keep_last=2), "train: {}\n", metrics)
+    assert fresh.resume("auto")["step"] == 4
+    assert _metric_steps(metrics.path) == [1, 2, 3, 4]  # steps 5 and 6 are replayed: not twice
+
+    metrics.path.unlink()  # an empty disk but for the checkpoint
+    Checkpointer(acc, tmp_path, CheckpointConfig(keep_last=2), "train: {}\n", metrics).resume("auto")
+    assert _metric_steps(metrics.path) == [1, 2, 3, 4]
+
+
+def test_metrics_resume_without_a_saved_copy_truncates_the_runs_own_file(tmp_path):
+    """A checkpoint of an earlier version holds no metrics.jsonl: the run's own file is cut at
+    the resumed step (a torn last line goes too)."""
+    from clicktower.launcher.engine.metrics import MetricsLog
+
+    metrics = MetricsLog(tmp_path / "metrics.jsonl", True)
+    for step in (2, 4, 6, 8):
+        metrics.write({"step": step, "loss": 0.5})
+    with metrics.path.open("a") as fh:
+        fh.write('{"step": 1')  # killed mid-line
+    metrics.resume(4, tmp_path / "checkpoints" / "step_00000004" / "metrics.jsonl")
+    assert _metric_steps(metrics.path) == [2, 4]
+    MetricsLog(tmp_path / "metrics.jsonl", False).resume(2, None)  # other ranks: untouched
+    assert _metric_steps(metrics.path) == [2, 4]

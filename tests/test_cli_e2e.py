@@ -44,6 +44,9 @@ def test_synth_shard_train_eval(tmp_path):
                         f"train.output_dir={run_dir}", "train.max_steps=20")
     assert result.returncode == 0, result.stderr
     _assert_trained(run_dir, 20)
+    assert result.stdout.strip().splitlines()[-1] == f"saved the trained model: {run_dir / 'final'}"
+    # What is loaded before step 1 is said before step 1 (stderr: stdout keeps the results).
+    assert f"[clicktower] train: 20 steps of 16 pairs from {tmp_path / 'shards'} into {run_dir}" in result.stderr
 
     from transformers import AutoModel
     assert AutoModel.from_pretrained(run_dir / "final" / "query_tower").config.hidden_size == 32

@@ -113,3 +113,6 @@ def test_demo_smoke(tmp_path):
     assert set(table) == {"before", "after"}
     assert table["before"]["num_queries"] == table["after"]["num_queries"] > 0
     assert (tmp_path / "demo" / "run" / "final").is_dir()
+    # Where the model went is the last line a user sees (stderr, after the JSON on stdout).
+    final = tmp_path / "demo" / "run" / "final"
+    assert result.stderr.strip().splitlines()[-1] == f"[demo] the fine-tuned model: {final}"

@@ -112,6 +112,9 @@ def test_sigkill_inside_a_checkpoint_save_then_resume_is_bitwise_identical(refer
     keys = consumed_keys(out)
     assert keys == consumed_keys(reference)
     assert_exactly_once(keys, STEPS, 2 * 16)
+    # metrics.jsonl was cut back to step 8 by the resume: each step once, in order.
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert steps == list(range(1, STEPS + 1))
     expected, got = _losses(reference), _losses(out)
     assert [got[s] for s in range(9, STEPS + 1)] == [expected[s] for s in range(9, STEPS + 1)]
     ref_w, got_w = _weights(reference), _weights(out)

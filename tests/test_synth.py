@@ -50,3 +50,34 @@ def test_eval_queries_are_held_out_and_graded(synth_dir):
         assert set(grades) <= catalog
         assert sorted(set(grades.values())) in ([1, 3], [1, 2, 3], [3], [2, 3])
         assert list(grades.values()).count(3) == 1
+
+
+def test_training_signals_are_extra_fields_that_shard_and_leave_the_pairs_alone(tmp_path):
+    """--hard-negatives K adds negs / grade / judged / teacher to each row (the inputs of the
+    README's hard-negative section); the pairs, catalog and eval queries stay byte for byte."""
+    from clicktower.data.shards import iter_shard, write_shards
+    from clicktower.data.sources import FieldMap
+
+    generate(tmp_path / "plain", 400, seed=3)
+    generate(tmp_path / "rich", 400, seed=3, hard_negatives=2)
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "train.jsonl").read_text().splitlines()]
+    rich = [json.loads(line) for line in (tmp_path / "rich" / "train.jsonl").read_text().splitlines()]
+    assert [{k: r[k] for k in ("query", "item_id", "item_text")} for r in rich] == plain
+    for name in ("catalog.jsonl", "eval.jsonl"):
+        assert (tmp_path / "rich" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    texts = {json.loads(line)["item_id"]: json.loads(line)["item_text"]
+             for line in (tmp_path / "plain" / "catalog.jsonl").read_text().splitlines()}
+    assert sum(len(r["negs"]) == 2 for r in rich) > 0.9 * len(rich)
+    for r in rich:
+        ids = {n["item_id"] for n in r["negs"]}
+        assert r["item_id"] not in ids | set(r["judged"]) and not ids & set(r["judged"])
+        assert all(texts[n["item_id"]] == n["item_text"] for n in r["negs"])
+        assert r["grade"] in (1, 2, 3) and len(r["teacher"]) == 1 + len(r["negs"])
+        assert all(r["teacher"][0] > t for t in r["teacher"][1:])  # the teacher ranks the click first
+    manifest = write_shards([str(tmp_path / "rich" / "train.jsonl")], str(tmp_path / "shards"),
+                            FieldMap(hard_negatives="negs", weight="grade", exclude_ids="judged",
+                                     teacher_scores="teacher"))
+    sample = next(iter_shard(str(tmp_path / "shards" / manifest["shards"][0]["path"])))
+    assert {"hard_negatives", "weight", "exclude_ids", "teacher_scores"} <= set(sample)
+    with pytest.raises(ValueError, match="--hard-negatives"):
+        generate(tmp_path / "bad", 10, hard_negatives=0)

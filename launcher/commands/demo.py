@@ -4,7 +4,8 @@ relevant products no training pair clicks) and the warm ones apart.
 
     clicktower demo --out demo_out
 
-The last stdout line is ``{"before": {...}, "after": {...}}``.
+The last stdout line is ``{"before": {...}, "after": {...}}``; the last line on stderr, after
+it, names the fine-tuned model's folder.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
           f"every relevant product is one no training pair clicked; "
           f"{time.perf_counter() - started:.0f} s in all)\n")
     print(json.dumps({"before": before, "after": after}), flush=True)
+    print(f"[demo] the fine-tuned model: {final}", file=sys.stderr, flush=True)
     return 0
 
 

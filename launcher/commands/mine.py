@@ -1,6 +1,6 @@
 """clicktower mine: mine hard negatives with a model into a new shard set.
 
-    clicktower mine --model runs/x/final --manifest data/shards --out data/shards_mined
+    clicktower mine --model runs/x/final --manifest work/shards --out work/shards_mined
     accelerate launch -m clicktower.launcher.mine --model ... --manifest ... --out ...
 
 The rules (rank window, margin, exclusions) are those of

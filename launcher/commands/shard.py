@@ -20,6 +20,7 @@ import sys
 from clicktower.data.shards import DEFAULT_SPLIT_BYTES, write_shards
 from clicktower.data.sources import FieldMap
 from clicktower.launcher.errors import run_cli
+from clicktower.launcher.progress import bar
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -101,11 +102,21 @@ def main(argv: list[str] | None = None) -> int:
                              teacher_scores=args.teacher_field)
     except ValueError as exc:
         parser.error(str(exc))
+    shown: list = []  # the bar, made at the first range written (a bad input fails before: one line)
+
+    def progress(done: int, total: int) -> None:  # ranges of about --split-bytes of input each
+        if not shown:
+            shown.append(bar(total, f"shard -> {args.out}", unit="range"))
+        shown[0].update(done - shown[0].n)
+
     manifest = write_shards(args.inputs, args.out, field_map, shard_size=args.shard_size,
                             overwrite=args.overwrite, workers=args.workers,
                             max_shard_bytes=args.max_shard_bytes, gzip=args.gzip,
                             split_bytes=args.split_bytes, append=args.append, force=args.force,
-                            features_file=(args.features_file, args.features_ids) if args.features_file else None)
+                            features_file=(args.features_file, args.features_ids) if args.features_file else None,
+                            progress=progress)
+    for made in shown:
+        made.close()
     print(json.dumps({"out": args.out, "num_samples": manifest["num_samples"], "shards": len(manifest["shards"])}))
     return 0
 

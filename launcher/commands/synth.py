@@ -21,11 +21,15 @@ def main(argv: list[str] | None = None) -> int:
                              "material, which some titles then leave out) to train.jsonl and catalog.jsonl")
     parser.add_argument("--cold-items", type=int, default=0, metavar="K",
                         help="K products no training pair clicks (still in the catalog and the judgements)")
+    parser.add_argument("--hard-negatives", type=int, default=None, metavar="K",
+                        help="add to every train.jsonl row K hard negatives (negs), an engagement grade "
+                             "(grade), the judged-relevant unclicked ids (judged) and teacher scores (teacher)")
     args = parser.parse_args(argv)
     # generate() checks the values (some only it can: --cold-items against the catalog size),
     # each a one-line error with exit status 2.
     counts = generate(args.out, args.pairs, args.seed, args.items, args.eval_queries,
-                      image_features=args.image_features, cold_items=args.cold_items)
+                      image_features=args.image_features, cold_items=args.cold_items,
+                      hard_negatives=args.hard_negatives)
     print(json.dumps({"out": args.out, **counts}))
     return 0
 

@@ -4,7 +4,8 @@
     accelerate launch -m clicktower.launcher.train --config configs/demo.yaml
 
 The work is ``clicktower.launcher.engine.training.train``; this is its command line: parse,
-load the config, train, report (exit 75 after a preemption checkpoint, for requeueing).
+load the config, train, report: the final towers' folder last, or, after a stop checkpoint
+(SIGTERM, SIGUSR1, Ctrl-C), the command that resumes, with exit 75 (for requeueing).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_args(argv)
     # Imported after parsing: --help and usage errors need neither torch nor transformers.
     from clicktower.launcher.engine.config import load_config
-    from clicktower.launcher.engine.preemption import EXIT_PREEMPTED, Preempted
+    from clicktower.launcher.engine.preemption import EXIT_PREEMPTED, Preempted, resume_command
     from clicktower.launcher.engine.training import train
 
     cfg = load_config(config_path, overrides)
@@ -50,10 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         final = train(cfg)
     except Preempted as stop:
         if main_rank:
-            print(f"{stop}; resume with train.resume=auto", flush=True)
+            launched = argv is None and "LOCAL_RANK" in os.environ
+            command = resume_command(sys.argv[1:] if argv is None else argv, cfg.train.resume, launched)
+            print(f"{stop}\nresume with: {command}", flush=True)
         return EXIT_PREEMPTED
     if main_rank:
-        print(f"saved {final}", flush=True)
+        print(f"saved the trained model: {final}", flush=True)
     return 0
 
 

@@ -27,6 +27,30 @@ class MetricsLog:
         if self.enabled:
             self.path.unlink(missing_ok=True)
 
+    def resume(self, step: int, saved: Path | None) -> None:
+        """Continue after a resume from ``step``: the history up to that step, each step once.
+
+        Args:
+            step: the step resumed from (the records after it are replayed, hence dropped).
+            saved: the checkpoint's copy of the file (None: it has none, e.g. written by an
+                earlier version): it replaces this file, which may be missing (a fresh disk)
+                or hold the steps the stopped run made after the checkpoint.
+        """
+        if not self.enabled:
+            return
+        source = saved if saved is not None and saved.is_file() else self.path
+        if not source.is_file():
+            return
+        kept = [line for line in source.read_text(encoding="utf-8").splitlines(keepends=True)
+                if _record_step(line) <= step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.writelines(kept)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (a no-op on non-main ranks).
 
@@ -40,6 +64,15 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())  # a crash must not lose the lines already reported
+
+
+def _record_step(line: str) -> float:
+    """The ``step`` of one ``metrics.jsonl`` line (a torn or foreign line counts as after
+    every step: a resume drops it)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class SampleKeysLog:

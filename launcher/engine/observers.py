@@ -208,4 +208,6 @@ class CheckpointObserver:
             raise Preempted(report.step, str(saved) if saved else None)
 
     def close(self) -> None:
-        pass
+        # The loop is over: a Python caller of train() gets its own signal handling back.
+        if self.preemption is not None:
+            self.preemption.uninstall()

@@ -105,9 +105,11 @@ class PeriodicEvaluator:
     def due(self, step: int) -> bool:
         return self.cfg.every_steps is not None and step % self.cfg.every_steps == 0
 
-    def _embed(self, tower: Any, texts: list[str], limit: int, features: Any = None) -> torch.Tensor:
+    def _embed(self, tower: Any, texts: list[str], limit: int, features: Any = None,
+               progress: str | None = None) -> torch.Tensor:
         """Every row of ``texts`` on every rank, each rank embedding its slice."""
-        return embed_sharded(tower, self.tokenizer, texts, limit, self.acc.device, self.cfg.batch_size, features)
+        return embed_sharded(tower, self.tokenizer, texts, limit, self.acc.device, self.cfg.batch_size, features,
+                             progress)
 
     @torch.no_grad()
     def run(self, step: int) -> dict[str, Any]:
@@ -116,8 +118,10 @@ class PeriodicEvaluator:
         Args:
             step: the current optimiser step.
         """
-        catalog = self._embed(self.model.item_tower, self.texts, self.model.max_item_length, self.features)
-        queries = self._embed(self.model.query_tower, [q for q, _ in self.judged], self.model.max_query_length)
+        catalog = self._embed(self.model.item_tower, self.texts, self.model.max_item_length, self.features,
+                              f"eval at step {step}: catalog")
+        queries = self._embed(self.model.query_tower, [q for q, _ in self.judged], self.model.max_query_length,
+                              progress=f"eval at step {step}: queries")
         _, top = exact_topk(queries, catalog, k=100)
         per_query = [query_metrics([self.ids[i] for i in row], grades, self.cfg.min_relevance)
                      for row, (_, grades) in zip(top.tolist(), self.judged)]

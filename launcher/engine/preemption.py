@@ -1,16 +1,19 @@
-"""Stop cleanly on a preemption signal: checkpoint at the next step boundary, all ranks agreeing.
+"""Stop cleanly on a preemption signal or Ctrl-C: checkpoint at the next step boundary, all ranks agreeing.
 
 SLURM (``--signal=B:USR1@grace`` forwarded by ``train.sbatch``, or ``scancel --signal=USR1``),
 torchrun and Kubernetes (SIGTERM before the kill) all give a process a signal and some grace
-time. The handler only records it; at the end of each step the ranks agree (a max over one
-flag) so that every rank saves the same step and exits, and no rank is left waiting in a
-collective for one that already left.
+time; a user at a terminal presses Ctrl-C (SIGINT). The handler only records it; at the end of
+each step the ranks agree (a max over one flag) so that every rank saves the same step and
+exits, and no rank is left waiting in a collective for one that already left. A second Ctrl-C
+aborts at once, without a checkpoint (``KeyboardInterrupt``).
 """
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import signal
-from typing import Any
+from typing import Any, Sequence
 
 logger = logging.getLogger("clicktower")
 
@@ -18,7 +21,7 @@ logger = logging.getLogger("clicktower")
 # it after its checkpoint, so that job schedulers requeue (and a Kubernetes Job restarts it)
 # instead of counting it as done; train.sbatch requeues on it.
 EXIT_PREEMPTED = 75
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -30,7 +33,8 @@ class Preempted(Exception):
 
 
 class PreemptionHandler:
-    """Records SIGUSR1/SIGTERM; ``requested()`` tells every rank the same answer.
+    """Records SIGUSR1/SIGTERM/SIGINT; ``requested()`` tells every rank the same answer; a
+    second SIGINT raises ``KeyboardInterrupt`` at once.
 
     Args:
         accelerator: the training accelerator (for the cross-rank agreement).
@@ -40,8 +44,10 @@ class PreemptionHandler:
         self.accelerator = accelerator
         self.signal_name: str | None = None
         self._previous = {}
+        self._pid = os.getpid()
 
     def install(self) -> "PreemptionHandler":
+        self._pid = os.getpid()
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._record)
         return self
@@ -53,7 +59,17 @@ class PreemptionHandler:
 
     def _record(self, signum: int, _frame: Any) -> None:
         # Only a flag: the step in flight finishes, collectives included.
-        self.signal_name = signal.Signals(signum).name
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker (Ctrl-C reaches the terminal's whole process group)
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            if self.signal_name == name:
+                raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait
+            # os.write, not print: a handler that prints while the main thread is printing
+            # would raise "reentrant call" inside the step.
+            os.write(2, b"Ctrl-C: saving a checkpoint at the end of this step, then stopping "
+                        b"(Ctrl-C again aborts without one)\n")
+        self.signal_name = name
 
     def requested(self) -> bool:
         """Whether any rank got a signal (collective: every rank calls it every step)."""
@@ -67,3 +83,20 @@ class PreemptionHandler:
             logger.warning("preemption signal %s: saving a checkpoint and stopping",
                            self.signal_name or "(on another rank)")
         return stop
+
+
+def resume_command(args: Sequence[str], resume_setting: str, launched: bool) -> str:
+    """The command that continues a stopped run: the same one, with ``train.resume=auto``.
+
+    Args:
+        args: the ``clicktower train`` arguments of the run (config and overrides).
+        resume_setting: the run's ``train.resume`` (anything but ``auto`` is replaced).
+        launched: started by a launcher (``accelerate launch``, torchrun), whose own
+            command line this process cannot see.
+    """
+    kept = list(args)
+    if resume_setting != "auto":
+        kept = [arg for arg in kept if not arg.startswith("train.resume=")] + ["train.resume=auto"]
+    if launched:
+        return "the same launch command with: -m clicktower.launcher.train " + shlex.join(kept)
+    return "clicktower train " + shlex.join(kept)

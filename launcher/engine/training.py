@@ -28,6 +28,7 @@ from clicktower.launcher.engine.preemption import PreemptionHandler
 from clicktower.launcher.engine.step import TrainStep
 from clicktower.launcher.engine.tracking import Tracker, accelerator_tracking_kwargs
 from clicktower.launcher.errors import ConfigError
+from clicktower.launcher.progress import status
 from clicktower.modeling.losses import ContrastiveLoss
 from clicktower.modeling.towers import TwoTower
 
@@ -74,6 +75,10 @@ def train(cfg: ExperimentConfig) -> Path:
     check_distillation(cfg, loader.manifest_fields)  # settings that would do nothing: refused or warned
     check_warmup(cfg, steps, accelerator.is_main_process)
     out = Path(cfg.train.output_dir)
+    status(f"train: {steps} steps of {cfg.train.batch_size * rank.world_size * accumulation} pairs from "
+           f"{', '.join(map(str, cfg.data.manifests()))} into {out}; loading the model "
+           f"({cfg.model.name_or_path or 'a random BERT, model.bert_config'}) and any checkpoint to resume",
+           accelerator.is_main_process)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +97,7 @@ def train(cfg: ExperimentConfig) -> Path:
                      cfg.train.grad_cache_chunk)
 
     metrics = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
-    checkpointer = Checkpointer(accelerator, out, cfg.checkpoint, config_yaml)
+    checkpointer = Checkpointer(accelerator, out, cfg.checkpoint, config_yaml, metrics)
     tracker = Tracker(accelerator, out.name, to_dict(cfg))  # TensorBoard, W&B...: train.report_to
     observers = [MetricsObserver(metrics, cfg.train, accelerator.is_main_process, tracker)]
     if cfg.train.sample_keys_log:

@@ -14,13 +14,15 @@ import torch
 from clicktower.data.features import FeatureTable
 from clicktower.kernels import distributed_world, gather_with_grad
 from clicktower.launcher.retrieval.defaults import EMBED_BATCH_SIZE
+from clicktower.launcher.progress import bar
 from clicktower.modeling.towers import Tower
 
 
 
 @torch.no_grad()
 def embed_texts(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: int,
-                batch_size: int = EMBED_BATCH_SIZE, features: FeatureTable | None = None) -> torch.Tensor:
+                batch_size: int = EMBED_BATCH_SIZE, features: FeatureTable | None = None,
+                progress: str | None = None) -> torch.Tensor:
     """Embed texts in batches, in eval mode; returns [len(texts), D] float32 on the CPU.
 
     Args:
@@ -32,6 +34,7 @@ def embed_texts(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: 
         features: the items' feature vectors, row for row with ``texts``, for an item
             tower that fuses them (None: no vectors; such a tower uses its "missing"
             embedding for every row).
+        progress: label of a progress bar on stderr (None: no bar).
     """
     was_training = tower.training
     tower.eval()
@@ -39,6 +42,7 @@ def embed_texts(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: 
     # Sorting by length keeps padding low; the original order is restored at the end.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), tower.embedding_dim)
+    shown = bar(len(texts), progress or "", enabled=progress is not None, unit="text")
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
@@ -49,6 +53,8 @@ def embed_texts(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: 
                      torch.from_numpy(features.present[idx]).to(device))
         emb = tower(enc["input_ids"].to(device), enc["attention_mask"].to(device), *extra)
         out[idx] = emb.float().cpu()
+        shown.update(len(idx))
+    shown.close()
     tower.train(was_training)
     return out
 
@@ -68,7 +74,7 @@ def rank_slice(num_rows: int, rank: int, world_size: int) -> slice:
 
 def embed_slice(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: int, rank: int,
                 world_size: int, batch_size: int = EMBED_BATCH_SIZE,
-                features: FeatureTable | None = None) -> torch.Tensor:
+                features: FeatureTable | None = None, progress: str | None = None) -> torch.Tensor:
     """Embed this rank's ``rank_slice`` of ``texts`` (on the CPU, in row order).
 
     Every rank runs the same number of forward passes: the slice is padded with copies of
@@ -85,6 +91,7 @@ def embed_slice(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: 
         world_size: number of ranks.
         batch_size: texts per forward pass.
         features: the items' vectors, row for row with ``texts`` (the whole collection).
+        progress: label of rank 0's progress bar (None: no bar).
     """
     part = rank_slice(len(texts), rank, world_size)
     rows = list(texts[part])
@@ -96,12 +103,13 @@ def embed_slice(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: 
         index = list(range(len(texts)))[part]
         index = index + (index[-1:] or [0]) * (longest - len(index))
         features = features.take(index)
-    return embed_texts(tower, tokenizer, padded, max_length, batch_size, features)[:len(rows)]
+    label = None if progress is None or rank else progress + (f" (rank 0 of {world_size})" if world_size > 1 else "")
+    return embed_texts(tower, tokenizer, padded, max_length, batch_size, features, label)[:len(rows)]
 
 
 def embed_sharded(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length: int,
                   device: torch.device, batch_size: int = EMBED_BATCH_SIZE,
-                  features: FeatureTable | None = None) -> torch.Tensor:
+                  features: FeatureTable | None = None, progress: str | None = None) -> torch.Tensor:
     """Embed ``texts`` split over every rank and return all rows, in order, on every rank.
 
     Each rank embeds its ``rank_slice`` (``embed_slice``); the slices are all-gathered with
@@ -116,12 +124,13 @@ def embed_sharded(tower: Tower, tokenizer: Any, texts: Sequence[str], max_length
         device: the collective's device (the backend's: CUDA for NCCL, CPU for gloo).
         batch_size: texts per forward pass.
         features: the items' vectors, row for row with ``texts`` (see ``embed_texts``).
+        progress: label of rank 0's progress bar (None: no bar).
 
     Returns:
         [len(texts), D] float32 on the CPU.
     """
     rank, world = distributed_world()
-    local = embed_slice(tower, tokenizer, texts, max_length, rank, world, batch_size, features)
+    local = embed_slice(tower, tokenizer, texts, max_length, rank, world, batch_size, features, progress)
     if world == 1:
         return local
     return gather_with_grad(local.to(device)).cpu()

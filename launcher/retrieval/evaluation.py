@@ -21,7 +21,7 @@ from clicktower.modeling.towers import Tower
 def evaluate(model: str, queries_path: str, catalog_path: str, min_relevance: float = MIN_RELEVANCE,
              batch_size: int = EMBED_BATCH_SIZE, mode: str = "full", per_query_path: str | None = None,
              features_field: str = "features", train_manifest: str | None = None,
-             on_error: str = "skip") -> dict[str, Any]:
+             on_error: str = "skip", progress: bool = True) -> dict[str, Any]:
     """Load a model and judged queries, retrieve, and average the metrics.
 
     Args:
@@ -39,6 +39,7 @@ def evaluate(model: str, queries_path: str, catalog_path: str, min_relevance: fl
             ``warm/<metric>`` (``cold_warm_metrics``).
         on_error: a bad catalog vector: ``skip`` (the item is embedded without it,
             counted in ``bad_features``) or ``raise``.
+        progress: progress bars of the embedding on stderr.
     """
     judged = read_judged_queries(queries_path)
     query_tower, item_tower, tokenizer = load_towers(model)
@@ -46,14 +47,14 @@ def evaluate(model: str, queries_path: str, catalog_path: str, min_relevance: fl
     ids, texts, features = read_catalog_features(catalog_path, features_field if dim else None, dim, on_error)
     trained = trained_item_ids(train_manifest) if train_manifest is not None else None
     return evaluate_towers(query_tower, item_tower, tokenizer, judged, ids, texts, min_relevance,
-                           batch_size, mode, per_query_path, features, trained)
+                           batch_size, mode, per_query_path, features, trained, progress)
 
 
 def evaluate_towers(query_tower: Tower, item_tower: Tower, tokenizer: Any,
                     judged: list[tuple[str, dict[str, float]]], ids: list[str], texts: list[str],
                     min_relevance: float = MIN_RELEVANCE, batch_size: int = EMBED_BATCH_SIZE, mode: str = "full",
                     per_query_path: str | None = None, features: FeatureTable | None = None,
-                    trained_items: set[str] | None = None) -> dict[str, Any]:
+                    trained_items: set[str] | None = None, progress: bool = False) -> dict[str, Any]:
     """Retrieval metrics of in-memory towers (used by ``clicktower eval`` and during training).
 
     Args:
@@ -69,13 +70,16 @@ def evaluate_towers(query_tower: Tower, item_tower: Tower, tokenizer: Any,
         per_query_path: optional JSONL of per-query metrics and top-10 ids.
         features: the catalog items' feature vectors, row for row with ``ids``.
         trained_items: ids clicked in training: adds the cold/warm split of the metrics.
+        progress: progress bars of the embedding on stderr.
     """
     if mode not in ("full", "rerank"):
         raise ValueError(f"unknown eval mode {mode!r}")
     q_len, i_len = token_limits(query_tower, item_tower)
-    queries = embed_texts(query_tower, tokenizer, [q for q, _ in judged], q_len, batch_size)
+    label = (lambda what: f"eval: embed {what}") if progress else (lambda what: None)
+    queries = embed_texts(query_tower, tokenizer, [q for q, _ in judged], q_len, batch_size,
+                          progress=label("queries"))
     if mode == "full":
-        catalog = embed_texts(item_tower, tokenizer, texts, i_len, batch_size, features)
+        catalog = embed_texts(item_tower, tokenizer, texts, i_len, batch_size, features, label("catalog"))
         _, top = exact_topk(queries, catalog, k=100)
         rankings = [[ids[i] for i in row] for row in top.tolist()]
     else:
@@ -84,7 +88,7 @@ def evaluate_towers(query_tower: Tower, item_tower: Tower, tokenizer: Any,
         wanted = sorted({position[i] for _, grades in judged for i in grades if i in position})
         row_of = {ids[p]: r for r, p in enumerate(wanted)}
         catalog = embed_texts(item_tower, tokenizer, [texts[p] for p in wanted], i_len, batch_size,
-                              features.take(wanted) if features is not None else None)
+                              features.take(wanted) if features is not None else None, label("judged items"))
         rankings = []
         for vector, (_, grades) in zip(queries, judged):
             candidates = [i for i in grades if i in row_of]

@@ -85,7 +85,8 @@ def embed_catalog(model: str, catalog: str, out: str, index_kind: IndexKind = "f
     rank, world = state.process_index, state.num_processes
     limit = max_length or token_limits(item_tower, item_tower)[1]
     # Each rank writes its own rows; the main process concatenates the files (no gather).
-    vectors = embed_slice(item_tower, tokenizer, texts, limit, rank, world, batch_size, features).numpy()
+    vectors = embed_slice(item_tower, tokenizer, texts, limit, rank, world, batch_size, features,
+                          progress="embed catalog").numpy()
     mine = rank_slice(len(ids), rank, world)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from clicktower.data.features import FeatureTable
 from clicktower.data.shards import iter_shard, load_manifest, write_shards
 from clicktower.data.sources import FieldMap
 from clicktower.data.storage import Storage, is_url, join
+from clicktower.launcher.progress import status
 from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_sharded
 from clicktower.launcher.retrieval.metrics import exact_topk
 from clicktower.launcher.retrieval.readers import load_towers, read_catalog_features, token_limits
@@ -227,8 +228,8 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
     query_tower, item_tower = query_tower.to(state.device), item_tower.to(state.device)
     q_len, i_len = token_limits(query_tower, item_tower)
     world = state.num_processes
-    query_emb = embed_sharded(query_tower, tokenizer, queries, q_len, state.device, batch_size)
-    pool_emb = embed_sharded(item_tower, tokenizer, pool_texts, i_len, state.device, batch_size, pool_features)
+    query_emb = embed_sharded(query_tower, tokenizer, queries, q_len, state.device, batch_size, progress="mine: queries")
+    pool_emb = embed_sharded(item_tower, tokenizer, pool_texts, i_len, state.device, batch_size, pool_features, "mine: items")
     if not state.is_main_process:
         state.wait_for_everyone()
         return None
@@ -308,6 +309,7 @@ def _negatives(sample: dict, mined: list[dict], existing: str | None) -> tuple[l
 def _write(samples: list[dict], mined: list[list[dict]], manifest: dict, out: str,
            existing: str | None, shard_size: int | None, overwrite: bool) -> dict[str, Any]:
     """Write the samples with their negatives as JSONL, then shard it with ``write_shards``."""
+    status(f"mine: writing {len(samples)} samples with their mined negatives to {out}")
     fields = set(manifest.get("fields") or ())
     # The samples go through a JSONL file next to a local output (same disk), or in a
     # temporary folder for a URL output (s3://...).

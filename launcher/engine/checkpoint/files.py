@@ -27,9 +27,12 @@ CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+# The run's metric history (``OUTPUT_DIR/metrics.jsonl``): every checkpoint holds a copy up to
+# its step, so that it travels with the checkpoint (``remote_dir``) and a resume gets it back.
+METRICS_FILE = "metrics.jsonl"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 DS_MODEL_DIR = "pytorch_model"  # accelerate's folder name for the DeepSpeed engine's files
-COPIED_AS_IS = ("config.yaml", "custom_checkpoint_*.pkl", "random_states_*.pkl", "scheduler*.bin",
+COPIED_AS_IS = ("config.yaml", METRICS_FILE, "custom_checkpoint_*.pkl", "random_states_*.pkl", "scheduler*.bin",
                 "scaler.pt", "sampler*.bin")
 Digests = dict[str, dict[str, object]]  # relative path -> {"sha256": hex, "bytes": size}
 LEGACY_LINEAGE = "legacy"  # checkpoints written before lineages were recorded

@@ -8,7 +8,8 @@ set or a complete new one. With ``checkpoint.async_save`` the writing runs in a 
 thread and a later step boundary commits it (at most one save in flight). With
 ``checkpoint.remote_dir`` rank 0 uploads each committed checkpoint (``remote``). Resuming
 (``restore``) takes the newest complete checkpoint, local or remote, and converts a ZeRO one
-for another topology. Layout, guarantees and limits: docs/checkpoints.md.
+for another topology; the run's ``metrics.jsonl`` travels inside each checkpoint. Layout,
+guarantees and limits: docs/checkpoints.md.
 """
 from __future__ import annotations
 
@@ -24,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from clicktower.data.storage import describe_failure
-from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, LATEST, TRAINER_STATE, Lineage, fsync_dir,
+from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, LATEST, METRICS_FILE, TRAINER_STATE, Lineage,
+                                                         fsync_dir,
                                                          local_lineages, prune_plan, read_latest, read_lineage,
                                                          step_dir_name, write_atomic, write_complete_marker)
 from clicktower.launcher.engine.checkpoint.restore import (all_gather_objects, load_checkpoint, nonfinite_weights,
                                                            resolve_resume, topology)
 from clicktower.launcher.engine.checkpoint.remote import RemoteCheckpoints
 from clicktower.launcher.engine.checkpoint.state import Snapshot, capture_state
+from clicktower.launcher.engine.metrics import MetricsLog
 from clicktower.launcher.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -162,18 +165,20 @@ class Checkpointer:
     Model, optimiser, registered objects (LR scheduler), grad scaler and every rank's RNG
     states are the files accelerate's ``save_state`` writes (the DeepSpeed engine writes its
     ZeRO shards, one file set per rank); the trainer's counters, the data loader position and
-    the resolved config go into ``trainer_state.json`` and ``config.yaml``.
+    the resolved config go into ``trainer_state.json`` and ``config.yaml``; the run's
+    ``metrics.jsonl`` so far is copied in, and put back (up to the step) by a resume.
 
     Args:
         accelerator: the training accelerator (objects already prepared and registered).
         output_dir: the run's output folder.
         cfg: checkpoint config.
         config_yaml: the resolved experiment config, stored in every checkpoint.
+        metrics: the run's ``metrics.jsonl`` (None: no metric history to keep).
     """
 
     def __init__(self, accelerator: Any, output_dir: str | Path, cfg: CheckpointConfig,
-                 config_yaml: str) -> None:
-        self.accelerator, self.cfg, self.config_yaml = accelerator, cfg, config_yaml
+                 config_yaml: str, metrics: MetricsLog | None = None) -> None:
+        self.accelerator, self.cfg, self.config_yaml, self.metrics = accelerator, cfg, config_yaml, metrics
         self.root = Path(output_dir) / CHECKPOINT_DIR
         self.last_save_time = time.monotonic()
         self.last_saved: Path | None = None
@@ -248,6 +253,10 @@ class Checkpointer:
             if self.remote is not None:
                 state["remote"] = dict(self.remote.counts)
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+            if self.metrics is not None and self.metrics.path.is_file():
+                # Copied now, at the step boundary: the records up to this step, even when
+                # the write below runs in the background while training appends more.
+                shutil.copyfile(self.metrics.path, tmp / METRICS_FILE)
         self.pending = _PendingSave(step, snapshot, background=self.cfg.async_save)
         if not self.cfg.async_save:
             self.wait()
@@ -383,6 +392,8 @@ class Checkpointer:
         if folder is None:
             return None
         state = self.load(folder)
+        if self.metrics is not None:  # each step once: the replayed steps' records go
+            self.metrics.resume(int(state["step"]), folder / METRICS_FILE)
         self.accelerator.print(f"resumed from {folder} at step {state['step']}")
         return state
 
