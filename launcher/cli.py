@@ -1,13 +1,13 @@
 """The ``clicktower`` command: one subcommand per entry point.
 
-    clicktower synth --out data/synth --pairs 20000 --seed 0
-    clicktower shard data/synth/train.jsonl --out data/shards
+    clicktower synth --out work/synth --pairs 20000 --seed 0
+    clicktower shard work/synth/train.jsonl --out work/shards
     clicktower train --config configs/demo.yaml train.max_steps=100
     clicktower config --config configs/demo.yaml
-    clicktower eval --model runs/demo/final --queries data/synth/eval.jsonl --catalog data/synth/catalog.jsonl
-    clicktower embed --model runs/demo/final --catalog data/synth/catalog.jsonl --out runs/demo/index
+    clicktower eval --model runs/demo/final --queries work/synth/eval.jsonl --catalog work/synth/catalog.jsonl
+    clicktower embed --model runs/demo/final --catalog work/synth/catalog.jsonl --out runs/demo/index
     clicktower search --index runs/demo/index "cordless drill"
-    clicktower mine --model runs/demo/final --manifest data/shards --out data/shards_mined
+    clicktower mine --model runs/demo/final --manifest work/shards --out work/shards_mined
     clicktower plot runs/demo
     clicktower demo --out demo_out
 """
