@@ -180,3 +180,27 @@ def test_config_validation_and_counts_needed():
         ContrastiveLoss.from_config(LossConfig(popularity_correction="logq"))
     assert ContrastiveLoss.from_config(LossConfig()).state is None  # stateless by default
 
+
+
+def test_checkpoint_component_saves_and_restores_the_loss_state(tmp_path):
+    """Through the real checkpoint component (the loss state registered as ``train`` does):
+    load the checkpoint of step 2 after two more steps, and steps 3-4 repeat bit for bit."""
+    from accelerate import Accelerator
+
+    from clicktower.launcher.engine.checkpoint import CheckpointConfig, Checkpointer, find_resume_checkpoint
+
+    acc = Accelerator(cpu=True)
+    cfg = LossConfig(popularity_correction="logq", popularity_source="streaming", popularity_buckets=64,
+                     memory_size=10)
+    loss_fn = ContrastiveLoss.from_config(cfg)
+    acc.register_for_checkpointing(loss_fn.state)
+    ckpt = Checkpointer(acc, tmp_path, CheckpointConfig(), "train: {}\n")
+    _run(loss_fn, range(2))
+    ckpt.save(2, {"loader": {}})
+    first = _run(loss_fn, range(2, 4))
+    ckpt.load(find_resume_checkpoint(tmp_path, "auto"))
+    again = _run(loss_fn, range(2, 4))
+    for a, b in zip(first, again):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    assert loss_fn.memory.pushes == 4

@@ -50,3 +50,20 @@ def test_eval_queries_are_held_out_and_graded(synth_dir):
         assert set(grades) <= catalog
         assert sorted(set(grades.values())) in ([1, 3], [1, 2, 3], [3], [2, 3])
         assert list(grades.values()).count(3) == 1
+
+
+def test_popularity_option_sets_the_zipf_exponent(tmp_path, capsys):
+    """`clicktower synth --popularity zipf:S`: S = 0 is uniform clicks, a larger S a heavier
+    head; a malformed law is a usage error."""
+    from clicktower.launcher.commands.synth import main
+
+    top = {}
+    for s in ("0", "2"):
+        assert main(["--out", str(tmp_path / s), "--pairs", "2000", "--items", "200", "--popularity", f"zipf:{s}"]) == 0
+        rows = [json.loads(line) for line in (tmp_path / s / "train.jsonl").read_text().splitlines()]
+        top[s] = Counter(r["item_id"] for r in rows).most_common(1)[0][1] / len(rows)
+    assert top["0"] < 0.03 and top["2"] > 0.4
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--pairs", "10", "--popularity", "zipf:-1"])
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--pairs", "10", "--popularity", "pareto:1"])
