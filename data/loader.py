@@ -28,6 +28,7 @@ from clicktower.data.errors import DataError
 from clicktower.data.features import FeatureTable
 from clicktower.data.manifest import ShardTable, apply_file_check, check_shard_files, load_manifest
 from clicktower.data.order import MIX_PERIOD
+from clicktower.data.outputs import merged_popularity
 from clicktower.data.storage import DEFAULT_MAX_RETRIES, Storage
 from clicktower.data.stream import ERROR_REASONS, Plan, RankStream, Source, intact_samples
 
@@ -159,6 +160,30 @@ class DataConfig:
 def stable_id(text: str) -> int:
     """A process-independent non-negative int64 id for a string (Python's hash() is salted)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def popularity_counts(manifests: list[str], storage_options: dict | None = None) -> dict:
+    """The item and query counts ``clicktower shard`` recorded in ``manifests`` (summed), keyed
+    by the ids the loader gives (``stable_id``): ``{"items": (ids, counts), "queries": (ids,
+    counts)}`` int64 tensors, for the loss's logQ correction (``popularity_source: counts``).
+
+    Args:
+        manifests: manifest paths or URLs (``DataConfig.manifests()``).
+        storage_options: fsspec options for URLs.
+
+    Raises:
+        DataError: a manifest written before counts were recorded.
+    """
+    parts = []
+    for path in manifests:
+        manifest = load_manifest(path, check_files=False, storage_options=storage_options)
+        if "popularity" not in manifest:
+            raise DataError(f"{manifest['path']} has no popularity counts (sharded before they were recorded): "
+                            "re-shard it, or use loss.popularity_source: streaming")
+        parts.append(manifest["popularity"])
+    merged = merged_popularity(parts)
+    return {kind: (torch.tensor([stable_id(key) for key in counts], dtype=torch.long),
+                   torch.tensor(list(counts.values()), dtype=torch.long)) for kind, counts in merged.items()}
 
 
 def _labels(samples: list[dict], negatives: list[dict] | None, per_query: int) -> PairLabels:

@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
+
 from clicktower.data.errors import DataError
 from clicktower.data.manifest import FORMAT, MANIFEST_NAME, VERSION, index_path, read_manifest_json
 from clicktower.data.storage import Storage, is_url, join
@@ -216,8 +218,22 @@ def grown_manifest(previous: dict, new: dict) -> dict:
             "sources": previous.get("sources", []) + new["sources"],
             "num_filtered": previous.get("num_filtered", 0) + new["num_filtered"],
             "num_ranges": previous.get("num_ranges", 0) + new["num_ranges"],
-            "appends": previous.get("appends", 0) + 1}
+            "appends": previous.get("appends", 0) + 1,
+            # A set sharded before counts were recorded keeps none: partial counts would lie.
+            **({"popularity": merged_popularity([previous["popularity"], new["popularity"]])}
+               if "popularity" in previous else {})}
 
 
 def remove_staging(staging: str) -> None:
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def merged_popularity(parts) -> dict:
+    """``{"items": {item id: samples}, "queries": {query text: samples}}`` summed over
+    ``parts`` (the same form): what the logQ correction's ``counts`` source reads
+    (docs/training.md, "Popularity correction"). Its size grows with the distinct ids."""
+    out: dict = {"items": Counter(), "queries": Counter()}
+    for part in parts:
+        for kind in out:
+            out[kind].update(part.get(kind, {}))
+    return {kind: dict(counts) for kind, counts in out.items()}

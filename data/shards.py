@@ -21,6 +21,7 @@ import os
 import re
 import tarfile
 import zlib
+from collections import Counter
 from typing import Any, Callable, Iterator
 
 from clicktower.data import outputs
@@ -339,6 +340,8 @@ def _write_part(job: dict) -> dict:
     vectors = load_features_file(*job["features_file"]) if job.get("features_file") else None
     shards: list[dict] = []
     num_rows = num_filtered = num_samples = 0
+    items: Counter = Counter()
+    queries: Counter = Counter()
     writer: _ChunkWriter | None = None
     chunk = -1
     try:
@@ -361,6 +364,8 @@ def _write_part(job: dict) -> dict:
                     _attach_vectors(sample, vectors)
                 writer.add(_encode_sample(sample_key(seg["source"], row), sample))
                 num_samples += 1
+                items[str(sample["item_id"])] += 1
+                queries[sample["query"]] += 1
         if writer is not None:
             shards += writer.close()
     except BaseException:
@@ -368,7 +373,7 @@ def _write_part(job: dict) -> dict:
             writer.abort()
         raise
     return {"shards": shards, "num_rows": num_rows, "num_filtered": num_filtered,
-            "num_samples": num_samples}
+            "num_samples": num_samples, "popularity": {"items": dict(items), "queries": dict(queries)}}
 
 
 def _plan_ranges(inputs: list[str], split_bytes: int, first_source: int = 0) -> list[list[dict]]:
@@ -615,7 +620,9 @@ def _manifest(inputs: list[str], field_map: FieldMap, parts: list[dict], shards:
         raise DataError(f"no samples: {why}", source=", ".join(inputs))
     return {"format": FORMAT, "version": VERSION, "num_samples": num_samples,
             "fields": field_map.sample_fields(), "shards": shards, "sources": inputs,
-            "field_map": field_map.to_dict(), "num_filtered": num_filtered, **settings}
+            "field_map": field_map.to_dict(), "num_filtered": num_filtered, **settings,
+            "popularity": outputs.merged_popularity(p["popularity"] for p in parts)}
+
 
 
 def iter_shard(path: str) -> Iterator[dict]:

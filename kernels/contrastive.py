@@ -111,13 +111,15 @@ class _Operands:
         self.qf = qf if keep_query else None
         self.host = _on_host(q.device)
 
-    def spread_bound(self) -> float:
-        """2 * max|s q_i| * max|k_j|: no two logits of the call differ by more (one host read)."""
+    def spread_bound(self, extra: Optional[torch.Tensor] = None) -> float:
+        """2 * max|s q_i| * max|k_j| (+ ``extra``, the span of the call's logit biases): no
+        two logits of the call differ by more (one host read)."""
         if not (self.qs.numel() and self.k.numel()):
             return 0.0
         nq = torch.linalg.vector_norm(self.qs, dim=1, dtype=self.cd).max()
         nk = torch.linalg.vector_norm(self.k, dim=1, dtype=self.cd).max()
-        return float(2.0 * nq * nk)
+        bound = 2.0 * nq * nk
+        return float(bound if extra is None else bound + extra.to(self.cd))
 
     def floor(self, bound: float) -> Optional[float]:
         """Lower clamp for shifted logits before exp(), or None when no clamp is needed.
@@ -269,6 +271,62 @@ def _add_stats(t, m_run, s_run, dim: int, floor: Optional[float], flat: bool) ->
         _online_update(t, m_run, s_run, dim, floor)
 
 
+class _Bias:
+    """Per-key and per-query additive logit biases, positives left alone (logQ correction).
+
+    Row i's log-sum-exp runs over ``x_ij + key[j]`` and column j's over ``x_ij + query[i]``,
+    except at row i's positive (i, targets[i]), which keeps ``x_it`` in both directions:
+    ``lse_i = log(exp(x_it) + sum_{j != t, unmasked} exp(x_ij + key_j))``. Applied per tile by
+    adding the bias to every entry and writing the positive entries' unbiased values back
+    (gathered before the add: bit-exact, no cancellation). A bias is a constant, so the
+    gradient of every entry keeps the form P_ij * g: the backward recomputes the same biased
+    tiles. The one-exp paths assume both directions see the same tile, so biased calls take
+    the exact two-exp paths; the flat common shift is off (biases widen the span).
+
+    Args:
+        key: [N] bias of each key in the row direction, or None.
+        query: [B] bias of each query in the column direction, or None.
+        targets: [B] int64 positive column per row.
+    """
+
+    def __init__(self, key: Optional[torch.Tensor], query: Optional[torch.Tensor], targets: torch.Tensor) -> None:
+        self.key, self.query, self.targets = key, query, targets
+
+    def span(self) -> torch.Tensor:
+        """How much the biases can widen the spread of a call's logits (a tensor: no host read);
+        0 is included (positives are unbiased)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.targets.device)
+        for b in (self.key, self.query):
+            if b is not None and b.numel():
+                total = total + (b.max().clamp_min(0) - b.min().clamp_max(0)).double()
+        return total
+
+    def rows_(self, x: torch.Tensor, r0: int, c0: int) -> torch.Tensor:
+        """Add the key bias to a tile for the row direction, in place."""
+        if self.key is None:
+            return x
+        return _bias_but_positives_(x, self.key[None, c0:c0 + x.shape[1]], self.targets[r0:r0 + x.shape[0]], c0)
+
+    def columns_(self, x: torch.Tensor, r0: int, c0: int) -> torch.Tensor:
+        """Add the query bias to a tile for the column direction, in place."""
+        if self.query is None:
+            return x
+        return _bias_but_positives_(x, self.query[r0:r0 + x.shape[0], None], self.targets[r0:r0 + x.shape[0]], c0)
+
+
+def _bias_but_positives_(x: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor, c0: int) -> torch.Tensor:
+    """``x += bias`` (broadcast) except at each row's positive column, without a host read."""
+    n_cols = x.shape[1]
+    if not n_cols:
+        return x
+    local = targets - c0
+    inside = ((local >= 0) & (local < n_cols))[:, None]
+    idx = local.clamp(0, n_cols - 1)[:, None]
+    kept = x.gather(1, idx)
+    x.add_(bias.to(x.dtype))
+    return x.scatter_(1, idx, torch.where(inside, kept, x.gather(1, idx)))
+
+
 class _Plan:
     """Tiling and masks of one kernel call.
 
@@ -285,12 +343,15 @@ class _Plan:
         col_kinds: None: the column direction uses the row mask (one rule for both
             directions); else its own kinds (the per-direction masks of
             :func:`symmetric_logsumexp`).
+        bias: the call's logit biases (:class:`_Bias`), or None.
     """
 
     def __init__(self, batch: int, n_keys: int, columns: int, block: int, device: torch.device,
-                 targets: torch.Tensor, row_kinds: List, col_kinds: Optional[List] = None) -> None:
+                 targets: torch.Tensor, row_kinds: List, col_kinds: Optional[List] = None,
+                 bias: Optional["_Bias"] = None) -> None:
         bq, bk = max(1, min(block, batch)), max(1, min(block, n_keys))
         self.batch, self.columns, self.tile_elems = batch, columns, bq * bk
+        self.bias = bias
         self.rows = _blocks(batch, bq)
         self.cols = _blocks(columns, bk) + [(a + columns, b + columns) for a, b in _blocks(n_keys - columns, bk)]
         host = _on_host(device)
@@ -320,9 +381,10 @@ def _forward_pass(ops: _Operands, plan: _Plan) -> Tuple[torch.Tensor, torch.Tens
     s_r = torch.zeros(B, dtype=cd, device=dev)
     m_c = torch.full((C,), _NEG_INF, dtype=cd, device=dev)
     s_c = torch.zeros(C, dtype=cd, device=dev)
-    bound = ops.spread_bound()  # the one host read of the forward
+    bias = plan.bias
+    bound = ops.spread_bound(None if bias is None else bias.span())  # the one host read of the forward
     floor = ops.floor(bound)
-    flat = bound <= _FLAT_SPAN
+    flat = bound <= _FLAT_SPAN and bias is None
     shift = None
     if flat:  # one shift, the largest possible logit, for every row and column
         m_r.fill_(0.5 * bound)
@@ -336,9 +398,10 @@ def _forward_pass(ops: _Operands, plan: _Plan) -> Tuple[torch.Tensor, torch.Tens
             x = ops.logits(r0, r1, c0, c1, _tile(buf, nr, nc), shift)
             rm, cm = plan.masks(ri, ci)
             if c0 >= C:  # hard negatives: row direction only
-                _add_stats(fill_(x, rm, _NEG_INF), m_r[r0:r1], s_r[r0:r1], 1, floor, flat)
+                x = fill_(x if bias is None else bias.rows_(x, r0, c0), rm, _NEG_INF)
+                _add_stats(x, m_r[r0:r1], s_r[r0:r1], 1, floor, flat)
                 continue
-            if plan.one_mask(rm, cm):
+            if plan.one_mask(rm, cm) and bias is None:
                 fill_(x, rm, _NEG_INF)
                 # Non-flat calls: the CPU checks each tile, a GPU picks per column on the device.
                 device_side = None if (ops.host or flat) else _tile(cbuf, nr, nc)
@@ -347,7 +410,11 @@ def _forward_pass(ops: _Operands, plan: _Plan) -> Tuple[torch.Tensor, torch.Tens
                     continue
                 y = _tile(cbuf, nr, nc).copy_(x)
             else:
-                y = fill_(_tile(cbuf, nr, nc).copy_(x), cm, _NEG_INF)
+                y = _tile(cbuf, nr, nc).copy_(x)
+                if bias is not None:
+                    bias.columns_(y, r0, c0)
+                    bias.rows_(x, r0, c0)
+                fill_(y, cm, _NEG_INF)
                 fill_(x, rm, _NEG_INF)
             _add_stats(y, m_c[c0:c1], s_c[c0:c1], 0, floor, flat)
             _add_stats(x, m_r[r0:r1], s_r[r0:r1], 1, floor, flat)
@@ -385,9 +452,10 @@ def _backward_pass(ops: _Operands, plan: _Plan, lse_r, lse_c, g_r, g_c, bound: f
     ``s q`` scaled once): ``g`` for one direction; for both, ``u`` of the one-exp rescaling,
     leaving ``P_row * (g_r_i / u_i + vg_j)`` per tile, one broadcast add and one multiply.
     """
-    C, cd, dev = plan.columns, ops.cd, ops.qs.device
+    C, cd, dev, bias = plan.columns, ops.cd, ops.qs.device, plan.bias
     floor = ops.floor(bound)
-    scaled = _rescaling(lse_r, lse_c, g_c) if C else None  # the one host read of the backward
+    # The one host read of the backward; biased calls take the exact paths (see _Bias).
+    scaled = _rescaling(lse_r, lse_c, g_c) if C and bias is None else None
     row_scale = g_r if not C else (scaled[0] if scaled is not None else None)
     row_g = g_r if row_scale is None or not C else g_r / row_scale  # what a tile's rows keep of g_r
     q_rows = ops.qs if row_scale is None else (ops.qs.to(cd) * row_scale[:, None]).to(ops.dtype)
@@ -403,7 +471,8 @@ def _backward_pass(ops: _Operands, plan: _Plan, lse_r, lse_c, g_r, g_c, bound: f
             nr, nc = r1 - r0, c1 - c0
             rm, cm = plan.masks(ri, ci)
             if c0 >= C or (scaled is not None and plan.one_mask(rm, cm)):
-                x = fill_(_exp_(ops.logits(r0, r1, c0, c1, _tile(buf, nr, nc), neg_lse_r[r0:r1, None]), floor), rm, 0.0)
+                x = ops.logits(r0, r1, c0, c1, _tile(buf, nr, nc), neg_lse_r[r0:r1, None])
+                x = fill_(_exp_(x if bias is None else bias.rows_(x, r0, c0), floor), rm, 0.0)
                 if c0 < C:  # G = diag(u) P_row (g_r / u + vg): the sum of both directions' weights
                     x.mul_(torch.add(row_g[r0:r1, None], scaled[1][None, c0:c1], out=_tile(cbuf, nr, nc)))
                 elif C:  # hard negatives in a two-direction call
@@ -413,8 +482,12 @@ def _backward_pass(ops: _Operands, plan: _Plan, lse_r, lse_c, g_r, g_c, bound: f
                 y = torch.sub(x, lse_c_safe[None, c0:c1], out=_tile(cbuf, nr, nc))
                 if row_scale is not None:  # P_col / u_i for the folded row factor
                     y.sub_(scaled[2][r0:r1, None])
+                x.add_(neg_lse_r[r0:r1, None])
+                if bias is not None:
+                    bias.columns_(y, r0, c0)
+                    bias.rows_(x, r0, c0)
                 fill_(_exp_(y, floor), cm, 0.0)
-                fill_(_exp_(x.add_(neg_lse_r[r0:r1, None]), floor), rm, 0.0)
+                fill_(_exp_(x, floor), rm, 0.0)
                 x.mul_(row_g[r0:r1, None]).addcmul_(y, g_c[None, c0:c1])
             ops.accumulate(A, dK, x, r0, r1, c0, c1, q_rows)
     if A is not None and row_scale is not None:
@@ -519,7 +592,8 @@ def positive_logits(query, keys, logit_scale, targets=None) -> torch.Tensor:
 
 
 def paired_logsumexp(query, keys, logit_scale, *, targets=None, key_ids=None, query_ids=None, key_query_ids=None,
-                     num_columns: int = 0, block_size=None, exclusions=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     num_columns: int = 0, block_size=None, exclusions=None, key_bias=None,
+                     query_bias=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row log-sum-exps of ``logit_scale * query @ keys.T`` over all keys and column
     log-sum-exps over these queries for ``keys[:num_columns]``, from ONE tiled pass, with one
     mask rule for both directions.
@@ -548,6 +622,11 @@ def paired_logsumexp(query, keys, logit_scale, *, targets=None, key_ids=None, qu
             the two sides share an id. ``(exclude_ids [B, E], key item ids [N])`` masks the
             items row i excludes (and row i's query for those items); with the rows being
             items and the keys queries, ``(row item ids [B], the keys' exclude lists [N, E])``.
+        key_bias: [N] float, optional: added to every row's logit of key j except at the
+            row's positive (``targets[i]``), e.g. ``-log q_j`` of the logQ popularity
+            correction. No gradient; finite.
+        query_bias: [B] float, optional: added to every column's logit of query i except at
+            the positive entry (i, ``targets[i]``): the item->query direction's correction.
 
     Returns:
         (row_lse [B], col_lse [C]) in fp32 (fp64 for fp64 inputs); a column whose every
@@ -572,8 +651,20 @@ def paired_logsumexp(query, keys, logit_scale, *, targets=None, key_ids=None, qu
         kinds.append((query_ids, key_query_ids))
     if exclusions is not None:
         kinds.append(_check_exclusions(exclusions, B, N))
-    plan = _Plan(B, N, num_columns, _check_block(block_size), query.device, targets, kinds)
+    key_bias, query_bias = _check_bias(key_bias, N, "key_bias"), _check_bias(query_bias, B, "query_bias")
+    bias = None if key_bias is None and query_bias is None else _Bias(key_bias, query_bias, targets)
+    plan = _Plan(B, N, num_columns, _check_block(block_size), query.device, targets, kinds, bias=bias)
     return _PairLSE.apply(query, keys, s, plan)
+
+
+def _check_bias(bias, n: int, name: str):
+    """A [n] float bias, detached (biases are constants), or None."""
+    if bias is None:
+        return None
+    if not torch.is_tensor(bias) or bias.shape != (n,) or not bias.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor of shape [{n}], got "
+                         f"{getattr(bias, 'dtype', type(bias))} {tuple(getattr(bias, 'shape', ()))}")
+    return bias.detach()
 
 
 def _check_exclusions(exclusions, B: int, N: int):

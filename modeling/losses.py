@@ -24,6 +24,10 @@ from clicktower.kernels.labels import PairLabels
 from clicktower.kernels import all_reduce_sum, gather_sizes, gather_with_grad
 from clicktower.kernels import paired_logsumexp, positive_logits
 from clicktower.kernels.collectives import all_reduce_max
+from clicktower.modeling.levers import CountTable, CrossBatchMemory, LossState, StreamingFrequency, logq_bias
+
+POPULARITY_CORRECTIONS = ("none", "logq")
+POPULARITY_SOURCES = ("counts", "streaming")
 
 
 @dataclass
@@ -51,6 +55,18 @@ class LossConfig:
             is refused rather than trained without the term.
         distill_temperature: the teacher's temperature: its softmax is over
             ``score / distill_temperature`` (the student's is over its own scaled logits).
+        popularity_correction: ``none`` or ``logq``: subtract log q from every in-batch (and
+            memory) negative's logit, q the expected number of times the key appears among the
+            call's in-batch keys (items for query->item, queries for item->query); the
+            positive's own logit and hard negatives are not corrected (docs/training.md,
+            "Popularity correction").
+        popularity_source: where q comes from: ``counts`` (recorded by ``clicktower shard`` in
+            the manifest) or ``streaming`` (the estimator of Yi et al., kept in checkpoints).
+        popularity_buckets: size of the streaming estimator's hashed arrays.
+        popularity_alpha: the streaming estimator's learning rate.
+        memory_size: item embeddings of past batches kept (detached) as extra negatives,
+            global across ranks, newest first (0: off; XBM).
+        memory_warmup_steps: loss calls before the memory's entries are used.
     """
 
     symmetric: bool = True
@@ -60,8 +76,24 @@ class LossConfig:
     gather_queries: bool = False
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    popularity_correction: str = "none"
+    popularity_source: str = "counts"
+    popularity_buckets: int = 1 << 20
+    popularity_alpha: float = 0.01
+    memory_size: int = 0
+    memory_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
+        if self.popularity_correction not in POPULARITY_CORRECTIONS:
+            raise ValueError(f"loss.popularity_correction must be one of {POPULARITY_CORRECTIONS}, "
+                             f"got {self.popularity_correction!r}")
+        if self.popularity_source not in POPULARITY_SOURCES:
+            raise ValueError(f"loss.popularity_source must be one of {POPULARITY_SOURCES}, "
+                             f"got {self.popularity_source!r}")
+        if self.popularity_buckets < 1 or not 0 < self.popularity_alpha <= 1:
+            raise ValueError("loss.popularity_buckets must be >= 1 and 0 < loss.popularity_alpha <= 1")
+        if self.memory_size < 0 or self.memory_warmup_steps < 0:
+            raise ValueError("loss.memory_size and loss.memory_warmup_steps must be >= 0")
         if not 0 <= self.distill_weight < math.inf:
             raise ValueError(f"loss.distill_weight must be a finite number >= 0, got {self.distill_weight}")
         if not 0 < self.distill_temperature < math.inf:
@@ -147,13 +179,23 @@ class ContrastiveLoss(nn.Module):
         rank: this process's rank among ``world_size`` (the launcher's; the loss reads no
             global state in ``forward``).
         world_size: processes training together; every one must call the loss (collective).
+        popularity: ``(items, queries)`` popularity sources (``CountTable`` or
+            ``StreamingFrequency``) for the logQ correction, or None (off).
+        memory: a ``CrossBatchMemory`` of past items as extra negatives, or None (off).
     """
 
     def __init__(self, symmetric: bool = True, cross_device: bool = True, gather_queries: bool = False,
                  mask_duplicate_items: bool = True, mask_duplicate_queries: bool = True,
                  block_size: int | None = None, distill_weight: float = 0.0,
-                 distill_temperature: float = 1.0, *, rank: int = 0, world_size: int = 1) -> None:
+                 distill_temperature: float = 1.0, *, rank: int = 0, world_size: int = 1,
+                 popularity: tuple | None = None, memory: CrossBatchMemory | None = None) -> None:
         super().__init__()
+        self.popularity, self.memory = popularity, memory
+        parts = {} if popularity is None else {"popularity_items": popularity[0], "popularity_queries": popularity[1]}
+        if memory is not None:
+            parts["memory"] = memory
+        # What checkpoints must hold for an exact resume (None: the loss is stateless).
+        self.state = LossState(parts) if parts else None
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.symmetric = symmetric
@@ -171,7 +213,8 @@ class ContrastiveLoss(nn.Module):
         self.last_total_weight: torch.Tensor | float | None = None
 
     @classmethod
-    def from_config(cls, cfg: LossConfig, *, rank: int = 0, world_size: int = 1) -> "ContrastiveLoss":
+    def from_config(cls, cfg: LossConfig, *, rank: int = 0, world_size: int = 1,
+                    popularity_counts: dict | None = None) -> "ContrastiveLoss":
         """The loss a ``LossConfig`` describes, for one rank of ``world_size`` processes.
 
         Args:
@@ -179,10 +222,14 @@ class ContrastiveLoss(nn.Module):
             rank: this process's rank (``accelerator.process_index``).
             world_size: processes training together (``accelerator.num_processes``):
                 cross-device gathering applies above 1.
+            popularity_counts: ``{"items": (ids, counts), "queries": (ids, counts)}`` int64
+                tensors (the shards' recorded counts); needed by ``popularity_source: counts``.
         """
         return cls(cfg.symmetric, cfg.cross_device and world_size > 1, cfg.gather_queries, cfg.mask_duplicate_items,
                    cfg.mask_duplicate_queries, distill_weight=cfg.distill_weight,
-                   distill_temperature=cfg.distill_temperature, rank=rank, world_size=world_size)
+                   distill_temperature=cfg.distill_temperature, rank=rank, world_size=world_size,
+                   popularity=_popularity(cfg, popularity_counts),
+                   memory=CrossBatchMemory(cfg.memory_size, cfg.memory_warmup_steps) if cfg.memory_size else None)
 
     def forward(self, query_emb: torch.Tensor, item_emb: torch.Tensor, logit_scale: torch.Tensor,
                 labels: PairLabels | None = None, hard_negative_emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,6 +272,11 @@ class ContrastiveLoss(nn.Module):
         targets = offset + torch.arange(batch, device=device)
         keys, key_ids, key_query_ids = _negatives(item_emb, item_ids, query_ids, hard_negative_emb,
                                                   hard_negative_ids, sizes, world)
+        levers = self._levers(labels, keys, key_ids, key_query_ids, sizes) if self.state is not None else None
+        key_bias = query_bias = None
+        if levers is not None:
+            keys, key_ids, key_query_ids, key_bias, query_bias = levers.keys, levers.key_ids, \
+                levers.key_query_ids, levers.key_bias, levers.query_bias
         dup_ids = key_ids if dup_items else None
         # The item->query direction from the same tiles (one pass): column log-sum-exps over
         # this rank's queries for every gathered item; in one process they are complete.
@@ -232,7 +284,10 @@ class ContrastiveLoss(nn.Module):
         lse, partial = paired_logsumexp(query_emb, keys, logit_scale, targets=targets, key_ids=dup_ids,
                                         query_ids=query_ids, key_query_ids=key_query_ids, num_columns=columns,
                                         block_size=self.block_size,
-                                        exclusions=None if exclude is None else (exclude, key_ids))
+                                        exclusions=None if exclude is None else (exclude, key_ids),
+                                        key_bias=key_bias, query_bias=query_bias if columns else None)
+        if levers is not None:
+            levers.commit()
         positive = positive_logits(query_emb, item_emb, logit_scale)
         if weights is not None:
             weights = weights.to(lse.dtype)
@@ -263,8 +318,14 @@ class ContrastiveLoss(nn.Module):
             item_lse, _ = paired_logsumexp(
                 item_emb, queries, logit_scale, targets=targets, key_ids=pair_ids if dup_items else None,
                 query_ids=query_ids, key_query_ids=None if key_query_ids is None else key_query_ids[:total],
-                block_size=self.block_size, exclusions=exclusions)
+                block_size=self.block_size, exclusions=exclusions,
+                key_bias=None if levers is None else levers.gathered_query_bias)
         return 0.5 * (loss + _weighted_sum(item_lse - positive, weights)) / norm
+
+    def _levers(self, labels: PairLabels, keys, key_ids, key_query_ids, sizes) -> "_Levers":
+        """The memory's entries appended to the keys (with their ids), the logQ biases and
+        the state update to commit after the pass (see :class:`_Levers`)."""
+        return _Levers(self, labels, keys, key_ids, key_query_ids, sizes)
 
 
 def _nonzero(total: torch.Tensor | float) -> torch.Tensor | float:
@@ -386,3 +447,64 @@ def _combine_partials(partial: torch.Tensor) -> torch.Tensor:
     shift = all_reduce_max(partial)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     return shift + all_reduce_sum(torch.exp(partial - shift)).log()
+
+
+def _popularity(cfg: LossConfig, counts: dict | None):
+    """``(items, queries)`` popularity sources for ``cfg``, or None without the correction."""
+    if cfg.popularity_correction == "none":
+        return None
+    if cfg.popularity_source == "streaming":
+        return tuple(StreamingFrequency(cfg.popularity_buckets, cfg.popularity_alpha) for _ in range(2))
+    if counts is None:
+        raise ValueError("loss.popularity_source: counts needs the counts recorded by `clicktower shard` "
+                         "(re-shard, or use popularity_source: streaming)")
+    return CountTable(*counts["items"]), CountTable(*counts["queries"])
+
+
+class _Levers:
+    """One forward's view of the loss levers.
+
+    Keys become [every rank's items (G), hard negatives (H), memory entries (M)]: the memory
+    rows carry their item ids and query ids, so the item-id, query-id and exclusion masks
+    apply to them as to any key, and they get no gradient (detached). With the logQ
+    correction, ``key_bias`` is ``-log(K p(item))`` for the G items and the M memory rows (K =
+    G + M: the expected count of the item among the corrected keys) and 0 for hard negatives
+    (mined, not sampled by popularity); ``query_bias`` is ``-log(G p(query))`` for this
+    rank's queries (the item->query columns), ``gathered_query_bias`` the same for every
+    rank's queries (the ``gather_queries`` pass). ``commit`` pushes the step's items into the
+    memory. The streaming estimator sees every rank's ids, so all ranks hold the same state.
+    """
+
+    def __init__(self, loss: ContrastiveLoss, labels: PairLabels, keys, key_ids, key_query_ids, sizes) -> None:
+        world, total, device = loss.world_size, sum(sizes), keys.device
+        local = torch.full((sizes[loss.rank],), -1, dtype=torch.int64, device=device)
+        own_items = local if labels.item_ids is None else labels.item_ids.to(device)
+        own_queries = local if labels.query_ids is None else labels.query_ids.to(device)
+        self.item_ids, self.query_ids = _gather(own_items, sizes, world), _gather(own_queries, sizes, world)
+        self.memory, self.new_items = loss.memory, keys[:total]
+        entries = None if loss.memory is None else loss.memory.entries(keys)
+        extra = 0 if entries is None else entries[0].shape[0]
+        if entries is not None:
+            keys = torch.cat([keys, entries[0]])
+            key_ids = None if key_ids is None else torch.cat([key_ids, entries[1]])
+            key_query_ids = None if key_query_ids is None else torch.cat([key_query_ids, entries[2]])
+        self.keys, self.key_ids, self.key_query_ids = keys, key_ids, key_query_ids
+        self.key_bias = self.query_bias = self.gathered_query_bias = None
+        if loss.popularity is not None:
+            items, queries = loss.popularity
+            items.observe(self.item_ids)
+            queries.observe(self.query_ids)
+            hard = keys.shape[0] - total - extra
+            parts = [logq_bias(items, self.item_ids, total + extra), torch.zeros(hard, dtype=torch.float64,
+                                                                                 device=device)]
+            if entries is not None:
+                parts.append(logq_bias(items, entries[1], total + extra))
+            self.key_bias = torch.cat(parts)
+            self.gathered_query_bias = logq_bias(queries, self.query_ids, total)
+            offset = sum(sizes[:loss.rank])
+            self.query_bias = self.gathered_query_bias[offset:offset + sizes[loss.rank]]
+
+    def commit(self) -> None:
+        """Push this step's items (every rank's, detached) into the memory."""
+        if self.memory is not None:
+            self.memory.push(self.new_items.detach(), self.item_ids, self.query_ids)

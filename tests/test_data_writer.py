@@ -203,3 +203,27 @@ def test_version_2_manifest_still_loads(logs, tmp_path):
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DataError, match=r"index 'shard-000001.idx.npy' of shard 'shard-000001.tar.gz' has"):
         load_manifest(out)
+
+
+@pytest.mark.unit
+def test_shard_records_popularity_counts_and_append_adds_to_them(logs, tmp_path):
+    """Every written sample counts once for its item id and its query (parallel writers
+    merged); --append adds the new inputs' counts; popularity_counts keys them by the ids the
+    loader gives (stable_id), summed over a mix's manifests."""
+    import torch
+
+    from clicktower.data.loader import popularity_counts, stable_id
+
+    out = tmp_path / "pop"
+    m = write_shards([str(logs / "part-0.jsonl"), str(logs / "part-1.jsonl")], str(out), FieldMap(),
+                     shard_size=40, workers=2)
+    assert m["popularity"]["items"]["5"] == 2 and sum(m["popularity"]["items"].values()) == 140
+    assert m["popularity"]["queries"]["q1-5"] == 1 and len(m["popularity"]["queries"]) == 140
+    grown = write_shards([str(logs / "part-2.jsonl")], str(out), FieldMap(), shard_size=40, append=True)
+    assert grown["popularity"]["items"]["5"] == 3 and len(grown["popularity"]["queries"]) == 210
+    assert json.loads((out / "manifest.json").read_text())["popularity"] == grown["popularity"]
+    write_shards([str(logs / "part-0.jsonl")], str(tmp_path / "other"), FieldMap(), shard_size=40)
+    counts = popularity_counts([str(out), str(tmp_path / "other")])
+    ids, n = counts["items"]
+    assert int(n[ids == stable_id("5")]) == 4 and int(n.sum()) == 280
+    assert counts["queries"][0].dtype == torch.int64 and len(counts["queries"][0]) == 210

@@ -82,6 +82,21 @@ def test_unchunked_zero2_equals_ddp(reference, tmp_path):
         torch.testing.assert_close(plain["params"][name], ref, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_chunked_update_with_popularity_correction_and_memory_equals_unchunked(hard_reference, tmp_path):
+    """With streaming logQ and a cross-batch memory (used at step 2) on top of hard negatives
+    and exclusions, GradCache in chunks of 3, 3 and 2 makes the unchunked DDP update: the
+    levers sit in the loss, which GradCache calls once on the whole batch's embeddings."""
+    unchunked = _run("cpu_2proc_ddp", "none", tmp_path / "ref.pt", "hard+levers")
+    chunked = _run("cpu_2proc_ddp", "3", tmp_path / "chunked.pt", "hard+levers")
+    assert chunked["losses"] == pytest.approx(unchunked["losses"], abs=1e-6)
+    for name, ref in unchunked["params"].items():
+        torch.testing.assert_close(chunked["params"][name], ref, rtol=1e-5, atol=1e-5, msg=name)
+    for step in range(2):  # not vacuous: the levers change both steps' losses
+        assert unchunked["losses"][step] != pytest.approx(hard_reference["losses"][step], abs=1e-3)
+
+
 MODEL_INPUTS = ("query_input_ids", "query_attention_mask", "item_input_ids", "item_attention_mask")
 
 

@@ -81,3 +81,20 @@ def test_training_signals_are_extra_fields_that_shard_and_leave_the_pairs_alone(
     assert {"hard_negatives", "weight", "exclude_ids", "teacher_scores"} <= set(sample)
     with pytest.raises(ValueError, match="--hard-negatives"):
         generate(tmp_path / "bad", 10, hard_negatives=0)
+
+
+def test_popularity_option_sets_the_zipf_exponent(tmp_path, capsys):
+    """`clicktower synth --popularity zipf:S`: S = 0 is uniform clicks, a larger S a heavier
+    head; a malformed law is a usage error."""
+    from clicktower.launcher.commands.synth import main
+
+    top = {}
+    for s in ("0", "2"):
+        assert main(["--out", str(tmp_path / s), "--pairs", "2000", "--items", "200", "--popularity", f"zipf:{s}"]) == 0
+        rows = [json.loads(line) for line in (tmp_path / s / "train.jsonl").read_text().splitlines()]
+        top[s] = Counter(r["item_id"] for r in rows).most_common(1)[0][1] / len(rows)
+    assert top["0"] < 0.03 and top["2"] > 0.4
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--pairs", "10", "--popularity", "zipf:-1"])
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--pairs", "10", "--popularity", "pareto:1"])

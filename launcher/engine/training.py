@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from clicktower.data.loader import ClickPairLoader, PairTokenizer, Rank
+from clicktower.data.loader import ClickPairLoader, PairTokenizer, Rank, popularity_counts
 from clicktower.launcher.engine.checkpoint import Checkpointer
 from clicktower.launcher.engine.config import ExperimentConfig, to_dict
 from clicktower.launcher.engine.distributed import (accelerator_kwargs, broadcast_object, gradient_accumulation_steps,
@@ -92,7 +92,7 @@ def train(cfg: ExperimentConfig) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     # Negatives from every rank when distributed: the loss gathers and scales (nothing else does).
-    loss_fn = ContrastiveLoss.from_config(cfg.loss, rank=rank.rank, world_size=rank.world_size)
+    loss_fn = build_loss(cfg, rank, accelerator)
     step = TrainStep(accelerator, model, loss_fn, Optimization(optimizer, scheduler, cfg.optim.max_grad_norm),
                      cfg.train.grad_cache_chunk)
 
@@ -115,3 +115,24 @@ def train(cfg: ExperimentConfig) -> Path:
     checkpointer.finish(final)  # the last save committed; final/ and best/ uploaded (remote_dir)
     accelerator.end_training()
     return final
+
+
+def build_loss(cfg: ExperimentConfig, rank: Rank, accelerator) -> ContrastiveLoss:
+    """The loss of ``cfg.loss`` for this rank; its state (streaming popularity estimates,
+    cross-batch memory) registered with the checkpoint, so that a resume is exact.
+
+    Args:
+        cfg: the experiment config (``loss``; ``data`` for the shards' popularity counts).
+        rank: this process's rank and world size.
+        accelerator: the training accelerator.
+    """
+    counts = None
+    if cfg.loss.popularity_correction == "logq" and cfg.loss.popularity_source == "counts":
+        counts = popularity_counts(cfg.data.manifests(), cfg.data.storage_options)
+    loss_fn = ContrastiveLoss.from_config(cfg.loss, rank=rank.rank, world_size=rank.world_size,
+                                          popularity_counts=counts)
+    if loss_fn.state is not None:
+        # The same on every rank (each updates it with every rank's ids and items): the
+        # main process's copy is the one saved, as for any registered object.
+        accelerator.register_for_checkpointing(loss_fn.state)
+    return loss_fn

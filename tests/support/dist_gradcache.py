@@ -1,7 +1,7 @@
 """One process of the GradCache equivalence tests, run under `accelerate launch`.
 
     accelerate launch --config_file configs/accelerate/cpu_2proc_zero2.yaml \
-        tests/support/dist_gradcache.py OUT.pt CHUNK|none [hard]
+        tests/support/dist_gradcache.py OUT.pt CHUNK|none [hard|hard+levers]
     accelerate launch --config_file configs/accelerate/cpu_2proc_zero2.yaml \
         tests/support/dist_gradcache.py OUT.pt CHUNK replay DROPOUT
 
@@ -9,7 +9,8 @@ The first form builds a tiny TwoTower (dropout off, fp32), runs two real ``Train
 on fixed rank-dependent batches with plain SGD (lr 1, so the update IS the gradient), and
 writes the resulting parameters (gathered under ZeRO-3) from rank 0. With ``hard`` every
 batch also carries hard negatives (3 on rank 0, 2 on rank 1, after the items as the loader
-lays them out) and per-sample exclusion lists.
+lays them out) and per-sample exclusion lists; ``hard+levers`` adds the logQ correction
+(streaming) and a cross-batch memory used at the second step.
 
 The second (``replay``, ``replay_main``) runs the same two steps with dropout on and GradCache
 chunks, recording every forward the step makes (RNG state at entry, inputs, embeddings) by
@@ -30,7 +31,7 @@ from clicktower.data.batch import PairBatch, PairLabels
 from clicktower.launcher.engine.distributed import accelerator_kwargs, gathered_parameters, prepare_launch
 from clicktower.launcher.engine.optim import OptimConfig, Optimization, build_scheduler
 from clicktower.launcher.engine.step import TrainStep
-from clicktower.modeling.losses import ContrastiveLoss
+from clicktower.modeling.losses import ContrastiveLoss, LossConfig
 from clicktower.modeling.towers import TwoTower, TwoTowerConfig
 
 BATCH = 8
@@ -111,11 +112,16 @@ def main(out: str, chunk: str, hard: str = "") -> None:
     accelerator = Accelerator(**accelerator_kwargs())
     prepare_launch(accelerator, BATCH, None)
     model, optimizer, scheduler = prepared_sgd_model(accelerator, 1.0)
-    train_step = TrainStep(accelerator, model, ContrastiveLoss(True, **world(accelerator)),
+    loss_fn = ContrastiveLoss(True, **world(accelerator))
+    if "levers" in hard:  # streaming logQ and a memory used from the second step
+        loss_fn = ContrastiveLoss.from_config(LossConfig(popularity_correction="logq", popularity_source="streaming",
+                                                         popularity_buckets=64, memory_size=16, memory_warmup_steps=1),
+                                              **world(accelerator))
+    train_step = TrainStep(accelerator, model, loss_fn,
                            Optimization(optimizer, scheduler, None), None if chunk == "none" else int(chunk))
     rank = accelerator.process_index
     batches = [batch(rank, step) for step in range(2)]
-    if hard == "hard":
+    if hard.startswith("hard"):
         batches = [with_hard_negatives(b, rank, step) for step, b in enumerate(batches)]
     losses = [float(train_step(b)) for b in batches]
     with gathered_parameters(accelerator, model):
