@@ -91,7 +91,7 @@ def train(cfg: ExperimentConfig) -> Path:
     metrics = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
     checkpointer = Checkpointer(accelerator, out, cfg.checkpoint, config_yaml)
     tracker = Tracker(accelerator, out.name, to_dict(cfg))  # TensorBoard, W&B...: train.report_to
-    observers = [MetricsObserver(metrics, cfg.train, accelerator.is_main_process, tracker)]
+    observers = [MetricsObserver(metrics, cfg.train, accelerator.is_main_process, tracker, checkpointer.remote_counts)]
     if cfg.train.sample_keys_log:
         observers.append(SampleKeysObserver(out, accelerator.process_index))
     if cfg.eval.every_steps is not None:
