@@ -44,7 +44,8 @@ MARKERS = {**TIERS, "slow": "takes more than ~20 s on a 2-core CPU (in addition 
 # Tests that need root (network namespaces), a SLURM cluster or the S3 stack (s3fs, moto).
 # Elsewhere they skip; CI runs as root with all of them installed (.ci/run), so there a skip of
 # one of them is a failure: a green CI run must have run them.
-REQUIRED_IN_CI = {"test_multinode.py", "test_slurm.py", "test_data_remote.py", "test_checkpoint_remote.py"}
+REQUIRED_IN_CI = {"test_multinode.py", "test_slurm.py", "test_data_remote.py", "test_checkpoint_remote.py",
+                  "test_faults.py"}
 # Seconds spent per tier in this run (setup + call + teardown), printed at the end.
 _TIER_SECONDS: Counter = Counter()
 
