@@ -43,9 +43,11 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
 _EREMOTEIO = getattr(errno, "EREMOTEIO", 121)
 _TRANSIENT_ERRNO = {errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
                     errno.ECONNREFUSED, errno.EPIPE, errno.EAGAIN, _EREMOTEIO}
+# ChecksumError: botocore's FlexibleChecksumError, the body received does not match the
+# checksum the server sent (cut or damaged in transit): another attempt gets the right bytes.
 _TRANSIENT_NAMES = ("Timeout", "ServerDisconnected", "ClientConnector", "ClientPayload",
                     "ConnectionClosed", "EndpointConnection", "IncompleteRead", "ResponseParser",
-                    "ClientOS", "ProtocolError", "RemoteDisconnected")
+                    "ClientOS", "ProtocolError", "RemoteDisconnected", "ChecksumError")
 
 
 def is_url(path: str) -> bool:
