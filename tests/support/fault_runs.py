@@ -141,10 +141,10 @@ def keep(out: Path, attempts: list[Path]) -> None:
 
 
 def retries_logged(folder: Path) -> dict[str, int]:
-    """The retries rank 0 counted in one attempt's ``metrics.jsonl`` (its last line: the counts
-    run since that start)."""
+    """The retries one attempt's ``metrics.jsonl`` counted (its last line: the counts since
+    that start): reads on every rank, checkpoint uploads and downloads (rank 0)."""
     last = metrics(folder)[-1]
-    return {"data": last.get("data_retries", 0), "remote": last.get("remote_retries", 0)}
+    return {"data": last["data_retries_all_ranks"], "remote": last.get("remote_retries", 0)}
 
 
 def data_run(scn: Scenario, proxy: FaultProxy, root: Path) -> dict:

@@ -214,6 +214,18 @@ class FaultProxy:
 
     # -- serving -------------------------------------------------------------------------
 
+    def _forward(self, upstream: socket.socket | None, request: _Message,
+                 method: str) -> tuple[socket.socket, _Message, bool]:
+        """The server's answer, on the kept connection or a new one. A kept connection the
+        server closed meanwhile is reopened once: only the faults drawn may reach the client."""
+        if upstream is not None:
+            try:
+                return (upstream, *_exchange(upstream, request, method))
+            except OSError:
+                upstream.close()
+        upstream = socket.create_connection(self.upstream)
+        return (upstream, *_exchange(upstream, request, method))
+
     def _accept(self) -> None:
         while not self._closing.is_set():
             try:
@@ -249,11 +261,7 @@ class FaultProxy:
                     return
                 if kind == "drop" and self._draw(target, 0, "before") < 0.5:
                     return
-                if upstream is None:
-                    upstream = socket.create_connection(self.upstream)
-                    up_reader = upstream.makefile("rb")
-                upstream.sendall(request.head_bytes(drop=("expect",)) + request.body)
-                response, ends = _read_answer(up_reader, method)
+                upstream, response, ends = self._forward(upstream, request, method)
                 if kind == "drop":   # the server did it; its answer is lost
                     return
                 if kind == "truncate" and response.body:
@@ -274,6 +282,11 @@ class FaultProxy:
             client.close()
             if upstream is not None:
                 upstream.close()
+
+
+def _exchange(upstream: socket.socket, request: _Message, method: str) -> tuple[_Message, bool]:
+    upstream.sendall(request.head_bytes(drop=("expect",)) + request.body)
+    return _read_answer(upstream.makefile("rb"), method)
 
 
 def _read_answer(stream, method: str) -> tuple[_Message, bool]:
