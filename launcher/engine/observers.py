@@ -36,8 +36,8 @@ class MetricsObserver:
         main_process: whether this rank shows the progress bar.
         tracker: the run's experiment trackers (None: none); its run is resumed from the
             checkpoint (this observer's state).
-        counters: more counts for every line, e.g. ``Checkpointer.remote_counts`` (the
-            checkpoint uploads' retries and failures since this start).
+        counters: more counts for every line (``storage_counters``: read retries of all
+            ranks, the checkpoint uploads' retries and failures, since this start).
     """
 
     name = "metrics"
@@ -113,6 +113,25 @@ class MetricsObserver:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def storage_counters(accelerator: Any, loader: Any, checkpointer: Checkpointer) -> Callable[[], dict[str, int]]:
+    """The ``counters`` of ``MetricsObserver`` for a training run: the checkpoint uploads'
+    counts (rank 0's) and ``data_retries_all_ranks``, the read retries of every rank summed
+    (``data_retries`` is this rank's). Collective: every rank logs at the same steps.
+
+    Args:
+        accelerator: the training accelerator.
+        loader: the ``ClickPairLoader`` (its ``error_counts()["retries"]``).
+        checkpointer: the run's checkpointer (``remote_counts``).
+    """
+    import torch
+
+    def counts() -> dict[str, int]:
+        mine = torch.tensor([loader.error_counts()["retries"]], device=accelerator.device)
+        return {**checkpointer.remote_counts(), "data_retries_all_ranks": int(accelerator.reduce(mine, "sum").item())}
+
+    return counts
 
 
 class SampleKeysObserver:
