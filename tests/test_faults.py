@@ -101,6 +101,23 @@ def test_checkpoint_upload_and_download_through_faults(s3, tmp_path, monkeypatch
 
 
 @pytest.mark.unit
+def test_input_globs_on_s3_are_retried(s3, monkeypatch):
+    """``clicktower shard s3://.../2024-*/part-*.jsonl``: the listings behind the glob are
+    retried (one 503 used to stop the command)."""
+    from clicktower.data.shards import expand_inputs
+    from clicktower.data.storage import Storage
+
+    names = [f"s3://{BUCKET}/logs/2024-0{m}/part-{i}.jsonl" for m in (1, 2, 3) for i in (0, 1)]
+    for name in names:
+        Storage().write_bytes(name, b"{}\n")
+    # A glob is several listings, retried together: one 503 in a row per listing at most.
+    with FaultProxy(s3.endpoint, rate=0.3, seed=0, kinds=("503",), methods=("GET",), max_in_a_row=1) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        assert expand_inputs([f"s3://{BUCKET}/logs/2024-*/part-*.jsonl"]) == names
+    assert proxy.counts["503"] > 0
+
+
+@pytest.mark.unit
 def test_proxy_decisions_are_a_function_of_the_seed(s3):
     def decisions(seed: int) -> list:
         proxy = FaultProxy(s3.endpoint, rate=0.3, seed=seed)
