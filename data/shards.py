@@ -33,7 +33,7 @@ from clicktower.data.manifest import (FORMAT, MANIFEST_NAME, REQUIRED_FIELDS, VE
                                       shard_name)
 from clicktower.data.sources import (FieldMap, check_fields, iter_records, split_input,
                                      to_sample)
-from clicktower.data.storage import Storage, is_url
+from clicktower.data.storage import Storage, glob_urls, is_url
 
 __all__ = [
     "FORMAT",
@@ -439,9 +439,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     out = []
     for pattern in patterns:
         if is_url(pattern) and glob.has_magic(pattern):
-            fs = Storage().filesystem(pattern)
-            protocol = pattern.partition("://")[0]
-            matches = sorted(f"{protocol}://{m}" for m in fs.glob(pattern))
+            matches = glob_urls(Storage(), pattern)
             if not matches:
                 raise DataError("no objects match this pattern", source=pattern)
             out += matches

@@ -40,11 +40,14 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "s3": {"config_kwargs": {"retries": {"total_max_attempts": 1}}},
     "gs": {"retries": 1},
 }
+_EREMOTEIO = getattr(errno, "EREMOTEIO", 121)
 _TRANSIENT_ERRNO = {errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
-                    errno.ECONNREFUSED, errno.EPIPE, errno.EAGAIN, getattr(errno, "EREMOTEIO", 121)}
+                    errno.ECONNREFUSED, errno.EPIPE, errno.EAGAIN, _EREMOTEIO}
+# ChecksumError: botocore's FlexibleChecksumError, the body received does not match the
+# checksum the server sent (cut or damaged in transit): another attempt gets the right bytes.
 _TRANSIENT_NAMES = ("Timeout", "ServerDisconnected", "ClientConnector", "ClientPayload",
                     "ConnectionClosed", "EndpointConnection", "IncompleteRead", "ResponseParser",
-                    "ClientOS", "ProtocolError", "RemoteDisconnected")
+                    "ClientOS", "ProtocolError", "RemoteDisconnected", "ChecksumError")
 
 
 def is_url(path: str) -> bool:
@@ -138,6 +141,10 @@ class FileVersion:
         return None
 
 
+class ShortRead(OSError):
+    """A ranged read returned fewer bytes than the object holds there: transient (retried)."""
+
+
 class ContentChanged(DataError):
     """A shard or index no longer holds the content the loader started reading: reading on
     would mix two versions of the data, so the read is refused (never a bad sample)."""
@@ -215,7 +222,7 @@ class Storage:
             try:
                 import fsspec
 
-                kwargs = {**DEFAULT_OPTIONS.get(protocol, {}), **self.options}
+                kwargs = merge_options(DEFAULT_OPTIONS.get(protocol, {}), self.options)
                 fs = fsspec.filesystem(protocol, skip_instance_cache=True, **kwargs)
             except ImportError as exc:
                 extra = EXTRAS.get(protocol)
@@ -286,7 +293,10 @@ class Storage:
             data = self._pread(local_path(path), end - start, start, version)
             self.stats.add(requests=1, bytes_read=len(data))
             return data
-        data = self._read(path, start, end)
+        # The object's pinned size says how many bytes the range holds: fewer is a short read
+        # (a body cut off behind a Content-Length that matched it), retried like a dropped one.
+        expected = None if version is None else max(0, min(end, version.size) - start)
+        data = self._read(path, start, end, expected)
         if version is not None:
             # Bytes from before a replacement are the old content, whole; a replacement
             # before the read shows in the metadata read after it.
@@ -312,12 +322,19 @@ class Storage:
         """The whole file or object."""
         return self._read(path, None, None)
 
-    def _read(self, path: str, start: int | None, end: int | None) -> bytes:
+    def _read(self, path: str, start: int | None, end: int | None, expected: int | None = None) -> bytes:
         if is_url(path):
             fs = self.filesystem(path)
-            data = self._retry(path, lambda: fs.cat_file(path, start=start, end=end))
-            if start is not None and len(data) > end - start:   # a server ignoring Range
-                data = data[start:end]
+
+            def fetch() -> bytes:
+                got = fs.cat_file(path, start=start, end=end)
+                if start is not None and len(got) > end - start:   # a server ignoring Range
+                    got = got[start:end]
+                if expected is not None and len(got) < expected:
+                    raise ShortRead(_EREMOTEIO, f"short read: {len(got)} of {expected} bytes at {start}")
+                return got
+
+            data = self._retry(path, fetch)
         elif start is None:
             with open(local_path(path), "rb") as fh:
                 data = fh.read()
@@ -411,6 +428,38 @@ class Storage:
                 os.remove(local_path(path))
         except FileNotFoundError:
             pass
+
+
+def glob_urls(storage: Storage, pattern: str) -> list[str]:
+    """The URLs matching a glob ``pattern`` at a URL (``s3://logs/2024-*/part-*.jsonl``),
+    sorted; the listings retried and counted by ``storage`` (a 503 used to stop ``clicktower
+    shard``).
+
+    Args:
+        storage: the filesystems and the retry policy.
+        pattern: a URL with ``*``, ``?`` or ``[...]``.
+    """
+    storage.stats.add(metadata=1)
+    fs = storage.filesystem(pattern)
+    protocol = pattern.partition("://")[0]
+    return sorted(f"{protocol}://{m}" for m in storage._retry(pattern, lambda: fs.glob(pattern)))
+
+
+def merge_options(defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` over ``defaults``, nested mappings merged key by key: a user's
+    ``config_kwargs: {read_timeout: 5}`` keeps the default ``config_kwargs.retries`` (one
+    attempt per request), which replacing the whole mapping would drop, and botocore would then
+    retry 5xx answers itself, uncounted and unbounded by ``max_retries``.
+
+    Args:
+        defaults: ``DEFAULT_OPTIONS`` of a protocol.
+        options: the user's storage options (theirs win where both set a value).
+    """
+    out = dict(defaults)
+    for key, value in options.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_options(out[key], value) if both else value
+    return out
 
 
 def changed_message(change: str) -> str:

@@ -46,7 +46,7 @@ MARKERS = {**TIERS, "slow": "takes more than ~20 s on a 2-core CPU (in addition 
 # Elsewhere they skip; CI runs as root with all of them installed (.ci/run), so there a skip of
 # one of them is a failure: a green CI run must have run them.
 REQUIRED_IN_CI = {"test_multinode.py", "test_slurm.py", "test_data_remote.py", "test_checkpoint_remote.py",
-                  "test_readme.py"}
+                  "test_readme.py", "test_faults.py"}
 # Seconds spent per tier in this run (setup + call + teardown), printed at the end.
 _TIER_SECONDS: Counter = Counter()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from clicktower.launcher.engine.checkpoint import Checkpointer
 from clicktower.launcher.engine.loop import StepReport, TrainConfig, TrainLoop
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 class MetricsObserver:
     """The ``metrics.jsonl`` lines (mean loss over the window, lr, temperature, pairs/s, bad
-    sample counts), the same values (plus step and data-wait times) to the experiment
+    sample counts and read retries, upload retries), the same values (plus step and data-wait times) to the experiment
     trackers, and rank 0's progress bar.
 
     Args:
@@ -36,13 +36,16 @@ class MetricsObserver:
         main_process: whether this rank shows the progress bar.
         tracker: the run's experiment trackers (None: none); its run is resumed from the
             checkpoint (this observer's state).
+        counters: more counts for every line (``storage_counters``: read retries of all
+            ranks, the checkpoint uploads' retries and failures, since this start).
     """
 
     name = "metrics"
 
     def __init__(self, metrics: MetricsLog, cfg: TrainConfig, main_process: bool,
-                 tracker: Tracker | None = None) -> None:
+                 tracker: Tracker | None = None, counters: Callable[[], dict[str, int]] | None = None) -> None:
         self.metrics, self.cfg, self.main_process, self.tracker = metrics, cfg, main_process, tracker
+        self.counters = counters
         self.bar: Any = None
         self._reset_window()
 
@@ -77,6 +80,8 @@ class MetricsObserver:
         elapsed = time.perf_counter() - self.window_start
         steps = report.step % self.cfg.log_every_steps or self.cfg.log_every_steps
         record = self.record(loop, report.step, self.window_loss / steps, self.window_pairs / max(elapsed, 1e-9))
+        if self.counters is not None:
+            record.update(self.counters())
         self.metrics.write(record)
         if self.tracker is not None:
             self.tracker.log_train(record, {"step_time_s": self.window_step_s / steps,
@@ -108,6 +113,25 @@ class MetricsObserver:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def storage_counters(accelerator: Any, loader: Any, checkpointer: Checkpointer) -> Callable[[], dict[str, int]]:
+    """The ``counters`` of ``MetricsObserver`` for a training run: the checkpoint uploads'
+    counts (rank 0's) and ``data_retries_all_ranks``, the read retries of every rank summed
+    (``data_retries`` is this rank's). Collective: every rank logs at the same steps.
+
+    Args:
+        accelerator: the training accelerator.
+        loader: the ``ClickPairLoader`` (its ``error_counts()["retries"]``).
+        checkpointer: the run's checkpointer (``remote_counts``).
+    """
+    import torch
+
+    def counts() -> dict[str, int]:
+        mine = torch.tensor([loader.error_counts()["retries"]], device=accelerator.device)
+        return {**checkpointer.remote_counts(), "data_retries_all_ranks": int(accelerator.reduce(mine, "sum").item())}
+
+    return counts
 
 
 class SampleKeysObserver:

@@ -21,7 +21,7 @@ from clicktower.launcher.engine.loop import TrainLoop, planned_steps, save_final
 from clicktower.launcher.engine.metrics import MetricsLog
 from clicktower.launcher.engine.noop_checks import check_distillation, check_warmup
 from clicktower.launcher.engine.observers import (CheckpointObserver, EvalObserver, MetricsObserver,
-                                                  SampleKeysObserver)
+                                                  SampleKeysObserver, storage_counters)
 from clicktower.launcher.engine.optim import Optimization, build_optimizer, build_scheduler
 from clicktower.launcher.engine.periodic_eval import PeriodicEvaluator
 from clicktower.launcher.engine.preemption import PreemptionHandler
@@ -99,7 +99,8 @@ def train(cfg: ExperimentConfig) -> Path:
     metrics = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
     checkpointer = Checkpointer(accelerator, out, cfg.checkpoint, config_yaml, metrics)
     tracker = Tracker(accelerator, out.name, to_dict(cfg))  # TensorBoard, W&B...: train.report_to
-    observers = [MetricsObserver(metrics, cfg.train, accelerator.is_main_process, tracker)]
+    counters = storage_counters(accelerator, loader, checkpointer)  # read and upload retries, all ranks
+    observers = [MetricsObserver(metrics, cfg.train, accelerator.is_main_process, tracker, counters)]
     if cfg.train.sample_keys_log:
         observers.append(SampleKeysObserver(out, accelerator.process_index))
     if cfg.eval.every_steps is not None:

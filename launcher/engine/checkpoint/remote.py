@@ -31,6 +31,7 @@ from clicktower.launcher.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+_MAX_DEPTH = 16  # folder levels a checkpoint's files may sit under
 
 
 def with_retries(call: Callable[[], T], max_retries: int, backoff_s: float, jitter: random.Random,
@@ -118,7 +119,9 @@ class RemoteFolder:
         root = self.path(CHECKPOINT_DIR)
         fs = self._listing_fs()
         try:
-            found = self._retry(lambda: fs.find(root, maxdepth=2))
+            # on_error="raise": fsspec's walk otherwise drops a folder whose listing failed (a
+            # 503, a timeout) and returns [] as if the bucket held no checkpoint.
+            found = self._retry(lambda: fs.find(root, maxdepth=2, on_error="raise"))
         except FileNotFoundError:
             return []
         base = fs._strip_protocol(root).rstrip("/")
@@ -428,7 +431,11 @@ class RemoteCheckpoints(RemoteFolder):
             remote = self.path(CHECKPOINT_DIR, name)
             if name in complete:
                 self._retry(lambda: fs.rm_file(join(remote, COMPLETE)))
-            self._retry(lambda: fs.rm(remote, recursive=True))
+            # Listed here, not by rm(recursive=True), whose walk skips a failed listing silently
+            # (a maxdepth makes every fsspec store walk, where on_error is understood).
+            files = self._retry(lambda: fs.find(remote, maxdepth=_MAX_DEPTH, on_error="raise"))
+            if files:
+                self._retry(lambda: fs.rm(files))
 
     def download(self, name: str, root: Path, verify_checksums: bool = True) -> Path:
         """Download complete remote checkpoint ``name`` into ``root/name``, verified.

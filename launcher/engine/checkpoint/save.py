@@ -191,6 +191,13 @@ class Checkpointer:
         self.remote = (RemoteCheckpoints(cfg.remote_dir, cfg.keep_last, cfg.storage_options, cfg.remote_retries)
                        if cfg.remote_dir else None)
 
+    def remote_counts(self) -> dict[str, int]:
+        """``remote_uploaded``, ``remote_retries`` and ``remote_failures`` of this start's
+        checkpoint uploads (rank 0 uploads; empty without ``remote_dir``), for metrics.jsonl."""
+        if self.remote is None:
+            return {}
+        return {f"remote_{name}": n for name, n in self.remote.counts.items()}
+
     def due(self, step: int) -> bool:
         """Whether a save is due after ``step`` (every rank must get the same answer).
 
