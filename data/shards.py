@@ -517,14 +517,9 @@ def write_shards(inputs: list[str], out_dir: str, field_map: FieldMap, *,
             (see ``sources``), or no samples at all. Nothing is left behind on error.
     """
     inputs = _checked_inputs(inputs, field_map)
-    if features_file is not None:
-        if field_map.features is not None:
-            raise DataError("write_shards: a features field and a features file exclude each other")
-        load_features_file(*features_file)  # fail fast, before any shard is written
+    _check_options(field_map, features_file, append, overwrite)
     _check_sizes({"shard size": shard_size, "workers": workers, "gzip block": gzip_block,
                   "split bytes": split_bytes}, max_shard_bytes)
-    if append and overwrite:
-        raise DataError("write_shards: append and overwrite exclude each other")
     storage = storage or Storage()
     out_dir = os.fspath(out_dir)
     out_dir = out_dir.rstrip("/" if is_url(out_dir) else os.sep) or out_dir
@@ -577,6 +572,17 @@ def _checked_inputs(inputs: list[str], field_map: FieldMap) -> list[str]:
                         f"{type(field_map).__name__}")
     return inputs
 
+
+def _check_options(field_map: FieldMap, features_file: tuple[str, str] | None, append: bool,
+                   overwrite: bool) -> None:
+    """Raise a DataError for ``write_shards`` options that exclude each other or a bad
+    features file (read now: before any shard is written)."""
+    if features_file is not None:
+        if field_map.features is not None:
+            raise DataError("write_shards: a features field and a features file exclude each other")
+        load_features_file(*features_file)
+    if append and overwrite:
+        raise DataError("write_shards: append and overwrite exclude each other")
 
 def _check_sizes(positive: dict[str, int], max_shard_bytes: int | None) -> None:
     """Raise a DataError unless every value of ``positive`` (by its name in messages) is a

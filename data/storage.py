@@ -177,6 +177,27 @@ class IOStats:
         return out
 
 
+def _new_filesystem(protocol: str, options: dict[str, Any], url: str) -> Any:
+    """A fresh fsspec filesystem for ``protocol`` with ``DEFAULT_OPTIONS`` under ``options``;
+    ``url`` only names the source in errors."""
+    try:
+        import fsspec
+
+        kwargs = merge_options(DEFAULT_OPTIONS.get(protocol, {}), options)
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **kwargs)
+    except ImportError as exc:
+        extra = EXTRAS.get(protocol)
+        hint = (f"pip install 'clicktower[{extra}]'" if extra else
+                f"install the fsspec implementation of {protocol}://")
+        raise DataError(f"reading {protocol}:// needs the '{extra or protocol}' extra: "
+                        f"{hint} ({exc})", source=url) from None
+    except ValueError as exc:   # fsspec: "Protocol not known"
+        raise DataError(f"unsupported URL scheme {protocol}:// ({exc})", source=url) from None
+    if hasattr(fs, "retries"):   # s3fs's own retry loop: once (ours counts)
+        fs.retries = 1
+    return fs
+
+
 class Storage:
     """Reads and writes local paths and URLs with counted, bounded retries.
 
@@ -219,22 +240,7 @@ class Storage:
         protocol = url.partition("://")[0].lower()
         fs = self._fs.get(protocol)
         if fs is None:
-            try:
-                import fsspec
-
-                kwargs = merge_options(DEFAULT_OPTIONS.get(protocol, {}), self.options)
-                fs = fsspec.filesystem(protocol, skip_instance_cache=True, **kwargs)
-            except ImportError as exc:
-                extra = EXTRAS.get(protocol)
-                hint = (f"pip install 'clicktower[{extra}]'" if extra else
-                        f"install the fsspec implementation of {protocol}://")
-                raise DataError(f"reading {protocol}:// needs the '{extra or protocol}' extra: "
-                                f"{hint} ({exc})", source=url) from None
-            except ValueError as exc:   # fsspec: "Protocol not known"
-                raise DataError(f"unsupported URL scheme {protocol}:// ({exc})", source=url) from None
-            if hasattr(fs, "retries"):   # s3fs's own retry loop: once (ours counts)
-                fs.retries = 1
-            self._fs[protocol] = fs
+            fs = self._fs[protocol] = _new_filesystem(protocol, self.options, url)
         return fs
 
     def _retry(self, url: str, call: Callable[[], T]) -> T:

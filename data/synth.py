@@ -385,21 +385,8 @@ def generate(out_dir: str | Path, num_pairs: int, seed: int = 0, num_items: int 
             row.update(training_signals(signals_rng, intent, by_category, hard_negatives))
         train_rows.append(row)
 
-    eval_rng = random.Random(f"{seed}:eval")
-    eval_rows: list[dict[str, Any]] = []
-    seen_eval: set[str] = set()
-    attempts = 0
-    while len(eval_rows) < num_eval_queries and attempts < num_eval_queries * 50:
-        attempts += 1
-        product = eval_rng.choices(ranked, weights=weights, k=1)[0]
-        query, intent = make_query(eval_rng, product)
-        if query in train_queries or query in seen_eval:
-            continue  # held out: a query string seen in training would leak its answer
-        grades = judge(intent, by_category, eval_rng)
-        if sum(g >= 2 for g in grades.values()) > max_relevant:
-            continue  # "grill" alone: a whole category is relevant and no ranking is judged
-        seen_eval.add(query)
-        eval_rows.append({"query": query, "relevance": grades})
+    eval_rows = _eval_rows(random.Random(f"{seed}:eval"), ranked, weights, by_category, train_queries,
+                           num_eval_queries, max_relevant)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -419,6 +406,27 @@ def generate(out_dir: str | Path, num_pairs: int, seed: int = 0, num_items: int 
     if hard_negatives is not None:
         counts["hard_negatives"] = hard_negatives
     return counts
+
+
+def _eval_rows(eval_rng: random.Random, ranked: list[Product], weights: list[float],
+               by_category: list[list[Product]], train_queries: set[str], num_eval_queries: int,
+               max_relevant: int) -> list[dict[str, Any]]:
+    """Held-out judged queries for ``generate``: none is a training query string."""
+    eval_rows: list[dict[str, Any]] = []
+    seen_eval: set[str] = set()
+    attempts = 0
+    while len(eval_rows) < num_eval_queries and attempts < num_eval_queries * 50:
+        attempts += 1
+        product = eval_rng.choices(ranked, weights=weights, k=1)[0]
+        query, intent = make_query(eval_rng, product)
+        if query in train_queries or query in seen_eval:
+            continue  # held out: a query string seen in training would leak its answer
+        grades = judge(intent, by_category, eval_rng)
+        if sum(g >= 2 for g in grades.values()) > max_relevant:
+            continue  # "grill" alone: a whole category is relevant and no ranking is judged
+        seen_eval.add(query)
+        eval_rows.append({"query": query, "relevance": grades})
+    return eval_rows
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -159,6 +159,17 @@ class _PendingSave:
             self.thread.join()
 
 
+def _refuse_nonfinite(accelerator: Any, step: int, last_saved: Path | None) -> None:
+    """Raise on every rank when any rank's weights are not finite (collective): a NaN
+    checkpoint would be resumed from, and fail, forever. The training step checks the loss and
+    gradients first; this is the last line before the disk."""
+    names = nonfinite_weights(accelerator)
+    if names:
+        raise FloatingPointError(
+            f"refusing to checkpoint step {step}: {len(names)} model tensor(s) hold NaN or inf "
+            f"(e.g. {names[0]}); the newest checkpoint stays {last_saved or 'as it was'}")
+
+
 class Checkpointer:
     """Saves and restores the full training state through an ``accelerate.Accelerator``.
 
@@ -241,7 +252,7 @@ class Checkpointer:
         """
         self.wait()  # at most one save in flight
         acc = self.accelerator
-        self._refuse_nonfinite(step)
+        _refuse_nonfinite(self.accelerator, step, self.last_saved)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -268,16 +279,6 @@ class Checkpointer:
         if not self.cfg.async_save:
             self.wait()
         return self.root / step_dir_name(step)
-
-    def _refuse_nonfinite(self, step: int) -> None:
-        """Raise on every rank when any rank's weights are not finite (collective): a NaN
-        checkpoint would be resumed from, and fail, forever. The training step checks the
-        loss and gradients first; this is the last line before the disk."""
-        names = nonfinite_weights(self.accelerator)
-        if names:
-            raise FloatingPointError(
-                f"refusing to checkpoint step {step}: {len(names)} model tensor(s) hold NaN or inf "
-                f"(e.g. {names[0]}); the newest checkpoint stays {self.last_saved or 'as it was'}")
 
     def poll(self) -> None:
         """Commit the save in flight if every rank has written its part (collective: call on
