@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fault_runs import Scenario, check, data_run, killed_run, launch, losses, metrics
+from fault_runs import Scenario, check, data_run, killed_run, launch, metrics
 from faultproxy import FaultProxy
 from store_servers import S3_ENV, make_bucket, moto_s3
 
@@ -194,8 +194,14 @@ def test_two_ranks_with_remote_async_checkpoints_killed_and_resumed_through_faul
     assert result["local_save_unfinished"] and result["upload_unfinished"], result
     assert result["resumed"] == result["expected_resumes"], result
     _assert_proved(result, fault_free, all_keys, scn)
-    assert sorted(losses(result["attempts"][-1])) == list(range(result["resumed"][-1] + 1, scn.steps + 1))
+    # The last attempt started on an empty disk: steps up to its resume come from the
+    # metrics.jsonl inside the downloaded checkpoint, the rest it trained; each step once.
+    steps = [r["step"] for r in metrics(result["attempts"][-1]) if "loss" in r]
+    assert steps == list(range(1, scn.steps + 1))
     # The retries are in metrics.jsonl (every rank's reads, the uploads), bounded by the faults.
     retries = result["retries"]["data"] + result["retries"]["remote"]
     assert result["retries"]["remote"] > 0 and retries <= proxy.counts.total(), (result["retries"], proxy.summary())
-    assert result["remote_complete"] == [f"step_{scn.steps - scn.every:08d}", f"step_{scn.steps:08d}"], result
+    # keep_last=2 in the bucket, the last save's upload awaited at the end; the one before may
+    # have been superseded while it waited behind a slow (faulted) upload, leaving an older one.
+    complete = result["remote_complete"]
+    assert len(complete) == 2 and complete[-1] == f"step_{scn.steps:08d}", result
