@@ -116,3 +116,6 @@ def test_demo_smoke(tmp_path):
     # Where the model went is the last line a user sees (stderr, after the JSON on stdout).
     final = tmp_path / "demo" / "run" / "final"
     assert result.stderr.strip().splitlines()[-1] == f"[demo] the fine-tuned model: {final}"
+    # configs/demo.yaml warms up over 20 steps: 2 steps never reach optim.lr, and train() says so
+    # (the check_warmup call in the training path, not only the check itself).
+    assert "optim.warmup_steps=20 is not shorter than the run (2 steps)" in result.stderr
