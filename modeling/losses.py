@@ -6,6 +6,9 @@ item a -- except false negatives: a candidate with the anchor's item id or query
 items the anchor's ``exclude_ids`` list (id -1 never matches). Optionally (``distill_weight``)
 a KL term towards a teacher's softmax over each pair's positive and own hard negatives.
 
+With ``matryoshka_dims`` every listed prefix of the embeddings (re-normalised) is its own
+contrastive problem on the same embeddings, weighted and summed (MatryoshkaLoss).
+
 Across ranks (``cross_device`` with ``world_size`` > 1, given at construction) each local query
 is scored against every rank's items and hard negatives, gathered with
 :func:`clicktower.kernels.gather_with_grad`; the loss is the ONLY place that scales for
@@ -18,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clicktower.kernels.labels import PairLabels
@@ -50,6 +54,13 @@ class LossConfig:
             term.
         distill_temperature: the teacher's temperature: its softmax is over
             ``score / distill_temperature`` (the student's is over its own scaled logits).
+        matryoshka_dims: train these leading prefixes of the embedding, each as its own
+            contrastive problem (``[384, 256, 128, 64]``; None: the full embedding only). A
+            prefix shorter than the embedding is re-normalised (served as cosine at that
+            size); list the full size too to keep training it. Same embeddings, one gather:
+            no second encoder pass.
+        matryoshka_weights: weight of each prefix's loss (default 1 each; the loss is the
+            weighted sum, as sentence-transformers' ``MatryoshkaLoss``).
     """
 
     symmetric: bool = True
@@ -59,8 +70,11 @@ class LossConfig:
     gather_queries: bool = False
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    matryoshka_dims: list[int] | None = None
+    matryoshka_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
+        check_matryoshka(self.matryoshka_dims, self.matryoshka_weights)
         if not 0 <= self.distill_weight < math.inf:
             raise ValueError(f"loss.distill_weight must be a finite number >= 0, got {self.distill_weight}")
         if not 0 < self.distill_temperature < math.inf:
@@ -146,15 +160,23 @@ class ContrastiveLoss(nn.Module):
         rank: this process's rank among ``world_size`` (the launcher's; the loss reads no
             global state in ``forward``).
         world_size: processes training together; every one must call the loss (collective).
+        matryoshka_dims: prefixes trained as their own problems (see :class:`LossConfig`);
+            the keys (and queries) are gathered once and sliced per prefix.
+        matryoshka_weights: each prefix's weight (default 1).
     """
 
     def __init__(self, symmetric: bool = True, cross_device: bool = True, gather_queries: bool = False,
                  mask_duplicate_items: bool = True, mask_duplicate_queries: bool = True,
                  block_size: int | None = None, distill_weight: float = 0.0,
-                 distill_temperature: float = 1.0, *, rank: int = 0, world_size: int = 1) -> None:
+                 distill_temperature: float = 1.0, *, rank: int = 0, world_size: int = 1,
+                 matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        check_matryoshka(matryoshka_dims, matryoshka_weights)
+        self.matryoshka_dims = None if matryoshka_dims is None else [int(d) for d in matryoshka_dims]
+        self.matryoshka_weights = (None if matryoshka_dims is None else
+                                   [float(w) for w in (matryoshka_weights or [1.0] * len(matryoshka_dims))])
         self.symmetric = symmetric
         self.cross_device = cross_device
         self.gather_queries = gather_queries
@@ -181,7 +203,8 @@ class ContrastiveLoss(nn.Module):
         """
         return cls(cfg.symmetric, cfg.cross_device and world_size > 1, cfg.gather_queries, cfg.mask_duplicate_items,
                    cfg.mask_duplicate_queries, distill_weight=cfg.distill_weight,
-                   distill_temperature=cfg.distill_temperature, rank=rank, world_size=world_size)
+                   distill_temperature=cfg.distill_temperature, rank=rank, world_size=world_size,
+                   matryoshka_dims=cfg.matryoshka_dims, matryoshka_weights=cfg.matryoshka_weights)
 
     def forward(self, query_emb: torch.Tensor, item_emb: torch.Tensor, logit_scale: torch.Tensor,
                 labels: PairLabels | None = None, hard_negative_emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -206,41 +229,73 @@ class ContrastiveLoss(nn.Module):
             The scalar loss (fp32).
         """
         labels = PairLabels() if labels is None else labels
+        shared = self._shared(query_emb, item_emb, labels, hard_negative_emb)
+        if self.matryoshka_dims is None:
+            return self._loss(query_emb, item_emb, hard_negative_emb, shared.keys, shared.queries, logit_scale,
+                              labels, shared)
+        full, loss = query_emb.shape[-1], 0.0
+        for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
+            if dim > full:
+                raise ValueError(f"loss.matryoshka_dims: {dim} is larger than the embedding ({full})")
+            # Slices of the SAME tensors (keys gathered once): autograd sums every prefix's
+            # gradient into them before the one gather's backward.
+            cut = [_prefix(x, dim, full) for x in (query_emb, item_emb, hard_negative_emb, shared.keys,
+                                                   shared.queries)]
+            loss = loss + weight * self._loss(*cut, logit_scale, labels, shared)
+        return loss
+
+    def _shared(self, query_emb, item_emb, labels: PairLabels, hard_negative_emb) -> "_Shared":
+        """What every prefix's loss shares: batch sizes, the normaliser, masks and ids, and
+        the keys (and queries) gathered from every rank -- each collective runs once."""
         item_ids, query_ids, hard_negative_ids = labels.item_ids, labels.query_ids, labels.hard_negative_ids
         weights, exclude_ids = labels.weights, labels.exclude_ids
-        dup_items = self.mask_duplicate_items
         if not self.mask_duplicate_queries:
             query_ids = None
-        rank, world = self.rank, self.world_size
+        world = self.world_size
         batch, device = query_emb.shape[0], query_emb.device
         if weights is not None:
             weights = weights.detach().to(device)
         sizes, total_weight, width = _batch_stats(batch, weights, exclude_ids, world, device)
         exclude = _padded_exclusions(exclude_ids, batch, width, item_ids, device)
-        if exclude is None and not dup_items:
+        if exclude is None and not self.mask_duplicate_items:
             item_ids = hard_negative_ids = None  # no rank lists exclusions: ids unused
-        offset, total = sum(sizes[:rank]), sum(sizes)
-        # Rows of the gathered keys holding this rank's positives.
-        targets = offset + torch.arange(batch, device=device)
+        offset, total = sum(sizes[:self.rank]), sum(sizes)
         keys, key_ids, key_query_ids = _negatives(item_emb, item_ids, query_ids, hard_negative_emb,
                                                   hard_negative_ids, sizes, world)
-        dup_ids = key_ids if dup_items else None
         # The item->query direction from the same tiles (one pass): column log-sum-exps over
         # this rank's queries for every gathered item; in one process they are complete.
         columns = total if self.symmetric and (world == 1 or not self.gather_queries) else 0
+        queries = gathered_exclude = None
+        if self.symmetric and not columns:
+            queries = _gather(query_emb, sizes, world)
+            gathered_exclude = None if exclude is None else _gather(exclude, sizes, world)
+        if weights is None:
+            weights_sum = None
+        else:
+            weights = weights.to(torch.float64 if query_emb.dtype == torch.float64 else torch.float32)
+            weights_sum = weights.sum()
+        if total_weight is None:
+            total_weight = weights_sum
+        self.last_total_weight = total_weight
+        return _Shared(sizes, offset, total, columns, offset + torch.arange(batch, device=device), keys, key_ids,
+                       key_query_ids, query_ids, exclude, gathered_exclude, queries, weights,
+                       _nonzero(total_weight) / world)
+
+    def _loss(self, query_emb, item_emb, hard_negative_emb, keys, queries, logit_scale, labels: PairLabels,
+              shared: "_Shared") -> torch.Tensor:
+        """The loss of one embedding size (the whole embedding, or one Matryoshka prefix)."""
+        world, weights, targets = self.world_size, shared.weights, shared.targets
+        key_ids, key_query_ids, exclude = shared.key_ids, shared.key_query_ids, shared.exclude
+        dup_ids = key_ids if self.mask_duplicate_items else None
         lse, partial = paired_logsumexp(query_emb, keys, logit_scale, targets=targets, key_ids=dup_ids,
-                                        query_ids=query_ids, key_query_ids=key_query_ids, num_columns=columns,
-                                        block_size=self.block_size,
+                                        query_ids=shared.query_ids, key_query_ids=key_query_ids,
+                                        num_columns=shared.columns, block_size=self.block_size,
                                         exclusions=None if exclude is None else (exclude, key_ids))
         positive = positive_logits(query_emb, item_emb, logit_scale)
         if weights is not None:
             weights = weights.to(lse.dtype)
         # Sum over local pairs / (sum of w over the global batch / W): the one place
         # distributed gradients are scaled.
-        if total_weight is None:
-            total_weight = weights.sum()
-        self.last_total_weight = total_weight
-        norm = _nonzero(total_weight) / world
         loss = _weighted_sum(lse - positive, weights)
         if self.distill_weight and labels.teacher_scores is not None and hard_negative_emb is not None:
             kl = _distillation(query_emb, item_emb, hard_negative_emb, labels.hard_negative_owner,
@@ -248,22 +303,61 @@ class ContrastiveLoss(nn.Module):
             # Both directions' mean below halves the contrastive sum; the KL keeps its weight.
             loss = loss + (2.0 if self.symmetric else 1.0) * self.distill_weight * _weighted_sum(kl, weights)
         if not self.symmetric:
-            return loss / norm
-        if columns:
+            return loss / shared.norm
+        batch, offset, total = query_emb.shape[0], shared.offset, shared.total
+        if shared.columns:
             item_lse = partial if world == 1 else _combine_partials(partial)[offset:offset + batch]
         else:
             # gather_queries: each local item against every rank's queries, a second pass.
             # Rows are now items: row a's ids are still pair a's (item via targets, query
             # local), the keys' ids those of the gathered pairs -- the same rule; an item
             # leaves the denominator of every gathered query whose list names it.
-            queries = _gather(query_emb, sizes, world)
             pair_ids = None if key_ids is None else key_ids[:total]
-            exclusions = None if exclude is None else (pair_ids[targets], _gather(exclude, sizes, world))
+            exclusions = None if exclude is None else (pair_ids[targets], shared.gathered_exclude)
             item_lse, _ = paired_logsumexp(
-                item_emb, queries, logit_scale, targets=targets, key_ids=pair_ids if dup_items else None,
-                query_ids=query_ids, key_query_ids=None if key_query_ids is None else key_query_ids[:total],
+                item_emb, queries, logit_scale, targets=targets, key_ids=pair_ids if self.mask_duplicate_items else None,
+                query_ids=shared.query_ids, key_query_ids=None if key_query_ids is None else key_query_ids[:total],
                 block_size=self.block_size, exclusions=exclusions)
-        return 0.5 * (loss + _weighted_sum(item_lse - positive, weights)) / norm
+        return 0.5 * (loss + _weighted_sum(item_lse - positive, weights)) / shared.norm
+
+
+@dataclass
+class _Shared:
+    """The per-batch state every embedding size's loss shares (``ContrastiveLoss._shared``)."""
+
+    sizes: list[int]
+    offset: int                  # rows of the gathered keys before this rank's
+    total: int                   # pairs of the global batch
+    columns: int                 # > 0: item->query from the same pass (partial column LSEs)
+    targets: torch.Tensor        # rows of the gathered keys holding this rank's positives
+    keys: torch.Tensor           # every rank's items, then every rank's hard negatives
+    key_ids: torch.Tensor | None
+    key_query_ids: torch.Tensor | None
+    query_ids: torch.Tensor | None
+    exclude: torch.Tensor | None
+    gathered_exclude: torch.Tensor | None
+    queries: torch.Tensor | None  # every rank's queries (gather_queries only)
+    weights: torch.Tensor | None
+    norm: torch.Tensor | float
+
+
+def check_matryoshka(dims, weights) -> None:
+    """Validate ``matryoshka_dims`` / ``matryoshka_weights`` (see :class:`LossConfig`)."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError("loss.matryoshka_weights needs loss.matryoshka_dims")
+        return
+    if not dims or any(not isinstance(d, int) or d < 1 for d in dims) or len(set(dims)) != len(dims):
+        raise ValueError(f"loss.matryoshka_dims must be distinct positive integers, got {list(dims)}")
+    if weights is not None and (len(weights) != len(dims) or not all(0 <= w < math.inf for w in weights)):
+        raise ValueError(f"loss.matryoshka_weights must be {len(dims)} finite numbers >= 0, got {list(weights)}")
+
+
+def _prefix(x: torch.Tensor | None, dim: int, full: int) -> torch.Tensor | None:
+    """The first ``dim`` columns, re-normalised (unchanged when ``dim`` is the whole size)."""
+    if x is None or dim == full:
+        return x
+    return F.normalize(x[:, :dim], dim=-1)
 
 
 def _nonzero(total: torch.Tensor | float) -> torch.Tensor | float:
