@@ -13,12 +13,15 @@ the machine and load at its start) and re-renders ``serving.md``. Serving code u
 
 * synthetic: N (default 1,000,000) random unit 384-dim vectors; Q queries each get 10 planted
   neighbours (the query plus noise at cosine ~0.9 down to ~0.35; random pairs reach ~0.27 at
-  1M), so the exact top 10 is mostly planted and the hardest ones are near the random crowd. Per setting: build seconds, bytes per item (serialised index / N), p50/p99
-  of one-query searches, recall@10 against exact float32 search. Baseline: flat float32.
+  1M), so the exact top 10 is mostly planted and the hardest ones sit near the random crowd.
+  Per setting: build seconds, bytes per item (serialised index / N), p50/p99 of one-query
+  searches (one FAISS thread), recall@10 against exact float32 search (flat float32, the
+  baseline). Each index is built once; its search-time variants (nprobe, efSearch, rescoring)
+  share it.
 * homedepot: the data, split and recipe of ``benchmarks/homedepot.py`` (its functions, loaded
   from the file): one model trained plainly and one with ``loss.matryoshka_dims=[384, 256,
-  128, 64]``, same pairs and seed, plus zero-shot MiniLM; Recall@10 (judged, relevance >=
-  2.67, reported split, full catalog) at each dim x precision x index.
+  128, 64]``, same pairs and seed (``--hd-skip-training``: neither), plus zero-shot MiniLM;
+  Recall@10 (judged, relevance >= 2.67, reported split) at each dim x precision x index.
 * loss: forward + backward of the symmetric training loss with 4 prefixes vs the full size
   only, alternating rounds; the embeddings come in as leaves (no encoder: its pass is shared).
 * onnx: the MiniLM tower exported with ``clicktower.launcher.engine.onnx_export``; texts/s of
@@ -35,6 +38,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +65,7 @@ def save_section(name: str, result: dict, results_dir: Path) -> None:
     """Merge one section into serving.json (locked: sections may run side by side) and render."""
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "serving.json"
-    with open(results_dir / ".serving.lock", "w") as lock:
+    with open(Path(tempfile.gettempdir()) / "clicktower-bench-serving.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(path.read_text()) if path.is_file() else {}
         data[name] = result
@@ -127,7 +131,8 @@ def section_homedepot(args: argparse.Namespace) -> dict:
 
     hd = homedepot_module()
     hd_args = argparse.Namespace(
-        data=str(hd.DEFAULT_DATA), max_pairs=args.hd_max_pairs, reported_queries=2000, tuning_queries=500,
+        data=str(hd.DEFAULT_DATA), max_pairs=args.hd_max_pairs, reported_queries=args.hd_reported_queries,
+        tuning_queries=500,
         tuning_distractors=1000, batch_size=64, max_seq_length=32, lr=5e-5, split_seed=0, evals_per_run=1,
         graded_weight=0.0, mine_negatives=0, separate_towers=False, catalog_limit=args.hd_catalog_limit, set=[])
     out = Path(args.work) / "homedepot"
@@ -138,7 +143,9 @@ def section_homedepot(args: argparse.Namespace) -> dict:
     steps = len(d["pairs"]) // hd_args.batch_size
     models = {}
     training = {}
-    variants = [("plain", []), ("matryoshka", [f"loss.matryoshka_dims=[{', '.join(map(str, DIMS))}]"])]
+    # No tuning evaluations (their time goes to training): final/ is the model reported.
+    variants = [("plain", ["eval.every_steps=null"]),
+                ("matryoshka", ["eval.every_steps=null", f"loss.matryoshka_dims=[{', '.join(map(str, DIMS))}]"])]
     for name, extra in variants if not args.hd_skip_training else []:
         hd_args.set = extra
         log(f"training {name} ({len(d['pairs'])} pairs, {steps} steps)")
@@ -146,10 +153,12 @@ def section_homedepot(args: argparse.Namespace) -> dict:
         models[name] = str(chosen)
         training[name] = {k: figures[k] for k in ("train_seconds", "steps", "step_seconds") if k in figures}
         log(f"{name}: {training[name]}")
-    models["zero-shot MiniLM"] = hd.MODEL
+    if not args.hd_no_zero_shot:
+        models["zero-shot MiniLM"] = hd.MODEL
     grids = {}
     result = {"pairs": len(d["pairs"]), "steps": steps, "catalog_items": len(d["ids"]),
-              "reported_queries": len(d["reported"]), "training": training, "models": [], "grid": grids}
+              "full_catalog": d["full_catalog"], "reported_queries": len(d["reported"]), "training": training,
+              "models": [], "grid": grids}
     for name, model in models.items():
         query_tower, item_tower, tokenizer = load_towers(model)
         started = time.perf_counter()
@@ -158,7 +167,8 @@ def section_homedepot(args: argparse.Namespace) -> dict:
         log(f"{name}: embedded {len(catalog)} items and {len(queries)} queries in {time.perf_counter() - started:.0f} s")
         grids[name] = retrieval_grid(queries, catalog, d["ids"], d["reported"], hd.POSITIVE, homedepot_grid())
         result["models"].append(name)
-        save_section("homedepot", {**result, "partial": True, "machine": machine()}, Path(args.results_dir))
+        save_section(args.hd_name, {**result, "partial": True, "machine": machine(), "command": args.command},
+                     Path(args.results_dir))
     return result
 
 
@@ -184,10 +194,14 @@ def planted_catalog(n: int, queries: int, dim: int, seed: int = 0) -> tuple[np.n
     return catalog, q, rows
 
 
-def synthetic_grid() -> list:
-    """(build settings, search-time variants): each index is built once."""
+def synthetic_grid(name: str = "default") -> list:
+    """(build settings, search-time variants): each index is built once. ``deep``: flat (the
+    exact baseline) and IVF-PQ with 4 dims per PQ byte, searched deeper."""
     from clicktower.launcher.retrieval.serving import ServingSettings
 
+    if name == "deep":
+        return [(ServingSettings(), [{}]),
+                (ServingSettings(index="ivf-pq:1024,96", train_sample=50_000), [{"nprobe": n} for n in (128, 512)])]
     return [(ServingSettings(), [{}]), (ServingSettings(precision="int8"), [{}]),
             (ServingSettings(precision="ubinary"), [{"rescore_multiplier": m} for m in (1, 4, 10)]),
             (ServingSettings(index="ivf-pq:1024,48", train_sample=50_000), [{"nprobe": n} for n in (16, 64)]),
@@ -206,9 +220,10 @@ def section_synthetic(args: argparse.Namespace) -> dict:
     log(f"catalog {catalog.shape} in {time.perf_counter() - started:.0f} s")
     exact = None
     rows = []
-    grid = synthetic_grid()
-    if args.synthetic_only:
-        grid = [g for g in grid if any(g[0].index.startswith(x) or g[0].precision == x for x in args.synthetic_only)]
+    grid = synthetic_grid(args.synthetic_grid)
+    if args.synthetic_only:  # the first entry (flat float32: exact search) always stays
+        grid = grid[:1] + [g for g in grid[1:] if any(g[0].index.startswith(x) or g[0].precision == x
+                                                      for x in args.synthetic_only)]
     for built, variants in grid:
         started = time.perf_counter()
         index = build_index(catalog, built)
@@ -230,7 +245,8 @@ def section_synthetic(args: argparse.Namespace) -> dict:
                   "latency_queries": args.latency_queries, "planted_share_of_exact_top10": round(float(found), 4),
                   "faiss_threads": _faiss_threads(), "rows": rows}
         # Saved after every index: a run stopped early keeps what it measured (marked partial).
-        save_section("synthetic", {**result, "partial": True, "machine": machine()}, Path(args.results_dir))
+        save_section(args.synthetic_name, {**result, "partial": True, "machine": machine(), "command": args.command},
+                     Path(args.results_dir))
     return result
 
 
@@ -256,7 +272,9 @@ def section_loss(args: argparse.Namespace) -> dict:
     q = torch.nn.functional.normalize(torch.randn(b, d), dim=-1)
     k = torch.nn.functional.normalize(torch.randn(b, d), dim=-1)
     labels = PairLabels(item_ids=torch.randint(0, 1 << 40, (b,)), query_ids=torch.randint(0, 1 << 40, (b,)))
-    losses = {"full": ContrastiveLoss(), "matryoshka": ContrastiveLoss(matryoshka_dims=list(DIMS))}
+    losses = {"full": ContrastiveLoss(), "matryoshka": ContrastiveLoss(matryoshka_dims=list(DIMS)),
+              # One prefix alone: what one pass costs at that size (the B x N softmax work does not shrink).
+              **{f"only_{d}": ContrastiveLoss(matryoshka_dims=[d]) for d in DIMS[1:]}}
     times = {name: [] for name in losses}
     for _ in range(args.loss_rounds):
         for name, loss_fn in losses.items():
@@ -325,10 +343,16 @@ def render(data: dict) -> str:
     lines = ["# Serving: size, precision and index against exact search", "",
              "Written by `benchmarks/bench_serving.py` (sections run separately; each records its machine "
              "and load). Baseline everywhere: exact float32 search of the whole embedding.", ""]
-    for name, fn in (("synthetic", _render_synthetic), ("homedepot", _render_homedepot), ("loss", _render_loss),
-                     ("onnx", _render_onnx)):
-        if name in data:
-            lines += fn(data[name]) + [f"Machine: `{json.dumps(data[name].get('machine', {}))}`", ""]
+    renderers = {"synthetic": _render_synthetic, "homedepot": _render_homedepot, "loss": _render_loss,
+                 "onnx": _render_onnx}
+    for name in sorted(data, key=lambda n: list(renderers).index(n.split("_")[0])):
+        r = data[name]
+        said = f"Command: `{r['command']}`. " if r.get("command") else ""
+        partial = "Partial: the run was stopped before its end; these rows are what it measured. " if r.get(
+            "partial") else ""
+        body = renderers[name.split("_")[0]](r)
+        body[0] += f" [`{name}`]"
+        lines += body + [f"{said}{partial}Machine: `{json.dumps(r.get('machine', {}))}`", ""]
     return "\n".join(lines)
 
 
@@ -349,9 +373,14 @@ def _render_synthetic(r: dict) -> list[str]:
 
 
 def _render_homedepot(r: dict) -> list[str]:
-    out = [f"## Home Depot: {r['catalog_items']:,} products, {r['reported_queries']:,} reported queries", "",
-           f"Recall@10: judged (relevance >= 2.67), full catalog. Models: {', '.join(r['models'])}; trained ones: "
-           f"{r['pairs']:,} pairs, {r['steps']} steps, batch 64, length 32, the homedepot.py recipe, seed 0 "
+    sub = "" if r["catalog_items"] == r.get("full_catalog", r["catalog_items"]) else (
+        f" (a subsample of the {r['full_catalog']:,}: every judged item of the reported and tuning queries plus "
+        "the catalog's first items)")
+    out = [f"## Home Depot: {r['catalog_items']:,} products{sub}, {r['reported_queries']:,} reported queries", "",
+           f"Recall@10: judged (relevance >= 2.67), retrieval over these products; in brackets recall@10 against "
+           f"exact float32 search at the same dim. Models: {', '.join(r['models'])}; trained ones: "
+           f"{r['pairs']:,} pairs, {r['steps']} steps, batch 64, length 32, the homedepot.py recipe without "
+           f"its tuning evaluations (final/ reported), seed 0 "
            f"(training seconds: {json.dumps(r['training'])}).", ""]
     names = r["models"]
     out += ["| dim | precision | index | bytes/item | " + " | ".join(f"{n} R@10 (vs exact)" for n in names) + " |",
@@ -369,8 +398,11 @@ def _render_loss(r: dict) -> list[str]:
             f"Forward + backward of the symmetric training loss on leaf embeddings, {r['rounds']} alternating "
             f"rounds, {r['torch_threads']} torch threads: full size only {r['median_ms']['full']} ms, "
             f"Matryoshka {r['median_ms']['matryoshka']} ms (median); ratio of medians {r['ratio_of_medians']}, "
-            f"median of per-round ratios {r['median_of_ratios']} (FLOP ratio sum(dims)/384 = {r['flop_ratio']}). "
-            "The encoder's pass, the larger part of a step, is shared and not in this figure.", ""]
+            f"median of per-round ratios {r['median_of_ratios']} (matmul FLOP ratio sum(dims)/384 = "
+            f"{r['flop_ratio']}). One prefix alone: "
+            + ", ".join(f"{k[5:]} dims {v} ms" for k, v in r["median_ms"].items() if k.startswith("only_"))
+            + " (the B x N exponentials and masks of a pass do not shrink with the size). The encoder's "
+            "forward and backward, shared by every prefix, are not in this figure.", ""]
 
 
 def _render_onnx(r: dict) -> list[str]:
@@ -393,9 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic-queries", type=int, default=1000)
     p.add_argument("--synthetic-only", nargs="*", help="only settings whose index or precision starts so")
     p.add_argument("--latency-queries", type=int, default=200)
+    p.add_argument("--synthetic-grid", choices=("default", "deep"), default="default")
+    p.add_argument("--synthetic-name", default="synthetic", help="the results key of this synthetic run")
     p.add_argument("--hd-max-pairs", type=int, default=10240)
     p.add_argument("--hd-catalog-limit", type=int, default=None, help="smoke runs only")
     p.add_argument("--hd-skip-training", action="store_true", help="zero-shot MiniLM only")
+    p.add_argument("--hd-no-zero-shot", action="store_true", help="trained models only")
+    p.add_argument("--hd-reported-queries", type=int, default=2000)
+    p.add_argument("--hd-name", default="homedepot", help="the results key of this Home Depot run")
     p.add_argument("--loss-batch", type=int, default=1024)
     p.add_argument("--loss-rounds", type=int, default=7)
     p.add_argument("--onnx-texts", type=int, default=2048)
@@ -410,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     # One FAISS thread: on this shared 2-core machine OpenMP's spinning threads made IVF-PQ
     # training 8x slower and one flat query 7x slower than one thread did.
     faiss.omp_set_num_threads(1)
+    args.command = "python benchmarks/bench_serving.py " + " ".join(sys.argv[1:] if argv is None else argv)
     sections = {"synthetic": section_synthetic, "homedepot": section_homedepot, "loss": section_loss,
                 "onnx": section_onnx}
     for name in args.section:
@@ -418,8 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         result = sections[name](args)
         result["machine"] = {**info, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
                              "section_seconds": round(time.perf_counter() - started, 1)}
-        result["command"] = "python benchmarks/bench_serving.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        save_section(name, result, results_dir)
+        result["command"] = args.command
+        key = {"homedepot": args.hd_name, "synthetic": args.synthetic_name}.get(name, name)
+        save_section(key, result, results_dir)
         log(f"{name} done")
     return 0
 
