@@ -378,10 +378,10 @@ def _render_homedepot(r: dict) -> list[str]:
         "the catalog's first items)")
     out = [f"## Home Depot: {r['catalog_items']:,} products{sub}, {r['reported_queries']:,} reported queries", "",
            f"Recall@10: judged (relevance >= 2.67), retrieval over these products; in brackets recall@10 against "
-           f"exact float32 search at the same dim. Models: {', '.join(r['models'])}; trained ones: "
-           f"{r['pairs']:,} pairs, {r['steps']} steps, batch 64, length 32, the homedepot.py recipe without "
-           f"its tuning evaluations (final/ reported), seed 0 "
-           f"(training seconds: {json.dumps(r['training'])}).", ""]
+           f"exact float32 search at the same dim. Models: {', '.join(r['models'])}"
+           + (f"; trained ones: {r['pairs']:,} pairs, {r['steps']} steps, batch 64, length 32, the homedepot.py "
+              f"recipe without its tuning evaluations (final/ reported), seed 0 (training seconds: "
+              f"{json.dumps(r['training'])})." if r["training"] else " (no model trained in this run)."), ""]
     names = r["models"]
     out += ["| dim | precision | index | bytes/item | " + " | ".join(f"{n} R@10 (vs exact)" for n in names) + " |",
             "|---|---|---|---|" + "---|" * len(names)]
