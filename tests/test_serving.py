@@ -165,5 +165,10 @@ def test_embed_records_settings_and_eval_and_search_apply_them(tmp_path, synth_d
     assert len(served.search(["cordless drill"], 5)[0]) == 5
     summary = evaluate(MINILM, str(queries), str(catalog), settings=ServingSettings(dim=64, precision="ubinary"))
     assert summary["index/settings"]["dim"] == 64 and summary["index/bytes_per_item"] == pytest.approx(8, abs=1)
+    # search --dim/--precision: other settings, rebuilt in memory from the stored float32 shards.
+    hits = clicktower("search", "--index", str(out), "--json", "-k", "3", "--dim", "64", "--precision", "ubinary",
+                      "cordless drill")
+    assert hits.returncode == 0, hits.stderr
+    assert len(json.loads(hits.stdout.strip().splitlines()[-1])["hits"]) == 3
     bad = clicktower("eval", "--index", str(out), "--queries", str(queries), "--dim", "32")
     assert bad.returncode == 2 and "recorded settings" in bad.stderr

@@ -58,3 +58,7 @@ def _overrides(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Ser
         return dataclasses.replace(stored, **given)
     except ValueError as exc:
         parser.error(str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
