@@ -6,6 +6,9 @@ item a -- except false negatives: a candidate with the anchor's item id or query
 items the anchor's ``exclude_ids`` list (id -1 never matches). Optionally (``distill_weight``)
 a KL term towards a teacher's softmax over each pair's positive and own hard negatives.
 
+With ``matryoshka_dims`` every listed prefix of the embeddings (re-normalised) is its own
+contrastive problem on the same embeddings, weighted and summed (MatryoshkaLoss).
+
 Across ranks (``cross_device`` with ``world_size`` > 1, given at construction) each local query
 is scored against every rank's items and hard negatives, gathered with
 :func:`clicktower.kernels.gather_with_grad`; the loss is the ONLY place that scales for
@@ -18,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clicktower.kernels.labels import PairLabels
@@ -67,6 +71,13 @@ class LossConfig:
         memory_size: item embeddings of past batches kept (detached) as extra negatives,
             global across ranks, newest first (0: off; XBM).
         memory_warmup_steps: loss calls before the memory's entries are used.
+        matryoshka_dims: train these leading prefixes of the embedding, each as its own
+            contrastive problem (``[384, 256, 128, 64]``; None: the full embedding only). A
+            prefix shorter than the embedding is re-normalised (served as cosine at that
+            size); list the full size too to keep training it. Same embeddings, one gather:
+            no second encoder pass.
+        matryoshka_weights: weight of each prefix's loss (default 1 each; the loss is the
+            weighted sum, as sentence-transformers' ``MatryoshkaLoss``).
     """
 
     symmetric: bool = True
@@ -82,8 +93,11 @@ class LossConfig:
     popularity_alpha: float = 0.01
     memory_size: int = 0
     memory_warmup_steps: int = 0
+    matryoshka_dims: list[int] | None = None
+    matryoshka_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
+        check_matryoshka(self.matryoshka_dims, self.matryoshka_weights)
         if self.popularity_correction not in POPULARITY_CORRECTIONS:
             raise ValueError(f"loss.popularity_correction must be one of {POPULARITY_CORRECTIONS}, "
                              f"got {self.popularity_correction!r}")
@@ -182,13 +196,17 @@ class ContrastiveLoss(nn.Module):
         popularity: ``(items, queries)`` popularity sources (``CountTable`` or
             ``StreamingFrequency``) for the logQ correction, or None (off).
         memory: a ``CrossBatchMemory`` of past items as extra negatives, or None (off).
+        matryoshka_dims: prefixes trained as their own problems (see :class:`LossConfig`);
+            the keys (and queries) are gathered once and sliced per prefix.
+        matryoshka_weights: each prefix's weight (default 1).
     """
 
     def __init__(self, symmetric: bool = True, cross_device: bool = True, gather_queries: bool = False,
                  mask_duplicate_items: bool = True, mask_duplicate_queries: bool = True,
                  block_size: int | None = None, distill_weight: float = 0.0,
                  distill_temperature: float = 1.0, *, rank: int = 0, world_size: int = 1,
-                 popularity: tuple | None = None, memory: CrossBatchMemory | None = None) -> None:
+                 popularity: tuple | None = None, memory: CrossBatchMemory | None = None,
+                 matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None) -> None:
         super().__init__()
         self.popularity, self.memory = popularity, memory
         parts = {} if popularity is None else {"popularity_items": popularity[0], "popularity_queries": popularity[1]}
@@ -198,6 +216,10 @@ class ContrastiveLoss(nn.Module):
         self.state = LossState(parts) if parts else None
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        check_matryoshka(matryoshka_dims, matryoshka_weights)
+        self.matryoshka_dims = None if matryoshka_dims is None else [int(d) for d in matryoshka_dims]
+        self.matryoshka_weights = (None if matryoshka_dims is None else
+                                   [float(w) for w in (matryoshka_weights or [1.0] * len(matryoshka_dims))])
         self.symmetric = symmetric
         self.cross_device = cross_device
         self.gather_queries = gather_queries
@@ -229,7 +251,8 @@ class ContrastiveLoss(nn.Module):
                    cfg.mask_duplicate_queries, distill_weight=cfg.distill_weight,
                    distill_temperature=cfg.distill_temperature, rank=rank, world_size=world_size,
                    popularity=_popularity(cfg, popularity_counts),
-                   memory=CrossBatchMemory(cfg.memory_size, cfg.memory_warmup_steps) if cfg.memory_size else None)
+                   memory=CrossBatchMemory(cfg.memory_size, cfg.memory_warmup_steps) if cfg.memory_size else None,
+                   matryoshka_dims=cfg.matryoshka_dims, matryoshka_weights=cfg.matryoshka_weights)
 
     def forward(self, query_emb: torch.Tensor, item_emb: torch.Tensor, logit_scale: torch.Tensor,
                 labels: PairLabels | None = None, hard_negative_emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -254,49 +277,48 @@ class ContrastiveLoss(nn.Module):
             The scalar loss (fp32).
         """
         labels = PairLabels() if labels is None else labels
-        item_ids, query_ids, hard_negative_ids = labels.item_ids, labels.query_ids, labels.hard_negative_ids
-        weights, exclude_ids = labels.weights, labels.exclude_ids
-        dup_items = self.mask_duplicate_items
-        if not self.mask_duplicate_queries:
-            query_ids = None
-        rank, world = self.rank, self.world_size
-        batch, device = query_emb.shape[0], query_emb.device
-        if weights is not None:
-            weights = weights.detach().to(device)
-        sizes, total_weight, width = _batch_stats(batch, weights, exclude_ids, world, device)
-        exclude = _padded_exclusions(exclude_ids, batch, width, item_ids, device)
-        if exclude is None and not dup_items:
-            item_ids = hard_negative_ids = None  # no rank lists exclusions: ids unused
-        offset, total = sum(sizes[:rank]), sum(sizes)
-        # Rows of the gathered keys holding this rank's positives.
-        targets = offset + torch.arange(batch, device=device)
-        keys, key_ids, key_query_ids = _negatives(item_emb, item_ids, query_ids, hard_negative_emb,
-                                                  hard_negative_ids, sizes, world)
-        levers = self._levers(labels, keys, key_ids, key_query_ids, sizes) if self.state is not None else None
-        key_bias = query_bias = None
-        if levers is not None:
-            keys, key_ids, key_query_ids, key_bias, query_bias = levers.keys, levers.key_ids, \
-                levers.key_query_ids, levers.key_bias, levers.query_bias
-        dup_ids = key_ids if dup_items else None
-        # The item->query direction from the same tiles (one pass): column log-sum-exps over
-        # this rank's queries for every gathered item; in one process they are complete.
-        columns = total if self.symmetric and (world == 1 or not self.gather_queries) else 0
+        shared = _Shared.of(self, query_emb, item_emb, labels, hard_negative_emb)
+        self.last_total_weight = shared.total_weight
+        if self.matryoshka_dims is None:
+            loss = self._loss(query_emb, item_emb, hard_negative_emb, shared.keys, shared.queries, logit_scale,
+                              labels, shared)
+        else:
+            loss = self._matryoshka(query_emb, item_emb, hard_negative_emb, logit_scale, labels, shared)
+        if shared.levers is not None:
+            shared.levers.commit()  # once per batch, after every prefix read the memory as it was
+        return loss
+
+    def _matryoshka(self, query_emb, item_emb, hard_negative_emb, logit_scale, labels: PairLabels,
+                    shared: "_Shared") -> torch.Tensor:
+        """The weighted sum of every listed prefix's loss (``matryoshka_dims``)."""
+        full, loss = query_emb.shape[-1], 0.0
+        for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
+            if dim > full:
+                raise ValueError(f"loss.matryoshka_dims: {dim} is larger than the embedding ({full})")
+            # Slices of the SAME tensors (keys gathered once): autograd sums every prefix's
+            # gradient into them before the one gather's backward.
+            cut = [_prefix(x, dim, full) for x in (query_emb, item_emb, hard_negative_emb, shared.keys,
+                                                   shared.queries)]
+            loss = loss + weight * self._loss(*cut, logit_scale, labels, shared)
+        return loss
+
+    def _loss(self, query_emb, item_emb, hard_negative_emb, keys, queries, logit_scale, labels: PairLabels,
+              shared: "_Shared") -> torch.Tensor:
+        """The loss of one embedding size (the whole embedding, or one Matryoshka prefix)."""
+        world, weights, targets = self.world_size, shared.weights, shared.targets
+        key_ids, key_query_ids, exclude, levers = shared.key_ids, shared.key_query_ids, shared.exclude, shared.levers
+        dup_ids = key_ids if self.mask_duplicate_items else None
         lse, partial = paired_logsumexp(query_emb, keys, logit_scale, targets=targets, key_ids=dup_ids,
-                                        query_ids=query_ids, key_query_ids=key_query_ids, num_columns=columns,
-                                        block_size=self.block_size,
+                                        query_ids=shared.query_ids, key_query_ids=key_query_ids,
+                                        num_columns=shared.columns, block_size=self.block_size,
                                         exclusions=None if exclude is None else (exclude, key_ids),
-                                        key_bias=key_bias, query_bias=query_bias if columns else None)
-        if levers is not None:
-            levers.commit()
+                                        key_bias=None if levers is None else levers.key_bias,
+                                        query_bias=None if levers is None or not shared.columns else levers.query_bias)
         positive = positive_logits(query_emb, item_emb, logit_scale)
         if weights is not None:
             weights = weights.to(lse.dtype)
         # Sum over local pairs / (sum of w over the global batch / W): the one place
         # distributed gradients are scaled.
-        if total_weight is None:
-            total_weight = weights.sum()
-        self.last_total_weight = total_weight
-        norm = _nonzero(total_weight) / world
         loss = _weighted_sum(lse - positive, weights)
         if self.distill_weight and labels.teacher_scores is not None and hard_negative_emb is not None:
             kl = _distillation(query_emb, item_emb, hard_negative_emb, labels.hard_negative_owner,
@@ -304,28 +326,105 @@ class ContrastiveLoss(nn.Module):
             # Both directions' mean below halves the contrastive sum; the KL keeps its weight.
             loss = loss + (2.0 if self.symmetric else 1.0) * self.distill_weight * _weighted_sum(kl, weights)
         if not self.symmetric:
-            return loss / norm
-        if columns:
+            return loss / shared.norm
+        batch, offset, total = query_emb.shape[0], shared.offset, shared.total
+        if shared.columns:
             item_lse = partial if world == 1 else _combine_partials(partial)[offset:offset + batch]
         else:
             # gather_queries: each local item against every rank's queries, a second pass.
             # Rows are now items: row a's ids are still pair a's (item via targets, query
             # local), the keys' ids those of the gathered pairs -- the same rule; an item
             # leaves the denominator of every gathered query whose list names it.
-            queries = _gather(query_emb, sizes, world)
             pair_ids = None if key_ids is None else key_ids[:total]
-            exclusions = None if exclude is None else (pair_ids[targets], _gather(exclude, sizes, world))
+            exclusions = None if exclude is None else (pair_ids[targets], shared.gathered_exclude)
             item_lse, _ = paired_logsumexp(
-                item_emb, queries, logit_scale, targets=targets, key_ids=pair_ids if dup_items else None,
-                query_ids=query_ids, key_query_ids=None if key_query_ids is None else key_query_ids[:total],
+                item_emb, queries, logit_scale, targets=targets, key_ids=pair_ids if self.mask_duplicate_items else None,
+                query_ids=shared.query_ids, key_query_ids=None if key_query_ids is None else key_query_ids[:total],
                 block_size=self.block_size, exclusions=exclusions,
                 key_bias=None if levers is None else levers.gathered_query_bias)
-        return 0.5 * (loss + _weighted_sum(item_lse - positive, weights)) / norm
+        return 0.5 * (loss + _weighted_sum(item_lse - positive, weights)) / shared.norm
 
-    def _levers(self, labels: PairLabels, keys, key_ids, key_query_ids, sizes) -> "_Levers":
-        """The memory's entries appended to the keys (with their ids), the logQ biases and
-        the state update to commit after the pass (see :class:`_Levers`)."""
-        return _Levers(self, labels, keys, key_ids, key_query_ids, sizes)
+
+@dataclass
+class _Shared:
+    """The per-batch state every embedding size's loss shares (``_Shared.of``)."""
+
+    sizes: list[int]
+    offset: int                  # rows of the gathered keys before this rank's
+    total: int                   # pairs of the global batch
+    columns: int                 # > 0: item->query from the same pass (partial column LSEs)
+    targets: torch.Tensor        # rows of the gathered keys holding this rank's positives
+    keys: torch.Tensor           # every rank's items, then every rank's hard negatives
+    key_ids: torch.Tensor | None
+    key_query_ids: torch.Tensor | None
+    query_ids: torch.Tensor | None
+    exclude: torch.Tensor | None
+    gathered_exclude: torch.Tensor | None
+    queries: torch.Tensor | None  # every rank's queries (gather_queries only)
+    weights: torch.Tensor | None
+    norm: torch.Tensor | float
+    total_weight: torch.Tensor | float | None
+    levers: "_Levers | None" = None  # popularity correction and memory (None: off)
+
+    @classmethod
+    def of(cls, loss: "ContrastiveLoss", query_emb, item_emb, labels: PairLabels, hard_negative_emb) -> "_Shared":
+        """What every prefix's loss shares: batch sizes, the normaliser, masks and ids, and
+        the keys (and queries) gathered from every rank -- each collective runs once."""
+        item_ids, query_ids, hard_negative_ids = labels.item_ids, labels.query_ids, labels.hard_negative_ids
+        weights, exclude_ids = labels.weights, labels.exclude_ids
+        if not loss.mask_duplicate_queries:
+            query_ids = None
+        world = loss.world_size
+        batch, device = query_emb.shape[0], query_emb.device
+        if weights is not None:
+            weights = weights.detach().to(device)
+        sizes, total_weight, width = _batch_stats(batch, weights, exclude_ids, world, device)
+        exclude = _padded_exclusions(exclude_ids, batch, width, item_ids, device)
+        if exclude is None and not loss.mask_duplicate_items:
+            item_ids = hard_negative_ids = None  # no rank lists exclusions: ids unused
+        offset, total = sum(sizes[:loss.rank]), sum(sizes)
+        keys, key_ids, key_query_ids = _negatives(item_emb, item_ids, query_ids, hard_negative_emb,
+                                                  hard_negative_ids, sizes, world)
+        # The levers (memory entries as extra keys, logQ biases) once per batch, for every prefix.
+        levers = _Levers(loss, labels, keys, key_ids, key_query_ids, sizes) if loss.state is not None else None
+        if levers is not None:
+            keys, key_ids, key_query_ids = levers.keys, levers.key_ids, levers.key_query_ids
+        # The item->query direction from the same tiles (one pass): column log-sum-exps over
+        # this rank's queries for every gathered item; in one process they are complete.
+        columns = total if loss.symmetric and (world == 1 or not loss.gather_queries) else 0
+        queries = gathered_exclude = None
+        if loss.symmetric and not columns:
+            queries = _gather(query_emb, sizes, world)
+            gathered_exclude = None if exclude is None else _gather(exclude, sizes, world)
+        if weights is None:
+            weights_sum = None
+        else:
+            weights = weights.to(torch.float64 if query_emb.dtype == torch.float64 else torch.float32)
+            weights_sum = weights.sum()
+        if total_weight is None:
+            total_weight = weights_sum
+        return cls(sizes, offset, total, columns, offset + torch.arange(batch, device=device), keys, key_ids,
+                   key_query_ids, query_ids, exclude, gathered_exclude, queries, weights,
+                   _nonzero(total_weight) / world, total_weight, levers)
+
+
+def check_matryoshka(dims, weights) -> None:
+    """Validate ``matryoshka_dims`` / ``matryoshka_weights`` (see :class:`LossConfig`)."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError("loss.matryoshka_weights needs loss.matryoshka_dims")
+        return
+    if not dims or any(not isinstance(d, int) or d < 1 for d in dims) or len(set(dims)) != len(dims):
+        raise ValueError(f"loss.matryoshka_dims must be distinct positive integers, got {list(dims)}")
+    if weights is not None and (len(weights) != len(dims) or not all(0 <= w < math.inf for w in weights)):
+        raise ValueError(f"loss.matryoshka_weights must be {len(dims)} finite numbers >= 0, got {list(weights)}")
+
+
+def _prefix(x: torch.Tensor | None, dim: int, full: int) -> torch.Tensor | None:
+    """The first ``dim`` columns, re-normalised (unchanged when ``dim`` is the whole size)."""
+    if x is None or dim == full:
+        return x
+    return F.normalize(x[:, :dim], dim=-1)
 
 
 def _nonzero(total: torch.Tensor | float) -> torch.Tensor | float:

@@ -6,7 +6,8 @@ sentence-transformers model (query and document routes) with a model card.
 The input is a checkpoint folder of any ZeRO stage or a ``final/`` folder; the output is both
 towers as Hugging Face and sentence-transformers folders, and ONE sentence-transformers model
 (``exported/sentence_transformers/router``: ``encode_query`` / ``encode_document``) with a
-model card. The layout is described in ``clicktower.launcher.engine.export``.
+model card. The layout is described in ``clicktower.launcher.engine.export``; ``--onnx`` adds
+``exported/onnx/`` (``clicktower.launcher.engine.onnx_export``).
 """
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clicktower export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="checkpoint folder (any ZeRO stage) or final/ folder")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write each tower as ONNX (DIR/onnx/, tokenizer beside it), checked with onnxruntime")
     args = parser.parse_args(argv)
     # Imported after parsing: --help and usage errors need neither torch nor transformers.
     from clicktower.launcher.engine.export import export
 
-    print(json.dumps(export(args.checkpoint, args.out)), flush=True)
+    print(json.dumps(export(args.checkpoint, args.out, args.onnx)), flush=True)
     return 0
 
 

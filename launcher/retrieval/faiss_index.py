@@ -4,68 +4,54 @@
 Layout of an index folder:
     embeddings-00000-of-00002.npy   float32 [rows of rank 0, D], L2-normalised by the tower
     ids-00000-of-00002.json         the item ids of those rows, in order
-    index.faiss                     FAISS inner-product index over all rows, in rank order
+    index.faiss                     FAISS index over all rows, in rank order (binary for ubinary)
     items.jsonl                     item_id and item_text per row (search results show text)
-    index.json                      model, dimension, index kind, row count
+    index.json                      model, dimensions, row count, bytes per item and the serving
+                                    settings (size, precision, index; ``serving.ServingSettings``)
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_slice, embed_texts, rank_slice
 from clicktower.launcher.retrieval.readers import load_towers, read_catalog_features, token_limits
+from clicktower.launcher.retrieval.serving import (ServingSettings, build_index, index_bytes, read_index,
+                                                   search_index, write_index)
 
-IndexKind = Literal["flat", "ivf", "hnsw"]
 
-
-def build_faiss_index(vectors: np.ndarray, kind: IndexKind = "flat", nlist: int | None = None,
-                      hnsw_m: int = 32) -> Any:
+def build_faiss_index(vectors: np.ndarray, kind: str = "flat") -> Any:
     """An inner-product FAISS index over ``vectors`` (cosine when they are normalised).
 
     Args:
         vectors: float32 [N, D].
-        kind: ``flat`` (exact), ``ivf`` (inverted lists, for millions of items) or ``hnsw``
-            (graph, no training).
-        nlist: IVF cells (default about 4 * sqrt(N)).
-        hnsw_m: HNSW neighbours per node.
+        kind: an index spec (``serving.parse_index``): ``flat`` (exact), ``ivf``,
+            ``ivf-pq:NLIST,M`` or ``hnsw[:M]``; full size, float32.
     """
-    import faiss
-
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    dim = vectors.shape[1]
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif kind == "ivf":
-        nlist = nlist or max(1, min(len(vectors) // 39, int(4 * np.sqrt(len(vectors)))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-        index.nprobe = max(1, nlist // 8)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    else:
-        raise ValueError(f"unknown index kind {kind!r}")
-    index.add(vectors)
-    return index
+    return build_index(vectors, ServingSettings(index=kind))
 
 
-def embed_catalog(model: str, catalog: str, out: str, index_kind: IndexKind = "flat",
+def embed_catalog(model: str, catalog: str, out: str, settings: ServingSettings = ServingSettings(),
                   batch_size: int = EMBED_BATCH_SIZE, max_length: int | None = None,
                   features_field: str = "features") -> dict[str, Any] | None:
     """Embed this rank's slice of the catalog; the main rank then builds the index.
 
-    Runs alone or under ``accelerate launch`` / ``torchrun`` (ranks from accelerate). Every rank writes its own embedding shard; after a barrier the main
-    process concatenates them in rank order and writes the FAISS index.
+    Runs alone or under ``accelerate launch`` / ``torchrun`` (ranks from accelerate). Every
+    rank embeds its slice and writes its own embedding shard (full size, float32: the
+    source for exact evaluation and rebuilds); after a barrier the main process
+    concatenates them in rank order, trains the index on a seeded sample (IVF cells, PQ
+    codebooks, int8 ranges) and adds every row.
 
     Args:
         model: ``final/`` folder or pretrained encoder folder.
         catalog: catalog file (item_id, item_text).
         out: the index folder.
-        index_kind: see ``build_faiss_index``.
+        settings: size, precision and index (``ServingSettings``), recorded in index.json.
         batch_size: texts per forward pass.
         max_length: item token limit (default: the tower's own, else the model default).
         features_field: the catalog's feature vector field, read when the item tower fuses
@@ -99,16 +85,19 @@ def embed_catalog(model: str, catalog: str, out: str, index_kind: IndexKind = "f
     all_vectors, all_ids = load_embedding_shards(folder, state.num_processes)
     if all_ids != ids:
         raise RuntimeError("embedding shards do not cover the catalog in order")  # a bug, not input
-    import faiss
-
-    index = build_faiss_index(all_vectors, index_kind)
-    _atomic_save(folder / "index.faiss", lambda p: faiss.write_index(index, str(p)))
+    started = time.perf_counter()
+    index = build_index(all_vectors, settings)
+    build_seconds = time.perf_counter() - started
+    _atomic_save(folder / "index.faiss", lambda p: write_index(index, str(p)))
     with open(folder / "items.jsonl.tmp", "w", encoding="utf-8") as fh:
         for item_id, text in zip(ids, texts):
             fh.write(json.dumps({"item_id": item_id, "item_text": text}, ensure_ascii=False) + "\n")
     os.replace(folder / "items.jsonl.tmp", folder / "items.jsonl")
-    meta = {"model": str(model), "dim": int(all_vectors.shape[1]), "kind": index_kind,
-            "num_items": len(ids), "num_shards": state.num_processes}
+    meta = {"model": str(model), "dim": int(settings.dim or all_vectors.shape[1]),
+            "embedding_dim": int(all_vectors.shape[1]), "kind": settings.index, "num_items": len(ids),
+            "num_shards": state.num_processes, "serving": settings.to_meta(),
+            "bytes_per_item": round(index_bytes(index) / max(1, len(ids)), 2),
+            "build_seconds": round(build_seconds, 3)}
     if features is not None:
         meta.update(missing_features=features.num_missing, bad_features=features.bad_features)
     # index.json last: its presence means the folder is complete.
@@ -134,29 +123,43 @@ def _atomic_save(path: Path, write) -> None:
 
 
 class SearchIndex:
-    """A built index folder: the FAISS index, the items and the query tower of its model.
+    """A built index folder: the FAISS index, its serving settings, the items and the query
+    tower of its model.
 
     Args:
         folder: an index folder written by ``embed_catalog``.
         model: query-side model (default: the one the index was built with).
+        settings: serve at other settings than the folder's (size, precision, index): the
+            index is rebuilt in memory from the stored float32 embeddings.
     """
 
-    def __init__(self, folder: str, model: str | None = None) -> None:
-        import faiss
-
+    def __init__(self, folder: str, model: str | None = None, settings: ServingSettings | None = None) -> None:
         root = Path(folder)
         if not (root / "index.json").is_file():
             raise FileNotFoundError(f"{root}: not a complete index folder (no index.json); "
                                     "build one with clicktower embed")
+        self.root = root
         self.meta = json.loads((root / "index.json").read_text())
-        self.index = faiss.read_index(str(root / "index.faiss"))
+        stored = ServingSettings.from_meta(self.meta)
+        self.settings = settings or stored
+        if all(getattr(self.settings, f) == getattr(stored, f) for f in ("dim", "precision", "index", "train_sample")):
+            self.index = read_index(str(root / "index.faiss"), stored)  # search-time options may differ
+        else:
+            self.index = build_index(self.vectors()[0], self.settings)
         self.items = [json.loads(line) for line in (root / "items.jsonl").read_text(encoding="utf-8").splitlines()]
         self.query_tower, _, self.tokenizer = load_towers(model or self.meta["model"])
 
+    def vectors(self) -> tuple[np.ndarray, list[str]]:
+        """The stored full-size float32 catalog embeddings and their ids."""
+        return load_embedding_shards(self.root, self.meta["num_shards"])
+
+    def embed_queries(self, queries: list[str]) -> np.ndarray:
+        """Float32 [Q, D] query embeddings (the whole embedding: ``search_index`` cuts them)."""
+        limit = token_limits(self.query_tower, self.query_tower)[0]
+        return embed_texts(self.query_tower, self.tokenizer, queries, limit).numpy()
+
     def search(self, queries: list[str], k: int = 10) -> list[list[dict[str, Any]]]:
         """Top-k items for each query, best first, with scores and texts."""
-        limit = token_limits(self.query_tower, self.query_tower)[0]
-        vectors = embed_texts(self.query_tower, self.tokenizer, queries, limit).numpy()
-        scores, rows = self.index.search(np.ascontiguousarray(vectors), min(k, len(self.items)))
+        scores, rows = search_index(self.index, self.settings, self.embed_queries(queries), min(k, len(self.items)))
         return [[{**self.items[r], "score": float(s)} for s, r in zip(srow, rrow) if r >= 0]
                 for srow, rrow in zip(scores, rows)]

@@ -1,0 +1,467 @@
+"""Serving benchmark: what a smaller, quantised or approximate index costs in recall, against
+exact float32 search, and what Matryoshka training, the loss's extra prefixes and ONNX cost.
+
+    python benchmarks/bench_serving.py --section synthetic   # 1M x 384 planted catalog
+    python benchmarks/bench_serving.py --section homedepot   # trains 2 models, 54,667 products
+    python benchmarks/bench_serving.py --section loss        # Matryoshka loss vs one full-size loss
+    python benchmarks/bench_serving.py --section onnx        # onnxruntime vs PyTorch encode
+    python benchmarks/bench_serving.py --render              # serving.md from serving.json
+
+Each section merges its results into ``benchmarks/results/serving.json`` (under its name, with
+the machine and load at its start) and re-renders ``serving.md``. Serving code under test:
+``clicktower.launcher.retrieval.serving`` (the one ``clicktower embed/eval/search`` run).
+
+* synthetic: N (default 1,000,000) random unit 384-dim vectors; Q queries each get 10 planted
+  neighbours (the query plus noise at cosine ~0.9 down to ~0.35; random pairs reach ~0.27 at
+  1M), so the exact top 10 is mostly planted and the hardest ones sit near the random crowd.
+  Per setting: build seconds, bytes per item (serialised index / N), p50/p99 of one-query
+  searches (one FAISS thread), recall@10 against exact float32 search (flat float32, the
+  baseline). Each index is built once; its search-time variants (nprobe, efSearch, rescoring)
+  share it.
+* homedepot: the data, split and recipe of ``benchmarks/homedepot.py`` (its functions, loaded
+  from the file): one model trained plainly and one with ``loss.matryoshka_dims=[384, 256,
+  128, 64]``, same pairs and seed (``--hd-skip-training``: neither), plus zero-shot MiniLM;
+  Recall@10 (judged, relevance >= 2.67, reported split) at each dim x precision x index.
+* loss: forward + backward of the symmetric training loss with 4 prefixes vs the full size
+  only, alternating rounds; the embeddings come in as leaves (no encoder: its pass is shared).
+* onnx: the MiniLM tower exported with ``clicktower.launcher.engine.onnx_export``; texts/s of
+  onnxruntime vs PyTorch ``embed_texts`` on the same titles and batches, alternating rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import fcntl
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+DIMS = (384, 256, 128, 64)
+PRECISIONS = ("float32", "float16", "int8", "ubinary")
+
+
+def log(message: str) -> None:
+    print(f"[serving {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def machine() -> dict:
+    load = os.getloadavg()
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "loadavg_1_5_15": [round(x, 2) for x in load], "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def save_section(name: str, result: dict, results_dir: Path) -> None:
+    """Merge one section into serving.json (locked: sections may run side by side) and render."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / "serving.json"
+    with open(Path(tempfile.gettempdir()) / "clicktower-bench-serving.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[name] = result
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        (results_dir / "serving.md").write_text(render(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# Home Depot
+
+
+def homedepot_module():
+    # benchmarks/ is a folder of scripts: load homedepot.py itself for its data and recipe.
+    spec = importlib.util.spec_from_file_location("homedepot_bench", REPO / "benchmarks" / "homedepot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def retrieval_grid(queries: np.ndarray, catalog: np.ndarray, ids: list[str], judged, min_relevance: float,
+                   grid: list) -> list[dict]:
+    """Recall@10 (judged) and recall@10 against exact search at the same size, per setting."""
+    import torch
+
+    from clicktower.launcher.retrieval.metrics import exact_topk, mean_metrics, query_metrics
+    from clicktower.launcher.retrieval.serving import build_index, index_bytes, overlap_at_k, prepare, search_index
+
+    rows, exact_at = [], {}
+    for settings in grid:
+        dim = settings.dim or catalog.shape[1]
+        if dim not in exact_at:
+            exact_at[dim] = exact_topk(torch.from_numpy(prepare(queries, dim)), torch.from_numpy(prepare(catalog, dim)),
+                                       10)[1].numpy()
+        started = time.perf_counter()
+        index = build_index(catalog, settings)
+        build = time.perf_counter() - started
+        _, top = search_index(index, settings, queries, 100)
+        ranked = [[ids[r] for r in row if r >= 0] for row in top.tolist()]
+        metrics = mean_metrics([query_metrics(r, g, min_relevance) for r, (_, g) in zip(ranked, judged)])
+        rows.append({"dim": dim, "precision": settings.precision, "index": settings.index,
+                     "recall@10": round(metrics["recall@10"], 4), "recall@100": round(metrics["recall@100"], 4),
+                     "recall@10_vs_exact": round(overlap_at_k(top, exact_at[dim]), 4),
+                     "bytes_per_item": round(index_bytes(index) / len(ids), 1), "build_seconds": round(build, 2)})
+        log(f"  {rows[-1]}")
+    return rows
+
+
+def homedepot_grid() -> list:
+    from clicktower.launcher.retrieval.serving import ServingSettings
+
+    grid = [ServingSettings(dim=d, precision=p) for d in DIMS for p in PRECISIONS]
+    for d in DIMS:
+        grid.append(ServingSettings(dim=d, index="hnsw:32", ef_search=128))
+        grid.append(ServingSettings(dim=d, index=f"ivf-pq:256,{d // 8}", nprobe=32))
+    grid.append(ServingSettings(dim=384, precision="int8", index="hnsw:32", ef_search=128))
+    return grid
+
+
+def section_homedepot(args: argparse.Namespace) -> dict:
+    """Train plain + Matryoshka models on Home Depot, then the grid for them and zero-shot."""
+    from clicktower.launcher.retrieval.embedding import embed_texts
+    from clicktower.launcher.retrieval.readers import load_towers
+
+    hd = homedepot_module()
+    hd_args = argparse.Namespace(
+        data=str(hd.DEFAULT_DATA), max_pairs=args.hd_max_pairs, reported_queries=args.hd_reported_queries,
+        tuning_queries=500,
+        tuning_distractors=1000, batch_size=64, max_seq_length=32, lr=5e-5, split_seed=0, evals_per_run=1,
+        graded_weight=0.0, mine_negatives=0, separate_towers=False, catalog_limit=args.hd_catalog_limit, set=[])
+    out = Path(args.work) / "homedepot"
+    out.mkdir(parents=True, exist_ok=True)
+    d = hd.load_data(hd_args)
+    shards = hd.write_training_shards(d["pairs"], out)
+    tuning = hd.write_tuning_files(d, out / "tuning")
+    steps = len(d["pairs"]) // hd_args.batch_size
+    models = {}
+    training = {}
+    # No tuning evaluations (their time goes to training): final/ is the model reported.
+    variants = [("plain", ["eval.every_steps=null"]),
+                ("matryoshka", ["eval.every_steps=null", f"loss.matryoshka_dims=[{', '.join(map(str, DIMS))}]"])]
+    for name, extra in variants if not args.hd_skip_training else []:
+        hd_args.set = extra
+        log(f"training {name} ({len(d['pairs'])} pairs, {steps} steps)")
+        chosen, figures = hd.train_clicktower(hd_args, shards, out / f"run_{name}", 0, steps, True, tuning)
+        models[name] = str(chosen)
+        training[name] = {k: figures[k] for k in ("train_seconds", "steps", "step_seconds") if k in figures}
+        log(f"{name}: {training[name]}")
+    if not args.hd_no_zero_shot:
+        models["zero-shot MiniLM"] = hd.MODEL
+    grids = {}
+    result = {"pairs": len(d["pairs"]), "steps": steps, "catalog_items": len(d["ids"]),
+              "full_catalog": d["full_catalog"], "reported_queries": len(d["reported"]), "training": training,
+              "models": [], "grid": grids}
+    for name, model in models.items():
+        query_tower, item_tower, tokenizer = load_towers(model)
+        started = time.perf_counter()
+        catalog = embed_texts(item_tower, tokenizer, d["texts"], 32, 256).numpy()
+        queries = embed_texts(query_tower, tokenizer, [q for q, _ in d["reported"]], 32, 256).numpy()
+        log(f"{name}: embedded {len(catalog)} items and {len(queries)} queries in {time.perf_counter() - started:.0f} s")
+        grids[name] = retrieval_grid(queries, catalog, d["ids"], d["reported"], hd.POSITIVE, homedepot_grid())
+        result["models"].append(name)
+        save_section(args.hd_name, {**result, "partial": True, "machine": machine(), "command": args.command},
+                     Path(args.results_dir))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic 1M
+
+
+def planted_catalog(n: int, queries: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random unit vectors; query i's 10 planted neighbours are rows i*10 .. i*10+9 (query plus
+    Gaussian noise, cosine ~0.9 down to ~0.35), spread over the catalog by a permutation."""
+    rng = np.random.default_rng(seed)
+    catalog = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        block = rng.standard_normal((min(100_000, n - start), dim), dtype=np.float32)
+        catalog[start:start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    q = rng.standard_normal((queries, dim), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    noise = np.linspace(0.5, 2.7, 10, dtype=np.float32)  # cosine 1/sqrt(1 + s^2): 0.89 .. 0.35
+    rows = rng.permutation(n)[:queries * 10].reshape(queries, 10)
+    for j in range(10):
+        v = q + noise[j] * rng.standard_normal((queries, dim), dtype=np.float32) / np.sqrt(dim)
+        catalog[rows[:, j]] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return catalog, q, rows
+
+
+def synthetic_grid(name: str = "default") -> list:
+    """(build settings, search-time variants): each index is built once. ``deep``: flat (the
+    exact baseline) and IVF-PQ with 4 dims per PQ byte, searched deeper."""
+    from clicktower.launcher.retrieval.serving import ServingSettings
+
+    if name == "deep":
+        return [(ServingSettings(), [{}]),
+                (ServingSettings(index="ivf-pq:1024,96", train_sample=50_000), [{"nprobe": n} for n in (128, 512)])]
+    return [(ServingSettings(), [{}]), (ServingSettings(precision="int8"), [{}]),
+            (ServingSettings(precision="ubinary"), [{"rescore_multiplier": m} for m in (1, 4, 10)]),
+            (ServingSettings(index="ivf-pq:1024,48", train_sample=50_000), [{"nprobe": n} for n in (16, 64)]),
+            (ServingSettings(precision="float16"), [{}]),
+            (ServingSettings(index="hnsw:16"), [{"ef_search": e} for e in (32, 128)])]
+
+
+def section_synthetic(args: argparse.Namespace) -> dict:
+    import dataclasses
+
+    from clicktower.launcher.retrieval.serving import (build_index, index_bytes, latency_ms, overlap_at_k,
+                                                       search_index)
+
+    started = time.perf_counter()
+    catalog, queries, planted = planted_catalog(args.synthetic_n, args.synthetic_queries, 384)
+    log(f"catalog {catalog.shape} in {time.perf_counter() - started:.0f} s")
+    exact = None
+    rows = []
+    grid = synthetic_grid(args.synthetic_grid)
+    if args.synthetic_only:  # the first entry (flat float32: exact search) always stays
+        grid = grid[:1] + [g for g in grid[1:] if any(g[0].index.startswith(x) or g[0].precision == x
+                                                      for x in args.synthetic_only)]
+    for built, variants in grid:
+        started = time.perf_counter()
+        index = build_index(catalog, built)
+        build = time.perf_counter() - started
+        for variant in variants:
+            settings = dataclasses.replace(built, **variant)
+            _, top = search_index(index, settings, queries, 10)
+            if exact is None:
+                exact = top  # the first setting is flat float32: exact search itself
+            lat = latency_ms(index, settings, queries[:args.latency_queries], 10)
+            rows.append({"precision": settings.precision, "index": settings.index, **variant,
+                         "bytes_per_item": round(index_bytes(index) / len(catalog), 1), "build_seconds": round(build, 1),
+                         "p50_ms": round(lat["p50_ms"], 3), "p99_ms": round(lat["p99_ms"], 3),
+                         "recall@10_vs_exact": round(overlap_at_k(top, exact), 4)})
+            log(f"  {rows[-1]}")
+        del index
+        found = np.mean([len(set(e.tolist()) & set(p.tolist())) / 10 for e, p in zip(exact, planted)])
+        result = {"n": args.synthetic_n, "dim": 384, "queries": args.synthetic_queries,
+                  "latency_queries": args.latency_queries, "planted_share_of_exact_top10": round(float(found), 4),
+                  "faiss_threads": _faiss_threads(), "rows": rows}
+        # Saved after every index: a run stopped early keeps what it measured (marked partial).
+        save_section(args.synthetic_name, {**result, "partial": True, "machine": machine(), "command": args.command},
+                     Path(args.results_dir))
+    return result
+
+
+def _faiss_threads() -> int:
+    import faiss
+
+    return faiss.omp_get_max_threads()
+
+
+# ---------------------------------------------------------------------------------------------
+# Matryoshka loss cost
+
+
+def section_loss(args: argparse.Namespace) -> dict:
+    """Forward + backward of the symmetric ContrastiveLoss, full size only vs 4 prefixes."""
+    import torch
+
+    from clicktower.data.batch import PairLabels
+    from clicktower.modeling.losses import ContrastiveLoss
+
+    torch.manual_seed(0)
+    b, d = args.loss_batch, 384
+    q = torch.nn.functional.normalize(torch.randn(b, d), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(b, d), dim=-1)
+    labels = PairLabels(item_ids=torch.randint(0, 1 << 40, (b,)), query_ids=torch.randint(0, 1 << 40, (b,)))
+    losses = {"full": ContrastiveLoss(), "matryoshka": ContrastiveLoss(matryoshka_dims=list(DIMS)),
+              # One prefix alone: what one pass costs at that size (the B x N softmax work does not shrink).
+              **{f"only_{d}": ContrastiveLoss(matryoshka_dims=[d]) for d in DIMS[1:]}}
+    times = {name: [] for name in losses}
+    for _ in range(args.loss_rounds):
+        for name, loss_fn in losses.items():
+            qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+            started = time.perf_counter()
+            loss_fn(qq, kk, torch.tensor(20.0), labels).backward()
+            times[name].append(time.perf_counter() - started)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    ratios = [m / f for m, f in zip(times["matryoshka"], times["full"])]
+    return {"batch": b, "dim": d, "dims": list(DIMS), "rounds": args.loss_rounds,
+            "torch_threads": torch.get_num_threads(),
+            "median_ms": {name: round(v * 1000, 2) for name, v in med.items()},
+            "ratio_of_medians": round(med["matryoshka"] / med["full"], 3),
+            "median_of_ratios": round(statistics.median(ratios), 3),
+            "flop_ratio": round(sum(DIMS) / d, 3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX
+
+
+def section_onnx(args: argparse.Namespace) -> dict:
+    """Texts/s of the exported MiniLM tower in onnxruntime vs PyTorch, same batches."""
+    import tempfile
+
+    import torch
+
+    from clicktower.launcher.engine.onnx_export import OnnxEncoder, export_tower_onnx
+    from clicktower.launcher.retrieval.embedding import embed_texts
+    from clicktower.launcher.retrieval.readers import load_towers
+
+    hd = homedepot_module()
+    texts = [t for _, t in hd.read_catalog(Path(hd.DEFAULT_DATA))][:args.onnx_texts]
+    tower, _, tokenizer = load_towers(hd.MODEL)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "item.onnx"
+        export_tower_onnx(tower, tokenizer, path, 32)
+        encoder = OnnxEncoder(path, tokenizer, 32, threads=threads)
+        diff = float(np.abs(encoder.encode(texts[:256]) - embed_texts(tower, tokenizer, texts[:256], 32).numpy()).max())
+        times = {"torch": [], "onnxruntime": []}
+        for _ in range(args.onnx_rounds):
+            started = time.perf_counter()
+            embed_texts(tower, tokenizer, texts, 32, 128)
+            times["torch"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            encoder.encode(texts, 128)
+            times["onnxruntime"].append(time.perf_counter() - started)
+    rate = {k: round(len(texts) / statistics.median(v), 1) for k, v in times.items()}
+    return {"texts": len(texts), "max_length": 32, "batch": 128, "threads": threads, "rounds": args.onnx_rounds,
+            "texts_per_s": rate, "speedup": round(rate["onnxruntime"] / rate["torch"], 3),
+            "max_abs_diff": diff, "onnxruntime": _version("onnxruntime"), "torch": torch.__version__}
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def render(data: dict) -> str:
+    lines = ["# Serving: size, precision and index against exact search", "",
+             "Written by `benchmarks/bench_serving.py` (sections run separately; each records its machine "
+             "and load). Baseline everywhere: exact float32 search of the whole embedding.", ""]
+    renderers = {"synthetic": _render_synthetic, "homedepot": _render_homedepot, "loss": _render_loss,
+                 "onnx": _render_onnx}
+    for name in sorted(data, key=lambda n: list(renderers).index(n.split("_")[0])):
+        r = data[name]
+        said = f"Command: `{r['command']}`. " if r.get("command") else ""
+        partial = "Partial: the run was stopped before its end; these rows are what it measured. " if r.get(
+            "partial") else ""
+        body = renderers[name.split("_")[0]](r)
+        body[0] += f" [`{name}`]"
+        lines += body + [f"{said}{partial}Machine: `{json.dumps(r.get('machine', {}))}`", ""]
+    return "\n".join(lines)
+
+
+def _render_synthetic(r: dict) -> list[str]:
+    base = r["rows"][0]
+    out = [f"## Synthetic: {r['n']:,} random unit {r['dim']}-dim vectors, planted neighbours", "",
+           f"{r['queries']} queries, 10 planted neighbours each (cosine ~0.9 down to ~0.35; they are "
+           f"{r['planted_share_of_exact_top10']:.1%} of the exact top 10). Latency: one query at a time over "
+           f"{r['latency_queries']} queries, FAISS threads {r['faiss_threads']}.", "",
+           "| precision | index | search params | bytes/item | x fewer bytes | build s | p50 ms | p99 ms | "
+           "x lower p50 | recall@10 vs exact |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        params = ", ".join(f"{k}={row[k]}" for k in ("nprobe", "ef_search", "rescore_multiplier") if k in row)
+        out.append(f"| {row['precision']} | {row['index']} | {params or '-'} | {row['bytes_per_item']} | "
+                   f"{base['bytes_per_item'] / row['bytes_per_item']:.1f} | {row['build_seconds']} | {row['p50_ms']} | "
+                   f"{row['p99_ms']} | {base['p50_ms'] / row['p50_ms']:.1f} | {row['recall@10_vs_exact']:.4f} |")
+    return out + [""]
+
+
+def _render_homedepot(r: dict) -> list[str]:
+    sub = "" if r["catalog_items"] == r.get("full_catalog", r["catalog_items"]) else (
+        f" (a subsample of the {r['full_catalog']:,}: every judged item of the reported and tuning queries plus "
+        "the catalog's first items)")
+    out = [f"## Home Depot: {r['catalog_items']:,} products{sub}, {r['reported_queries']:,} reported queries", "",
+           f"Recall@10: judged (relevance >= 2.67), retrieval over these products; in brackets recall@10 against "
+           f"exact float32 search at the same dim. Models: {', '.join(r['models'])}"
+           + (f"; trained ones: {r['pairs']:,} pairs, {r['steps']} steps, batch 64, length 32, the homedepot.py "
+              f"recipe without its tuning evaluations (final/ reported), seed 0 (training seconds: "
+              f"{json.dumps(r['training'])})." if r["training"] else " (no model trained in this run)."), ""]
+    names = r["models"]
+    out += ["| dim | precision | index | bytes/item | " + " | ".join(f"{n} R@10 (vs exact)" for n in names) + " |",
+            "|---|---|---|---|" + "---|" * len(names)]
+    first = r["grid"][names[0]]
+    for i, row in enumerate(first):
+        cells = [f"{r['grid'][n][i]['recall@10']:.4f} ({r['grid'][n][i]['recall@10_vs_exact']:.3f})" for n in names]
+        out.append(f"| {row['dim']} | {row['precision']} | {row['index']} | {row['bytes_per_item']} | "
+                   + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def _render_loss(r: dict) -> list[str]:
+    return [f"## Matryoshka loss cost (batch {r['batch']}, dim {r['dim']}, prefixes {r['dims']})", "",
+            f"Forward + backward of the symmetric training loss on leaf embeddings, {r['rounds']} alternating "
+            f"rounds, {r['torch_threads']} torch threads: full size only {r['median_ms']['full']} ms, "
+            f"Matryoshka {r['median_ms']['matryoshka']} ms (median); ratio of medians {r['ratio_of_medians']}, "
+            f"median of per-round ratios {r['median_of_ratios']} (matmul FLOP ratio sum(dims)/384 = "
+            f"{r['flop_ratio']}). One prefix alone: "
+            + ", ".join(f"{k[5:]} dims {v} ms" for k, v in r["median_ms"].items() if k.startswith("only_"))
+            + " (the B x N exponentials and masks of a pass do not shrink with the size). The encoder's "
+            "forward and backward, shared by every prefix, are not in this figure.", ""]
+
+
+def _render_onnx(r: dict) -> list[str]:
+    return [f"## ONNX vs PyTorch encode (MiniLM, {r['texts']:,} Home Depot titles, length {r['max_length']}, "
+            f"batch {r['batch']}, {r['threads']} threads)", "",
+            "| runtime | texts/s |", "|---|---|",
+            f"| PyTorch {r['torch']} | {r['texts_per_s']['torch']} |",
+            f"| onnxruntime {r['onnxruntime']} | {r['texts_per_s']['onnxruntime']} |", "",
+            f"Speed-up x{r['speedup']} (median of {r['rounds']} alternating rounds); max abs difference of "
+            f"the embeddings {r['max_abs_diff']:.1e}.", ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--section", choices=("synthetic", "homedepot", "loss", "onnx"), action="append", default=[])
+    p.add_argument("--render", action="store_true", help="only re-render serving.md from serving.json")
+    p.add_argument("--results-dir", default=str(RESULTS))
+    p.add_argument("--work", default="/tmp/bench_serving", help="scratch folder (runs, models)")
+    p.add_argument("--synthetic-n", type=int, default=1_000_000)
+    p.add_argument("--synthetic-queries", type=int, default=1000)
+    p.add_argument("--synthetic-only", nargs="*", help="only settings whose index or precision starts so")
+    p.add_argument("--latency-queries", type=int, default=200)
+    p.add_argument("--synthetic-grid", choices=("default", "deep"), default="default")
+    p.add_argument("--synthetic-name", default="synthetic", help="the results key of this synthetic run")
+    p.add_argument("--hd-max-pairs", type=int, default=10240)
+    p.add_argument("--hd-catalog-limit", type=int, default=None, help="smoke runs only")
+    p.add_argument("--hd-skip-training", action="store_true", help="zero-shot MiniLM only")
+    p.add_argument("--hd-no-zero-shot", action="store_true", help="trained models only")
+    p.add_argument("--hd-reported-queries", type=int, default=2000)
+    p.add_argument("--hd-name", default="homedepot", help="the results key of this Home Depot run")
+    p.add_argument("--loss-batch", type=int, default=1024)
+    p.add_argument("--loss-rounds", type=int, default=7)
+    p.add_argument("--onnx-texts", type=int, default=2048)
+    p.add_argument("--onnx-rounds", type=int, default=3)
+    args = p.parse_args(argv)
+    results_dir = Path(args.results_dir)
+    if args.render:
+        (results_dir / "serving.md").write_text(render(json.loads((results_dir / "serving.json").read_text())))
+        return 0
+    import faiss
+
+    # One FAISS thread: on this shared 2-core machine OpenMP's spinning threads made IVF-PQ
+    # training 8x slower and one flat query 7x slower than one thread did.
+    faiss.omp_set_num_threads(1)
+    args.command = "python benchmarks/bench_serving.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    sections = {"synthetic": section_synthetic, "homedepot": section_homedepot, "loss": section_loss,
+                "onnx": section_onnx}
+    for name in args.section:
+        info = machine()
+        started = time.perf_counter()
+        result = sections[name](args)
+        result["machine"] = {**info, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+                             "section_seconds": round(time.perf_counter() - started, 1)}
+        result["command"] = args.command
+        key = {"homedepot": args.hd_name, "synthetic": args.synthetic_name}.get(name, name)
+        save_section(key, result, results_dir)
+        log(f"{name} done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

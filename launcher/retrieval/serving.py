@@ -1,0 +1,280 @@
+"""Serving an embedded catalog: a chosen size (Matryoshka prefix), precision and FAISS index.
+
+``ServingSettings`` says how: ``dim`` (a leading prefix, re-normalised), ``precision``
+(``float32``, ``float16``, ``int8`` with per-dimension ranges calibrated on a sample, or
+``ubinary``: one bit per dimension, Hamming search of ``k x rescore_multiplier`` candidates
+rescored with the float query, sentence-transformers' recipe) and ``index`` (``flat`` exact,
+``ivf-pq:NLIST,M``, ``hnsw:M``; ``ivf`` and ``hnsw`` as before). ``build_index`` trains on a
+seeded sample and adds every vector; ``search_index`` applies the same settings to queries.
+The settings travel in the index folder's ``index.json`` (``clicktower embed``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PRECISIONS = ("float32", "float16", "int8", "ubinary")
+# Vectors a trained index (IVF cells, PQ codebooks, int8 ranges) learns from, at most.
+TRAIN_SAMPLE = 100_000
+# Candidates of the binary search rescored with the float query, per result (ubinary).
+RESCORE_MULTIPLIER = 4
+# Search-time defaults, recorded with the index (override: --nprobe / --ef-search).
+DEFAULT_NPROBE, DEFAULT_EF_SEARCH = 16, 64
+# The scalar quantiser of each non-binary precision in a FAISS factory string.
+_SQ = {"float32": "Flat", "float16": "SQfp16", "int8": "SQ8"}
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """How a catalog is served; recorded as ``index.json["serving"]``.
+
+    Args:
+        dim: embedding prefix served (None: the whole embedding).
+        precision: one of ``PRECISIONS``.
+        index: ``flat``, ``ivf`` / ``ivf:NLIST`` (IVF-flat), ``ivf-pq:NLIST,M`` (M bytes per
+            vector, float32 only: PQ is its own quantisation) or ``hnsw`` / ``hnsw:M``.
+        rescore_multiplier: ubinary: candidates rescored per result.
+        nprobe: IVF cells visited per query (None: ``DEFAULT_NPROBE``).
+        ef_search: HNSW search breadth (None: ``DEFAULT_EF_SEARCH``, at least k).
+        train_sample: vectors the index trains (or calibrates int8) on, at most.
+    """
+
+    dim: int | None = None
+    precision: str = "float32"
+    index: str = "flat"
+    rescore_multiplier: int = RESCORE_MULTIPLIER
+    nprobe: int | None = None
+    ef_search: int | None = None
+    train_sample: int = TRAIN_SAMPLE
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.dim is not None and self.dim < 1:
+            raise ValueError(f"dim must be >= 1, got {self.dim}")
+        kind, params = parse_index(self.index)
+        if kind == "ivf-pq" and self.precision != "float32":
+            raise ValueError("ivf-pq quantises with PQ itself: use --precision float32 with it")
+        if kind == "ivf" and self.precision == "ubinary":
+            raise ValueError("ubinary serves from a flat or hnsw binary index")
+        if self.rescore_multiplier < 1 or self.train_sample < 1:
+            raise ValueError("rescore_multiplier and train_sample must be >= 1")
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "ServingSettings":
+        """The settings an ``index.json`` records (an index from before them: flat float32)."""
+        serving = meta.get("serving") or {"index": meta.get("kind", "flat")}
+        return cls(**serving)
+
+    def to_meta(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_index(spec: str) -> tuple[str, tuple[int, ...]]:
+    """``"ivf-pq:1024,48"`` -> ``("ivf-pq", (1024, 48))``; checks the kind and its numbers."""
+    kind, _, rest = spec.partition(":")
+    try:
+        params = tuple(int(p) for p in rest.split(",")) if rest else ()
+    except ValueError:
+        raise ValueError(f"index {spec!r}: parameters must be integers") from None
+    wanted = {"flat": (0,), "ivf": (0, 1), "ivf-pq": (2,), "hnsw": (0, 1)}
+    if kind not in wanted:
+        raise ValueError(f"unknown index {spec!r}: flat, ivf[:NLIST], ivf-pq:NLIST,M or hnsw[:M]")
+    if len(params) not in wanted[kind] or any(p < 1 for p in params):
+        raise ValueError(f"index {spec!r}: expected {kind}{':NLIST,M' if kind == 'ivf-pq' else '[:N]'}")
+    return kind, params
+
+
+def prepare(vectors: np.ndarray, dim: int | None) -> np.ndarray:
+    """float32 [N, dim]: the leading ``dim`` columns re-normalised (all columns: unchanged)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if dim is None or dim == vectors.shape[1]:
+        return vectors
+    if dim > vectors.shape[1]:
+        raise ValueError(f"dim {dim} is larger than the embedding ({vectors.shape[1]})")
+    cut = vectors[:, :dim]
+    return np.ascontiguousarray(cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12))
+
+
+def binarize(vectors: np.ndarray) -> np.ndarray:
+    """One bit per dimension (> 0), packed 8 per byte (uint8 [N, dim / 8])."""
+    return np.packbits(vectors > 0, axis=1)
+
+
+def build_index(vectors: np.ndarray, settings: ServingSettings, seed: int = 0) -> Any:
+    """A FAISS inner-product index (Hamming for ubinary) over ``vectors`` served as ``settings``.
+
+    Args:
+        vectors: float32 [N, D] catalog embeddings (L2-normalised).
+        settings: size, precision and index.
+        seed: picks the training sample.
+    """
+    import faiss
+
+    x = prepare(vectors, settings.dim)
+    n, dim = x.shape
+    kind, params = parse_index(settings.index)
+    if settings.precision == "ubinary":
+        if dim % 8:
+            raise ValueError(f"ubinary needs a dim divisible by 8, got {dim}")
+        index = faiss.index_binary_factory(dim, "BFlat" if kind == "flat" else f"BHNSW{params[0] if params else 32}")
+        index.add(binarize(x))
+        set_search_params(index, settings)
+        return index
+    sq = _SQ[settings.precision]
+    if kind == "flat":
+        factory = sq
+    elif kind == "hnsw":
+        factory = f"HNSW{params[0] if params else 32}" + ("" if sq == "Flat" else f",{sq}")
+    elif kind == "ivf":
+        factory = f"IVF{params[0] if params else _default_nlist(n)},{sq}"
+    else:
+        # "np": no polysemous training (a Hamming pre-filter this search never uses, and
+        # minutes of annealing on a loaded CPU).
+        factory = f"IVF{params[0]},PQ{params[1]}np"
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        rows = np.random.default_rng(seed).choice(n, size=min(n, settings.train_sample), replace=False)
+        index.train(x[np.sort(rows)])
+    index.add(x)
+    set_search_params(index, settings)  # saved with it: a plain index.search uses them too
+    return index
+
+
+def _default_nlist(n: int) -> int:
+    return max(1, min(n // 39, int(4 * np.sqrt(n))))
+
+
+def search_index(index: Any, settings: ServingSettings, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ``(scores, rows)`` for float query embeddings, best first (row -1: none).
+
+    ubinary: the Hamming top ``k x rescore_multiplier`` of the binary query, rescored by the
+    float query's inner product with each candidate's bits (0/1: for one query the same order
+    as +-1) and cut to k.
+
+    Args:
+        index: from ``build_index`` or ``read_index``.
+        settings: the index's settings.
+        queries: float32 [Q, D] query embeddings (the whole embedding).
+        k: results per query.
+    """
+    q = prepare(queries, settings.dim)
+    if settings.precision != "ubinary":
+        set_search_params(index, settings, k)
+        return index.search(q, min(k, index.ntotal))
+    wide = min(index.ntotal, k * settings.rescore_multiplier)
+    set_search_params(index, settings, wide)
+    _, rows = index.search(binarize(q), wide)
+    codes = _binary_codes(index)
+    bits = np.unpackbits(codes[np.maximum(rows, 0)], axis=2)[:, :, :q.shape[1]].astype(np.float32)
+    scores = np.einsum("qd,qkd->qk", q, bits)
+    scores[rows < 0] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+
+def set_search_params(index: Any, settings: ServingSettings, k: int = 10) -> None:
+    """Set the IVF cells visited (``nprobe``) or the HNSW breadth (``efSearch``, >= k)."""
+    kind, _ = parse_index(settings.index)
+    if kind in ("ivf", "ivf-pq"):
+        import faiss
+
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", settings.nprobe or DEFAULT_NPROBE)
+    elif kind == "hnsw":
+        index.hnsw.efSearch = max(k, settings.ef_search or DEFAULT_EF_SEARCH)
+
+
+def _binary_codes(index: Any) -> np.ndarray:
+    """The packed codes a binary FAISS index stores, uint8 [N, dim / 8] (a view of FAISS's own
+    storage: rescoring needs no second copy of the catalog)."""
+    import faiss
+
+    flat = faiss.downcast_IndexBinary(index.storage) if hasattr(index, "storage") else index
+    return faiss.vector_to_array(flat.xb).reshape(index.ntotal, index.code_size)
+
+
+def write_index(index: Any, path: str) -> None:
+    """Save a float or binary FAISS index."""
+    import faiss
+
+    (faiss.write_index_binary if isinstance(index, faiss.IndexBinary) else faiss.write_index)(index, path)
+
+
+def read_index(path: str, settings: ServingSettings) -> Any:
+    """Load what ``write_index`` saved for these settings."""
+    import faiss
+
+    return (faiss.read_index_binary if settings.precision == "ubinary" else faiss.read_index)(path)
+
+
+def index_bytes(index: Any) -> int:
+    """The serialised size of an index: what holding it costs, overheads included."""
+    import faiss
+
+    if isinstance(index, faiss.IndexBinary):
+        return int(faiss.serialize_index_binary(index).size)
+    return int(faiss.serialize_index(index).size)
+
+
+def latency_ms(index: Any, settings: ServingSettings, queries: np.ndarray, k: int = 10) -> dict[str, float]:
+    """p50 / p99 milliseconds of one-query searches over ``queries`` (one at a time, as served),
+    on one FAISS thread: a server answers concurrent queries on its other cores, and on a
+    shared CPU a multi-threaded single query mostly measures the threads' waiting.
+
+    Args:
+        index: the index.
+        settings: its settings.
+        queries: float32 [Q, D].
+        k: results per query.
+    """
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    times = []
+    try:
+        for row in queries:
+            start = time.perf_counter()
+            search_index(index, settings, row[None, :], k)
+            times.append((time.perf_counter() - start) * 1000)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
+
+
+def overlap_at_k(rows: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
+    """Mean share of each query's exact top-k that ``rows`` also returns in its top k."""
+    return float(np.mean([len(set(a[:k].tolist()) & set(b[:k].tolist())) / k for a, b in zip(rows, exact)]))
+
+
+def add_serving_arguments(parser: Any, index_flag: str = "--index") -> None:
+    """The ``--dim/--precision/<index_flag>/...`` options of embed, eval and search.
+
+    Args:
+        parser: an ``argparse.ArgumentParser``.
+        index_flag: the option naming the index spec (``--index`` for embed).
+    """
+    parser.add_argument("--dim", type=int, default=None, help="serve this leading prefix of the embedding")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="float32 (default), float16, int8 (calibrated ranges), ubinary (rescored)")
+    parser.add_argument(index_flag, dest="index_spec", default=None,
+                        help="flat (default), ivf[:NLIST], ivf-pq:NLIST,M or hnsw[:M]")
+    parser.add_argument("--nprobe", type=int, default=None, help=f"IVF cells per query (default {DEFAULT_NPROBE})")
+    parser.add_argument("--ef-search", type=int, default=None, help=f"HNSW breadth (default {DEFAULT_EF_SEARCH})")
+    parser.add_argument("--rescore-multiplier", type=int, default=None,
+                        help=f"ubinary: candidates rescored per result (default {RESCORE_MULTIPLIER})")
+    parser.add_argument("--train-sample", type=int, default=None,
+                        help=f"vectors the index trains / int8 calibrates on (default {TRAIN_SAMPLE})")
+
+
+def settings_from_args(args: Any) -> ServingSettings | None:
+    """The settings parsed by ``add_serving_arguments`` (None: no option given)."""
+    given = {"dim": args.dim, "precision": args.precision, "index": args.index_spec, "nprobe": args.nprobe,
+             "ef_search": args.ef_search, "rescore_multiplier": args.rescore_multiplier,
+             "train_sample": args.train_sample}
+    given = {key: value for key, value in given.items() if value is not None}
+    return ServingSettings(**given) if given else None
