@@ -273,11 +273,18 @@ def test_lost_local_folder_resumes_from_the_bucket_with_the_uninterrupted_losses
     result = clicktower(*_train_args(shard_dir, ref, f"s3://{BUCKET}/ref"), env=s3.env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step_00000004" in result.stderr and "the local checkpoint is kept" in result.stderr
-    assert (f"checkpoint.remote_dir: 2 checkpoint(s) uploaded to s3://{BUCKET}/ref "
-            "(2 retries, 1 failed upload(s))") in result.stdout
     assert check_checkpoint(ref / "checkpoints" / "step_00000004") is None
     remote = RemoteCheckpoints(f"s3://{BUCKET}/ref", keep_last=3)
-    assert remote.complete_steps() == ["step_00000008", "step_00000012"]
+    # Uploads run in the background, one waiting behind the running one: on a loaded machine
+    # the step-8 upload may still wait behind step 4's failing retries when step 12 is saved,
+    # and is then superseded by it (its injected 503 never consumed). Both outcomes are exact.
+    if remote.complete_steps() == ["step_00000008", "step_00000012"]:
+        summary = "2 checkpoint(s) uploaded to s3://{}/ref (2 retries, 1 failed upload(s))".format(BUCKET)
+    else:
+        assert remote.complete_steps() == ["step_00000012"]
+        summary = ("1 checkpoint(s) uploaded to s3://{}/ref (1 retries, 1 failed upload(s)); 1 superseded "
+                   "before their upload started").format(BUCKET)
+    assert f"checkpoint.remote_dir: {summary}" in result.stdout, result.stdout[-2000:]
     assert remote._fs().exists(remote.path("final", "query_tower", "model.safetensors"))
 
     # The same run, killed while its step-12 save is held, once step 8 is in the bucket.
