@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model and --catalog are required (or --index)")
     else:
         summary = evaluate(args.model, args.queries, args.catalog, args.min_relevance, args.batch_size, args.mode,
-                           args.per_query, args.features_field, args.train_manifest, args.on_error, settings)
+                           args.per_query, args.features_field, args.train_manifest, args.on_error, settings=settings)
     print(json.dumps(summary), flush=True)
     return 0
 

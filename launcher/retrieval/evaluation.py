@@ -16,6 +16,7 @@ import torch
 
 from clicktower.data.features import FeatureTable
 from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_texts
+from clicktower.launcher.progress import status
 from clicktower.launcher.retrieval.defaults import MIN_RELEVANCE
 from clicktower.launcher.retrieval.faiss_index import SearchIndex
 from clicktower.launcher.retrieval.metrics import cold_warm_metrics, exact_topk, mean_metrics, query_metrics
@@ -139,6 +140,8 @@ def evaluate_index(folder: str, queries_path: str, model: str | None = None, min
     judged = read_judged_queries(queries_path)
     served = SearchIndex(folder, model)
     catalog, ids = served.vectors()
+    status(f"eval: index {folder} ({len(ids)} items, {served.settings.index}, {served.settings.precision}): "
+           f"{len(judged)} queries, exact search, then the index and its latency")
     queries = served.embed_queries([q for q, _ in judged])
     _, top = exact_topk(torch.from_numpy(queries), torch.from_numpy(catalog), k=100)
     rankings = [[ids[i] for i in row] for row in top.tolist()]
