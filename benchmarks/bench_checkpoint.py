@@ -22,10 +22,8 @@ Writes benchmarks/results/bench_checkpoint.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -33,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from common import machine, write_results  # benchmarks/common.py (run as a script: its folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -175,15 +174,6 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _machine() -> dict:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
-    mem = next((int(line.split()[1]) // 1024 ** 2 for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), None)
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
-            "torch": torch.__version__, "date": datetime.date.today().isoformat()}
 
 
 def _markdown(report: dict) -> str:
@@ -244,17 +234,13 @@ def main() -> None:
     med = {mode: statistics.median(v for r in runs if r["mode"] == mode for v in r["stall_s"].values())
            for mode in ("sync", "async")}
     med_capture = statistics.median(v for r in runs if r["mode"] == "async" for v in r["capture_s"].values())
-    report = {"model": model, "machine": _machine(), "runs": runs,
+    report = {"model": model, "machine": machine(), "runs": runs,
               "command": "python benchmarks/bench_checkpoint.py" + (" --quick" if args.quick else ""),
               "summary": {"sync_median_stall_s": round(med["sync"], 3), "async_median_stall_s": round(med["async"], 3),
                           "async_median_capture_s": round(med_capture, 3),
                           "ratio": round(med["sync"] / max(med["async"], 1e-9), 1),
                           "same_loss": len({r["loss_step6"] for r in runs}) == 1}}
-    name = "bench_checkpoint_quick" if args.quick else "bench_checkpoint"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(_markdown(report))
-    print(_markdown(report))
+    write_results("bench_checkpoint_quick" if args.quick else "bench_checkpoint", report, _markdown(report))
 
 
 if __name__ == "__main__":

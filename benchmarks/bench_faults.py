@@ -19,14 +19,13 @@ losses are compared with it step by step. Writes results/faults.json and results
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+from common import machine  # benchmarks/common.py (run as a script: its folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))
@@ -35,15 +34,6 @@ BUCKET = "faults"
 STALL_S = 4.0
 
 
-def _machine() -> dict:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
-    mem = next((int(line.split()[1]) // 1024 ** 2 for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), None)
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
-            "torch": torch.__version__, "date": datetime.date.today().isoformat()}
 
 
 def _shards(root: Path, pairs: int) -> tuple[Path, set[str]]:
@@ -104,7 +94,7 @@ def run(pairs: int, data_seeds: list[int], killed_seeds: list[int], data_rate: f
             proved = check(result, root / "ref" / "run", keys, remote)
             rows.append(_row(kind, seed, rate, proxy, result, proved, wall, load))
             print(json.dumps(rows[-1]), flush=True)
-    return {"machine": _machine(), "pairs": pairs, "epochs": remote.epochs, "steps": remote.steps,
+    return {"machine": machine(), "pairs": pairs, "epochs": remote.epochs, "steps": remote.steps,
             "ranks": 2, "batch_per_rank": remote.batch, "stall_s": STALL_S, "client_read_timeout_s": remote.timeout_s,
             "baseline": reference, "runs": rows,
             "totals": {"runs": len(rows), "processes_started": sum(r["processes_started"] for r in rows),

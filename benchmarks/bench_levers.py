@@ -29,11 +29,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from common import run_logged  # benchmarks/common.py (run as a script: its folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "clicktower.launcher.cli"]
@@ -46,16 +46,6 @@ ARMS = {
 }
 
 
-def run(cmd: list[str], log: Path) -> str:
-    """Run one clicktower command (output to ``log``); returns its last stdout line."""
-    started = time.time()
-    with open(log, "w") as fh:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, cwd=ROOT)
-    if done.returncode:
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
-    print(f"  {time.time() - started:6.1f}s  {' '.join(cmd[3:])}", flush=True)
-    lines = done.stdout.strip().splitlines()
-    return lines[-1] if lines else ""
 
 
 def machine() -> str:
@@ -152,7 +142,7 @@ def main() -> None:
 
     def cli(*argv: str, log: str) -> str:
         commands.append("clicktower " + " ".join(argv))
-        return run([*CLI, *argv], out / log)
+        return run_logged([*CLI, *argv], out / log)
 
     data = out / "synth"
     cli("synth", "--out", str(data), "--pairs", str(args.pairs), "--items", str(args.items),

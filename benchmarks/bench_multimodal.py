@@ -27,25 +27,16 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+from common import run_logged  # benchmarks/common.py (run as a script: its folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "clicktower.launcher.cli"]
 METRICS = ("recall@10", "recall@100", "mrr@10", "ndcg@10")
 
 
-def run(cmd: list[str], log: Path) -> str:
-    """Run one clicktower command; its output goes to ``log``; returns the last stdout line."""
-    started = time.time()
-    with open(log, "w") as fh:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, cwd=ROOT)
-    if done.returncode:
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
-    print(f"  {time.time() - started:6.1f}s  {' '.join(cmd[3:])}", flush=True)
-    return done.stdout.strip().splitlines()[-1]
 
 
 def machine() -> str:
@@ -72,7 +63,7 @@ def main() -> None:
 
     def cli(*argv: str, log: str) -> str:
         commands.append("clicktower " + " ".join(argv))
-        return run([*CLI, *argv], out / log)
+        return run_logged([*CLI, *argv], out / log)
 
     cli("synth", "--out", str(out / "synth"), "--pairs", str(args.pairs), "--seed", str(args.seed),
         "--image-features", str(args.dim), "--cold-items", str(args.cold_items),

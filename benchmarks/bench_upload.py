@@ -36,6 +36,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from common import machine, write_results  # benchmarks/common.py (run as a script: its folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -211,16 +212,6 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _machine() -> dict:
-    import datetime
-    import platform
-
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "date": datetime.date.today().isoformat()}
 
 
 def _reading(med: dict) -> str:
@@ -272,14 +263,10 @@ def main() -> None:
     med = {mode: {k: round(statistics.median(r[k] for r in runs if r["mode"] == mode), 2)
                   for k in ("stall_s", "step_median_s", "loop_s", "finish_s", "wall_s")}
            for mode in ("off", "background", "blocking")}
-    report = {"machine": _machine(), "command": " ".join(["python", "benchmarks/bench_upload.py", *sys.argv[1:]]),
+    report = {"machine": machine(), "command": " ".join(["python", "benchmarks/bench_upload.py", *sys.argv[1:]]),
               "setup": f"BERT hidden 256 x 2 layers, one CPU process, {args.steps} steps, a checkpoint every "
                        f"{args.every}", "mbps": args.mbps, "runs": runs, "median": med, "reading": _reading(med)}
-    name = "bench_upload_quick" if args.quick else "bench_upload"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(_markdown(report))
-    print(_markdown(report))
+    write_results("bench_upload_quick" if args.quick else "bench_upload", report, _markdown(report))
 
 
 if __name__ == "__main__":
