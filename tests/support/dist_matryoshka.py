@@ -8,11 +8,10 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from clicktower.data.batch import PairBatch, PairLabels
+from clicktower.data.batch import PairLabels
 from clicktower.modeling.losses import ContrastiveLoss
 from dist_exclude import global_exclude, local_exclude
-from dist_workers import (BLOCK, DIM, HN_SIZES, SIZES, StepAccelerator, TinyTowers, global_batch, local_slice,
-                          reference_loss)
+from dist_workers import BLOCK, DIM, HN_SIZES, SIZES, global_batch, local_slice, reference_loss, step_worker
 
 DIMS, WEIGHTS = [DIM, 4, 2], [1.0, 0.5, 2.0]
 # (symmetric, hard negatives, gather_queries, exclusions): ids and weights always on.
@@ -62,26 +61,5 @@ def matryoshka_loss_worker(rank: int, world: int) -> dict:
 
 def matryoshka_step_worker(rank: int, world: int) -> dict:
     """``TrainStep.forward_backward`` with the Matryoshka loss, plainly and with GradCache
-    (chunks of 2): the DDP-averaged gradients and the local loss."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from clicktower.launcher.engine.optim import Optimization
-    from clicktower.launcher.engine.step import TrainStep
-
-    data = global_batch(2)
-    part = {n: local_slice(data[n], SIZES, rank) for n in ("q", "k", "item_ids", "query_ids", "weights")}
-    ones = torch.ones(SIZES[rank], DIM)
-    keys = [f"r{rank}p{i}" for i in range(SIZES[rank])]
-    batch = PairBatch(keys=keys, queries=keys, items=keys,
-                      labels=PairLabels(item_ids=part["item_ids"], query_ids=part["query_ids"], weights=part["weights"]),
-                      tokens={"query_input_ids": part["q"], "query_attention_mask": ones,
-                              "item_input_ids": part["k"], "item_attention_mask": ones})
-    out = {}
-    for chunk in (None, 2):
-        model = DDP(TinyTowers())
-        loss_fn = ContrastiveLoss(True, True, False, block_size=BLOCK, rank=rank, world_size=world,
-                                  matryoshka_dims=DIMS, matryoshka_weights=WEIGHTS)
-        step = TrainStep(StepAccelerator(world), model, loss_fn, Optimization(None, None, None), chunk)
-        loss = step.forward_backward(batch)
-        out[chunk] = {name: p.grad for name, p in model.module.named_parameters()} | {"loss": loss}
-    return out
+    (chunks of 2): the DDP-averaged gradients and the local loss (``step_worker``'s run)."""
+    return step_worker(rank, world, False, matryoshka_dims=DIMS, matryoshka_weights=WEIGHTS)

@@ -237,9 +237,10 @@ class StepAccelerator:
         return out
 
 
-def step_worker(rank: int, world: int, gather: bool) -> dict:
+def step_worker(rank: int, world: int, gather: bool, **loss_options) -> dict:
     """``TrainStep.forward_backward`` on a weighted batch with repeated items and queries,
-    plainly and with GradCache (chunks of 2): the DDP-averaged gradients and the local loss."""
+    plainly and with GradCache (chunks of 2): the DDP-averaged gradients and the local loss.
+    ``loss_options`` go to ``ContrastiveLoss`` (``matryoshka_dims``, ...)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from clicktower.launcher.engine.optim import Optimization
@@ -256,7 +257,8 @@ def step_worker(rank: int, world: int, gather: bool) -> dict:
     out = {}
     for chunk in (None, 2):
         model = DDP(TinyTowers())
-        loss_fn = ContrastiveLoss(True, True, gather, block_size=BLOCK, rank=rank, world_size=world)
+        loss_fn = ContrastiveLoss(True, True, gather, block_size=BLOCK, rank=rank, world_size=world,
+                                  **loss_options)
         step = TrainStep(StepAccelerator(world), model, loss_fn, Optimization(None, None, None), chunk)
         loss = step.forward_backward(batch)
         out[chunk] = {name: p.grad for name, p in model.module.named_parameters()} | {"loss": loss}
