@@ -281,11 +281,9 @@ def test_symmetric_one_exp_fast_path_and_exact_fallbacks_agree(monkeypatch):
 
 
 # ---------------------------------------------------------------- the training kernel: one pass, one mask rule
-def ref_paired(q, k, s, targets, key_ids=None, query_ids=None, key_query_ids=None, columns=0):
-    """paired_logsumexp by its definition: entry (i, j) leaves row i's and column j's sums
-    when j is not row i's positive and key j has the item id of row i's positive or the
-    query id of row i (-1 never matches)."""
-    B, N = q.shape[0], k.shape[0]
+def ref_mask(B, N, targets, key_ids=None, query_ids=None, key_query_ids=None):
+    """[B, N] True where entry (i, j) leaves the sums: j is not row i's positive and key j has
+    the item id of row i's positive or the query id of row i (-1 never matches)."""
     masked = torch.zeros(B, N, dtype=torch.bool)
     if key_ids is not None:
         anchor = key_ids[targets]
@@ -293,6 +291,14 @@ def ref_paired(q, k, s, targets, key_ids=None, query_ids=None, key_query_ids=Non
     if query_ids is not None:
         masked |= (key_query_ids[None, :] == query_ids[:, None]) & (query_ids[:, None] != -1)
     masked[torch.arange(B), targets] = False
+    return masked
+
+
+def ref_paired(q, k, s, targets, key_ids=None, query_ids=None, key_query_ids=None, columns=0):
+    """paired_logsumexp by its definition: entry (i, j) leaves row i's and column j's sums
+    when j is not row i's positive and key j has the item id of row i's positive or the
+    query id of row i (-1 never matches)."""
+    masked = ref_mask(q.shape[0], k.shape[0], targets, key_ids, query_ids, key_query_ids)
     x = (s * q @ k.T).masked_fill(masked, float("-inf"))
     return x.logsumexp(1), x[:, :columns].logsumexp(0)
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from clicktower.kernels import paired_logsumexp
+from test_kernels import ref_mask
 
 pytestmark = pytest.mark.unit
 
@@ -14,15 +15,9 @@ def ref_biased(q, k, s, targets, key_ids=None, query_ids=None, key_query_ids=Non
     """Definition: masked entries leave both sums; row i sees x_ij + key_bias_j, column j sees
     x_ij + query_bias_i, except at (i, targets[i]) which keeps x_it in both directions."""
     B, N = q.shape[0], k.shape[0]
-    masked = torch.zeros(B, N, dtype=torch.bool)
-    if key_ids is not None:
-        anchor = key_ids[targets]
-        masked |= (key_ids[None, :] == anchor[:, None]) & (anchor[:, None] != -1)
-    if query_ids is not None:
-        masked |= (key_query_ids[None, :] == query_ids[:, None]) & (query_ids[:, None] != -1)
+    masked = ref_mask(B, N, targets, key_ids, query_ids, key_query_ids)
     positive = torch.zeros(B, N, dtype=torch.bool)
     positive[torch.arange(B), targets] = True
-    masked &= ~positive
     x = s * q @ k.T
     xr = x if key_bias is None else torch.where(positive, x, x + key_bias[None, :].to(x.dtype))
     xc = x if query_bias is None else torch.where(positive, x, x + query_bias[:, None].to(x.dtype))
