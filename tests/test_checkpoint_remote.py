@@ -263,6 +263,24 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
+def _kill_once_in_bucket(argv: list[str], url: str, s3, held: int, waited: int, log: Path) -> RemoteCheckpoints:
+    """Start ``clicktower *argv`` with its step-``held`` save held, kill its whole tree once
+    step ``waited`` is complete in the bucket at ``url``; the bucket's view is returned."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "clicktower"), *argv],
+                                cwd=REPO, env=hold_env(held, {**cli_env(), **s3.env}), stdout=fh, stderr=fh)
+    bucket = RemoteCheckpoints(url, keep_last=3)
+    try:
+        deadline = time.monotonic() + 300
+        while f"step_{waited:08d}" not in bucket.complete_steps():
+            assert proc.poll() is None, f"the run ended before its step-{held} save:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"step {waited} never reached the bucket"
+            time.sleep(0.2)
+    finally:
+        kill_tree(proc, timeout=30)
+    return bucket
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_lost_local_folder_resumes_from_the_bucket_with_the_uninterrupted_losses(s3, shard_dir, tmp_path):
@@ -289,19 +307,8 @@ def test_lost_local_folder_resumes_from_the_bucket_with_the_uninterrupted_losses
 
     # The same run, killed while its step-12 save is held, once step 8 is in the bucket.
     out, url = tmp_path / "run", f"s3://{BUCKET}/run"
-    log = tmp_path / "killed_run.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "clicktower"), *_train_args(shard_dir, out, url)],
-                                cwd=REPO, env=hold_env(12, {**cli_env(), **s3.env}), stdout=fh, stderr=fh)
-    bucket = RemoteCheckpoints(url, keep_last=3)
-    try:
-        deadline = time.monotonic() + 300
-        while "step_00000008" not in bucket.complete_steps():
-            assert proc.poll() is None, f"the run ended before its step-12 save:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "step 8 never reached the bucket"
-            time.sleep(0.2)
-    finally:
-        kill_tree(proc, timeout=30)
+    _kill_once_in_bucket(_train_args(shard_dir, out, url), url, s3, held=12, waited=8,
+                         log=tmp_path / "killed_run.log")
     shutil.rmtree(out)  # a fresh node: nothing on the local disk
 
     result = clicktower(*_train_args(shard_dir, out, url), env=s3.env)
@@ -337,19 +344,8 @@ def test_async_uploads_then_a_two_rank_resume_from_the_bucket_on_another_world_s
                 "train.sample_keys_log=true", "checkpoint.every_steps=5", "checkpoint.keep_last=3",
                 "checkpoint.async_save=true", f"checkpoint.remote_dir={url}", *extra]
 
-    log = tmp_path / "killed_run.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "clicktower"), "train", *args("train.batch_size=32")],
-                                cwd=REPO, env=hold_env(10, {**cli_env(), **s3.env}), stdout=fh, stderr=fh)
-    bucket = RemoteCheckpoints(url, keep_last=3)
-    try:
-        deadline = time.monotonic() + 300
-        while "step_00000005" not in bucket.complete_steps():
-            assert proc.poll() is None, f"the run ended before its step-10 commit:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "step 5 never reached the bucket"
-            time.sleep(0.2)
-    finally:
-        kill_tree(proc, timeout=30)
+    bucket = _kill_once_in_bucket(["train", *args("train.batch_size=32")], url, s3, held=10, waited=5,
+                                  log=tmp_path / "killed_run.log")
     first = {key: value for key, value in consumed_keys(out).items() if key[1] <= 5}
     shutil.rmtree(out)  # a fresh node: nothing on the local disk
 
