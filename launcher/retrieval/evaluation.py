@@ -30,7 +30,8 @@ from clicktower.modeling.towers import Tower
 def evaluate(model: str, queries_path: str, catalog_path: str, min_relevance: float = MIN_RELEVANCE,
              batch_size: int = EMBED_BATCH_SIZE, mode: str = "full", per_query_path: str | None = None,
              features_field: str = "features", train_manifest: str | None = None,
-             on_error: str = "skip", progress: bool = True, settings: ServingSettings | None = None) -> dict[str, Any]:
+             on_error: str = "skip", *, progress: bool = True,
+             settings: ServingSettings | None = None) -> dict[str, Any]:
     """Load a model and judged queries, retrieve, and average the metrics.
 
     Args:
@@ -58,14 +59,15 @@ def evaluate(model: str, queries_path: str, catalog_path: str, min_relevance: fl
     ids, texts, features = read_catalog_features(catalog_path, features_field if dim else None, dim, on_error)
     trained = trained_item_ids(train_manifest) if train_manifest is not None else None
     return evaluate_towers(query_tower, item_tower, tokenizer, judged, ids, texts, min_relevance,
-                           batch_size, mode, per_query_path, features, trained, progress, settings)
+                           batch_size, mode, per_query_path, features, trained, progress=progress,
+                           settings=settings)
 
 
 def evaluate_towers(query_tower: Tower, item_tower: Tower, tokenizer: Any,
                     judged: list[tuple[str, dict[str, float]]], ids: list[str], texts: list[str],
                     min_relevance: float = MIN_RELEVANCE, batch_size: int = EMBED_BATCH_SIZE, mode: str = "full",
                     per_query_path: str | None = None, features: FeatureTable | None = None,
-                    trained_items: set[str] | None = None, progress: bool = False,
+                    trained_items: set[str] | None = None, *, progress: bool = False,
                     settings: ServingSettings | None = None) -> dict[str, Any]:
     """Retrieval metrics of in-memory towers (used by ``clicktower eval`` and during training).
 
