@@ -1,7 +1,9 @@
 """Ctrl-C during ``clicktower train`` (a real subprocess, the tiny BERT): the first SIGINT (to
 the process group, as a terminal sends it) checkpoints the step in flight and exits 75 with the
 command that resumes, and that command resumes from the checkpoint with each step once in
-``metrics.jsonl``; a second SIGINT aborts at once, without a checkpoint.
+``metrics.jsonl``; a second SIGINT aborts at once, without a checkpoint. The same under
+``accelerate launch`` with 2 processes, where the terminal's Ctrl-C reaches only torchrun's
+agent (its workers have process groups of their own) and the agent passes it on.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY_CONFIG, clicktower, cli_env
+from dist_launch import ACCELERATE, accelerate_launch
 from hold_save.sitecustomize import hold_env
-from procs import kill_tree
+from procs import free_port, kill_tree
 
 from clicktower.launcher.engine.checkpoint import check_checkpoint
 
@@ -107,6 +110,72 @@ def test_second_ctrl_c_aborts_at_once_without_a_checkpoint(shard_dir, tmp_path):
     assert rc == 130 and "clicktower: interrupted" in text, text[-3000:]
     assert waited < 10, f"the second Ctrl-C took {waited:.1f} s"
     assert not (out / "checkpoints" / "step_00000004").exists() and "resume with:" not in text
+
+
+def _launch(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``accelerate launch`` of 2 CPU processes in a session of its own, as from a terminal."""
+    command = [ACCELERATE, "launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc_ddp.yaml"),
+               "--main_process_port", str(free_port()), "-m", "clicktower.launcher.train", *args[1:]]
+    env = {**env, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as fh:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=fh, stderr=fh, start_new_session=True)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_ctrl_c_under_accelerate_launch_checkpoints_every_rank_once(shard_dir, tmp_path):
+    """One Ctrl-C to the launcher's process group: both ranks stop after the same step, one
+    checkpoint, one message, the resume line; the launch command with it resumes there. The
+    exit status is the agent's (torchrun reports 130 for a SIGINT), not 75."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    args = _args(shard_dir, out)
+    proc = _launch(args, log, cli_env())
+    try:
+        _wait(proc, lambda: len(_steps(out)) >= 3, "3 logged steps", log)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        kill_tree(proc, timeout=30)
+    text = log.read_text()
+    assert rc != 0, text[-3000:]
+    assert text.count("Ctrl-C: saving a checkpoint at the end of this step") == 1, text[-3000:]
+    stopped = re.search(r"^preempted at step (\d+); checkpoint (\S+)$", text, re.M)
+    assert stopped, text[-3000:]
+    step, folder = int(stopped[1]), Path(stopped[2])
+    assert folder == out / "checkpoints" / f"step_{step:08d}" and check_checkpoint(folder) is None
+    assert _steps(out) == list(range(1, step + 1))
+    command = re.search(r"^resume with: the same launch command with: (.*)$", text, re.M)[1]
+    pasted = shlex.split(command)
+    assert pasted[:2] == ["-m", "clicktower.launcher.train"] and "train.resume=auto" not in pasted
+
+    result = accelerate_launch("cpu_2proc_ddp", [*pasted, f"train.max_steps={step + 2}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {folder} at step {step}" in result.stdout + result.stderr
+    assert _steps(out) == list(range(1, step + 3))
+
+
+@pytest.mark.e2e
+def test_second_ctrl_c_under_accelerate_launch_aborts_at_once(shard_dir, tmp_path):
+    """The agent passes a second Ctrl-C on as SIGTERM; the workers take it as the second Ctrl-C
+    (not as one more stop request that would wait for the held save)."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    torn = out / "checkpoints" / ".tmp-step_00000004"
+    proc = _launch(_args(shard_dir, out, "checkpoint.every_steps=4"), log, hold_env(4, cli_env()))
+    try:
+        _wait(proc, lambda: (torn / "trainer_state.json").is_file(), "the held step-4 save", log)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert proc.poll() is None, "one Ctrl-C must wait for the checkpoint"
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        rc = proc.wait(timeout=60)
+        waited = time.monotonic() - sent
+    finally:
+        kill_tree(proc, timeout=30)
+    text = log.read_text()
+    assert rc != 0 and "resume with:" not in text, text[-3000:]
+    assert waited < 10, f"the second Ctrl-C took {waited:.1f} s:\n{text[-3000:]}"
+    assert not (out / "checkpoints" / "step_00000004").exists()
 
 
 @pytest.mark.unit

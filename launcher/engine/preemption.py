@@ -34,7 +34,8 @@ class Preempted(Exception):
 
 class PreemptionHandler:
     """Records SIGUSR1/SIGTERM/SIGINT; ``requested()`` tells every rank the same answer; a
-    second SIGINT raises ``KeyboardInterrupt`` at once.
+    SIGINT or SIGTERM after a SIGINT (a second Ctrl-C, as a launcher's agent passes it on)
+    raises ``KeyboardInterrupt`` at once.
 
     Args:
         accelerator: the training accelerator (for the cross-rank agreement).
@@ -62,13 +63,18 @@ class PreemptionHandler:
         if os.getpid() != self._pid:
             return  # a forked DataLoader worker (Ctrl-C reaches the terminal's whole process group)
         name = signal.Signals(signum).name
+        if self.signal_name == "SIGINT" and signum in (signal.SIGINT, signal.SIGTERM):
+            # The second Ctrl-C: the user does not want to wait. Under `accelerate launch` or
+            # torchrun the terminal's Ctrl-C reaches only the agent, which passes the first on
+            # as SIGINT and the second as SIGTERM to its workers.
+            raise KeyboardInterrupt
         if signum == signal.SIGINT:
-            if self.signal_name == name:
-                raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait
             # os.write, not print: a handler that prints while the main thread is printing
-            # would raise "reentrant call" inside the step.
-            os.write(2, b"Ctrl-C: saving a checkpoint at the end of this step, then stopping "
-                        b"(Ctrl-C again aborts without one)\n")
+            # would raise "reentrant call" inside the step. One line per run, not per rank:
+            # torchrun's agent passes the terminal's Ctrl-C on to every worker.
+            if self.accelerator is None or self.accelerator.is_main_process:
+                os.write(2, b"Ctrl-C: saving a checkpoint at the end of this step, then stopping "
+                         b"(Ctrl-C again aborts without one)\n")
         self.signal_name = name
 
     def requested(self) -> bool:
