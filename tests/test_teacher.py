@@ -164,6 +164,9 @@ def test_bad_input_is_one_line_and_exit_status_2(tiny_bert, judged_csv, negative
         assert clicktower_main(["teacher", "score", "--teacher", str(teacher), "--input", str(negative_shards),
                                 "--output", str(tmp_path / "o")]) == 2
         assert message in capsys.readouterr().err
+    assert clicktower_main(["mine", "--model", str(tiny_bert), "--manifest", str(negative_shards), "--out",
+                            str(tmp_path / "m"), "--teacher", str(tiny_bert)]) == 2
+    assert "--teacher" in capsys.readouterr().err and not (tmp_path / "m").exists()
 
 
 @pytest.mark.unit

@@ -33,6 +33,8 @@ from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_shar
 from clicktower.launcher.retrieval.metrics import exact_topk
 from clicktower.launcher.retrieval.readers import load_towers, read_catalog_features, token_limits
 from clicktower.launcher.retrieval.sample_writer import iter_manifest_samples, write_samples
+from clicktower.modeling.cross_encoder import TEACHER_META
+from clicktower.modeling.towers import resolve_model_path
 
 SAMPLES = ("top", "random")
 # With --teacher, this many times --negatives candidates are mined, so that the ones the
@@ -189,7 +191,7 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
     from accelerate import Accelerator
 
     started = time.perf_counter()
-    _check_rules(ranks, negatives, relative_margin, sample, variant_key)
+    _check_rules(ranks, negatives, relative_margin, sample, variant_key, teacher)
     if not is_url(out) and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
         raise DataError(f"{out}: output exists and is not empty; pass --overwrite to replace it")
     manifest = load_manifest(manifest_path)
@@ -282,8 +284,11 @@ def _denoise(teacher: str, margin: float, samples: list[dict], mined: list[list[
 
 
 def _check_rules(ranks: tuple[int, int], negatives: int, relative_margin: float | None, sample: str,
-                 variant_key: str | None) -> None:
-    """The mining settings a user can get wrong, as DataErrors naming the flag."""
+                 variant_key: str | None, teacher: str | None = None) -> None:
+    """The mining settings a user can get wrong, as errors naming the flag (before any model loads)."""
+    if teacher is not None and not (Path(resolve_model_path(teacher)) / TEACHER_META).is_file():
+        raise FileNotFoundError(f"--teacher {teacher}: not a teacher folder (no {TEACHER_META}; "
+                                f"write one with clicktower teacher train)")
     if not 1 <= ranks[0] <= ranks[1]:
         raise DataError(f"--ranks {ranks[0]} {ranks[1]}: need 1 <= START <= END")
     if negatives < 1:
