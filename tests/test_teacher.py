@@ -8,12 +8,14 @@ import math
 import pytest
 import torch
 
+from clicktower.data.errors import DataError
 from clicktower.data.shards import iter_shard, load_manifest, write_shards
 from clicktower.data.sources import FieldMap
 from clicktower.launcher.cli import main as clicktower_main
 from clicktower.launcher.errors import ConfigError
 from clicktower.launcher.retrieval.teacher_score import drop_close_negatives, sample_pairs, split_scores
-from clicktower.launcher.retrieval.teacher_train import TeacherConfig, batch_rows, train_teacher
+from clicktower.launcher.retrieval.teacher_train import (TeacherConfig, batch_rows, grade_range, read_pairs,
+                                                          train_teacher)
 from clicktower.modeling.cross_encoder import CrossEncoder, grade_targets, pointwise_loss
 
 from conftest import MINILM, TINY_CONFIG, clicktower
@@ -105,6 +107,20 @@ def test_cross_encoder_reads_query_and_item_together(tiny_bert, tmp_path):
     loaded, meta = CrossEncoder.from_pretrained(tmp_path / "t")
     with torch.no_grad():
         assert torch.allclose(loaded.eval()(**enc), scores) and meta == {"max_length": 32}
+
+
+@pytest.mark.unit
+def test_shards_give_positives_and_hard_negatives_at_the_lowest_grade(negative_shards):
+    config = TeacherConfig(model="unused", data=str(negative_shards), out="unused")
+    pairs = read_pairs(config)
+    source = _samples(negative_shards)
+    assert len(pairs) == 96 * 3 and pairs[0] == (source[0]["query"], source[0]["item_text"], 1.0)
+    assert pairs[1] == (source[0]["query"], source[0]["hard_negatives"][0]["item_text"], None)
+    assert grade_range(pairs, config) == (0.0, 1.0)
+    with pytest.raises(DataError, match=r"labels range over \[1, 1\], outside --grade-min 2"):
+        grade_range(pairs, TeacherConfig(model="x", data="x", out="x", grade_min=2, grade_max=3))
+    with pytest.raises(DataError, match="every label is 1: nothing to learn"):
+        grade_range([("q", "i", 1.0)], config)
 
 
 @pytest.mark.unit

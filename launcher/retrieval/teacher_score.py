@@ -86,8 +86,9 @@ def score_sharded(model: CrossEncoder, tokenizer: Any, pairs: Sequence[tuple[str
         progress: label of rank 0's progress bar.
     """
     rank, world = distributed_world()
+    label = None if progress is None or rank else progress + (f" (rank 0 of {world})" if world > 1 else "")
     local = score_pairs(model, tokenizer, list(pairs[rank_slice(len(pairs), rank, world)]), max_length,
-                        batch_size, progress if rank == 0 else None)
+                        batch_size, label)
     if world == 1:
         return local
     return gather_with_grad(local[:, None].to(device)).squeeze(1).cpu()
