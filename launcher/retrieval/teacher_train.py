@@ -187,7 +187,9 @@ def train_teacher(config: TeacherConfig) -> dict:
     if not Path(base).is_dir():
         raise FileNotFoundError(f"{config.model}: no such model folder")
     torch.manual_seed(config.seed)
-    model = CrossEncoder.from_encoder(base, config.seed)
+    # One device: a GPU when there is one (dropout then draws from its RNG, saved too).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = CrossEncoder.from_encoder(base, config.seed).to(device)
     tokenizer = AutoTokenizer.from_pretrained(base)
     # Longer pairs than the encoder has positions for would fail at the first long pair.
     max_length = min(config.max_length, getattr(model.encoder.config, "max_position_embeddings", config.max_length))
@@ -204,7 +206,7 @@ def train_teacher(config: TeacherConfig) -> dict:
                         truncation=True, max_length=max_length, return_tensors="pt")
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
-        loss = pointwise_loss(model(**enc), grade_targets(grades[rows], lo, hi))
+        loss = pointwise_loss(model(**enc.to(device)), grade_targets(grades[rows], lo, hi).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -234,7 +236,8 @@ def _save_checkpoint(config: TeacherConfig, model: CrossEncoder, optimizer, step
     path = Path(config.out) / CHECKPOINT
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": torch.get_rng_state(), "config": _comparable(config)}
+             "rng": torch.get_rng_state(), "config": _comparable(config),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save(state, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
@@ -244,7 +247,7 @@ def _resume(config: TeacherConfig, model: CrossEncoder, optimizer) -> int:
     path = Path(config.out) / CHECKPOINT
     if not path.is_file():
         return 0
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")
     changed = {k: (v, state["config"].get(k)) for k, v in _comparable(config).items() if state["config"].get(k) != v}
     if changed:
         diff = ", ".join(f"{k}={old!r} -> {new!r}" for k, (new, old) in changed.items())
@@ -253,6 +256,8 @@ def _resume(config: TeacherConfig, model: CrossEncoder, optimizer) -> int:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     status(f"teacher train: resuming from step {state['step']} ({path})")
     return int(state["step"])
 
