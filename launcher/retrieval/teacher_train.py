@@ -221,8 +221,8 @@ def train_teacher(config: TeacherConfig) -> dict:
             "max_length": max_length, "base_model": config.model, "steps": total, "pairs": len(pairs)}
     model.save_pretrained(config.out, tokenizer, meta)
     status(f"teacher train: wrote {config.out} ({total} steps on {len(pairs)} pairs)")
-    return {**meta, "out": config.out, "resumed_from_step": start, "final_loss": round(float(loss.detach()), 6),
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {**meta, "out": config.out, "resumed_from_step": start, "seconds": round(time.perf_counter() - started, 3),
+            "final_loss": round(float(loss.detach()), 6) if total > start else None}  # None: nothing left to train
 
 
 def _comparable(config: TeacherConfig) -> dict:
