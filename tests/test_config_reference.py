@@ -118,7 +118,8 @@ def test_field_help_reads_the_args_section_only():
 
 # Each command's --help, and the subcommands' of ckpt, slurm and teacher.
 HELP_ARGS = [[name, "--help"] for name in COMMANDS] + [["ckpt", "convert", "--help"], ["slurm", "submit", "--help"],
-                                                   ["teacher", "train", "--help"], ["teacher", "score", "--help"]]
+                                                   ["teacher", "train", "--help"], ["teacher", "score", "--help"],
+                                                   ["teacher", "eval", "--help"]]
 _PROBE = """
 import json, sys
 from clicktower.launcher.cli import main

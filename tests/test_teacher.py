@@ -254,3 +254,27 @@ def test_mine_with_a_teacher_drops_negatives_scored_near_the_positive(tiny_model
     for scores in split_scores(score_pairs(model, tokenizer, sample_pairs(samples, negatives), meta["max_length"]),
                                negatives):
         assert all(s <= scores[0] + 1e-5 for s in scores[1:])
+
+
+@pytest.mark.unit
+def test_teacher_eval_ranks_each_querys_judged_items_by_the_teachers_scores(teacher_dir, synth_dir, tmp_path,
+                                                                            capsys):
+    from clicktower.launcher.retrieval.metrics import query_metrics
+    from clicktower.launcher.retrieval.readers import read_catalog, read_judged_queries
+    from clicktower.launcher.retrieval.teacher_score import load_teacher, score_pairs
+
+    queries, catalog = str(tmp_path / "eval.jsonl"), str(synth_dir / "catalog.jsonl")
+    (tmp_path / "eval.jsonl").write_text("".join((synth_dir / "eval.jsonl").read_text().splitlines(keepends=True)[:20]))
+    assert clicktower_main(["teacher", "eval", "--teacher", str(teacher_dir), "--queries", queries,
+                            "--catalog", catalog, "--min-relevance", "2"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model, tokenizer, meta = load_teacher(str(teacher_dir))
+    text = dict(zip(*read_catalog(catalog)))
+    ndcg = []
+    for query, grades in read_judged_queries(queries):   # one query at a time: other batches than eval's
+        items = list(grades)
+        scores = score_pairs(model, tokenizer, [(query, text[i]) for i in items], meta["max_length"]).tolist()
+        ranked = [i for _, i in sorted(zip(scores, items), key=lambda pair: -pair[0])]
+        ndcg.append(query_metrics(ranked, grades, 2.0)["ndcg@10"])
+    assert got["mode"] == "rerank" and got["num_queries"] == len(ndcg) == 20
+    assert got["ndcg@10"] == pytest.approx(sum(ndcg) / len(ndcg), abs=1e-6)

