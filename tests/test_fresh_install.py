@@ -86,7 +86,7 @@ def test_installed_guard_is_this_checkouts():
 
 
 def test_python_m_entry_points_start_from_the_root():
-    for module in ("train", "evaluate", "index", "mine"):
+    for module in ("train", "evaluate", "index", "mine", "teacher"):
         result = run([sys.executable, "-m", f"clicktower.launcher.{module}", "--help"], cwd=REPO)
         assert result.returncode == 0 and "usage" in result.stdout, (module, result.stderr[-2000:])
 

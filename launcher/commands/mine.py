@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="catalog field of the item feature vectors (read when the model fuses them; "
                              "mined negatives carry their vectors)")
     parser.add_argument("--negatives", type=int, default=5, help="hard negatives per sample")
+    parser.add_argument("--teacher", default=None, metavar="DIR",
+                        help="a clicktower teacher train folder: drop the mined negatives it scores within "
+                             "--teacher-margin of the positive (RocketQA's denoised hard negatives)")
+    parser.add_argument("--teacher-margin", type=float, default=0.0, metavar="M",
+                        help="with --teacher: drop negatives with teacher(q, neg) > teacher(q, pos) - M (logits)")
     parser.add_argument("--existing", choices=("keep", "merge", "replace"), default=None,
                         help="input samples that already have hard negatives or teacher scores: keep them "
                              "as they are (only the others get mined ones), merge (theirs first, then "
@@ -67,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                    args.shard_size, args.overwrite,
                    relative_margin=args.relative_margin, sample=args.sample, seed=args.seed,
                    exclude_ids_field=args.exclude_ids_field, variant_key=args.variant_key,
-                   features_field=args.features_field)
+                   features_field=args.features_field, teacher=args.teacher,
+                   teacher_margin=args.teacher_margin)
     if summary is not None:
         print(json.dumps(summary), flush=True)
     return 0

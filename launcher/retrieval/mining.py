@@ -16,47 +16,36 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from clicktower.data.errors import DataError
 from clicktower.data.features import FeatureTable
-from clicktower.data.shards import iter_shard, load_manifest, write_shards
-from clicktower.data.sources import FieldMap
+from clicktower.data.shards import load_manifest
 from clicktower.data.storage import Storage, is_url, join
 from clicktower.launcher.progress import status
 from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_sharded
 from clicktower.launcher.retrieval.metrics import exact_topk
 from clicktower.launcher.retrieval.readers import load_towers, read_catalog_features, token_limits
+from clicktower.launcher.retrieval.sample_writer import iter_manifest_samples, write_samples
+from clicktower.modeling.cross_encoder import TEACHER_META
+from clicktower.modeling.towers import resolve_model_path
 
-# Sample fields carried over unchanged (besides query, item_id, item_text, hard_negatives).
-# teacher_scores are not: they score the sample's old negatives, not the mined ones.
-_PASSTHROUGH = ("label", "weight", "features", "exclude_ids")
 SAMPLES = ("top", "random")
+# With --teacher, this many times --negatives candidates are mined, so that the ones the
+# teacher drops leave room for the next ones.
+TEACHER_OVERSAMPLE = 2
 # What becomes of the input's own hard negatives and teacher scores (``--existing``).
 EXISTING = {"keep": "samples that have hard negatives keep them and their teacher scores; the others get mined ones",
             "merge": "their hard negatives first, then the mined ones; teacher scores dropped (they score only the "
                      "old negatives)",
             "replace": "mined negatives only; their hard negatives and teacher scores dropped"}
 _log = logging.getLogger("clicktower")
-
-
-def iter_manifest_samples(manifest: dict) -> Iterator[dict]:
-    """Every sample of a loaded manifest, shard by shard, in file order.
-
-    Args:
-        manifest: a manifest from ``load_manifest``.
-    """
-    for shard in manifest["shards"]:
-        yield from iter_shard(shard["path"])
 
 
 def mine_negatives(query_emb: torch.Tensor, pool_emb: torch.Tensor, pool_ids: Sequence[str],
@@ -164,7 +153,8 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
          existing: str | None = None, batch_size: int = EMBED_BATCH_SIZE, shard_size: int | None = None,
          overwrite: bool = False, *, relative_margin: float | None = None, sample: str = "top", seed: int = 0,
          exclude_ids_field: str | None = None, variant_key: str | None = None,
-         features_field: str = "features") -> dict[str, Any] | None:
+         features_field: str = "features", teacher: str | None = None,
+         teacher_margin: float = 0.0) -> dict[str, Any] | None:
     """Mine hard negatives for every sample of a manifest and write a new shard set.
 
     Args:
@@ -189,6 +179,10 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
         features_field: the catalog's feature vector field, read when the item tower fuses
             vectors; the pool's items (samples' own vectors too) are embedded with theirs,
             and each mined negative carries its vector into the new shards.
+        teacher: a ``clicktower teacher train`` folder: ``TEACHER_OVERSAMPLE`` x ``negatives``
+            candidates are mined, those it scores above its score of the positive less
+            ``teacher_margin`` are dropped (RocketQA's denoising), the first ``negatives`` kept.
+        teacher_margin: that margin, in teacher logits.
 
     Returns:
         A summary on the main process (``mining_seconds``: wall time from loading the model
@@ -197,28 +191,14 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
     from accelerate import Accelerator
 
     started = time.perf_counter()
-    _check_rules(ranks, negatives, relative_margin, sample, variant_key)
+    _check_rules(ranks, negatives, relative_margin, sample, variant_key, teacher)
     if not is_url(out) and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
         raise DataError(f"{out}: output exists and is not empty; pass --overwrite to replace it")
     manifest = load_manifest(manifest_path)
     samples = list(iter_manifest_samples(manifest))
     had = _check_existing(samples, existing, manifest_path)  # before the model loads: fails fast
-    pool: dict[str, str] = {}
-    vectors: dict[str, Any] = {}  # item id -> feature vector, for an item tower that fuses them
     query_tower, item_tower, tokenizer = load_towers(model)
-    dim = item_tower.features_dim
-    if catalog is not None:
-        ids, texts, table = read_catalog_features(catalog, features_field if dim else None, dim)
-        for row, (item_id, text) in enumerate(zip(ids, texts)):
-            pool.setdefault(item_id, text)
-            if table is not None and table.present[row]:
-                vectors.setdefault(item_id, table.values[row])
-    for s in samples:  # every positive is in the pool (its score is needed), first text wins
-        pool.setdefault(str(s["item_id"]), s["item_text"])
-        if dim and s.get("features") is not None and len(s["features"]) == dim:
-            vectors.setdefault(str(s["item_id"]), s["features"])
-    pool_ids, pool_texts = list(pool), list(pool.values())
-    pool_features = FeatureTable.from_rows([vectors.get(i) for i in pool_ids], dim) if dim else None
+    pool_ids, pool_texts, pool_features, vectors = _pool(samples, catalog, features_field, item_tower.features_dim)
     query_of: dict[str, int] = {}
     for s in samples:
         query_of.setdefault(s["query"], len(query_of))
@@ -230,7 +210,7 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
     world = state.num_processes
     query_emb = embed_sharded(query_tower, tokenizer, queries, q_len, state.device, batch_size, progress="mine: queries")
     pool_emb = embed_sharded(item_tower, tokenizer, pool_texts, i_len, state.device, batch_size, pool_features, "mine: items")
-    if not state.is_main_process:
+    if not state.is_main_process and teacher is None:  # with a teacher, every rank scores a slice
         state.wait_for_everyone()
         return None
 
@@ -243,8 +223,14 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
                                                       for s in samples]
     mined = mine_negatives(query_emb, pool_emb, pool_ids, pool_texts, samples, query_row,
                            [pool_row[str(s["item_id"])] for s in samples], positives, ranks, margin,
-                           negatives, relative_margin=relative_margin, sample=sample, seed=seed,
-                           exclude=exclude, variant_key=variant_key)
+                           negatives * (TEACHER_OVERSAMPLE if teacher else 1), relative_margin=relative_margin,
+                           sample=sample, seed=seed, exclude=exclude, variant_key=variant_key)
+    denoised = {}
+    if teacher is not None:
+        mined, denoised = _denoise(teacher, teacher_margin, samples, mined, negatives, state.device)
+        if not state.is_main_process:
+            state.wait_for_everyone()
+            return None
     for negative in (n for negs in mined for n in negs):  # hard negatives carry their own vectors
         if negative["item_id"] in vectors:
             negative["features"] = vectors[negative["item_id"]]
@@ -253,7 +239,7 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
                     "queries": len(queries), "ranks": list(ranks), "margin": margin,
                     "relative_margin": relative_margin, "sample": sample, "seed": seed,
                     "exclude_ids_field": exclude_ids_field, "variant_key": variant_key,
-                    "negatives_per_sample": negatives, "num_processes": world,
+                    "negatives_per_sample": negatives, "num_processes": world, **denoised,
                     "mining_seconds": round(time.perf_counter() - started, 3)})  # part of training time
     _log.info("mined %d samples in %.1f s", len(samples), summary["mining_seconds"])
     Storage().write_bytes(join(out, "mining.json"), (json.dumps(summary, indent=2) + "\n").encode())
@@ -261,9 +247,48 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
     return summary
 
 
+def _pool(samples: list[dict], catalog: str | None, features_field: str,
+          dim: int | None) -> tuple[list[str], list[str], FeatureTable | None, dict[str, Any]]:
+    """The candidate pool: ``(ids, texts, feature table, id -> vector)`` of the catalog's items
+    and of every sample's positive (its score is needed); first text wins."""
+    pool: dict[str, str] = {}
+    vectors: dict[str, Any] = {}  # item id -> feature vector, for an item tower that fuses them
+    if catalog is not None:
+        ids, texts, table = read_catalog_features(catalog, features_field if dim else None, dim)
+        for row, (item_id, text) in enumerate(zip(ids, texts)):
+            pool.setdefault(item_id, text)
+            if table is not None and table.present[row]:
+                vectors.setdefault(item_id, table.values[row])
+    for s in samples:
+        pool.setdefault(str(s["item_id"]), s["item_text"])
+        if dim and s.get("features") is not None and len(s["features"]) == dim:
+            vectors.setdefault(str(s["item_id"]), s["features"])
+    pool_ids = list(pool)
+    pool_features = FeatureTable.from_rows([vectors.get(i) for i in pool_ids], dim) if dim else None
+    return pool_ids, list(pool.values()), pool_features, vectors
+
+
+def _denoise(teacher: str, margin: float, samples: list[dict], mined: list[list[dict]], keep: int,
+             device: Any) -> tuple[list[list[dict]], dict[str, Any]]:
+    """Drop the mined negatives the teacher scores within ``margin`` of the positive (every
+    rank scores its slice of the pairs), then keep each sample's first ``keep``."""
+    from clicktower.launcher.retrieval.teacher_score import (drop_close_negatives, load_teacher,
+                                                              sample_pairs, score_sharded, split_scores)
+
+    model, tokenizer, meta = load_teacher(teacher)
+    pairs = sample_pairs(samples, mined)
+    scores = score_sharded(model.to(device), tokenizer, pairs, meta["max_length"], device, progress="mine: teacher")
+    kept, dropped = drop_close_negatives(mined, split_scores(scores, mined), margin)
+    return [k[:keep] for k in kept], {"teacher": teacher, "teacher_margin": margin,
+                                      "teacher_candidates": len(pairs) - len(samples), "teacher_dropped": dropped}
+
+
 def _check_rules(ranks: tuple[int, int], negatives: int, relative_margin: float | None, sample: str,
-                 variant_key: str | None) -> None:
-    """The mining settings a user can get wrong, as DataErrors naming the flag."""
+                 variant_key: str | None, teacher: str | None = None) -> None:
+    """The mining settings a user can get wrong, as errors naming the flag (before any model loads)."""
+    if teacher is not None and not (Path(resolve_model_path(teacher)) / TEACHER_META).is_file():
+        raise FileNotFoundError(f"--teacher {teacher}: not a teacher folder (no {TEACHER_META}; "
+                                f"write one with clicktower teacher train)")
     if not 1 <= ranks[0] <= ranks[1]:
         raise DataError(f"--ranks {ranks[0]} {ranks[1]}: need 1 <= START <= END")
     if negatives < 1:
@@ -308,43 +333,11 @@ def _negatives(sample: dict, mined: list[dict], existing: str | None) -> tuple[l
 
 def _write(samples: list[dict], mined: list[list[dict]], manifest: dict, out: str,
            existing: str | None, shard_size: int | None, overwrite: bool) -> dict[str, Any]:
-    """Write the samples with their negatives as JSONL, then shard it with ``write_shards``."""
+    """Write the samples with their mined negatives (``--existing`` applied) as new shards."""
     status(f"mine: writing {len(samples)} samples with their mined negatives to {out}")
-    fields = set(manifest.get("fields") or ())
-    # The samples go through a JSONL file next to a local output (same disk), or in a
-    # temporary folder for a URL output (s3://...).
-    tmp = Path(tempfile.mkdtemp(prefix="clicktower-mine-") if is_url(out)
-               else f"{out.rstrip(os.sep)}.mine-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
-        jsonl = tmp / "samples.jsonl"
-        with_negatives = teachers = 0
-        with open(jsonl, "w", encoding="utf-8") as fh:
-            for s, negs in zip(samples, mined):
-                negs = [{k: n[k] for k in ("item_id", "item_text", "features") if k in n} for n in negs]
-                negs, teacher = _negatives(s, negs, existing)
-                teachers += teacher is not None
-                # Vectors as JSON lists (the shards' decoder gave numpy arrays).
-                negs = [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in n.items()} for n in negs]
-                with_negatives += bool(negs)
-                record = {"query": s["query"], "item_id": s["item_id"], "item_text": s["item_text"],
-                          "hard_negatives": negs, "teacher_scores": teacher}
-                for name in _PASSTHROUGH:
-                    if name in s:
-                        value = s[name]
-                        record[name] = value.tolist() if hasattr(value, "tolist") else value
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        field_map = FieldMap(hard_negatives="hard_negatives",
-                             label="label" if "label" in fields else None,
-                             weight="weight" if "weight" in fields else None,
-                             exclude_ids="exclude_ids" if "exclude_ids" in fields else None,
-                             features="features" if "features" in fields else None,
-                             teacher_scores="teacher_scores" if teachers else None)
-        written = write_shards([str(jsonl)], out, field_map,
-                               shard_size=shard_size or int(manifest.get("shard_size") or 100_000),
-                               overwrite=overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": str(out), "num_samples": written["num_samples"], "num_shards": len(written["shards"]),
-            "samples_with_negatives": with_negatives,
-            "mean_mined_per_sample": round(sum(map(len, mined)) / max(1, len(mined)), 3)}
+    chosen = [_negatives(s, [{k: n[k] for k in ("item_id", "item_text", "features") if k in n} for n in negs],
+                         existing) for s, negs in zip(samples, mined)]
+    summary = write_samples(samples, [c[0] for c in chosen], [c[1] for c in chosen], manifest, out,
+                            shard_size, overwrite, "mine")
+    summary["mean_mined_per_sample"] = round(sum(map(len, mined)) / max(1, len(mined)), 3)
+    return summary
