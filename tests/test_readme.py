@@ -37,8 +37,8 @@ from store_servers import S3_ENV, make_bucket, moto_s3  # noqa: E402  (after the
 
 README = REPO / "README.md"
 # docs/*.md in the order the README's table sends a reader; every file with a ```bash block.
-DOCS_ORDER = ("training.md", "retrieval.md", "data.md", "checkpoints.md", "distributed.md", "multinode.md",
-              "slurm.md", "testing.md")
+DOCS_ORDER = ("training.md", "retrieval.md", "teacher.md", "data.md", "checkpoints.md", "distributed.md",
+              "multinode.md", "slurm.md", "testing.md")
 SKIP = re.compile(r"\[readme-test: skip, ([^\]]+)\]")
 BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.M | re.S)
 BUCKET = "readme-bucket"
@@ -56,6 +56,7 @@ SIZE_REWRITES = [
     ("clicktower train", [], TRAIN_SMALL),
     ("accelerate launch -m clicktower.launcher.train", [], TRAIN_SMALL),
     ("clicktower demo", [], ["--pairs", "300", "--cold-items", "10", *TRAIN_SMALL]),
+    ("clicktower teacher train", [(r"--epochs \d+", "--max-steps 2")], []),
 ]
 # What each kind of command must say while a user waits (stderr), checked on its output.
 PROGRESS = {"clicktower shard": "shard -> ", "clicktower eval": "eval: embed catalog",
