@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hd-skip-training", action="store_true", help="zero-shot MiniLM only")
     p.add_argument("--hd-no-zero-shot", action="store_true", help="trained models only")
     p.add_argument("--hd-embed-only", action="store_true",
-                   help="only embed (cached in --work for a later run of the grid; one process per model)")
+                   help="only embed (cached in --work for a later run of the grid; one process per model): no results")
     p.add_argument("--hd-models", nargs="*", metavar="NAME=FOLDER",
                    help="no training: these models (run_<name>/final of an earlier run) instead")
     p.add_argument("--hd-reported-queries", type=int, default=2000)
@@ -577,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         info = machine()
         started = time.perf_counter()
         result = sections[name](args)
+        if name == "homedepot" and args.hd_embed_only:
+            continue  # vectors cached in --work; no results until the grid runs
         result["machine"] = {**info, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
                              "section_seconds": round(time.perf_counter() - started, 1)}
         result["command"] = args.command
