@@ -48,6 +48,9 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 DIMS = (384, 256, 128, 64)
 PRECISIONS = ("float32", "float16", "int8", "ubinary")
+RESCORE_SWEEP = (1, 10, 40)
+# A multiplier past any catalog: every item rescored, the best rescoring can do (its bound).
+RESCORE_ALL = 10**6
 
 
 def log(message: str) -> None:
@@ -105,7 +108,15 @@ def retrieval_grid(queries: np.ndarray, catalog: np.ndarray, ids: list[str], jud
         _, top = search_index(index, settings, queries, 100)
         ranked = [[ids[r] for r in row if r >= 0] for row in top.tolist()]
         metrics = mean_metrics([query_metrics(r, g, min_relevance) for r, (_, g) in zip(ranked, judged)])
+        if settings.precision == "ubinary":
+            # Rescoring k x multiplier candidates: Recall@10 from a k=10 search (its 10 x
+            # multiplier candidates, the recipe), not from the top 10 of the k=100 search.
+            _, top = search_index(index, settings, queries, 10)
+            ranked = [[ids[r] for r in row if r >= 0] for row in top.tolist()]
+            metrics["recall@10"] = mean_metrics([query_metrics(r, g, min_relevance)
+                                                 for r, (_, g) in zip(ranked, judged)])["recall@10"]
         rows.append({"dim": dim, "precision": settings.precision, "index": settings.index,
+                     **({"rescore_multiplier": settings.rescore_multiplier} if settings.precision == "ubinary" else {}),
                      "recall@10": round(metrics["recall@10"], 4), "recall@100": round(metrics["recall@100"], 4),
                      "recall@10_vs_exact": round(overlap_at_k(top, exact_at[dim]), 4),
                      "bytes_per_item": round(index_bytes(index) / len(ids), 1), "build_seconds": round(build, 2)})
@@ -117,6 +128,9 @@ def homedepot_grid() -> list:
     from clicktower.launcher.retrieval.serving import ServingSettings
 
     grid = [ServingSettings(dim=d, precision=p) for d in DIMS for p in PRECISIONS]
+    # Binary rescoring breadth: candidates per result (the default, RESCORE_MULTIPLIER, above).
+    grid += [ServingSettings(dim=d, precision="ubinary", rescore_multiplier=m) for d in DIMS for m in RESCORE_SWEEP]
+    grid.append(ServingSettings(dim=DIMS[0], precision="ubinary", rescore_multiplier=RESCORE_ALL))
     for d in DIMS:
         grid.append(ServingSettings(dim=d, index="hnsw:32", ef_search=128))
         grid.append(ServingSettings(dim=d, index=f"ivf-pq:256,{d // 8}", nprobe=32))
@@ -146,10 +160,15 @@ def section_homedepot(args: argparse.Namespace) -> dict:
     # No tuning evaluations (their time goes to training): final/ is the model reported.
     variants = [("plain", ["eval.every_steps=null"]),
                 ("matryoshka", ["eval.every_steps=null", f"loss.matryoshka_dims=[{', '.join(map(str, DIMS))}]"])]
-    for name, extra in variants if not args.hd_skip_training else []:
+    if args.hd_models:  # models trained before (by a run of this section): the grid alone
+        models.update(spec.split("=", 1) for spec in args.hd_models)
+        training = {}
+    for name, extra in variants if not (args.hd_skip_training or args.hd_models) else []:
         hd_args.set = extra
         log(f"training {name} ({len(d['pairs'])} pairs, {steps} steps)")
         chosen, figures = hd.train_clicktower(hd_args, shards, out / f"run_{name}", 0, steps, True, tuning)
+        for stale in out.glob(f"embeddings_{name}_*.npz"):  # a new model: its old vectors are stale
+            stale.unlink()
         models[name] = str(chosen)
         training[name] = {k: figures[k] for k in ("train_seconds", "steps", "step_seconds") if k in figures}
         log(f"{name}: {training[name]}")
@@ -158,13 +177,21 @@ def section_homedepot(args: argparse.Namespace) -> dict:
     grids = {}
     result = {"pairs": len(d["pairs"]), "steps": steps, "catalog_items": len(d["ids"]),
               "full_catalog": d["full_catalog"], "reported_queries": len(d["reported"]), "training": training,
-              "models": [], "grid": grids}
+              "models": [], "grid": grids, **({"model_folders": dict(models)} if args.hd_models else {})}
     for name, model in models.items():
-        query_tower, item_tower, tokenizer = load_towers(model)
-        started = time.perf_counter()
-        catalog = embed_texts(item_tower, tokenizer, d["texts"], 32, 256).numpy()
-        queries = embed_texts(query_tower, tokenizer, [q for q, _ in d["reported"]], 32, 256).numpy()
-        log(f"{name}: embedded {len(catalog)} items and {len(queries)} queries in {time.perf_counter() - started:.0f} s")
+        cache = out / f"embeddings_{name.replace(' ', '_')}_{len(d['ids'])}.npz"  # re-runs of the grid alone
+        if not cache.is_file():
+            query_tower, item_tower, tokenizer = load_towers(model)
+            started = time.perf_counter()
+            catalog = embed_texts(item_tower, tokenizer, d["texts"], 32, 256).numpy()
+            queries = embed_texts(query_tower, tokenizer, [q for q, _ in d["reported"]], 32, 256).numpy()
+            log(f"{name}: embedded {len(catalog)} items and {len(queries)} queries in "
+                f"{time.perf_counter() - started:.0f} s")
+            np.savez(cache, catalog=catalog, queries=queries, model=str(model))
+        if args.hd_embed_only:
+            continue
+        saved = np.load(cache)
+        catalog, queries = saved["catalog"], saved["queries"]
         grids[name] = retrieval_grid(queries, catalog, d["ids"], d["reported"], hd.POSITIVE, homedepot_grid())
         result["models"].append(name)
         save_section(args.hd_name, {**result, "partial": True, "machine": machine(), "command": args.command},
@@ -297,9 +324,8 @@ def section_loss(args: argparse.Namespace) -> dict:
 
 
 def section_onnx(args: argparse.Namespace) -> dict:
-    """Texts/s of the exported MiniLM tower in onnxruntime vs PyTorch, same batches."""
-    import tempfile
-
+    """Texts/s of the exported MiniLM tower in onnxruntime (plain and fused graphs) vs PyTorch,
+    same titles and batches, alternating rounds; then where each spends its time."""
     import torch
 
     from clicktower.launcher.engine.onnx_export import OnnxEncoder, export_tower_onnx
@@ -311,22 +337,77 @@ def section_onnx(args: argparse.Namespace) -> dict:
     tower, _, tokenizer = load_towers(hd.MODEL)
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "item.onnx"
-        export_tower_onnx(tower, tokenizer, path, 32)
-        encoder = OnnxEncoder(path, tokenizer, 32, threads=threads)
-        diff = float(np.abs(encoder.encode(texts[:256]) - embed_texts(tower, tokenizer, texts[:256], 32).numpy()).max())
-        times = {"torch": [], "onnxruntime": []}
+        fusions = {}
+        for name, fused in (("onnxruntime", False), ("onnxruntime fused", True)):
+            fusions[name] = export_tower_onnx(tower, tokenizer, Path(tmp) / f"{fused}.onnx", 32, fused)
+        encoders = {name: OnnxEncoder(Path(tmp) / f"{name.endswith('fused')}.onnx", tokenizer, 32, threads=threads)
+                    for name in fusions}
+        runs = {"torch": lambda t: embed_texts(tower, tokenizer, t, 32, 128).numpy(),
+                **{name: (lambda t, e=e: e.encode(t, 128)) for name, e in encoders.items()}}
+        want = runs["torch"](texts[:256])
+        diff = {name: float(np.abs(runs[name](texts[:256]) - want).max()) for name in encoders}
+        times = {name: [] for name in runs}
         for _ in range(args.onnx_rounds):
-            started = time.perf_counter()
-            embed_texts(tower, tokenizer, texts, 32, 128)
-            times["torch"].append(time.perf_counter() - started)
-            started = time.perf_counter()
-            encoder.encode(texts, 128)
-            times["onnxruntime"].append(time.perf_counter() - started)
+            for name, run in runs.items():
+                started = time.perf_counter()
+                run(texts)
+                times[name].append(time.perf_counter() - started)
+        profile = {"torch": _torch_profile(runs["torch"], texts[:args.onnx_profile_texts]),
+                   **{name: _ort_profile(Path(tmp) / f"{name.endswith('fused')}.onnx", tokenizer, threads,
+                                         texts[:args.onnx_profile_texts]) for name in encoders}}
     rate = {k: round(len(texts) / statistics.median(v), 1) for k, v in times.items()}
     return {"texts": len(texts), "max_length": 32, "batch": 128, "threads": threads, "rounds": args.onnx_rounds,
-            "texts_per_s": rate, "speedup": round(rate["onnxruntime"] / rate["torch"], 3),
-            "max_abs_diff": diff, "onnxruntime": _version("onnxruntime"), "torch": torch.__version__}
+            "texts_per_s": rate, "speedup": {k: round(v / rate["torch"], 3) for k, v in rate.items() if k != "torch"},
+            "max_abs_diff": diff, "fused_operators": fusions["onnxruntime fused"], "profile": profile,
+            "onnxruntime": _version("onnxruntime"), "torch": torch.__version__}
+
+
+# Matrix products: the projections and feed-forward layers (and, unfused, attention's QK^T, AV).
+_TORCH_GEMM = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
+_ORT_GEMM = ("MatMul", "Gemm", "FusedMatMul", "MatMulAddFusion")
+
+
+def _torch_profile(run, texts: list[str]) -> dict:
+    """Operator self time of PyTorch encoding ``texts`` and the matrix products' share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run(texts[:8])  # warm-up outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(texts)
+    ops = {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
+    return _profile_summary(ops, lambda op: op in _TORCH_GEMM)
+
+
+def _ort_profile(path: Path, tokenizer, threads: int, texts: list[str]) -> dict:
+    """Node time of onnxruntime encoding ``texts`` (its own profiler) and the MatMuls' share;
+    the fused Attention node holds its QKV projection and QK^T / AV products, counted apart."""
+    import onnxruntime as ort
+
+    from clicktower.launcher.engine.onnx_export import OnnxEncoder
+
+    encoder = OnnxEncoder(path, tokenizer, 32, threads=threads)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    encoder.encode(texts[:8])
+    encoder.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    encoder.encode(texts)
+    events = json.loads(Path(encoder.session.end_profiling()).read_text())
+    ops: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            ops[op] = ops.get(op, 0.0) + event["dur"] / 1000
+    return _profile_summary(ops, lambda op: op in _ORT_GEMM)
+
+
+def _profile_summary(ops: dict[str, float], is_gemm) -> dict:
+    total = sum(ops.values())
+    gemm = sum(v for k, v in ops.items() if is_gemm(k))
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:6]
+    return {"op_ms": round(total, 1), "gemm_ms": round(gemm, 1), "gemm_share": round(gemm / total, 3),
+            "top_ops_ms": {k: round(v, 1) for k, v in top}}
 
 
 def _version(package: str) -> str:
@@ -374,23 +455,50 @@ def _render_synthetic(r: dict) -> list[str]:
 
 def _render_homedepot(r: dict) -> list[str]:
     sub = "" if r["catalog_items"] == r.get("full_catalog", r["catalog_items"]) else (
-        f" (a subsample of the {r['full_catalog']:,}: every judged item of the reported and tuning queries plus "
-        "the catalog's first items)")
+        f" (a subsample of the {r['full_catalog']:,}: every judged item of the reported and tuning queries, plus "
+        "the catalog's first N items with --hd-catalog-limit N > 0)")
     out = [f"## Home Depot: {r['catalog_items']:,} products{sub}, {r['reported_queries']:,} reported queries", "",
            f"Recall@10: judged (relevance >= 2.67), retrieval over these products; in brackets recall@10 against "
            f"exact float32 search at the same dim. Models: {', '.join(r['models'])}"
            + (f"; trained ones: {r['pairs']:,} pairs, {r['steps']} steps, batch 64, length 32, the homedepot.py "
               f"recipe without its tuning evaluations (final/ reported), seed 0 (training seconds: "
-              f"{json.dumps(r['training'])})." if r["training"] else " (no model trained in this run)."), ""]
+              f"{json.dumps(r['training'])})." if r["training"] else
+              (f"; trained beforehand with this section's recipe ({r['pairs']:,} pairs, {r['steps']} steps, batch 64, "
+               f"length 32, seed 0): {json.dumps(r['model_folders'])}." if r.get("model_folders")
+               else " (no model trained in this run).")), ""]
     names = r["models"]
     out += ["| dim | precision | index | bytes/item | " + " | ".join(f"{n} R@10 (vs exact)" for n in names) + " |",
             "|---|---|---|---|" + "---|" * len(names)]
     first = r["grid"][names[0]]
     for i, row in enumerate(first):
         cells = [f"{r['grid'][n][i]['recall@10']:.4f} ({r['grid'][n][i]['recall@10_vs_exact']:.3f})" for n in names]
-        out.append(f"| {row['dim']} | {row['precision']} | {row['index']} | {row['bytes_per_item']} | "
+        multiplier = row.get("rescore_multiplier")
+        precision = row["precision"] + ("" if multiplier is None else " x all" if multiplier >= RESCORE_ALL
+                                        else f" x{multiplier}")
+        out.append(f"| {row['dim']} | {precision} | {row['index']} | {row['bytes_per_item']} | "
                    + " | ".join(cells) + " |")
-    return out + [""]
+    out += ["", "ubinary xM: Hamming top 10 x M rescored with the float query (Recall@10 from a k=10 search); "
+            "x all: every item rescored (the float query against every binary vector: rescoring's bound).", ""]
+    return out + _homedepot_targets(r) + [""]
+
+
+def _homedepot_targets(r: dict) -> list[str]:
+    """The issue's Home Depot targets, read off the grid: each dim's Recall@10 against the
+    model's full size (flat float32), and each precision's against float32 at the same dim."""
+    out = ["| model | dim | float32 flat R@10 | vs full dim | int8 vs float32 | ubinary x1 / x4 / x10 / x40 / x all "
+           "vs float32 |", "|---|---|---|---|---|---|"]
+    for name in r["models"]:
+        flat = {(row["dim"], row["precision"], row.get("rescore_multiplier")): row["recall@10"]
+                for row in r["grid"][name] if row["index"] == "flat"}
+        full = max(d for d, _, _ in flat)
+        for dim in sorted({d for d, _, _ in flat}, reverse=True):
+            f32 = flat[(dim, "float32", None)]
+            binary = " / ".join(f"{flat[(dim, 'ubinary', m)] - f32:+.4f}" if (dim, "ubinary", m) in flat else "-"
+                                for m in (1, 4, 10, 40, RESCORE_ALL))
+            out.append(f"| {name} | {dim} | {f32:.4f} | {f32 - flat[(full, 'float32', None)]:+.4f} | "
+                       f"{flat[(dim, 'int8', None)] - f32:+.4f} | {binary} |")
+    return ["Targets: Matryoshka model within 0.01 of its full-size Recall@10 at 128 dims; int8 <= 0.003 lost; "
+            "ubinary with rescoring <= 0.01 lost (differences in Recall@10, negative = lost):", ""] + out
 
 
 def _render_loss(r: dict) -> list[str]:
@@ -406,13 +514,23 @@ def _render_loss(r: dict) -> list[str]:
 
 
 def _render_onnx(r: dict) -> list[str]:
-    return [f"## ONNX vs PyTorch encode (MiniLM, {r['texts']:,} Home Depot titles, length {r['max_length']}, "
-            f"batch {r['batch']}, {r['threads']} threads)", "",
-            "| runtime | texts/s |", "|---|---|",
-            f"| PyTorch {r['torch']} | {r['texts_per_s']['torch']} |",
-            f"| onnxruntime {r['onnxruntime']} | {r['texts_per_s']['onnxruntime']} |", "",
-            f"Speed-up x{r['speedup']} (median of {r['rounds']} alternating rounds); max abs difference of "
-            f"the embeddings {r['max_abs_diff']:.1e}.", ""]
+    rates = r["texts_per_s"]
+    out = [f"## ONNX vs PyTorch encode (MiniLM, {r['texts']:,} Home Depot titles, length {r['max_length']}, "
+           f"batch {r['batch']}, {r['threads']} threads)", "",
+           "| runtime | texts/s | vs PyTorch | max abs diff vs PyTorch |", "|---|---|---|---|",
+           f"| PyTorch {r['torch']} | {rates['torch']} | x1 | - |"]
+    for name, rate in rates.items():
+        if name != "torch":
+            out.append(f"| {name} {r['onnxruntime']} | {rate} | x{r['speedup'][name]} | {r['max_abs_diff'][name]:.1e} |")
+    out += ["", f"Median of {r['rounds']} alternating rounds. Fused graph: "
+            + ", ".join(f"{n} {op}" for op, n in r["fused_operators"].items()) + ".", "",
+            "Where the time goes (each runtime's own profiler, one pass over "
+            "the profiled titles; operator time, tokenisation not included):", "",
+            "| runtime | operator ms | matrix products ms | share | largest operators (ms) |", "|---|---|---|---|---|"]
+    for name, p in r["profile"].items():
+        top = ", ".join(f"{op} {ms}" for op, ms in p["top_ops_ms"].items())
+        out.append(f"| {name} | {p['op_ms']} | {p['gemm_ms']} | {p['gemm_share']:.0%} | {top} |")
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,12 +549,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hd-catalog-limit", type=int, default=None, help="smoke runs only")
     p.add_argument("--hd-skip-training", action="store_true", help="zero-shot MiniLM only")
     p.add_argument("--hd-no-zero-shot", action="store_true", help="trained models only")
+    p.add_argument("--hd-embed-only", action="store_true",
+                   help="only embed (cached in --work for a later run of the grid; one process per model): no results")
+    p.add_argument("--hd-models", nargs="*", metavar="NAME=FOLDER",
+                   help="no training: these models (run_<name>/final of an earlier run) instead")
     p.add_argument("--hd-reported-queries", type=int, default=2000)
     p.add_argument("--hd-name", default="homedepot", help="the results key of this Home Depot run")
     p.add_argument("--loss-batch", type=int, default=1024)
     p.add_argument("--loss-rounds", type=int, default=7)
     p.add_argument("--onnx-texts", type=int, default=2048)
     p.add_argument("--onnx-rounds", type=int, default=3)
+    p.add_argument("--onnx-profile-texts", type=int, default=512, help="texts each runtime is profiled on")
     args = p.parse_args(argv)
     results_dir = Path(args.results_dir)
     if args.render:
@@ -454,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         info = machine()
         started = time.perf_counter()
         result = sections[name](args)
+        if name == "homedepot" and args.hd_embed_only:
+            continue  # vectors cached in --work; no results until the grid runs
         result["machine"] = {**info, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
                              "section_seconds": round(time.perf_counter() - started, 1)}
         result["command"] = args.command

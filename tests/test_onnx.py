@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -36,13 +37,18 @@ def _final(tmp_path, shared: bool):
 
 @pytest.mark.unit
 @pytest.mark.slow
-@pytest.mark.parametrize("shared", [False])
-def test_onnx_towers_equal_pytorch(tmp_path, shared):
+@pytest.mark.parametrize("shared,fused", [(False, False), (True, True)])
+def test_onnx_towers_equal_pytorch(tmp_path, shared, fused):
     model, tokenizer, cfg = _final(tmp_path, shared)
-    summary = export(str(tmp_path / "final"), str(tmp_path / "out"), onnx=True)
+    summary = export(str(tmp_path / "final"), str(tmp_path / "out"), onnx=not fused, onnx_fused=fused)
     folder = tmp_path / "out" / "onnx"
     meta = json.loads((folder / "onnx.json").read_text())
     assert summary["onnx"] == meta and (folder / "tokenizer" / "tokenizer_config.json").is_file()
+    assert meta["fused"] is fused
+    if fused:  # the fused operators replaced the plain subgraphs, and still equal PyTorch below
+        ops = {node.op_type for node in onnx.load(str(folder / "item.onnx")).graph.node}
+        assert {"Attention", "SkipLayerNormalization"} <= ops and "Softmax" not in ops
+        assert meta["towers"]["item"]["fused_operators"]["Attention"] == model.item_tower.encoder.config.num_hidden_layers
     towers = {"query": model.query_tower, "item": model.item_tower}
     limits = {"query": cfg.model.max_query_length, "item": cfg.model.max_item_length}
     for side in ("query", "item"):

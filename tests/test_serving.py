@@ -118,6 +118,20 @@ def test_ubinary_rescoring_reorders_candidates_by_the_float_query():
 
 
 @pytest.mark.unit
+def test_ubinary_rescoring_in_query_chunks_gives_the_same_results(monkeypatch):
+    from clicktower.launcher.retrieval import serving
+
+    catalog, q, _ = planted()
+    settings = ServingSettings(precision="ubinary", rescore_multiplier=40)
+    index = build_index(catalog, settings)
+    whole = search_index(index, settings, q, 10)
+    # A chunk of 3 queries' unpacked candidates (400 x 64 values each): 14 chunks, the last short.
+    monkeypatch.setattr(serving, "RESCORE_CHUNK", 3 * 400 * DIM)
+    chunked = search_index(index, settings, q, 10)
+    assert np.array_equal(whole[1], chunked[1]) and np.allclose(whole[0], chunked[0])
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("settings, floor", [
     (ServingSettings(index="ivf-pq:16,8", nprobe=16, train_sample=3000), 0.85),
     (ServingSettings(index="hnsw:16"), 0.95),

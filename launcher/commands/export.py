@@ -29,11 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--onnx", action="store_true",
                         help="also write each tower as ONNX (DIR/onnx/, tokenizer beside it), checked with onnxruntime")
+    parser.add_argument("--onnx-fused", action="store_true",
+                        help="--onnx with onnxruntime's transformer fusions (faster there; onnxruntime-only graphs)")
     args = parser.parse_args(argv)
     # Imported after parsing: --help and usage errors need neither torch nor transformers.
     from clicktower.launcher.engine.export import export
 
-    print(json.dumps(export(args.checkpoint, args.out, args.onnx)), flush=True)
+    print(json.dumps(export(args.checkpoint, args.out, args.onnx, args.onnx_fused)), flush=True)
     return 0
 
 

@@ -210,7 +210,7 @@ def to_router(export: ExportTowers, hf_folders: dict[str, Path]) -> tuple[Any, b
     return SentenceTransformer(modules=[router], device="cpu", similarity_fn_name=similarity), one_module
 
 
-def export(source: str, out: str, onnx: bool = False) -> dict[str, Any]:
+def export(source: str, out: str, onnx: bool = False, onnx_fused: bool = False) -> dict[str, Any]:
     """Write the Hugging Face and sentence-transformers folders of both towers, and the
     sentence-transformers router model with its model card.
 
@@ -219,6 +219,7 @@ def export(source: str, out: str, onnx: bool = False) -> dict[str, Any]:
         out: output folder.
         onnx: also write each tower as ONNX (``DIR/onnx/``, see ``onnx_export``), checked
             against PyTorch with onnxruntime.
+        onnx_fused: those graphs with onnxruntime's transformer fusions (onnxruntime-only).
     """
     src, dst = Path(source), Path(out)
     if not src.is_dir():
@@ -244,10 +245,10 @@ def export(source: str, out: str, onnx: bool = False) -> dict[str, Any]:
             "dim": fusion.features_dim, "fusion": fusion.mode,
             "weights": str(hf_folders["item"] / FUSION_FILE),
             "note": TEXT_ONLY_NOTE}
-    if onnx:
+    if onnx or onnx_fused:
         from clicktower.launcher.engine.onnx_export import export_onnx
 
-        summary["onnx"] = export_onnx(towers.towers, towers.tokenizer, towers.lengths, dst)
+        summary["onnx"] = export_onnx(towers.towers, towers.tokenizer, towers.lengths, dst, onnx_fused)
     (dst / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

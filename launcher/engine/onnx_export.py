@@ -5,7 +5,8 @@ ONNX graph ``DIR/onnx/<side>.onnx`` with inputs ``input_ids`` and ``attention_ma
 [batch, tokens], both axes dynamic) and output ``embedding`` (float32 [batch, D]). The
 tokenizer is saved beside it (``DIR/onnx/tokenizer/``) and ``DIR/onnx/onnx.json`` describes
 the files, the token limits and the check made at export: onnxruntime against PyTorch on
-sample texts, max abs difference (it must stay within ``ONNX_TOLERANCE``).
+sample texts, max abs difference (it must stay within ``ONNX_TOLERANCE``). ``fused``: the
+graphs carry onnxruntime's transformer fusions (faster there, onnxruntime-only operators).
 """
 from __future__ import annotations
 
@@ -36,14 +37,16 @@ class _TowerGraph(torch.nn.Module):
         return self.tower(input_ids, attention_mask).float()
 
 
-def export_tower_onnx(tower: Tower, tokenizer: Any, path: Path, max_length: int) -> None:
-    """Write one tower as an ONNX graph (fp32, dynamic batch and length).
+def export_tower_onnx(tower: Tower, tokenizer: Any, path: Path, max_length: int, fused: bool = False) -> dict[str, int]:
+    """Write one tower as an ONNX graph (fp32, dynamic batch and length); returns the fused
+    operators (empty unless ``fused``).
 
     Args:
         tower: the tower (text only: a tower fusing item feature vectors is refused).
         tokenizer: its tokenizer (makes the example input).
         path: the ``.onnx`` file.
         max_length: token limit of the example input.
+        fused: rewrite the graph with onnxruntime's transformer fusions (see ``fuse_graph``).
     """
     if getattr(tower, "fusion", None) is not None:
         raise ValueError("ONNX export covers text towers; this item tower fuses feature vectors")
@@ -51,6 +54,9 @@ def export_tower_onnx(tower: Tower, tokenizer: Any, path: Path, max_length: int)
     # Length buckets only split a batch (same embeddings) and their Python control flow
     # depends on the data: the graph takes the one-bucket path.
     graph_tower.length_buckets = 1
+    if fused and hasattr(graph_tower.encoder, "set_attn_implementation"):
+        # The attention fusion matches the eager softmax(QK^T)V subgraph, not the SDPA export.
+        graph_tower.encoder.set_attn_implementation("eager")
     enc = tokenizer(list(CHECK_TEXTS[:2]), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
@@ -59,6 +65,27 @@ def export_tower_onnx(tower: Tower, tokenizer: Any, path: Path, max_length: int)
                           dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
                                         "attention_mask": {0: "batch", 1: "tokens"}, "embedding": {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
+    return fuse_graph(path, graph_tower.encoder.config) if fused else {}
+
+
+def fuse_graph(path: Path, config: Any) -> dict[str, int]:
+    """Rewrite ``path`` with onnxruntime's BERT fusions (Attention, EmbedLayerNormalization,
+    SkipLayerNormalization, BiasGelu: ``com.microsoft`` operators, so the graph then runs in
+    onnxruntime only); returns how many of each it made.
+
+    Args:
+        path: the ``.onnx`` file, replaced.
+        config: the encoder's Hugging Face config (heads and hidden size of the attention).
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    # opt_level 0: the Python fusions only, no onnxruntime session rewriting the graph for one
+    # machine's execution provider; the session's own optimisations still run at load.
+    model = optimize_model(str(path), model_type="bert", opt_level=0,
+                           num_heads=getattr(config, "num_attention_heads", 0),
+                           hidden_size=getattr(config, "hidden_size", 0))
+    model.save_model_to_file(str(path))
+    return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
 
 
 class OnnxEncoder:
@@ -100,7 +127,8 @@ class OnnxEncoder:
         return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
 
-def export_onnx(towers: dict[str, Tower], tokenizer: Any, lengths: dict[str, int | None], out: Path) -> dict[str, Any]:
+def export_onnx(towers: dict[str, Tower], tokenizer: Any, lengths: dict[str, int | None], out: Path,
+                fused: bool = False) -> dict[str, Any]:
     """Export each tower to ``out/onnx/``, check it against PyTorch and describe it.
 
     Args:
@@ -108,6 +136,7 @@ def export_onnx(towers: dict[str, Tower], tokenizer: Any, lengths: dict[str, int
         tokenizer: their tokenizer (saved to ``out/onnx/tokenizer``).
         lengths: each side's token limit (None: the default).
         out: the export folder.
+        fused: write graphs with onnxruntime's transformer fusions (``fuse_graph``).
 
     Raises:
         RuntimeError: an exported graph differs from PyTorch by more than ``ONNX_TOLERANCE``.
@@ -121,15 +150,15 @@ def export_onnx(towers: dict[str, Tower], tokenizer: Any, lengths: dict[str, int
     for side, tower in towers.items():
         limit = lengths.get(side) or defaults[side]
         path = folder / f"{side}.onnx"
-        export_tower_onnx(tower, tokenizer, path, limit)
+        fusions = export_tower_onnx(tower, tokenizer, path, limit, fused)
         got = OnnxEncoder(path, tokenizer, limit).encode(list(CHECK_TEXTS))
         want = embed_texts(tower.float(), tokenizer, list(CHECK_TEXTS), limit).numpy()
         diff = float(np.abs(got - want).max())
         if not diff <= ONNX_TOLERANCE:
             raise RuntimeError(f"ONNX {side} tower differs from PyTorch by {diff:.2e} (> {ONNX_TOLERANCE})")
         described[side] = {"file": path.name, "max_length": limit, "dim": int(want.shape[1]),
-                           "max_abs_diff_vs_torch": diff}
-    meta = {"inputs": ["input_ids", "attention_mask"], "output": "embedding", "opset": OPSET,
+                           "max_abs_diff_vs_torch": diff, **({"fused_operators": fusions} if fused else {})}
+    meta = {"inputs": ["input_ids", "attention_mask"], "output": "embedding", "opset": OPSET, "fused": fused,
             "tokenizer": "tokenizer", "towers": described,
             "usage": "OnnxEncoder(path, tokenizer_folder, max_length).encode(texts) "
                      "(clicktower.launcher.engine.onnx_export), or onnxruntime directly"}

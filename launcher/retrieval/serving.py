@@ -22,6 +22,8 @@ PRECISIONS = ("float32", "float16", "int8", "ubinary")
 TRAIN_SAMPLE = 100_000
 # Candidates of the binary search rescored with the float query, per result (ubinary).
 RESCORE_MULTIPLIER = 4
+# Unpacked float32 candidate values rescored at once (ubinary), at most.
+RESCORE_CHUNK = 1 << 24
 # Search-time defaults, recorded with the index (override: --nprobe / --ef-search).
 DEFAULT_NPROBE, DEFAULT_EF_SEARCH = 16, 64
 # The scalar quantiser of each non-binary precision in a FAISS factory string.
@@ -170,8 +172,13 @@ def search_index(index: Any, settings: ServingSettings, queries: np.ndarray, k: 
     set_search_params(index, settings, wide)
     _, rows = index.search(binarize(q), wide)
     codes = _binary_codes(index)
-    bits = np.unpackbits(codes[np.maximum(rows, 0)], axis=2)[:, :, :q.shape[1]].astype(np.float32)
-    scores = np.einsum("qd,qkd->qk", q, bits)
+    scores = np.empty(rows.shape, dtype=np.float32)
+    # Unpacked candidates are 32x their codes: a few MB of them at a time, not Q x wide x dim.
+    step = max(1, RESCORE_CHUNK // (wide * q.shape[1]))
+    for start in range(0, len(q), step):
+        part = rows[start:start + step]
+        bits = np.unpackbits(codes[np.maximum(part, 0)], axis=2)[:, :, :q.shape[1]].astype(np.float32)
+        scores[start:start + step] = np.einsum("qd,qkd->qk", q[start:start + step], bits)
     scores[rows < 0] = -np.inf
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
