@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY_CONFIG, clicktower, cli_env
-from dist_launch import ACCELERATE, accelerate_launch
+from dist_launch import accelerate_command, accelerate_launch
 from hold_save.sitecustomize import hold_env
-from procs import free_port, kill_tree
+from procs import kill_tree
 
 from clicktower.launcher.engine.checkpoint import check_checkpoint
 
@@ -48,6 +48,50 @@ def _wait(proc: subprocess.Popen, ready, what: str, log: Path) -> None:
         time.sleep(0.05)
 
 
+def _ctrl_c_after_3_steps(proc: subprocess.Popen, out: Path, log: Path) -> tuple[int, str]:
+    """One SIGINT to the run's process group once 3 steps are logged: ``(exit status, log)``."""
+    try:
+        _wait(proc, lambda: len(_steps(out)) >= 3, "3 logged steps", log)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        kill_tree(proc, timeout=30)
+    return rc, log.read_text()
+
+
+def _stopped_once(text: str, out: Path) -> tuple[int, Path]:
+    """The run said "Ctrl-C" once and stopped after a complete checkpoint of its last logged
+    step, each step once in metrics.jsonl: ``(step, checkpoint folder)``."""
+    assert text.count("Ctrl-C: saving a checkpoint at the end of this step") == 1, text[-3000:]
+    stopped = re.search(r"^preempted at step (\d+); checkpoint (\S+)$", text, re.M)
+    assert stopped, text[-3000:]
+    step, folder = int(stopped[1]), Path(stopped[2])
+    assert folder == out / "checkpoints" / f"step_{step:08d}" and check_checkpoint(folder) is None
+    assert _steps(out) == list(range(1, step + 1))
+    return step, folder
+
+
+def _ctrl_c_twice_during_held_save(proc: subprocess.Popen, saving, interrupt, log: Path) -> tuple[int, float, str]:
+    """Ctrl-C once the held save has begun (``saving()``), check the run waits for it, Ctrl-C
+    again: ``(exit status, seconds from the second Ctrl-C to the end, log)``.
+
+    Args:
+        interrupt: sends one Ctrl-C to the run.
+    """
+    try:
+        _wait(proc, saving, "the held step-4 save", log)
+        interrupt()
+        time.sleep(1.0)
+        assert proc.poll() is None, "one Ctrl-C must wait for the checkpoint"
+        interrupt()
+        sent = time.monotonic()
+        rc = proc.wait(timeout=60)
+        waited = time.monotonic() - sent
+    finally:
+        kill_tree(proc, timeout=30)
+    return rc, waited, log.read_text()
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_first_ctrl_c_checkpoints_and_prints_the_command_that_resumes(shard_dir, tmp_path):
@@ -59,20 +103,9 @@ def test_first_ctrl_c_checkpoints_and_prints_the_command_that_resumes(shard_dir,
     with open(log, "w") as fh:
         proc = subprocess.Popen([CLICKTOWER, *args], cwd=REPO, env=cli_env(), stdout=fh, stderr=fh,
                                 start_new_session=True)
-    try:
-        _wait(proc, lambda: len(_steps(out)) >= 3, "3 logged steps", log)
-        os.killpg(proc.pid, signal.SIGINT)
-        rc = proc.wait(timeout=120)
-    finally:
-        kill_tree(proc, timeout=30)
-    text = log.read_text()
+    rc, text = _ctrl_c_after_3_steps(proc, out, log)
     assert rc == 75, text[-3000:]
-    assert text.count("Ctrl-C: saving a checkpoint at the end of this step") == 1, text[-3000:]
-    stopped = re.search(r"^preempted at step (\d+); checkpoint (\S+)$", text, re.M)
-    assert stopped, text[-3000:]
-    step, folder = int(stopped[1]), Path(stopped[2])
-    assert folder == out / "checkpoints" / f"step_{step:08d}" and check_checkpoint(folder) is None
-    assert _steps(out) == list(range(1, step + 1))
+    step, folder = _stopped_once(text, out)
     command = re.search(r"^resume with: (.*)$", text, re.M)[1]
     expected = [a for a in args if a != "train.resume=new"] + ["train.resume=auto"]
     assert command == "clicktower train " + shlex.join(expected[1:]), text[-3000:]
@@ -94,19 +127,9 @@ def test_second_ctrl_c_aborts_at_once_without_a_checkpoint(shard_dir, tmp_path):
     with open(log, "w") as fh:
         proc = subprocess.Popen([CLICKTOWER, *_args(shard_dir, out, "checkpoint.every_steps=4")], cwd=REPO,
                                 env=hold_env(4, cli_env()), stdout=fh, stderr=fh)
-    try:
-        _wait(proc, lambda: (torn / "trainer_state.json").is_file() and (torn / "model.safetensors").is_file(),
-              "the held step-4 save", log)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(1.0)
-        assert proc.poll() is None, "one Ctrl-C must wait for the checkpoint"
-        proc.send_signal(signal.SIGINT)
-        sent = time.monotonic()
-        rc = proc.wait(timeout=60)
-        waited = time.monotonic() - sent
-    finally:
-        kill_tree(proc, timeout=30)
-    text = log.read_text()
+    rc, waited, text = _ctrl_c_twice_during_held_save(
+        proc, lambda: (torn / "trainer_state.json").is_file() and (torn / "model.safetensors").is_file(),
+        lambda: proc.send_signal(signal.SIGINT), log)
     assert rc == 130 and "clicktower: interrupted" in text, text[-3000:]
     assert waited < 10, f"the second Ctrl-C took {waited:.1f} s"
     assert not (out / "checkpoints" / "step_00000004").exists() and "resume with:" not in text
@@ -114,11 +137,10 @@ def test_second_ctrl_c_aborts_at_once_without_a_checkpoint(shard_dir, tmp_path):
 
 def _launch(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     """``accelerate launch`` of 2 CPU processes in a session of its own, as from a terminal."""
-    command = [ACCELERATE, "launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc_ddp.yaml"),
-               "--main_process_port", str(free_port()), "-m", "clicktower.launcher.train", *args[1:]]
-    env = {**env, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command, extra = accelerate_command("cpu_2proc_ddp", ["-m", "clicktower.launcher.train", *args[1:]])
     with open(log, "w") as fh:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=fh, stderr=fh, start_new_session=True)
+        return subprocess.Popen(command, cwd=REPO, env={**env, **extra}, stdout=fh, stderr=fh,
+                                start_new_session=True)
 
 
 @pytest.mark.e2e
@@ -129,21 +151,9 @@ def test_ctrl_c_under_accelerate_launch_checkpoints_every_rank_once(shard_dir, t
     exit status is the agent's (torchrun reports 130 for a SIGINT), not 75."""
     out, log = tmp_path / "run", tmp_path / "run.log"
     args = _args(shard_dir, out)
-    proc = _launch(args, log, cli_env())
-    try:
-        _wait(proc, lambda: len(_steps(out)) >= 3, "3 logged steps", log)
-        os.killpg(proc.pid, signal.SIGINT)
-        rc = proc.wait(timeout=120)
-    finally:
-        kill_tree(proc, timeout=30)
-    text = log.read_text()
+    rc, text = _ctrl_c_after_3_steps(_launch(args, log, cli_env()), out, log)
     assert rc != 0, text[-3000:]
-    assert text.count("Ctrl-C: saving a checkpoint at the end of this step") == 1, text[-3000:]
-    stopped = re.search(r"^preempted at step (\d+); checkpoint (\S+)$", text, re.M)
-    assert stopped, text[-3000:]
-    step, folder = int(stopped[1]), Path(stopped[2])
-    assert folder == out / "checkpoints" / f"step_{step:08d}" and check_checkpoint(folder) is None
-    assert _steps(out) == list(range(1, step + 1))
+    step, folder = _stopped_once(text, out)
     command = re.search(r"^resume with: the same launch command with: (.*)$", text, re.M)[1]
     pasted = shlex.split(command)
     assert pasted[:2] == ["-m", "clicktower.launcher.train"] and "train.resume=auto" not in pasted
@@ -161,18 +171,8 @@ def test_second_ctrl_c_under_accelerate_launch_aborts_at_once(shard_dir, tmp_pat
     out, log = tmp_path / "run", tmp_path / "run.log"
     torn = out / "checkpoints" / ".tmp-step_00000004"
     proc = _launch(_args(shard_dir, out, "checkpoint.every_steps=4"), log, hold_env(4, cli_env()))
-    try:
-        _wait(proc, lambda: (torn / "trainer_state.json").is_file(), "the held step-4 save", log)
-        os.killpg(proc.pid, signal.SIGINT)
-        time.sleep(1.0)
-        assert proc.poll() is None, "one Ctrl-C must wait for the checkpoint"
-        os.killpg(proc.pid, signal.SIGINT)
-        sent = time.monotonic()
-        rc = proc.wait(timeout=60)
-        waited = time.monotonic() - sent
-    finally:
-        kill_tree(proc, timeout=30)
-    text = log.read_text()
+    rc, waited, text = _ctrl_c_twice_during_held_save(
+        proc, lambda: (torn / "trainer_state.json").is_file(), lambda: os.killpg(proc.pid, signal.SIGINT), log)
     assert rc != 0 and "resume with:" not in text, text[-3000:]
     assert waited < 10, f"the second Ctrl-C took {waited:.1f} s:\n{text[-3000:]}"
     assert not (out / "checkpoints" / "step_00000004").exists()
