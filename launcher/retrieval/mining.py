@@ -27,12 +27,12 @@ import torch
 from clicktower.data.errors import DataError
 from clicktower.data.features import FeatureTable
 from clicktower.data.shards import load_manifest
-from clicktower.data.storage import Storage, is_url, join
+from clicktower.data.storage import Storage, join
 from clicktower.launcher.progress import status
 from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_sharded
 from clicktower.launcher.retrieval.metrics import exact_topk
 from clicktower.launcher.retrieval.readers import load_towers, read_catalog_features, token_limits
-from clicktower.launcher.retrieval.sample_writer import iter_manifest_samples, write_samples
+from clicktower.launcher.retrieval.sample_writer import check_output_free, iter_manifest_samples, write_samples
 from clicktower.modeling.cross_encoder import TEACHER_META
 from clicktower.modeling.towers import resolve_model_path
 
@@ -192,8 +192,7 @@ def mine(model: str, manifest_path: str, out: str, catalog: str | None = None,
 
     started = time.perf_counter()
     _check_rules(ranks, negatives, relative_margin, sample, variant_key, teacher)
-    if not is_url(out) and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
-        raise DataError(f"{out}: output exists and is not empty; pass --overwrite to replace it")
+    check_output_free(out, overwrite)
     manifest = load_manifest(manifest_path)
     samples = list(iter_manifest_samples(manifest))
     had = _check_existing(samples, existing, manifest_path)  # before the model loads: fails fast

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from clicktower.data.errors import DataError
 from clicktower.data.shards import iter_shard, write_shards
 from clicktower.data.sources import FieldMap
 from clicktower.data.storage import is_url
@@ -17,6 +18,19 @@ from clicktower.data.storage import is_url
 # Sample fields carried over unchanged (besides query, item_id, item_text, hard_negatives).
 # teacher_scores are not: they score the sample's old negatives, and each writer sets its own.
 _PASSTHROUGH = ("label", "weight", "features", "exclude_ids")
+
+
+def check_output_free(out: str, overwrite: bool) -> None:
+    """Refuse a local output folder that holds something, unless ``overwrite``: called before
+    any model loads, so the command fails in a second (``write_shards`` checks again when it
+    writes, URLs included).
+
+    Args:
+        out: output shard folder (path or URL).
+        overwrite: replace an existing output.
+    """
+    if not is_url(out) and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+        raise DataError(f"{out}: output exists and is not empty; pass --overwrite to replace it")
 
 
 def iter_manifest_samples(manifest: dict) -> Iterator[dict]:

@@ -18,11 +18,11 @@ import torch
 
 from clicktower.data.errors import DataError
 from clicktower.data.shards import load_manifest
-from clicktower.data.storage import Storage, is_url, join
+from clicktower.data.storage import Storage, join
 from clicktower.kernels import distributed_world, gather_with_grad
 from clicktower.launcher.progress import bar, status
 from clicktower.launcher.retrieval.embedding import rank_slice
-from clicktower.launcher.retrieval.sample_writer import iter_manifest_samples, write_samples
+from clicktower.launcher.retrieval.sample_writer import check_output_free, iter_manifest_samples, write_samples
 from clicktower.modeling.cross_encoder import CrossEncoder
 from clicktower.modeling.towers import download_model
 
@@ -186,8 +186,7 @@ def score_shards(teacher: str, manifest_path: str, out: str, batch_size: int = S
     from accelerate import Accelerator
 
     started = time.perf_counter()
-    if not is_url(out) and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
-        raise DataError(f"{out}: output exists and is not empty; pass --overwrite to replace it")
+    check_output_free(out, overwrite)
     manifest = load_manifest(manifest_path)
     samples = list(iter_manifest_samples(manifest))
     if not samples:
