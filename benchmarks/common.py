@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts (the one module they import from each other).
+"""Helpers shared by the benchmark scripts (with `homedepot.py`, which `homedepot_levers.py` and
+`bench_serving.py` reuse, the only module they import from each other).
 
 Benchmarks use clicktower's public API only; what several scripts need beyond it lives here.
 """

@@ -295,3 +295,136 @@ def test_quick_fills_smoke_settings_but_keeps_explicit_ones(hd):
     args = hd.parse_args(["--out", "x", "--quick", "--max-pairs", "512"])
     assert args.max_pairs == 512 and args.catalog_limit == 500 and args.reported_queries == 50
     assert hd.parse_args(["--out", "x"]).catalog_limit is None
+
+
+# --- the levers run (benchmarks/homedepot_levers.py) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def levers(hd):
+    import sys
+
+    # homedepot_levers imports homedepot by name, as it does when run from benchmarks/.
+    sys.modules.setdefault("homedepot", hd)
+    spec = importlib.util.spec_from_file_location("homedepot_levers_bench",
+                                                  REPO / "benchmarks" / "homedepot_levers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_arm_adds_only_its_lever_and_the_teacher_arms_read_one_negative(levers, hd, tmp_path):
+    from clicktower.launcher.engine.config import load_config
+
+    args = levers.parse_args(["--out", str(tmp_path), "--batch-size", "32", "--memory-warmup", "7"])
+    tuning = {"queries": str(tmp_path / "q.jsonl"), "catalog": str(tmp_path / "c.jsonl")}
+    configs = {arm: load_config(None, hd.clicktower_overrides(levers.arm_args(arm, args), tmp_path / "s",
+                                                              tmp_path / "r", 0, 100, False, tuning))
+               for arm in (*levers.LEVER_ARMS, "teacher_cost")}
+    plain = configs["ct"].loss
+    assert (plain.popularity_correction, plain.memory_size, plain.distill_weight) == ("none", 0, 0.0)
+    assert configs["ct"].data.hard_negatives_per_query == 0
+    assert configs["logq"].loss.popularity_correction == "logq" and configs["logq"].loss.memory_size == 0
+    assert (configs["memory"].loss.memory_size, configs["memory"].loss.memory_warmup_steps) == (128, 7)
+    assert configs["memory"].loss.popularity_correction == "none"
+    for arm in ("teacher", "teacher_cost", "all"):
+        assert configs[arm].loss.distill_weight == 1.0 and configs[arm].data.hard_negatives_per_query == 1
+    every = configs["all"].loss
+    assert every.popularity_correction == "logq" and every.memory_size == 128
+    assert args.set == [] and args.mine_negatives == 0  # arm_args copies, never edits the run's args
+
+
+def test_teacher_trains_only_on_the_training_queries_judgements(levers, hd, tmp_path):
+    write_data(tmp_path)
+    args = levers.parse_args(["--out", str(tmp_path / "out"), "--data", str(tmp_path), "--reported-queries", "10",
+                              "--tuning-queries", "5", "--teacher-pairs", "60"])
+    rows = levers.teacher_judgements(args)
+    split = hd.split_queries(hd.read_judgements(tmp_path), 10, 5, 0)
+    assert len(rows) == 60 and {r["query"] for r in rows} <= set(split["train"])
+    assert {r["label"] for r in rows} == {1.0, 2.33, 3.0}  # every grade, the judged-irrelevant included
+    assert levers.teacher_judgements(args) == rows
+
+
+def test_budget_counts_mining_in_teacher_arms_and_the_teacher_only_when_asked(levers, tmp_path):
+    bench = levers.LeverBench(levers.parse_args(["--out", str(tmp_path)]))
+    bench.runs["st_s1"] = {"train": {"train_seconds": 300.0}}
+    bench.mined = {"mining_seconds": 40.0}
+    bench.teacher = {"cost_seconds": 250.0}
+    assert bench.budget("ct", 1) == bench.budget("memory", 1) == (300.0, 0.0)
+    assert bench.budget("teacher", 1) == bench.budget("all", 1) == (300.0, 40.0)
+    assert bench.budget("teacher_cost", 1) == (300.0, 290.0)
+    bench.reference["hard"] = {"train_seconds": 30.0, "steps": 10, "step_seconds": 1.0}  # 20 s overhead
+    bench.arm("teacher_cost", 1)  # 300 - 290 - 20 < 0: nothing left to train, and nothing runs
+    assert "no time left: 290 s of the 300 s budget" in bench.runs["teacher_cost_s1"]["skipped"]
+
+
+def lever_runs(hd, folder: Path, gains: dict[str, float]) -> dict:
+    """Per-query files and run records of ST and each arm (arm = ST + its gain on every query)."""
+    runs = {}
+    (folder / "per_query").mkdir(parents=True, exist_ok=True)
+    for seed in (0, 1):
+        base = [0.3 + 0.01 * (i % 5) + 0.02 * seed for i in range(40)]
+        for arm, gain in {"st": 0.0, **gains}.items():
+            values = [v + gain for v in base]
+            with open(folder / "per_query" / f"{arm}_s{seed}.jsonl", "w") as fh:
+                fh.writelines(json.dumps({"query": f"q{i}", "metrics": metrics(v)}) + "\n"
+                              for i, v in enumerate(values))
+            runs[f"{arm}_s{seed}"] = {"system": hd.ST if arm == "st" else hd.CT, "seed": seed,
+                                      "metrics": metrics(sum(values) / len(values)),
+                                      "train": {"train_seconds": 100.0, "steps": 10, "pairs_seen": 640,
+                                                "budget_seconds": 100.0, "counted_before_seconds": 0.0}}
+    return runs
+
+
+def test_levers_report_says_which_lever_did_not_help_and_a_skipped_teacher_cost_row(levers, hd, tmp_path):
+    runs = lever_runs(hd, tmp_path, {"ct": 0.01, "logq": 0.005, "memory": 0.01, "teacher": 0.04, "all": 0.03})
+    for seed in (0, 1):
+        runs[f"teacher_cost_s{seed}"] = {"system": hd.CT, "skipped": "no time left: 400 s of the 100 s budget"}
+    comparisons = {arm: {"vs_st": levers.compare_arm(tmp_path, runs, arm, "st", 2),
+                         "vs_ct": None if arm == "ct" else levers.compare_arm(tmp_path, runs, arm, "ct", 2)}
+                   for arm in (*levers.LEVER_ARMS, "teacher_cost")}
+    assert comparisons["teacher"]["vs_ct"]["delta"]["recall@10"] == pytest.approx(0.03)
+    assert comparisons["teacher"]["vs_st"]["delta_ci95"]["ndcg@10"] == [0.04, 0.04]
+    assert comparisons["teacher_cost"]["vs_st"] is None
+    lines = levers.targets(comparisons, {"cost_seconds": 400.0})
+    text = "\n".join(lines)
+    assert "the best arm (`teacher`) is ahead of sentence-transformers on all four metrics" in text
+    assert "Moonshot Recall@10 +0.03: +0.0400 (`teacher`): **met**" in text
+    assert "With the teacher's cost counted (400 s): no time was left" in text
+    assert "`logq` vs the recipe alone: Recall@10 -0.0050" in text and "did not help" in text
+    assert "`memory` vs the recipe alone: Recall@10 +0.0000" in text
+    assert "`teacher` vs the recipe alone: Recall@10 +0.0300 [+0.0300, +0.0300], nDCG@10 +0.0300: helped" in text
+
+
+def test_levers_markdown_renders_every_arm_the_teacher_and_the_skipped_row(levers, hd, tmp_path):
+    runs = lever_runs(hd, tmp_path, {"ct": 0.01, "logq": 0.0, "memory": -0.01, "teacher": 0.02, "all": 0.02})
+    runs["st_s0"]["metrics"]["rerank"] = metrics(0.91)
+    runs["ct_s0"]["metrics"]["rerank"] = metrics(0.92)
+    runs["teacher_cost_s0"] = runs["teacher_cost_s1"] = {"system": hd.CT, "skipped": "no time left: 400 s"}
+    comparisons = {arm: {"vs_st": levers.compare_arm(tmp_path, runs, arm, "st", 2),
+                         "vs_ct": None if arm == "ct" else levers.compare_arm(tmp_path, runs, arm, "ct", 2)}
+                   for arm in (*levers.LEVER_ARMS, "teacher_cost")}
+    args = levers.parse_args(["--out", str(tmp_path)])
+    teacher = {"pairs": 8192, "steps": 256, "lr": 5e-5, "train_seconds": 260.0, "cost_seconds": 400.0,
+               "rerank": metrics(0.93)}
+    results = {"command": "python benchmarks/homedepot_levers.py --out x", "smoke": False,
+               "data": {"reported_queries": 40, "catalog_items": 54667, "train_pairs": 8192},
+               "settings": {"batch_size": 64, "max_seq_length": 32, "lr": 5e-5, "seeds": 2, "memory_size": 256,
+                            "teacher_margin": 0.0, "recipe": hd.CLICKTOWER_SPEED,
+                            "arms": {a: levers.arm_overrides(a, args) for a in (*levers.LEVER_ARMS, "teacher_cost")}},
+               "teacher": teacher, "mining": {"teacher_dropped": 900, "teacher_candidates": 16000,
+                                              "mining_seconds": 60.0, "teacher_denoise_seconds": 80.0,
+                                              "teacher_score_seconds": 60.0},
+               "st": {k: hd.mean_std([runs[f"st_s{s}"]["metrics"][k] for s in (0, 1)]) for k in hd.METRICS},
+               "comparisons": comparisons, "runs": runs, "targets": levers.targets(comparisons, teacher),
+               "machine": {"cpu": "test cpu", "cores": 2, "torch": "x", "load_average_at_start": [0.5, 0, 0],
+                           "load_average_at_end": [2.0, 0, 0]},
+               "phase_minutes": {"teacher_train": 4.3}, "total_minutes": 90.0}
+    md = levers.markdown(results)
+    for arm_label in ("clicktower recipe (no lever)", "+ logq", "+ memory 256", "+ teacher (cost not counted)",
+                      "+ teacher + logq + memory (cost not counted)"):
+        assert f"| {arm_label} | 0." in md
+    assert "| + teacher, its cost counted | not trained: see below |" in md
+    assert "| teacher_cost_s0 | not trained: no time left: 400 s |" in md
+    assert "teacher 0.9300, sentence-transformers seed 0 0.9100, clicktower recipe seed 0 0.9200" in md
+    assert "dropped 900 of 16,000 candidates" in md and "`memory` vs the recipe alone: Recall@10 -0.0200" in md
+    assert "Whole run 90.0 min" in md

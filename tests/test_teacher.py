@@ -246,6 +246,7 @@ def test_mine_with_a_teacher_drops_negatives_scored_near_the_positive(tiny_model
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["teacher_candidates"] == 200 * 6 and 0 < summary["teacher_dropped"] < summary["teacher_candidates"]
+    assert 0 < summary["teacher_seconds"] < summary["mining_seconds"]
     model, tokenizer, meta = load_teacher(str(teacher_dir))
     samples = _samples(out)
     kept = sum(len(s["hard_negatives"]) for s in samples)
