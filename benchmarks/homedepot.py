@@ -1053,6 +1053,26 @@ QUICK = {"max_pairs": 256, "catalog_limit": 500, "reported_queries": 50, "tuning
          "tuning_distractors": 100}
 
 
+def add_split_options(p: argparse.ArgumentParser, max_pairs: int) -> None:
+    """The data, split, shared training and evaluation options (``homedepot_levers.py`` adds
+    them too, so that both runs build the same split and pairs).
+
+    Args:
+        p: the parser.
+        max_pairs: the default of ``--max-pairs``.
+    """
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="the homedepot data folder")
+    p.add_argument("--max-pairs", type=int, default=max_pairs, help="training pairs, both systems (cap)")
+    p.add_argument("--reported-queries", type=int, default=2000, help="reported split (never used for choices)")
+    p.add_argument("--tuning-queries", type=int, default=500, help="tuning split (in-training eval, best/)")
+    p.add_argument("--tuning-distractors", type=int, default=1000, help="extra catalog items of the tuning eval")
+    p.add_argument("--batch-size", type=int, default=64, help="pairs per optimiser step, both")
+    p.add_argument("--max-seq-length", type=int, default=32, help="token limit, both sides, all models")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate, both (linear, 10%% warmup)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the query split and the pair order")
+    p.add_argument("--evals-per-run", type=int, default=2, help="clicktower: tuning evaluations per run")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (``--quick`` fills the smoke settings left at their defaults).
 
@@ -1061,18 +1081,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (models, results.json, runs)")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="the homedepot data folder")
-    p.add_argument("--max-pairs", type=int, default=14080, help="training pairs, both systems (cap)")
-    p.add_argument("--reported-queries", type=int, default=2000, help="reported split (never used for choices)")
-    p.add_argument("--tuning-queries", type=int, default=500, help="tuning split (in-training eval, best/)")
-    p.add_argument("--tuning-distractors", type=int, default=1000, help="extra catalog items of the tuning eval")
-    p.add_argument("--batch-size", type=int, default=64, help="pairs per optimiser step, both")
-    p.add_argument("--max-seq-length", type=int, default=32, help="token limit, both sides, all models")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate, both (linear, 10%% warmup)")
+    add_split_options(p, max_pairs=14080)
     p.add_argument("--seeds", type=int, default=2, help="training seeds of the equal-time comparison")
     p.add_argument("--equal-pairs-seeds", type=int, default=1, help="training seeds of the equal-pairs comparison")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the query split and the pair order")
-    p.add_argument("--evals-per-run", type=int, default=2, help="clicktower: tuning evaluations per run")
     p.add_argument("--graded-weight", type=float, default=0.0,
                    help="weight of 2.0 <= relevance < 2.67 pairs as positives (0: left out)")
     p.add_argument("--mine-negatives", type=int, default=0, help="mined hard negatives per pair (0: no mining)")

@@ -460,17 +460,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """``homedepot.py``'s options (the same split, pairs and recipe) plus the levers'."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (runs, teacher, results.json)")
-    p.add_argument("--data", default=str(hd.DEFAULT_DATA), help="the homedepot data folder")
-    p.add_argument("--max-pairs", type=int, default=8192, help="training pairs (cap; see the module docstring)")
-    p.add_argument("--reported-queries", type=int, default=2000, help="reported split (never used for choices)")
-    p.add_argument("--tuning-queries", type=int, default=500, help="tuning split (in-training eval, best/)")
-    p.add_argument("--tuning-distractors", type=int, default=1000, help="extra catalog items of the tuning eval")
-    p.add_argument("--batch-size", type=int, default=64, help="pairs per optimiser step, both systems")
-    p.add_argument("--max-seq-length", type=int, default=32, help="token limit, both sides (the teacher's pair: 2x)")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of both systems")
+    hd.add_split_options(p, max_pairs=8192)  # 8,192: see the module docstring; the teacher's pair: 2x length
     p.add_argument("--seeds", type=int, default=2, help="training seeds of every arm")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the query split and the pair order")
-    p.add_argument("--evals-per-run", type=int, default=2, help="clicktower: tuning evaluations per run")
     p.add_argument("--relative-margin", type=float, default=0.05, help="mining: clicktower mine --relative-margin")
     p.add_argument("--teacher-pairs", type=int, default=8192, help="judged pairs the teacher trains on")
     p.add_argument("--teacher-lr", type=float, default=5e-5, help="the teacher's learning rate")
