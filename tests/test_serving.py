@@ -4,6 +4,7 @@ recorded in an index folder and applied by ``clicktower search`` / ``eval --inde
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,10 +60,11 @@ def test_index_specs(spec, ok):
 @pytest.mark.unit
 def test_settings_validation_and_metadata_round_trip():
     for bad in (dict(precision="int4"), dict(index="ivf-pq:8,4", precision="int8"), dict(dim=0),
-                dict(index="ivf", precision="ubinary"), dict(rescore_multiplier=0)):
+                dict(index="ivf", precision="ubinary"), dict(rescore_multiplier=0),
+                dict(precision="ubinary", rescore="int4"), dict(precision="int8", rescore="int8")):
         with pytest.raises(ValueError):
             ServingSettings(**bad)
-    s = ServingSettings(dim=32, precision="ubinary", index="hnsw:8", rescore_multiplier=3)
+    s = ServingSettings(dim=32, precision="ubinary", index="hnsw:8", rescore_multiplier=3, rescore="int8")
     assert ServingSettings.from_meta(json.loads(json.dumps({"serving": s.to_meta()}))) == s
     # An index folder from before the settings: its kind, full size, float32.
     assert ServingSettings.from_meta({"kind": "hnsw"}) == ServingSettings(index="hnsw")
@@ -118,17 +120,69 @@ def test_ubinary_rescoring_reorders_candidates_by_the_float_query():
 
 
 @pytest.mark.unit
+def test_ubinary_rescored_against_int8_vectors_kept_apart():
+    """rescore="int8": the Hamming candidates are rescored by the float query against int8
+    codes calibrated on the sample (not their bits); memory holds only the bits."""
+    from clicktower.launcher.retrieval.serving import RescoredBinaryIndex, int8_codes, int8_ranges, rescore_bytes
+
+    catalog, q, exact = planted()
+    bits_settings = ServingSettings(precision="ubinary", rescore_multiplier=4)
+    int8_settings = ServingSettings(precision="ubinary", rescore_multiplier=4, rescore="int8", train_sample=1000)
+    index = build_index(catalog, int8_settings, seed=2)
+    assert isinstance(index, RescoredBinaryIndex)
+    sample = catalog[np.sort(np.random.default_rng(2).choice(len(catalog), 1000, replace=False))]
+    low, step = int8_ranges(sample)
+    assert np.allclose(index.low, sample.min(0)) and np.allclose(index.low + 255 * index.step, sample.max(0))
+    assert np.array_equal(index.codes, int8_codes(catalog, low, step))
+    scores, rows = search_index(index, int8_settings, q, 10)
+    decoded = low + int8_codes(catalog, low, step).astype(np.float32) * step
+    inside = np.all((catalog >= index.low) & (catalog <= index.low + 255 * index.step), axis=1)
+    assert inside.sum() > 1000 and np.all(np.abs(decoded - catalog)[inside] <= step / 2 + 1e-6)  # half a level
+    assert np.allclose(scores, np.einsum("qd,qkd->qk", q, decoded[rows]), atol=1e-5)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    # Rescoring picks among the Hamming top 10 x 4 only, and orders them better than the bits.
+    candidates = index.binary.search(binarize(q), 40)[1]
+    assert all(set(r) <= set(c) for r, c in zip(rows.tolist(), candidates.tolist()))
+    plain = build_index(catalog, bits_settings)
+    assert overlap_at_k(rows, exact) > overlap_at_k(search_index(plain, bits_settings, q, 10)[1], exact)
+    assert index_bytes(index) == index_bytes(plain)  # in memory: the bits alone
+    assert rescore_bytes(index) == len(catalog) * DIM + 2 * 4 * DIM and rescore_bytes(plain) == 0
+
+
+@pytest.mark.unit
+def test_int8_rescoring_vectors_are_saved_beside_the_index_and_memory_mapped(tmp_path):
+    from clicktower.launcher.retrieval.serving import read_index, rescore_paths, write_index
+
+    catalog, q, _ = planted(500, 5)
+    settings = ServingSettings(precision="ubinary", rescore="int8")
+    index = build_index(catalog, settings)
+    path = str(tmp_path / "index.faiss")
+    write_index(index, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["index.faiss", *(Path(p).name for p in rescore_paths(path))])  # no temporary file left
+    loaded = read_index(path, settings)
+    assert isinstance(loaded.codes, np.memmap) and np.array_equal(loaded.codes, index.codes)
+    before, after = search_index(index, settings, q, 10), search_index(loaded, settings, q, 10)
+    assert np.array_equal(before[1], after[1]) and np.allclose(before[0], after[0])
+    # The bits' rescoring reads the same binary index without the int8 files.
+    bits = read_index(path, ServingSettings(precision="ubinary"))
+    assert bits.ntotal == len(catalog) and not hasattr(bits, "codes")
+
+
+@pytest.mark.unit
 def test_ubinary_rescoring_in_query_chunks_gives_the_same_results(monkeypatch):
     from clicktower.launcher.retrieval import serving
 
     catalog, q, _ = planted()
-    settings = ServingSettings(precision="ubinary", rescore_multiplier=40)
-    index = build_index(catalog, settings)
-    whole = search_index(index, settings, q, 10)
-    # A chunk of 3 queries' unpacked candidates (400 x 64 values each): 14 chunks, the last short.
-    monkeypatch.setattr(serving, "RESCORE_CHUNK", 3 * 400 * DIM)
-    chunked = search_index(index, settings, q, 10)
-    assert np.array_equal(whole[1], chunked[1]) and np.allclose(whole[0], chunked[0])
+    for rescore in serving.RESCORE_SOURCES:
+        settings = ServingSettings(precision="ubinary", rescore_multiplier=40, rescore=rescore)
+        index = build_index(catalog, settings)
+        monkeypatch.setattr(serving, "RESCORE_CHUNK", 1 << 24)
+        whole = search_index(index, settings, q, 10)
+        # A chunk of 3 queries' decoded candidates (400 x 64 values each): 14 chunks, the last short.
+        monkeypatch.setattr(serving, "RESCORE_CHUNK", 3 * 400 * DIM)
+        chunked = search_index(index, settings, q, 10)
+        assert np.array_equal(whole[1], chunked[1]) and np.allclose(whole[0], chunked[0])
 
 
 @pytest.mark.unit
@@ -186,3 +240,18 @@ def test_embed_records_settings_and_eval_and_search_apply_them(tmp_path, synth_d
     assert len(json.loads(hits.stdout.strip().splitlines()[-1])["hits"]) == 3
     bad = clicktower("eval", "--index", str(out), "--queries", str(queries), "--dim", "32")
     assert bad.returncode == 2 and "recorded settings" in bad.stderr
+
+    # Binary in memory, int8 vectors beside it on disk: recorded, reported, read back.
+    binary = tmp_path / "index_binary"
+    result = clicktower("embed", "--model", MINILM, "--catalog", str(catalog), "--out", str(binary),
+                        "--dim", "64", "--precision", "ubinary", "--rescore", "int8", "--rescore-multiplier", "10")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((binary / "index.json").read_text())
+    assert meta["serving"]["rescore"] == "int8" and meta["bytes_per_item"] < 64 / 8 + 4
+    assert meta["rescore_bytes_per_item"] == pytest.approx(64 + 2 * 4 * 64 / 60, abs=0.01)
+    result = clicktower("eval", "--index", str(binary), "--queries", str(queries))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["index/settings"]["rescore"] == "int8"
+    assert summary["index/rescore_bytes_per_item"] == meta["rescore_bytes_per_item"]
+    assert summary["index/bytes_per_item"] == meta["bytes_per_item"]

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 def _overrides(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ServingSettings | None:
     """The folder's settings with the options given replacing theirs (None: no option)."""
     names = {"dim": "dim", "precision": "precision", "index_spec": "index", "nprobe": "nprobe",
-             "ef_search": "ef_search", "rescore_multiplier": "rescore_multiplier", "train_sample": "train_sample"}
+             "ef_search": "ef_search", "rescore_multiplier": "rescore_multiplier", "rescore": "rescore",
+             "train_sample": "train_sample"}
     given = {field: getattr(args, name) for name, field in names.items() if getattr(args, name) is not None}
     if not given:
         return None

@@ -23,7 +23,7 @@ from clicktower.launcher.retrieval.metrics import cold_warm_metrics, exact_topk,
 from clicktower.launcher.retrieval.readers import (load_towers, read_catalog_features, read_judged_queries,
                                                    token_limits, trained_item_ids)
 from clicktower.launcher.retrieval.serving import (ServingSettings, build_index, index_bytes, latency_ms,
-                                                   overlap_at_k, prepare, search_index)
+                                                   overlap_at_k, prepare, rescore_bytes, search_index)
 from clicktower.modeling.towers import Tower
 
 
@@ -163,7 +163,9 @@ def index_report(index: Any, settings: ServingSettings, queries: np.ndarray, cat
 
     ``index/<metric>``: the retrieval metrics of the index's top 100; ``index/recall@10_vs_exact``:
     the share of the exact float32 top 10 at the served size that the index returns;
-    ``index/bytes_per_item``: its serialised size per item; ``index/latency_p50_ms`` /
+    ``index/bytes_per_item``: its serialised size per item (what serving holds in memory;
+    ``index/rescore_bytes_per_item``: the int8 rescoring vectors kept beside it on disk, when
+    ``rescore`` is ``int8``); ``index/latency_p50_ms`` /
     ``_p99_ms``: one-query searches over the queries; ``index/settings``.
 
     Args:
@@ -183,6 +185,8 @@ def index_report(index: Any, settings: ServingSettings, queries: np.ndarray, cat
                           torch.from_numpy(prepare(catalog, settings.dim)), k=10)
     out["index/recall@10_vs_exact"] = overlap_at_k(rows, exact.numpy())
     out["index/bytes_per_item"] = round(index_bytes(index) / max(1, len(ids)), 2)
+    if rescore_bytes(index):
+        out["index/rescore_bytes_per_item"] = round(rescore_bytes(index) / max(1, len(ids)), 2)
     out.update({f"index/latency_{key}": round(value, 4) for key, value in latency_ms(index, settings, queries).items()})
     out["index/settings"] = settings.to_meta()
     return out

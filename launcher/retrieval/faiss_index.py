@@ -5,6 +5,8 @@ Layout of an index folder:
     embeddings-00000-of-00002.npy   float32 [rows of rank 0, D], L2-normalised by the tower
     ids-00000-of-00002.json         the item ids of those rows, in order
     index.faiss                     FAISS index over all rows, in rank order (binary for ubinary)
+    index.faiss.rescore-int8.npy    ubinary with ``rescore int8``: the int8 vectors its candidates
+    index.faiss.rescore-ranges.npy  are rescored against (memory-mapped) and their ranges
     items.jsonl                     item_id and item_text per row (search results show text)
     index.json                      model, dimensions, row count, bytes per item and the serving
                                     settings (size, precision, index; ``serving.ServingSettings``)
@@ -21,8 +23,8 @@ import numpy as np
 
 from clicktower.launcher.retrieval.embedding import EMBED_BATCH_SIZE, embed_slice, embed_texts, rank_slice
 from clicktower.launcher.retrieval.readers import load_towers, read_catalog_features, token_limits
-from clicktower.launcher.retrieval.serving import (ServingSettings, build_index, index_bytes, read_index,
-                                                   search_index, write_index)
+from clicktower.launcher.retrieval.serving import (ServingSettings, atomic_save, build_index, index_bytes,
+                                                   read_index, rescore_bytes, search_index, write_index)
 
 
 def build_faiss_index(vectors: np.ndarray, kind: str = "flat") -> Any:
@@ -77,8 +79,8 @@ def embed_catalog(model: str, catalog: str, out: str, settings: ServingSettings 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     tag = f"{state.process_index:05d}-of-{state.num_processes:05d}"
-    _atomic_save(folder / f"embeddings-{tag}.npy", lambda p: np.save(p, vectors))
-    _atomic_save(folder / f"ids-{tag}.json", lambda p: Path(p).write_text(json.dumps(ids[mine])))
+    atomic_save(folder / f"embeddings-{tag}.npy", lambda p: np.save(p, vectors))
+    atomic_save(folder / f"ids-{tag}.json", lambda p: Path(p).write_text(json.dumps(ids[mine])))
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
@@ -88,7 +90,7 @@ def embed_catalog(model: str, catalog: str, out: str, settings: ServingSettings 
     started = time.perf_counter()
     index = build_index(all_vectors, settings)
     build_seconds = time.perf_counter() - started
-    _atomic_save(folder / "index.faiss", lambda p: write_index(index, str(p)))
+    write_index(index, str(folder / "index.faiss"))  # atomic itself, with any rescoring files
     with open(folder / "items.jsonl.tmp", "w", encoding="utf-8") as fh:
         for item_id, text in zip(ids, texts):
             fh.write(json.dumps({"item_id": item_id, "item_text": text}, ensure_ascii=False) + "\n")
@@ -97,11 +99,13 @@ def embed_catalog(model: str, catalog: str, out: str, settings: ServingSettings 
             "embedding_dim": int(all_vectors.shape[1]), "kind": settings.index, "num_items": len(ids),
             "num_shards": state.num_processes, "serving": settings.to_meta(),
             "bytes_per_item": round(index_bytes(index) / max(1, len(ids)), 2),
+            **({"rescore_bytes_per_item": round(rescore_bytes(index) / max(1, len(ids)), 2)}
+               if rescore_bytes(index) else {}),
             "build_seconds": round(build_seconds, 3)}
     if features is not None:
         meta.update(missing_features=features.num_missing, bad_features=features.bad_features)
     # index.json last: its presence means the folder is complete.
-    _atomic_save(folder / "index.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_save(folder / "index.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return meta
 
 
@@ -113,13 +117,6 @@ def load_embedding_shards(folder: Path, num_shards: int) -> tuple[np.ndarray, li
         vectors.append(np.load(folder / f"embeddings-{tag}.npy"))
         ids.extend(json.loads((folder / f"ids-{tag}.json").read_text()))
     return np.concatenate(vectors), ids
-
-
-def _atomic_save(path: Path, write) -> None:
-    # np.save appends ".npy" to names without it, so the temporary name keeps the suffix.
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class SearchIndex:
@@ -142,7 +139,8 @@ class SearchIndex:
         self.meta = json.loads((root / "index.json").read_text())
         stored = ServingSettings.from_meta(self.meta)
         self.settings = settings or stored
-        if all(getattr(self.settings, f) == getattr(stored, f) for f in ("dim", "precision", "index", "train_sample")):
+        built_as = ("dim", "precision", "index", "rescore", "train_sample")  # the rest: search-time options
+        if all(getattr(self.settings, f) == getattr(stored, f) for f in built_as):
             self.index = read_index(str(root / "index.faiss"), stored)  # search-time options may differ
         else:
             self.index = build_index(self.vectors()[0], self.settings)

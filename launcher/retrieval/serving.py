@@ -3,7 +3,9 @@
 ``ServingSettings`` says how: ``dim`` (a leading prefix, re-normalised), ``precision``
 (``float32``, ``float16``, ``int8`` with per-dimension ranges calibrated on a sample, or
 ``ubinary``: one bit per dimension, Hamming search of ``k x rescore_multiplier`` candidates
-rescored with the float query, sentence-transformers' recipe) and ``index`` (``flat`` exact,
+rescored with the float query, sentence-transformers' recipe; ``rescore`` says against what:
+the candidates' bits, or int8 copies of the vectors kept beside the index, memory-mapped from
+disk) and ``index`` (``flat`` exact,
 ``ivf-pq:NLIST,M``, ``hnsw:M``; ``ivf`` and ``hnsw`` as before). ``build_index`` trains on a
 seeded sample and adds every vector; ``search_index`` applies the same settings to queries.
 The settings travel in the index folder's ``index.json`` (``clicktower embed``).
@@ -11,6 +13,7 @@ The settings travel in the index folder's ``index.json`` (``clicktower embed``).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +21,8 @@ from typing import Any
 import numpy as np
 
 PRECISIONS = ("float32", "float16", "int8", "ubinary")
+# What ubinary candidates are rescored against: their own bits, or int8 vectors kept apart.
+RESCORE_SOURCES = ("bits", "int8")
 # Vectors a trained index (IVF cells, PQ codebooks, int8 ranges) learns from, at most.
 TRAIN_SAMPLE = 100_000
 # Candidates of the binary search rescored with the float query, per result (ubinary).
@@ -40,6 +45,10 @@ class ServingSettings:
         index: ``flat``, ``ivf`` / ``ivf:NLIST`` (IVF-flat), ``ivf-pq:NLIST,M`` (M bytes per
             vector, float32 only: PQ is its own quantisation) or ``hnsw`` / ``hnsw:M``.
         rescore_multiplier: ubinary: candidates rescored per result.
+        rescore: ubinary: rescore against the candidates' ``bits`` (the documents stay 1 bit
+            per dimension) or against ``int8`` vectors (calibrated like ``int8``) held apart
+            from the index: in memory only the bits, the int8 rows of the candidates read
+            from a memory-mapped file once saved.
         nprobe: IVF cells visited per query (None: ``DEFAULT_NPROBE``).
         ef_search: HNSW search breadth (None: ``DEFAULT_EF_SEARCH``, at least k).
         train_sample: vectors the index trains (or calibrates int8) on, at most.
@@ -49,6 +58,7 @@ class ServingSettings:
     precision: str = "float32"
     index: str = "flat"
     rescore_multiplier: int = RESCORE_MULTIPLIER
+    rescore: str = "bits"
     nprobe: int | None = None
     ef_search: int | None = None
     train_sample: int = TRAIN_SAMPLE
@@ -63,6 +73,10 @@ class ServingSettings:
             raise ValueError("ivf-pq quantises with PQ itself: use --precision float32 with it")
         if kind == "ivf" and self.precision == "ubinary":
             raise ValueError("ubinary serves from a flat or hnsw binary index")
+        if self.rescore not in RESCORE_SOURCES:
+            raise ValueError(f"rescore must be one of {', '.join(RESCORE_SOURCES)}, got {self.rescore!r}")
+        if self.rescore != "bits" and self.precision != "ubinary":
+            raise ValueError("rescore applies to ubinary candidates: use it with --precision ubinary")
         if self.rescore_multiplier < 1 or self.train_sample < 1:
             raise ValueError("rescore_multiplier and train_sample must be >= 1")
 
@@ -107,6 +121,48 @@ def binarize(vectors: np.ndarray) -> np.ndarray:
     return np.packbits(vectors > 0, axis=1)
 
 
+@dataclass
+class RescoredBinaryIndex:
+    """A binary FAISS index plus int8 copies of its vectors that rescore its candidates
+    (``rescore="int8"``). Only ``binary`` is the index held in memory; ``codes`` is a
+    memory-mapped file once read back (``read_index``), of which a search touches the rows of
+    its candidates: the binary-index-in-memory, int8-on-disk layout of sentence-transformers'
+    quantized retrieval demo.
+
+    Args:
+        binary: the Hamming index (flat or HNSW).
+        codes: uint8 [N, D], row r = item r: ``low + codes * step`` decodes it.
+        low: float32 [D], each dimension's calibrated minimum.
+        step: float32 [D], each dimension's (max - min) / 255.
+    """
+
+    binary: Any
+    codes: np.ndarray
+    low: np.ndarray
+    step: np.ndarray
+
+    @property
+    def ntotal(self) -> int:
+        return self.binary.ntotal
+
+    def decode(self, rows: np.ndarray) -> np.ndarray:
+        """float32 [..., D]: the decoded int8 vectors of ``rows`` (any shape of row numbers)."""
+        return self.low + self.codes[rows].astype(np.float32) * self.step
+
+
+def int8_ranges(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension ``(low, step)`` mapping the sample's [min, max] to 256 levels."""
+    low, high = sample.min(axis=0), sample.max(axis=0)
+    # A constant dimension decodes to its value from any code: a step of 1 avoids 0 / 0.
+    step = np.where(high > low, (high - low) / 255, 1.0).astype(np.float32)
+    return low.astype(np.float32), step
+
+
+def int8_codes(vectors: np.ndarray, low: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """uint8 [N, D] codes of ``vectors`` (values outside the calibrated range: clipped)."""
+    return np.clip(np.rint((vectors - low) / step), 0, 255).astype(np.uint8)
+
+
 def build_index(vectors: np.ndarray, settings: ServingSettings, seed: int = 0) -> Any:
     """A FAISS inner-product index (Hamming for ubinary) over ``vectors`` served as ``settings``.
 
@@ -126,7 +182,10 @@ def build_index(vectors: np.ndarray, settings: ServingSettings, seed: int = 0) -
         index = faiss.index_binary_factory(dim, "BFlat" if kind == "flat" else f"BHNSW{params[0] if params else 32}")
         index.add(binarize(x))
         set_search_params(index, settings)
-        return index
+        if settings.rescore == "bits":
+            return index
+        low, step = int8_ranges(x[_sample_rows(n, settings.train_sample, seed)])
+        return RescoredBinaryIndex(index, int8_codes(x, low, step), low, step)
     sq = _SQ[settings.precision]
     if kind == "flat":
         factory = sq
@@ -140,11 +199,15 @@ def build_index(vectors: np.ndarray, settings: ServingSettings, seed: int = 0) -
         factory = f"IVF{params[0]},PQ{params[1]}np"
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        rows = np.random.default_rng(seed).choice(n, size=min(n, settings.train_sample), replace=False)
-        index.train(x[np.sort(rows)])
+        index.train(x[_sample_rows(n, settings.train_sample, seed)])
     index.add(x)
     set_search_params(index, settings)  # saved with it: a plain index.search uses them too
     return index
+
+
+def _sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """The seeded, sorted sample of rows an index trains (or calibrates) on."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(n, size), replace=False))
 
 
 def _default_nlist(n: int) -> int:
@@ -156,7 +219,7 @@ def search_index(index: Any, settings: ServingSettings, queries: np.ndarray, k: 
 
     ubinary: the Hamming top ``k x rescore_multiplier`` of the binary query, rescored by the
     float query's inner product with each candidate's bits (0/1: for one query the same order
-    as +-1) and cut to k.
+    as +-1) or, with ``rescore="int8"``, with its decoded int8 vector, and cut to k.
 
     Args:
         index: from ``build_index`` or ``read_index``.
@@ -168,17 +231,23 @@ def search_index(index: Any, settings: ServingSettings, queries: np.ndarray, k: 
     if settings.precision != "ubinary":
         set_search_params(index, settings, k)
         return index.search(q, min(k, index.ntotal))
+    rescored = isinstance(index, RescoredBinaryIndex)
+    binary = index.binary if rescored else index
     wide = min(index.ntotal, k * settings.rescore_multiplier)
-    set_search_params(index, settings, wide)
-    _, rows = index.search(binarize(q), wide)
-    codes = _binary_codes(index)
+    set_search_params(binary, settings, wide)
+    _, rows = binary.search(binarize(q), wide)
+    codes = None if rescored else _binary_codes(binary)
     scores = np.empty(rows.shape, dtype=np.float32)
-    # Unpacked candidates are 32x their codes: a few MB of them at a time, not Q x wide x dim.
+    # Decoded candidates are 32x their bits (4x their int8 codes): a few MB of them at a time,
+    # not Q x wide x dim.
     step = max(1, RESCORE_CHUNK // (wide * q.shape[1]))
     for start in range(0, len(q), step):
-        part = rows[start:start + step]
-        bits = np.unpackbits(codes[np.maximum(part, 0)], axis=2)[:, :, :q.shape[1]].astype(np.float32)
-        scores[start:start + step] = np.einsum("qd,qkd->qk", q[start:start + step], bits)
+        part = np.maximum(rows[start:start + step], 0)
+        if rescored:
+            candidates = index.decode(part)
+        else:
+            candidates = np.unpackbits(codes[part], axis=2)[:, :, :q.shape[1]].astype(np.float32)
+        scores[start:start + step] = np.einsum("qd,qkd->qk", q[start:start + step], candidates)
     scores[rows < 0] = -np.inf
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
@@ -204,27 +273,74 @@ def _binary_codes(index: Any) -> np.ndarray:
     return faiss.vector_to_array(flat.xb).reshape(index.ntotal, index.code_size)
 
 
+def rescore_paths(path: str) -> tuple[str, str]:
+    """The files beside index ``path`` holding a ``RescoredBinaryIndex``'s int8 codes and
+    its ranges (low and step, float32 [2, D])."""
+    return f"{path}.rescore-int8.npy", f"{path}.rescore-ranges.npy"
+
+
 def write_index(index: Any, path: str) -> None:
-    """Save a float or binary FAISS index."""
+    """Save a float or binary FAISS index at ``path`` (and the int8 rescoring vectors of a
+    ``RescoredBinaryIndex`` beside it: ``rescore_paths``). Each file is written under a
+    temporary name and renamed, so a crash leaves no half-written index under the real name.
+    """
     import faiss
 
-    (faiss.write_index_binary if isinstance(index, faiss.IndexBinary) else faiss.write_index)(index, path)
+    if isinstance(index, RescoredBinaryIndex):
+        codes_path, ranges_path = rescore_paths(path)
+        atomic_save(codes_path, lambda p: np.save(p, np.ascontiguousarray(index.codes)))
+        atomic_save(ranges_path, lambda p: np.save(p, np.stack([index.low, index.step])))
+        index = index.binary
+    atomic_save(path, lambda p: (faiss.write_index_binary if isinstance(index, faiss.IndexBinary)
+                                 else faiss.write_index)(index, p))
+
+
+def atomic_save(path: str | os.PathLike, write: Any) -> None:
+    """Call ``write(tmp)`` for a temporary name beside ``path``, then rename it to ``path``.
+
+    Args:
+        path: the file's final name.
+        write: writes the file at the name it is given.
+    """
+    path = os.fspath(path)
+    # np.save appends ".npy" to names without it, so the temporary name keeps the suffix.
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def read_index(path: str, settings: ServingSettings) -> Any:
-    """Load what ``write_index`` saved for these settings."""
+    """Load what ``write_index`` saved for these settings (int8 rescoring codes memory-mapped:
+    a search reads its candidates' rows, not the whole file)."""
     import faiss
 
-    return (faiss.read_index_binary if settings.precision == "ubinary" else faiss.read_index)(path)
+    if settings.precision != "ubinary":
+        return faiss.read_index(path)
+    binary = faiss.read_index_binary(path)
+    if settings.rescore == "bits":
+        return binary
+    codes_path, ranges_path = rescore_paths(path)
+    low, step = np.load(ranges_path)
+    return RescoredBinaryIndex(binary, np.load(codes_path, mmap_mode="r"), low, step)
 
 
 def index_bytes(index: Any) -> int:
-    """The serialised size of an index: what holding it costs, overheads included."""
+    """The serialised size of an index: what holding it in memory costs, overheads included
+    (of a ``RescoredBinaryIndex``: the binary index; its int8 file is ``rescore_bytes``)."""
     import faiss
 
+    if isinstance(index, RescoredBinaryIndex):
+        index = index.binary
     if isinstance(index, faiss.IndexBinary):
         return int(faiss.serialize_index_binary(index).size)
     return int(faiss.serialize_index(index).size)
+
+
+def rescore_bytes(index: Any) -> int:
+    """Bytes of the int8 rescoring vectors kept beside the index (on disk once saved; 0: none)."""
+    if not isinstance(index, RescoredBinaryIndex):
+        return 0
+    return int(index.codes.nbytes + index.low.nbytes + index.step.nbytes)
 
 
 def latency_ms(index: Any, settings: ServingSettings, queries: np.ndarray, k: int = 10) -> dict[str, float]:
@@ -274,6 +390,9 @@ def add_serving_arguments(parser: Any, index_flag: str = "--index") -> None:
     parser.add_argument("--ef-search", type=int, default=None, help=f"HNSW breadth (default {DEFAULT_EF_SEARCH})")
     parser.add_argument("--rescore-multiplier", type=int, default=None,
                         help=f"ubinary: candidates rescored per result (default {RESCORE_MULTIPLIER})")
+    parser.add_argument("--rescore", choices=RESCORE_SOURCES, default=None,
+                        help="ubinary: rescore candidates against their bits (default) or int8 vectors "
+                             "kept on disk beside the index")
     parser.add_argument("--train-sample", type=int, default=None,
                         help=f"vectors the index trains / int8 calibrates on (default {TRAIN_SAMPLE})")
 
@@ -282,6 +401,6 @@ def settings_from_args(args: Any) -> ServingSettings | None:
     """The settings parsed by ``add_serving_arguments`` (None: no option given)."""
     given = {"dim": args.dim, "precision": args.precision, "index": args.index_spec, "nprobe": args.nprobe,
              "ef_search": args.ef_search, "rescore_multiplier": args.rescore_multiplier,
-             "train_sample": args.train_sample}
+             "rescore": args.rescore, "train_sample": args.train_sample}
     given = {key: value for key, value in given.items() if value is not None}
     return ServingSettings(**given) if given else None

@@ -1,0 +1,52 @@
+"""Pure logic of ``benchmarks/bench_serving.py``: the Home Depot grid's settings and the targets
+table read off its rows (old rows without ``rescore`` and new int8-rescored rows side by side).
+
+The benchmark itself (real data, tens of minutes) is not part of the tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    # benchmarks/ is a folder of scripts, not a package: load the file itself.
+    spec = importlib.util.spec_from_file_location("bench_serving", REPO / "benchmarks" / "bench_serving.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_measures_both_rescoring_sources_at_every_dim(bench):
+    grid = bench.homedepot_grid()
+    int8 = {(s.dim, s.rescore_multiplier) for s in grid if s.precision == "ubinary" and s.rescore == "int8"}
+    assert int8 == {(d, m) for d in bench.DIMS for m in bench.INT8_RESCORE_SWEEP}
+    bits = {(s.dim, s.rescore_multiplier) for s in grid if s.precision == "ubinary" and s.rescore == "bits"}
+    assert {(d, 4) for d in bench.DIMS} <= bits and len(set(map(repr, grid))) == len(grid)
+
+
+def test_targets_table_keeps_bits_and_int8_rescoring_apart(bench):
+    def row(dim, precision, recall, multiplier=None, rescore=None):
+        out = {"dim": dim, "precision": precision, "index": "flat", "recall@10": recall}
+        if multiplier is not None:
+            out["rescore_multiplier"] = multiplier
+        if rescore is not None:
+            out["rescore"] = rescore
+        return out
+
+    rows = [row(384, "float32", 0.40), row(384, "int8", 0.401), row(128, "float32", 0.35), row(128, "int8", 0.35),
+            row(384, "ubinary", 0.37, 4),  # a row from before --rescore: the bits
+            row(384, "ubinary", 0.395, 4, "int8"), row(384, "ubinary", 0.399, 10, "int8"),
+            row(128, "ubinary", 0.30, 4, "bits")]
+    table = bench._homedepot_targets({"models": ["m"], "grid": {"m": rows}})
+    line384 = next(line for line in table if line.startswith("| m | 384 |"))
+    line128 = next(line for line in table if line.startswith("| m | 128 |"))
+    assert line384.endswith("| +0.0010 | - / -0.0300 / - / - / - | -0.0050 / -0.0010 / - |")
+    assert "| -0.0500 |" in line128 and line128.endswith("| - / -0.0500 / - / - / - | - / - / - |")
