@@ -145,6 +145,24 @@ def homedepot_grid() -> list:
     return grid
 
 
+def trained_summary(model: Path) -> dict:
+    """How a model given by ``--hd-models`` was trained, read from its run folder (the
+    ``config.yaml`` and ``metrics.jsonl`` beside its ``final/``): steps, batch, pairs seen,
+    the Matryoshka prefixes and weights; empty for a folder that is not a clicktower run's."""
+    import yaml
+
+    run = model.parent
+    if not (run / "config.yaml").is_file() or not (run / "metrics.jsonl").is_file():
+        return {}
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    steps = max(json.loads(line).get("step", 0) for line in (run / "metrics.jsonl").read_text().splitlines()
+                if line.strip())
+    batch = cfg["train"]["batch_size"]
+    return {"steps": steps, "batch": batch, "pairs_seen": steps * batch, "lr": cfg["optim"]["lr"],
+            "matryoshka_dims": cfg["loss"].get("matryoshka_dims"),
+            "matryoshka_weights": cfg["loss"].get("matryoshka_weights")}
+
+
 def section_homedepot(args: argparse.Namespace) -> dict:
     """Train plain + Matryoshka models on Home Depot, then the grid for them and zero-shot."""
     from clicktower.launcher.retrieval.embedding import embed_texts
@@ -169,7 +187,7 @@ def section_homedepot(args: argparse.Namespace) -> dict:
                 ("matryoshka", ["eval.every_steps=null", f"loss.matryoshka_dims=[{', '.join(map(str, DIMS))}]"])]
     if args.hd_models:  # models trained before (by a run of this section): the grid alone
         models.update(spec.split("=", 1) for spec in args.hd_models)
-        training = {}
+        training = {name: trained_summary(Path(folder)) for name, folder in models.items()}
     for name, extra in variants if not (args.hd_skip_training or args.hd_models) else []:
         hd_args.set = extra
         log(f"training {name} ({len(d['pairs'])} pairs, {steps} steps)")
@@ -466,13 +484,7 @@ def _render_homedepot(r: dict) -> list[str]:
         "the catalog's first N items with --hd-catalog-limit N > 0)")
     out = [f"## Home Depot: {r['catalog_items']:,} products{sub}, {r['reported_queries']:,} reported queries", "",
            f"Recall@10: judged (relevance >= 2.67), retrieval over these products; in brackets recall@10 against "
-           f"exact float32 search at the same dim. Models: {', '.join(r['models'])}"
-           + (f"; trained ones: {r['pairs']:,} pairs, {r['steps']} steps, batch 64, length 32, the homedepot.py "
-              f"recipe without its tuning evaluations (final/ reported), seed 0 (training seconds: "
-              f"{json.dumps(r['training'])})." if r["training"] else
-              (f"; trained beforehand with this section's recipe ({r['pairs']:,} pairs, {r['steps']} steps, batch 64, "
-               f"length 32, seed 0): {json.dumps(r['model_folders'])}." if r.get("model_folders")
-               else " (no model trained in this run).")), ""]
+           f"exact float32 search at the same dim. Models: {', '.join(r['models'])}{_models_trained(r)}", ""]
     names = r["models"]
     out += ["| dim | precision | index | bytes/item | " + " | ".join(f"{n} R@10 (vs exact)" for n in names) + " |",
             "|---|---|---|---|" + "---|" * len(names)]
@@ -489,6 +501,27 @@ def _render_homedepot(r: dict) -> list[str]:
             "int8: rescored against int8 vectors kept beside the index on disk (their bytes per item: "
             "`rescore_bytes_per_item` in the JSON; the bytes/item column is what the index holds in memory).", ""]
     return out + _homedepot_targets(r) + [""]
+
+
+def _models_trained(r: dict) -> str:
+    """How the section's models were trained, as a clause of the table's caption."""
+    summaries = {name: t for name, t in r["training"].items() if "pairs_seen" in t}
+    if summaries:  # given by --hd-models, read from their run folders (trained_summary)
+        def words(t: dict) -> str:
+            prefixes = "" if not t["matryoshka_dims"] else (
+                f", Matryoshka {t['matryoshka_dims']}" + (f" weights {t['matryoshka_weights']}"
+                                                          if t["matryoshka_weights"] else " (equal weights)"))
+            return f"{t['pairs_seen']:,} pairs ({t['steps']} steps of {t['batch']}, lr {t['lr']}{prefixes})"
+        return ("; trained beforehand with this section's recipe (length 32, seed 0, final/ reported): "
+                + "; ".join(f"{name} {words(t)}" for name, t in summaries.items()) + ".")
+    if r["training"]:
+        return (f"; trained ones: {r['pairs']:,} pairs, {r['steps']} steps, batch 64, length 32, the homedepot.py "
+                f"recipe without its tuning evaluations (final/ reported), seed 0 (training seconds: "
+                f"{json.dumps(r['training'])}).")
+    if r.get("model_folders"):
+        return (f"; trained beforehand with this section's recipe ({r['pairs']:,} pairs, {r['steps']} steps, batch 64, "
+                f"length 32, seed 0): {json.dumps(r['model_folders'])}.")
+    return " (no model trained in this run)."
 
 
 def _homedepot_targets(r: dict) -> list[str]:
