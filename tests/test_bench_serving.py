@@ -50,3 +50,12 @@ def test_targets_table_keeps_bits_and_int8_rescoring_apart(bench):
     line128 = next(line for line in table if line.startswith("| m | 128 |"))
     assert line384.endswith("| +0.0010 | - / -0.0300 / - / - / - | -0.0050 / -0.0010 / - |")
     assert "| -0.0500 |" in line128 and line128.endswith("| - / -0.0500 / - / - / - | - / - / - |")
+
+
+def test_synthetic_rescore_grid_starts_from_exact_search_and_has_both_sources(bench):
+    from clicktower.launcher.retrieval.serving import ServingSettings
+
+    grid = bench.synthetic_grid("rescore")
+    assert grid[0] == (ServingSettings(), [{}])  # flat float32: the exact baseline every row is held against
+    assert {built.rescore for built, _ in grid[1:]} == {"bits", "int8"}
+    assert all(built.precision == "ubinary" for built, _ in grid[1:])
