@@ -287,7 +287,7 @@ def section_synthetic(args: argparse.Namespace) -> dict:
         index = build_index(catalog, built)
         build = time.perf_counter() - started
         scratch = None
-        if rescore_bytes(index):
+        if built.rescore == "int8":
             os.makedirs(args.work, exist_ok=True)  # served as clicktower search serves it: int8 vectors memory-mapped
             scratch = tempfile.mkdtemp(prefix="bench-serving-", dir=args.work)
             write_index(index, os.path.join(scratch, "index.faiss"))

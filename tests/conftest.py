@@ -138,6 +138,21 @@ def run(args: list[str], cwd: Path | None = None, timeout: int = 600,
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` loaded as a module (benchmarks/ is a folder of
+    scripts, not a package), for tests of its pure logic.
+
+    Args:
+        name: the script's file name without ``.py`` (the module is named ``<name>_bench``).
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def clicktower(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return run([str(Path(sys.executable).parent / "clicktower"), *args], **kwargs)
 

@@ -5,23 +5,16 @@ The benchmark itself (real data, tens of minutes) is not part of the tests.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-pytestmark = pytest.mark.unit
+from conftest import load_benchmark
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
 def bench():
-    # benchmarks/ is a folder of scripts, not a package: load the file itself.
-    spec = importlib.util.spec_from_file_location("bench_serving", REPO / "benchmarks" / "bench_serving.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_serving")
 
 
 def test_grid_measures_both_rescoring_sources_at_every_dim(bench):

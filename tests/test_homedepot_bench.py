@@ -7,24 +7,19 @@ its claims rest on, on small hand-made inputs, without training any model.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
+from conftest import load_benchmark
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
 def hd():
-    # benchmarks/ is a folder of scripts, not a package: load the file itself.
-    spec = importlib.util.spec_from_file_location("homedepot_bench", REPO / "benchmarks" / "homedepot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("homedepot")
 
 
 def metrics(value: float) -> dict[str, float]:
@@ -305,11 +300,7 @@ def levers(hd):
 
     # homedepot_levers imports homedepot by name, as it does when run from benchmarks/.
     sys.modules.setdefault("homedepot", hd)
-    spec = importlib.util.spec_from_file_location("homedepot_levers_bench",
-                                                  REPO / "benchmarks" / "homedepot_levers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("homedepot_levers")
 
 
 def test_each_arm_adds_only_its_lever_and_the_teacher_arms_read_one_negative(levers, hd, tmp_path):
