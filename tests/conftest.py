@@ -147,6 +147,9 @@ def load_benchmark(name: str):
     """
     import importlib.util
 
+    folder = str(REPO / "benchmarks")
+    if folder not in sys.path:  # as when run as a script: its folder first (benchmarks/common.py)
+        sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
