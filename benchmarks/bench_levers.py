@@ -39,6 +39,7 @@ from pathlib import Path
 from common import run_logged  # benchmarks/common.py (run as a script: its folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 CLI = [sys.executable, "-m", "clicktower.launcher.cli"]
 BATCH = 32
 ARMS = {
@@ -193,8 +194,8 @@ def write_results(report: dict, name: str, dry: bool) -> None:
     page = markdown(report)
     print(page)
     if not dry:
-        (ROOT / f"benchmarks/results/{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (ROOT / f"benchmarks/results/{name}.md").write_text(page)
+        (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (RESULTS / f"{name}.md").write_text(page)
 
 
 def _mean(per_seed: dict[int, dict]) -> dict:
@@ -268,15 +269,27 @@ def verdicts(mean: dict, settings: dict, load: tuple) -> list[str]:
                f"{load[1]} after): on 2 shared cores it moves with the load as much as with the lever. The "
                "loss-only timing above (interleaved repeats) is the lever's own cost; with a tiny encoder the "
                "loss is a large share of the step, with MiniLM or BERT-base a much smaller one.")
-    if "tiny" in settings["config"]:
-        out.append("- A tiny randomly initialised BERT drifts fast: memory entries a few steps old are stale, "
+    if randomly_initialised(settings["config"]):
+        out.append("- A randomly initialised encoder drifts fast: memory entries a few steps old are stale, "
                    "the regime where XBM's own paper waits for the features to settle "
                    "(`loss.memory_warmup_steps`, 0 here). `--config configs/demo.yaml` runs pretrained MiniLM.")
     else:
-        out.append(f"- `{settings['config']}` starts from a pretrained encoder (MiniLM in configs/demo.yaml), whose "
-                   "features move little per step: the memory's entries are at most 4 steps old "
-                   "(`loss.memory_warmup_steps` 0).")
+        out.append(f"- `{settings['config']}` starts from a pretrained encoder, whose features move little per "
+                   "step: the memory's entries are at most 4 steps old (`loss.memory_warmup_steps` 0).")
     return out
+
+
+def randomly_initialised(config: str) -> bool:
+    """Whether the training config builds its encoder from ``model.bert_config`` (random weights,
+    as configs/tiny.yaml) rather than loading a pretrained model.
+
+    Args:
+        config: the config's path (relative to the repository root or absolute).
+    """
+    import yaml
+
+    path = Path(config) if Path(config).is_absolute() else ROOT / config
+    return bool((yaml.safe_load(path.read_text()).get("model") or {}).get("bert_config"))
 
 
 if __name__ == "__main__":

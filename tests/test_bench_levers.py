@@ -54,19 +54,20 @@ def test_the_notes_describe_the_encoder_and_load_of_the_run(bench):
     pretrained = _report("configs/demo.yaml", 0.79, 20.0)
     tiny_page, pretrained_page = bench.markdown(tiny), bench.markdown(pretrained)
     assert "randomly initialised" in tiny_page and "randomly initialised" not in pretrained_page
-    assert "pretrained encoder" in pretrained_page
+    assert "pretrained encoder" in pretrained_page and "pretrained encoder" not in tiny_page
+    assert bench.randomly_initialised("configs/tiny.yaml") and not bench.randomly_initialised("configs/demo.yaml")
     assert "1-min load 0.5 before the runs, 1.5 after" in pretrained_page
 
 
 def test_render_writes_the_page_of_a_finished_run(bench, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "ROOT", tmp_path)
-    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
     saved = tmp_path / "results.json"
     saved.write_text(json.dumps(_report("configs/demo.yaml", 0.79, 21.0)))
     monkeypatch.setattr("sys.argv", ["bench_levers.py", "--out", str(tmp_path / "unused"), "--render", str(saved),
                                      "--results-name", "levers_x"])
     bench.main()
-    page = (tmp_path / "benchmarks/results/levers_x.md").read_text()
+    page = (tmp_path / "results/levers_x.md").read_text()
     assert page == bench.markdown(json.loads(saved.read_text())) and page in capsys.readouterr().out
-    assert json.loads((tmp_path / "benchmarks/results/levers_x.json").read_text()) == json.loads(saved.read_text())
+    assert json.loads((tmp_path / "results/levers_x.json").read_text()) == json.loads(saved.read_text())
     assert not (tmp_path / "unused").exists()  # rendering runs nothing
