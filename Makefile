@@ -27,8 +27,15 @@ $(STAMP): setup.py launcher/_rootguard.py $(LOCK)
 demo: install
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/clicktower demo --out demo_out
 
+# Two pytest-xdist workers, one test file each at a time (--dist loadfile: a file's module
+# fixtures, such as the README walkthrough's copy that its docs test continues, stay in one
+# process). Most tests wait on subprocesses that each use one core (imports, launches, servers),
+# so two at a time keep both cores busy: docs/testing.md, "How long it takes". TEST_WORKERS=0 runs
+# them one after the other in this process.
+TEST_WORKERS ?= 2
+
 test: install
-	$(call PYTEST,$(VENV)) --durations=15 tests
+	$(call PYTEST,$(VENV)) -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 test-fast: install
 	$(call PYTEST,$(VENV)) -m "unit and not slow" tests

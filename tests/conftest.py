@@ -85,10 +85,14 @@ def pytest_make_collect_report(collector: pytest.Collector):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
-    report = outcome.get_result()
-    _refuse_skip_in_ci(report, item.path)
-    tier = next((m.name for m in item.iter_markers() if m.name in TIERS), "no tier")
-    _TIER_SECONDS[f"{tier}, slow" if item.get_closest_marker("slow") else tier] += report.duration
+    _refuse_skip_in_ci(outcome.get_result(), item.path)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Counted where reports are logged, not where tests run: under pytest-xdist (make test)
+    # that is the controller, which prints the summary; its reports carry the markers' names.
+    tier = next((name for name in TIERS if name in report.keywords), "no tier")
+    _TIER_SECONDS[f"{tier}, slow" if "slow" in report.keywords else tier] += report.duration
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
