@@ -120,17 +120,22 @@ def _find(root: Path, setting: str, verify_checksums: bool, remote: RemoteCheckp
     if setting != "auto" or remote is None:
         return local
     entries = remote.lineages()
+    # Remotely, a lineage's newest commit is its head, whatever ``latest`` says: the uploader
+    # writes the pointer after each upload's marker and nothing moves it back (a resume that
+    # goes back re-points only the local folder; commits are numbered past every earlier one),
+    # so a newer complete commit than the pointer's is an upload whose pointer write was cut
+    # off (a node killed between the two). The pointer still picks the lineage.
     if local is not None:
         mine = read_lineage(local)
         newer = [n for n, lin in entries.items() if lin.id == mine.id and lin.commit > mine.commit]
         if not newer:
             return local
-        latest = remote.latest()
-        head = latest if latest in newer else max(newer, key=lambda n: entries[n].commit)
+        head = max(newer, key=lambda n: entries[n].commit)
     else:
-        head = lineage_head(entries, remote.latest(), remote.path(CHECKPOINT_DIR))
-        if head is None:
+        named = lineage_head(entries, remote.latest(), remote.path(CHECKPOINT_DIR))
+        if named is None:
             return None
+        head = max((n for n, lin in entries.items() if lin.id == entries[named].id), key=lambda n: entries[n].commit)
     for name in lineage_chain(entries, head):
         if local is not None and entries[name].commit <= mine.commit:
             break  # the local one is as new
