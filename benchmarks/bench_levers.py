@@ -286,10 +286,10 @@ def randomly_initialised(config: str) -> bool:
     Args:
         config: the config's path (relative to the repository root or absolute).
     """
-    import yaml
+    from clicktower.launcher.engine.config import load_config  # what `clicktower train` reads
 
     path = Path(config) if Path(config).is_absolute() else ROOT / config
-    return bool((yaml.safe_load(path.read_text()).get("model") or {}).get("bert_config"))
+    return bool(load_config(path).model.bert_config)
 
 
 if __name__ == "__main__":

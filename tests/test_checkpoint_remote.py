@@ -62,6 +62,19 @@ def _fake_checkpoint(root: Path, step: int) -> Path:
     return folder
 
 
+def _upload_commits(remote: RemoteCheckpoints, root: Path, commits: list[tuple[str, int, int]]) -> None:
+    """Upload a fake checkpoint for each ``(lineage id, commit, step)``, in order (each commit's
+    parent the one before it), pruning after each as the uploader does."""
+    for run, commit, step in commits:
+        folder = _fake_checkpoint(root / run, step)
+        lineage = {"id": run, "commit": commit, "parent": commit - 1 or None}
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "lineage": lineage}))
+        write_complete_marker(folder, step)
+        remote.upload_checkpoint(folder)
+        remote.prune(folder.name)
+        assert remote.latest() in remote.complete_steps()
+
+
 @pytest.mark.unit
 def test_upload_prune_and_verified_download(s3, tmp_path):
     remote = RemoteCheckpoints(f"s3://{BUCKET}/unit", keep_last=2, backoff_s=0.01)
@@ -113,14 +126,7 @@ def test_remote_pruning_keeps_each_runs_commits(s3, tmp_path):
     from clicktower.launcher.engine.checkpoint.restore import resolve_resume
 
     remote = RemoteCheckpoints(f"s3://{BUCKET}/lineage", keep_last=2, backoff_s=0.01)
-    for run, commit, step in [("a", 1, 16), ("a", 2, 24), ("b", 1, 4), ("b", 2, 8), ("b", 3, 12)]:
-        folder = _fake_checkpoint(tmp_path / run, step)
-        lineage = {"id": run, "commit": commit, "parent": commit - 1 or None}
-        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "lineage": lineage}))
-        write_complete_marker(folder, step)
-        remote.upload_checkpoint(folder)
-        remote.prune(folder.name)
-        assert remote.latest() in remote.complete_steps()
+    _upload_commits(remote, tmp_path, [("a", 1, 16), ("a", 2, 24), ("b", 1, 4), ("b", 2, 8), ("b", 3, 12)])
     assert remote.complete_steps() == ["step_00000008", "step_00000012", "step_00000016", "step_00000024"]
     found = resolve_resume(Accelerator(cpu=True), tmp_path / "fresh" / "checkpoints", "auto", True, remote)
     assert found.name == "step_00000012" and check_checkpoint(found) is None
@@ -137,12 +143,7 @@ def test_a_node_killed_between_marker_and_pointer_loses_no_upload(s3, tmp_path, 
     from clicktower.launcher.engine.checkpoint.restore import resolve_resume
 
     remote = RemoteCheckpoints(f"s3://{BUCKET}/cutoff", keep_last=3, backoff_s=0.01)
-    for run, commit, step in [("other", 7, 24), ("a", 1, 4), ("a", 2, 8)]:
-        folder = _fake_checkpoint(tmp_path / run, step)
-        lineage = {"id": run, "commit": commit, "parent": commit - 1 or None}
-        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "lineage": lineage}))
-        write_complete_marker(folder, step)
-        remote.upload_checkpoint(folder)
+    _upload_commits(remote, tmp_path, [("other", 7, 24), ("a", 1, 4), ("a", 2, 8)])
     # The kill: step 8's files and marker went up, the pointer still names step 4.
     remote._fs().pipe_file(remote.path("checkpoints", "latest"), b"step_00000004\n")
     assert remote.complete_steps() == ["step_00000004", "step_00000008", "step_00000024"]
