@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .pair_masks import PairMask, fill_
+from .pair_masks import PairMask, ScoreCeiling, fill_, merge
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -344,14 +344,15 @@ class _Plan:
             directions); else its own kinds (the per-direction masks of
             :func:`symmetric_logsumexp`).
         bias: the call's logit biases (:class:`_Bias`), or None.
+        ceiling: a :class:`ScoreCeiling` for row-only keys (beyond ``columns``), or None.
     """
 
     def __init__(self, batch: int, n_keys: int, columns: int, block: int, device: torch.device,
                  targets: torch.Tensor, row_kinds: List, col_kinds: Optional[List] = None,
-                 bias: Optional["_Bias"] = None) -> None:
+                 bias: Optional["_Bias"] = None, ceiling: Optional[ScoreCeiling] = None) -> None:
         bq, bk = max(1, min(block, batch)), max(1, min(block, n_keys))
         self.batch, self.columns, self.tile_elems = batch, columns, bq * bk
-        self.bias = bias
+        self.bias, self.ceiling = bias, ceiling
         self.rows = _blocks(batch, bq)
         self.cols = _blocks(columns, bk) + [(a + columns, b + columns) for a, b in _blocks(n_keys - columns, bk)]
         host = _on_host(device)
@@ -365,6 +366,9 @@ class _Plan:
     def masks(self, ri: int, ci: int):
         """(row mask, column mask) of a tile for :func:`fill_`."""
         rm = self.row_mask.tile(ri, ci) if self.row_mask is not None else None
+        if self.ceiling is not None:
+            # Row-only keys (the caller checks first >= columns): the column mask never needs it.
+            rm = merge(self.ceiling.tile(*self.rows[ri], *self.cols[ci]), rm)
         if self.shared:
             return rm, rm
         return rm, (self.col_mask.tile(ri, ci) if self.col_mask is not None else None)
@@ -593,7 +597,7 @@ def positive_logits(query, keys, logit_scale, targets=None) -> torch.Tensor:
 
 def paired_logsumexp(query, keys, logit_scale, *, targets=None, key_ids=None, query_ids=None, key_query_ids=None,
                      num_columns: int = 0, block_size=None, exclusions=None, key_bias=None,
-                     query_bias=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     query_bias=None, score_ceiling=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row log-sum-exps of ``logit_scale * query @ keys.T`` over all keys and column
     log-sum-exps over these queries for ``keys[:num_columns]``, from ONE tiled pass, with one
     mask rule for both directions.
@@ -627,6 +631,10 @@ def paired_logsumexp(query, keys, logit_scale, *, targets=None, key_ids=None, qu
             correction. No gradient; finite.
         query_bias: [B] float, optional: added to every column's logit of query i except at
             the positive entry (i, ``targets[i]``): the item->query direction's correction.
+        score_ceiling: optional ``(ceiling [B] float, first)``: key j >= ``first`` (a
+            row-only key: ``first >= num_columns``) is also left out of row i's sum when the
+            raw dot product ``query[i] . keys[j]`` exceeds ``ceiling[i]`` (never the
+            positive): the cross-batch memory's false-negative filter. ``inf`` keeps all.
 
     Returns:
         (row_lse [B], col_lse [C]) in fp32 (fp64 for fp64 inputs); a column whose every
@@ -653,8 +661,28 @@ def paired_logsumexp(query, keys, logit_scale, *, targets=None, key_ids=None, qu
         kinds.append(_check_exclusions(exclusions, B, N))
     key_bias, query_bias = _check_bias(key_bias, N, "key_bias"), _check_bias(query_bias, B, "query_bias")
     bias = None if key_bias is None and query_bias is None else _Bias(key_bias, query_bias, targets)
-    plan = _Plan(B, N, num_columns, _check_block(block_size), query.device, targets, kinds, bias=bias)
+    ceiling = _check_ceiling(score_ceiling, query, keys, num_columns, targets)
+    plan = _Plan(B, N, num_columns, _check_block(block_size), query.device, targets, kinds, bias=bias,
+                 ceiling=ceiling)
     return _PairLSE.apply(query, keys, s, plan)
+
+
+def _check_ceiling(score_ceiling, query, keys, num_columns: int, targets) -> Optional[ScoreCeiling]:
+    """The :class:`ScoreCeiling` of ``score_ceiling`` (see :func:`paired_logsumexp`), or None."""
+    if score_ceiling is None:
+        return None
+    if not (isinstance(score_ceiling, (tuple, list)) and len(score_ceiling) == 2):
+        raise ValueError("score_ceiling must be a pair (ceiling [B], first key)")
+    ceiling, first = score_ceiling
+    B, N = query.shape[0], keys.shape[0]
+    if not torch.is_tensor(ceiling) or ceiling.shape != (B,) or not ceiling.is_floating_point():
+        raise ValueError(f"score_ceiling: the ceiling must be a float tensor of shape [{B}], got "
+                         f"{getattr(ceiling, 'dtype', type(ceiling))} {tuple(getattr(ceiling, 'shape', ()))}")
+    first = int(first)
+    if not num_columns <= first <= N:
+        raise ValueError(f"score_ceiling: the first key must lie in [num_columns={num_columns}, {N}], got {first}")
+    return ScoreCeiling(query, keys, ceiling.to(query.device), first, targets, _compute_dtype(query, keys),
+                        _on_host(query.device))
 
 
 def _check_bias(bias, n: int, name: str):

@@ -5,6 +5,11 @@ one id kind, row i's id equals key j's id (id -1 never matches). A kind is a pai
 ``(row_ids, col_ids)``, each side one id per row/column or a padded LIST of ids (per-sample
 exclusions). The rule is symmetric between pairs, so one mask serves both directions.
 
+A second, score-based rule (:class:`ScoreCeiling`) leaves out key j >= ``first`` of row i
+when the dot product ``q_i . k_j`` exceeds a per-row ceiling (the cross-batch memory's
+false-negative filter); its tiles are recomputed from the raw operands, so the forward and the
+backward leave out exactly the same entries.
+
 Two representations, chosen once per call: sparse (the CPU's usual case: masked pairs found
 up front by sorting ids, applied per tile with one ``index_fill_``) and dense (GPUs, or ids
 that collide too often: each tile's mask recomputed from the ids, no host synchronisation).
@@ -118,6 +123,70 @@ class PairMask:
         if self.host and not bool(eq.any()):  # a CPU read: free
             return None
         return eq
+
+
+class ScoreCeiling:
+    """Entries (i, j), j >= ``first`` and j not row i's positive, whose dot product
+    ``query[i] . keys[j]`` is above ``ceiling[i]``, tile by tile (bool tiles, or None where
+    nothing is left out).
+
+    The products are recomputed per tile from the raw (unscaled) operands in ``dtype``: the
+    same inputs and operations in the forward and the backward pass, so both passes see the
+    same mask bit for bit (a comparison against the shifted logits the passes compute would
+    round differently near the ceiling).
+
+    Args:
+        query: [B, D] queries (detached).
+        keys: [N, D] keys (detached).
+        ceiling: [B] float ceilings (``inf``: row i keeps every key).
+        first: the first key the rule applies to (keys before it are never left out).
+        targets: [B] int64 column of each row's positive (never left out).
+        dtype: the dtype the products are computed in (the kernel's compute dtype).
+        host: the tiles live on the CPU (reading whether a tile is empty is free).
+    """
+
+    def __init__(self, query: torch.Tensor, keys: torch.Tensor, ceiling: torch.Tensor, first: int,
+                 targets: torch.Tensor, dtype: torch.dtype, host: bool) -> None:
+        self.query, self.keys, self.first = query.detach(), keys.detach(), int(first)
+        self.ceiling, self.targets = ceiling.detach().to(dtype), targets
+        self.dtype, self.host = dtype, host
+
+    def tile(self, r0: int, r1: int, c0: int, c1: int) -> Optional[torch.Tensor]:
+        """The bool mask of rows ``r0:r1`` x keys ``c0:c1``, or None (nothing left out).
+
+        Args:
+            r0, r1: the tile's rows.
+            c0, c1: the tile's keys.
+        """
+        lo = max(c0, self.first)
+        if lo >= c1:
+            return None
+        dots = torch.mm(self.query[r0:r1].to(self.dtype), self.keys[lo:c1].to(self.dtype).t())
+        out = torch.zeros(r1 - r0, c1 - c0, dtype=torch.bool, device=dots.device)
+        torch.gt(dots, self.ceiling[r0:r1, None], out=out[:, lo - c0:])
+        _clear_positives(out, self.targets[r0:r1], c0)
+        if self.host and not bool(out.any()):
+            return None
+        return out
+
+
+def merge(score: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """One :func:`fill_` mask from a :class:`ScoreCeiling` tile and a :class:`PairMask` tile
+    (either None).
+
+    Args:
+        score: a bool tile or None.
+        mask: a bool tile, flat indices into the tile, or None.
+    """
+    if score is None:
+        return mask
+    if mask is None:
+        return score
+    if mask.dtype == torch.bool:
+        return score | mask
+    out = score.clone()
+    out.view(-1).index_fill_(0, mask, True)
+    return out
 
 
 def _never_matching(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:

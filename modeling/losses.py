@@ -71,6 +71,12 @@ class LossConfig:
         memory_size: item embeddings of past batches kept (detached) as extra negatives,
             global across ranks, newest first (0: off; XBM).
         memory_warmup_steps: loss calls before the memory's entries are used.
+        memory_filter_margin: None (off) or m in [0, 1]: a memory entry whose dot product
+            with a query (cosine for the towers' normalised embeddings) exceeds ``(1 - m)``
+            times that query's positive is not a negative for it (sentence-transformers'
+            GISTEmbed "relative" margin, with the model as its own guide). Stale memory copies
+            of products that match the query as well as its click are false negatives the id
+            rules cannot see (docs/training.md, "Cross-batch memory").
         matryoshka_dims: train these leading prefixes of the embedding, each as its own
             contrastive problem (``[384, 256, 128, 64]``; None: the full embedding only). A
             prefix shorter than the embedding is re-normalised (served as cosine at that
@@ -93,6 +99,7 @@ class LossConfig:
     popularity_alpha: float = 0.01
     memory_size: int = 0
     memory_warmup_steps: int = 0
+    memory_filter_margin: float | None = None
     matryoshka_dims: list[int] | None = None
     matryoshka_weights: list[float] | None = None
 
@@ -108,6 +115,11 @@ class LossConfig:
             raise ValueError("loss.popularity_buckets must be >= 1 and 0 < loss.popularity_alpha <= 1")
         if self.memory_size < 0 or self.memory_warmup_steps < 0:
             raise ValueError("loss.memory_size and loss.memory_warmup_steps must be >= 0")
+        if self.memory_filter_margin is not None:
+            if not self.memory_size:
+                raise ValueError("loss.memory_filter_margin filters the cross-batch memory: set loss.memory_size too")
+            if not 0 <= self.memory_filter_margin <= 1:
+                raise ValueError(f"loss.memory_filter_margin must lie in [0, 1], got {self.memory_filter_margin}")
         if not 0 <= self.distill_weight < math.inf:
             raise ValueError(f"loss.distill_weight must be a finite number >= 0, got {self.distill_weight}")
         if not 0 < self.distill_temperature < math.inf:
@@ -196,6 +208,8 @@ class ContrastiveLoss(nn.Module):
         popularity: ``(items, queries)`` popularity sources (``CountTable`` or
             ``StreamingFrequency``) for the logQ correction, or None (off).
         memory: a ``CrossBatchMemory`` of past items as extra negatives, or None (off).
+        memory_filter_margin: None, or m: memory entries scoring above ``(1 - m)`` x the
+            query's positive are not its negatives (see :class:`LossConfig`).
         matryoshka_dims: prefixes trained as their own problems (see :class:`LossConfig`);
             the keys (and queries) are gathered once and sliced per prefix.
         matryoshka_weights: each prefix's weight (default 1).
@@ -206,9 +220,13 @@ class ContrastiveLoss(nn.Module):
                  block_size: int | None = None, distill_weight: float = 0.0,
                  distill_temperature: float = 1.0, *, rank: int = 0, world_size: int = 1,
                  popularity: tuple | None = None, memory: CrossBatchMemory | None = None,
+                 memory_filter_margin: float | None = None,
                  matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None) -> None:
         super().__init__()
         self.popularity, self.memory = popularity, memory
+        if memory_filter_margin is not None and memory is None:
+            raise ValueError("memory_filter_margin needs a memory")
+        self.memory_filter_margin = memory_filter_margin
         parts = {} if popularity is None else {"popularity_items": popularity[0], "popularity_queries": popularity[1]}
         if memory is not None:
             parts["memory"] = memory
@@ -252,6 +270,7 @@ class ContrastiveLoss(nn.Module):
                    distill_temperature=cfg.distill_temperature, rank=rank, world_size=world_size,
                    popularity=_popularity(cfg, popularity_counts),
                    memory=CrossBatchMemory(cfg.memory_size, cfg.memory_warmup_steps) if cfg.memory_size else None,
+                   memory_filter_margin=cfg.memory_filter_margin,
                    matryoshka_dims=cfg.matryoshka_dims, matryoshka_weights=cfg.matryoshka_weights)
 
     def forward(self, query_emb: torch.Tensor, item_emb: torch.Tensor, logit_scale: torch.Tensor,
@@ -313,7 +332,8 @@ class ContrastiveLoss(nn.Module):
                                         num_columns=shared.columns, block_size=self.block_size,
                                         exclusions=None if exclude is None else (exclude, key_ids),
                                         key_bias=None if levers is None else levers.key_bias,
-                                        query_bias=None if levers is None or not shared.columns else levers.query_bias)
+                                        query_bias=None if levers is None or not shared.columns else levers.query_bias,
+                                        score_ceiling=self._memory_ceiling(query_emb, item_emb, levers))
         positive = positive_logits(query_emb, item_emb, logit_scale)
         if weights is not None:
             weights = weights.to(lse.dtype)
@@ -343,6 +363,16 @@ class ContrastiveLoss(nn.Module):
                 block_size=self.block_size, exclusions=exclusions,
                 key_bias=None if levers is None else levers.gathered_query_bias)
         return 0.5 * (loss + _weighted_sum(item_lse - positive, weights)) / shared.norm
+
+
+    def _memory_ceiling(self, query_emb, item_emb, levers: "_Levers | None"):
+        """``(ceiling [B], first memory key)`` of the memory filter for this embedding size, or
+        None (off, or no entries in use this step)."""
+        if self.memory_filter_margin is None or levers is None or levers.memory_start is None:
+            return None
+        # Each prefix its own ceiling: its positive's dot product, on the prefix's embeddings.
+        positive = (query_emb.detach().double() * item_emb.detach().double()).sum(-1)
+        return (1.0 - self.memory_filter_margin) * positive, levers.memory_start
 
 
 @dataclass
@@ -583,6 +613,8 @@ class _Levers:
         self.memory, self.new_items = loss.memory, keys[:total]
         entries = None if loss.memory is None else loss.memory.entries(keys)
         extra = 0 if entries is None else entries[0].shape[0]
+        # Where the memory's rows start among the keys (None: no entries this step).
+        self.memory_start = None if entries is None else keys.shape[0]
         if entries is not None:
             keys = torch.cat([keys, entries[0]])
             key_ids = None if key_ids is None else torch.cat([key_ids, entries[1]])

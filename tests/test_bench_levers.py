@@ -25,9 +25,11 @@ def _arm(recall, head, tail, pairs_per_sec):
             "all/num_queries": 4.0, "head/num_queries": 2.0, "tail/num_queries": 2.0}
 
 
-def _report(config, memory_recall, memory_pps):
+def _report(config, memory_recall, memory_pps, filtered=None):
     arms = {"baseline": _arm(0.80, 0.90, 0.70, 20.0), "logq": _arm(0.81, 0.895, 0.725, 20.0),
             "memory 4xB": _arm(memory_recall, 0.90, 0.70, memory_pps)}
+    if filtered is not None:
+        arms["memory 4xB filtered"] = _arm(filtered, 0.90, 0.70, 19.0)
     return {"machine": "test", "load_1min_before": 0.5, "load_1min_after": 1.5, "wall_s": 10.0,
             "settings": {"pairs": 100, "items": 10, "zipf": 1.2, "eval_queries": 4, "head_items": 2,
                          "config": config, "batch_size": 32, "steps": 5, "seeds": "0"},
@@ -47,6 +49,18 @@ def test_memory_verdict_states_quality_and_step_time_apart(bench):
     memory = next(line for line in bench.verdicts(slow["mean"], slow["settings"], (0.5, 1.5))
                   if line.startswith("- Memory 4xB"))
     assert "(target >= +0.005): met;" in memory and "2.00x the baseline's (target <= 1.15x): **not met**." in memory
+
+
+def test_the_filtered_memory_gets_its_own_verdict_and_timing(bench):
+    report = _report("configs/demo.yaml", memory_recall=0.70, memory_pps=21.0, filtered=0.806)
+    report["loss_only_s"]["memory 4xB filtered"] = 0.0014
+    lines = bench.verdicts(report["mean"], report["settings"], (0.5, 1.5))
+    filtered = next(line for line in lines if line.startswith("- Memory 4xB filtered"))
+    assert "Recall@10 +0.0060 (target >= +0.005): met; step time 1.05x" in filtered
+    assert any("changes the memory's Recall@10 by +0.1060" in line for line in lines)
+    page = bench.markdown(report)
+    assert "1.40 ms with them filtered (1.40x)" in page
+    assert "with them filtered" not in bench.markdown(_report("configs/demo.yaml", 0.79, 21.0))  # older runs
 
 
 def test_the_notes_describe_the_encoder_and_load_of_the_run(bench):

@@ -1,5 +1,6 @@
-"""The fused kernel's per-column logit bias (logQ popularity correction) against a dense
-reference: the corrected InfoNCE written out in plain torch, values and gradients."""
+"""The fused kernel's per-column logit bias (logQ popularity correction) and its score ceiling
+(the cross-batch memory's false-negative filter) against a dense reference: the corrected,
+filtered InfoNCE written out in plain torch, values and gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,13 +12,18 @@ pytestmark = pytest.mark.unit
 
 
 def ref_biased(q, k, s, targets, key_ids=None, query_ids=None, key_query_ids=None, columns=0,
-               key_bias=None, query_bias=None):
+               key_bias=None, query_bias=None, ceiling=None):
     """Definition: masked entries leave both sums; row i sees x_ij + key_bias_j, column j sees
-    x_ij + query_bias_i, except at (i, targets[i]) which keeps x_it in both directions."""
+    x_ij + query_bias_i, except at (i, targets[i]) which keeps x_it in both directions; with
+    ``ceiling=(c, first)`` keys j >= first with q_i . k_j > c_i also leave row i's sum."""
     B, N = q.shape[0], k.shape[0]
     masked = ref_mask(B, N, targets, key_ids, query_ids, key_query_ids)
     positive = torch.zeros(B, N, dtype=torch.bool)
     positive[torch.arange(B), targets] = True
+    if ceiling is not None:
+        over = (q @ k.T).detach() > ceiling[0][:, None].to(q.dtype)
+        over[:, :ceiling[1]] = False
+        masked = masked | (over & ~positive)
     x = s * q @ k.T
     xr = x if key_bias is None else torch.where(positive, x, x + key_bias[None, :].to(x.dtype))
     xc = x if query_bias is None else torch.where(positive, x, x + query_bias[:, None].to(x.dtype))
@@ -67,6 +73,57 @@ def test_biased_lse_matches_dense_reference_and_gradcheck(monkeypatch, mode, blo
     assert (got[0] - unbiased[0]).abs().max() > 0.1  # the bias does act
     finite = torch.isfinite(want[1])
     assert torch.autograd.gradcheck(lambda q, k, s: (lambda r, c: (r, c[finite]))(*fn(q, k, s)), (q, k, s))
+
+
+def _ceiling(q, k, targets, first):
+    """Ceilings halfway between each row's positive and its best key from ``first`` on: some
+    keys of every row are over, some under."""
+    dots = (q @ k.T).detach().double()
+    return 0.5 * (dots[torch.arange(q.shape[0]), targets] + dots[:, first:].max(1).values)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense", "device"])
+@pytest.mark.parametrize("block", [3, 64])
+def test_score_ceiling_matches_dense_reference_and_gradcheck(monkeypatch, mode, block):
+    """Ceiling on the row-only keys from 9 on, with the id masks and both biases: the
+    definition, fp64 gradcheck (the mask is the same in both passes), keys before ``first``
+    never left out; CPU sparse and dense masks and the GPU path."""
+    import clicktower.kernels.pair_masks as PM
+
+    if mode == "dense":
+        monkeypatch.setattr(PM, "_SPARSE_PAIRS_PER_ROW", 0)
+    if mode == "device":
+        _device(monkeypatch)
+    q, k, s, targets, key_ids, qids, kqids, kb, qb = _case()
+    ceiling = _ceiling(q, k, targets, 9)
+    over = ((q @ k.T).detach() > ceiling[:, None])[:, 9:]
+    assert over.any() and not over.all()
+    fn = lambda q, k, s: paired_logsumexp(q, k, s, targets=targets, key_ids=key_ids, query_ids=qids,
+                                          key_query_ids=kqids, num_columns=8, block_size=block,
+                                          key_bias=kb, query_bias=qb, score_ceiling=(ceiling, 9))
+    got = fn(q, k, s)
+    want = ref_biased(q, k, s, targets, key_ids, qids, kqids, 8, kb, qb, ceiling=(ceiling, 9))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    # A ceiling below every key from 8 on leaves them out of the rows; keys 0-7 (and key 8,
+    # before first) stay: the same as the call on the first 9 keys.
+    low = paired_logsumexp(q, k, s, targets=targets, num_columns=8, block_size=block,
+                           score_ceiling=(torch.full((6,), -1e9, dtype=torch.float64), 9))
+    short = paired_logsumexp(q, k[:9], s, targets=targets, num_columns=8, block_size=block)
+    torch.testing.assert_close(low[0], short[0])
+    torch.testing.assert_close(low[1], short[1])
+    finite = torch.isfinite(want[1])
+    assert torch.autograd.gradcheck(lambda q, k, s: (lambda r, c: (r, c[finite]))(*fn(q, k, s)), (q, k, s))
+
+
+def test_score_ceiling_validation():
+    q, k, s, *_ = _case()
+    with pytest.raises(ValueError, match="first key must lie"):
+        paired_logsumexp(q, k, s, targets=torch.arange(6), num_columns=6, score_ceiling=(torch.zeros(6), 4))
+    with pytest.raises(ValueError, match="ceiling must be a float tensor"):
+        paired_logsumexp(q, k, s, targets=torch.arange(6), score_ceiling=(torch.zeros(5), 8))
+    with pytest.raises(ValueError, match="a pair"):
+        paired_logsumexp(q, k, s, targets=torch.arange(6), score_ceiling=torch.zeros(6))
 
 
 def test_positive_is_not_corrected():
@@ -158,13 +215,14 @@ def test_biased_call_reads_the_host_once_per_pass_in_device_mode(monkeypatch):
     _device(monkeypatch)
     q, k, s, targets, key_ids, qids, kqids, kb, qb = _case(dtype=torch.float32)
     reads = _count_host_reads(monkeypatch)
+    ceiling = _ceiling(q, k, targets, 9)  # the score ceiling adds no host read either
     r, c = paired_logsumexp(q, k, s, targets=targets, key_ids=key_ids, query_ids=qids, key_query_ids=kqids,
-                            num_columns=8, block_size=2, key_bias=kb, query_bias=qb)
+                            num_columns=8, block_size=2, key_bias=kb, query_bias=qb, score_ceiling=(ceiling, 9))
     forward_reads = reads["n"]
     (r.sum() + torch.where(torch.isfinite(c), c, torch.zeros_like(c)).sum()).backward()
     backward_reads = reads["n"] - forward_reads
     monkeypatch.undo()
     assert forward_reads <= 1 and backward_reads <= 1, (forward_reads, backward_reads)
     want = ref_biased(q.detach().double(), k.detach().double(), s.detach().double(), targets, key_ids, qids,
-                      kqids, 8, kb, qb)
+                      kqids, 8, kb, qb, ceiling=(ceiling, 9))
     torch.testing.assert_close(r.detach().double(), want[0], rtol=1e-5, atol=1e-5)

@@ -60,6 +60,71 @@ def test_loss_with_levers_matches_dense_reference(symmetric, popularity, with_me
         assert abs(float(got[0] - plain[0])) > 1e-3  # the levers do change the loss
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("margin", [0.0, 0.5])
+def test_memory_filter_matches_dense_reference(symmetric, margin):
+    """``memory_filter_margin``: memory entries scoring above (1 - m) x the row's positive
+    leave that row's denominator (some, not all, in this batch), with logQ and the id rules on;
+    values and gradients equal the dense reference, and the filter changes the loss."""
+    b = levers_batch()
+    ceiling = (1 - margin) * (b["q"] * b["k"]).sum(1)
+    dropped = int((b["q"] @ b["mem"].T > ceiling[:, None]).sum())
+    assert 0 < dropped < b["mem"].shape[0] * b["q"].shape[0]
+
+    def fused(margin_or_none):
+        loss_fn = ContrastiveLoss(symmetric, block_size=3, memory=CrossBatchMemory(5, 0),
+                                  popularity=(CountTable(*COUNT_ITEMS), CountTable(*COUNT_QUERIES)),
+                                  memory_filter_margin=margin_or_none)
+        loss_fn.memory.push(b["mem"], b["mem_item_ids"], b["mem_query_ids"])
+        return _value_and_grads(lambda q, k, h, s: loss_fn(q, k, s, _labels(b), h), _leaves(b))
+
+    logp = CountTable(*COUNT_ITEMS).log_probability, CountTable(*COUNT_QUERIES).log_probability
+    want = _value_and_grads(lambda q, k, h, s: levers_reference(
+        q, k, s, b["item_ids"], b["query_ids"], h=h, hn_ids=b["hn_ids"], item_logp=logp[0], query_logp=logp[1],
+        mem=(b["mem"], b["mem_item_ids"], b["mem_query_ids"]), symmetric=symmetric, exclude=b["exclude"],
+        mem_margin=margin), _leaves(b))
+    got = fused(margin)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w)
+    assert float(got[0]) < float(fused(None)[0]) - 1e-3  # fewer negatives: a smaller loss
+
+
+def test_memory_filter_applies_to_each_matryoshka_prefix():
+    """With Matryoshka prefixes each prefix filters the memory by its own (re-normalised)
+    scores: the loss is the weighted sum of the per-prefix filtered losses."""
+    b = levers_batch()
+    dims, weights = [6, 3], [1.0, 0.5]
+
+    def loss(q, k, h, s):
+        loss_fn = ContrastiveLoss(True, block_size=3, memory=CrossBatchMemory(5, 0), memory_filter_margin=0.2,
+                                  matryoshka_dims=dims, matryoshka_weights=weights)
+        loss_fn.memory.push(b["mem"], b["mem_item_ids"], b["mem_query_ids"])
+        return loss_fn(q, k, s, _labels(b), h)
+
+    def prefix(x, d):  # as the loss: the full size as it is, a shorter prefix re-normalised
+        return x if d == x.shape[1] else torch.nn.functional.normalize(x[:, :d], dim=-1)
+
+    leaves = _leaves(b)
+    got = _value_and_grads(loss, leaves)
+    want = _value_and_grads(lambda q, k, h, s: sum(
+        w * levers_reference(prefix(q, d), prefix(k, d), s, b["item_ids"], b["query_ids"], h=prefix(h, d),
+                             hn_ids=b["hn_ids"], mem=(prefix(b["mem"], d), b["mem_item_ids"], b["mem_query_ids"]),
+                             exclude=b["exclude"], mem_margin=0.2)
+        for d, w in zip(dims, weights)), leaves)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w)
+
+
+def test_memory_filter_config_is_checked():
+    with pytest.raises(ValueError, match="set loss.memory_size too"):
+        LossConfig(memory_filter_margin=0.1)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        LossConfig(memory_size=8, memory_filter_margin=1.5)
+    with pytest.raises(ValueError, match="needs a memory"):
+        ContrastiveLoss(memory_filter_margin=0.1)
+    assert ContrastiveLoss.from_config(LossConfig(memory_size=8, memory_filter_margin=0.1)).memory_filter_margin == 0.1
+
+
 def test_gather_queries_pass_gets_the_query_correction_too():
     b = levers_batch()
     one_pass = _value_and_grads(lambda q, k, h, s: _loss()(q, k, s, _labels(b), h), _leaves(b))

@@ -6,7 +6,9 @@ batch's items, then hard negatives, then memory entries; a candidate other than 
 positive leaves the anchor's denominator when it shares the anchor's item id or query id, or
 its item id is on the anchor's exclusion list (-1 never matches); with ``*_logp`` every
 in-batch and memory negative's logit gets ``-log(K p)`` (K = in-batch + memory candidates),
-hard negatives and the positive none.
+hard negatives and the positive none; with ``mem_margin`` m a memory candidate also leaves
+the anchor's denominator when its dot product with the anchor exceeds ``(1 - m)`` times the
+anchor's positive.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def _bias(logp, ids, draws):
 
 
 def levers_reference(q, k, s, item_ids, query_ids, *, h=None, hn_ids=None, mem=None, item_logp=None,
-                     query_logp=None, symmetric=True, exclude=None):
+                     query_logp=None, symmetric=True, exclude=None, mem_margin=None):
     n, dt = q.shape[0], q.dtype
     emb, c_item, c_query, corrected = [k], [item_ids], [query_ids], [torch.ones(n, dtype=torch.bool)]
     if h is not None:
@@ -39,6 +41,12 @@ def levers_reference(q, k, s, item_ids, query_ids, *, h=None, hn_ids=None, mem=N
         same |= (exclude[:, :, None] == c_item[None, None, :]).any(1) & (c_item[None, :] != -1)
     positive = torch.zeros_like(same)
     positive[torch.arange(n), torch.arange(n)] = True
+    if mem is not None and mem_margin is not None:
+        dots = (q @ emb.T).detach()
+        ceiling = (1 - mem_margin) * (q * k).sum(1).detach()
+        in_memory = torch.zeros(emb.shape[0], dtype=torch.bool)
+        in_memory[emb.shape[0] - mem[0].shape[0]:] = True
+        same |= in_memory[None, :] & (dots > ceiling[:, None])
     logits = s * q @ emb.T
     if item_logp is not None:
         bias = torch.where(corrected, _bias(item_logp, c_item, int(corrected.sum())), torch.zeros(len(c_item), dtype=torch.float64))
@@ -81,6 +89,7 @@ COUNT_QUERIES = (torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([9, 1, 4, 2, 2, 
 
 
 SIZES, HN_SIZES = (3, 5), (2, 1)
+MEMORY_MARGIN = 0.5
 
 
 def _part(x, sizes, rank):
@@ -91,8 +100,10 @@ def _part(x, sizes, rank):
 def levers_config(symmetric: bool, gather: bool):
     from clicktower.modeling.losses import LossConfig
 
+    # The memory filter's margin drops some entries for some rows in these batches (not all).
     return LossConfig(symmetric=symmetric, gather_queries=gather, popularity_correction="logq",
-                      popularity_source="streaming", popularity_buckets=64, memory_size=10, memory_warmup_steps=1)
+                      popularity_source="streaming", popularity_buckets=64, memory_size=10, memory_warmup_steps=1,
+                      memory_filter_margin=MEMORY_MARGIN)
 
 
 def levers_steps(loss_fn, rank: int, world: int, steps: int = 3) -> list:
