@@ -364,14 +364,15 @@ class ContrastiveLoss(nn.Module):
                 key_bias=None if levers is None else levers.gathered_query_bias)
         return 0.5 * (loss + _weighted_sum(item_lse - positive, weights)) / shared.norm
 
-
     def _memory_ceiling(self, query_emb, item_emb, levers: "_Levers | None"):
         """``(ceiling [B], first memory key)`` of the memory filter for this embedding size, or
         None (off, or no entries in use this step)."""
         if self.memory_filter_margin is None or levers is None or levers.memory_start is None:
             return None
-        # Each prefix its own ceiling: its positive's dot product, on the prefix's embeddings.
-        positive = (query_emb.detach().double() * item_emb.detach().double()).sum(-1)
+        # Each prefix its own ceiling: its positive's dot product on the prefix's embeddings, in
+        # the kernel's compute dtype (fp32; fp64 for fp64 inputs), detached like every mask.
+        cd = torch.float64 if query_emb.dtype == torch.float64 else torch.float32
+        positive = (query_emb.detach().to(cd) * item_emb.detach().to(cd)).sum(-1)
         return (1.0 - self.memory_filter_margin) * positive, levers.memory_start
 
 
@@ -595,7 +596,8 @@ class _Levers:
 
     Keys become [every rank's items (G), hard negatives (H), memory entries (M)]: the memory
     rows carry their item ids and query ids, so the item-id, query-id and exclusion masks
-    apply to them as to any key, and they get no gradient (detached). With the logQ
+    apply to them as to any key, and they get no gradient (detached); ``memory_start`` is the
+    first memory row (G + H), where the memory filter's score ceiling begins. With the logQ
     correction, ``key_bias`` is ``-log(K p(item))`` for the G items and the M memory rows (K =
     G + M: the expected count of the item among the corrected keys) and 0 for hard negatives
     (mined, not sampled by popularity); ``query_bias`` is ``-log(G p(query))`` for this
