@@ -196,6 +196,37 @@ def test_save_refuses_a_model_with_nan_weights(tmp_path):
     assert (root / LATEST).read_text().strip() == "step_00000001"
 
 
+def test_zero3_partition_padding_is_not_counted_as_a_nan_weight():
+    """Under ZeRO-3 each rank checks its own partition (``ds_tensor``), and DeepSpeed leaves
+    the padding at the end of the last partitions uninitialised (``torch.empty``): a NaN there
+    is not the model's (rank 1's whole partition of the 1-element temperature is padding; this
+    refused a healthy ZeRO-3 checkpoint once in CI). A NaN among a partition's own elements is."""
+    from types import SimpleNamespace
+
+    from clicktower.launcher.engine.checkpoint.state import nonfinite_parameters
+
+    def zero3_param(numel, partition, rank):
+        param = torch.nn.Parameter(torch.empty(0))  # ZeRO-3 leaves the full tensor empty
+        param.ds_tensor = torch.tensor(partition)
+        param.ds_tensor.ds_numel = len(partition)
+        param.ds_numel, param.ds_zero_partition_rank = numel, rank
+        return param
+
+    nan = float("nan")
+
+    def check(**params):
+        model = torch.nn.Module()
+        for name, param in params.items():
+            model.register_parameter(name, param)
+        return nonfinite_parameters(SimpleNamespace(_models=[model]))
+
+    assert check(scale=zero3_param(1, [nan], rank=1)) == []  # all padding
+    assert check(weight=zero3_param(5, [1.0, 2.0, nan], rank=1)) == []  # elements 3, 4, then padding
+    assert check(weight=zero3_param(5, [1.0, nan, 3.0], rank=1)) == ["weight"]
+    assert check(scale=zero3_param(1, [nan], rank=0)) == ["scale"]
+    assert check(plain=torch.nn.Parameter(torch.tensor([1.0, nan]))) == ["plain"]
+
+
 def test_resume_refuses_a_checkpoint_with_nan_weights(tmp_path):
     """A complete checkpoint whose weights hold NaN (as older versions saved after a NaN
     update; here its weights file rewritten and its marker re-hashed) is refused on resume

@@ -241,6 +241,24 @@ def capture_state(accelerator: Any, folder: Path, copy: bool) -> Snapshot:
     return snapshot
 
 
+def _own_elements(param: Any) -> Any:
+    """The elements of ``param`` this rank holds, detached: the whole tensor, or under ZeRO-3
+    the part of its partition (``ds_tensor``) that is the parameter's.
+
+    A ZeRO-3 parameter is cut into ``world`` partitions of ``ceil(numel / world)`` elements,
+    so the last ones end in padding, which DeepSpeed allocates with ``torch.empty`` and never
+    writes: a rank whose partition of a 1-element parameter (the temperature) is all padding
+    holds whatever bytes were there, sometimes a NaN. Counting them refused a healthy
+    checkpoint (a flake of tests/test_resume_zero.py's ZeRO-3 run on rank 1)."""
+    part = getattr(param, "ds_tensor", None)
+    if part is None:
+        return param.detach()
+    part = part.detach().view(-1)
+    size = int(getattr(part, "ds_numel", part.numel()))  # the partition's length, padding included
+    start = size * int(param.ds_zero_partition_rank)
+    return part[:max(0, min(size, int(param.ds_numel) - start))]
+
+
 def nonfinite_parameters(accelerator: Any) -> list[str]:
     """Names of the prepared models' parameters that hold a NaN or an infinity on this rank
     (under ZeRO-3 the rank's own partition of each: the full tensor is nowhere). One host
@@ -254,8 +272,7 @@ def nonfinite_parameters(accelerator: Any) -> list[str]:
     names, flags = [], []
     for model in accelerator._models:
         for name, param in model.named_parameters():
-            tensor = getattr(param, "ds_tensor", None)  # ZeRO-3: this rank's partition
-            tensor = param.detach() if tensor is None else tensor.detach()
+            tensor = _own_elements(param)
             if tensor.numel():
                 names.append(name.removeprefix("module."))
                 flags.append(torch.isfinite(tensor).all())
