@@ -675,9 +675,7 @@ def _check_ceiling(score_ceiling, query, keys, num_columns: int, targets) -> Opt
         raise ValueError("score_ceiling must be a pair (ceiling [B], first key)")
     ceiling, first = score_ceiling
     B, N = query.shape[0], keys.shape[0]
-    if not torch.is_tensor(ceiling) or ceiling.shape != (B,) or not ceiling.is_floating_point():
-        raise ValueError(f"score_ceiling: the ceiling must be a float tensor of shape [{B}], got "
-                         f"{getattr(ceiling, 'dtype', type(ceiling))} {tuple(getattr(ceiling, 'shape', ()))}")
+    ceiling = _check_bias(ceiling, B, "score_ceiling's ceiling")  # the same [B] float constant check
     first = int(first)
     if not num_columns <= first <= N:
         raise ValueError(f"score_ceiling: the first key must lie in [num_columns={num_columns}, {N}], got {first}")

@@ -175,7 +175,7 @@ def merge(score: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> Option
     (either None).
 
     Args:
-        score: a bool tile or None.
+        score: a bool tile or None (updated in place: each call's tile is its own).
         mask: a bool tile, flat indices into the tile, or None.
     """
     if score is None:
@@ -183,10 +183,10 @@ def merge(score: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> Option
     if mask is None:
         return score
     if mask.dtype == torch.bool:
-        return score | mask
-    out = score.clone()
-    out.view(-1).index_fill_(0, mask, True)
-    return out
+        return score.logical_or_(mask)
+    # score is a fresh tile of ScoreCeiling.tile, owned by this call: filled in place.
+    score.view(-1).index_fill_(0, mask, True)
+    return score
 
 
 def _never_matching(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
