@@ -159,6 +159,40 @@ def test_a_node_killed_between_marker_and_pointer_loses_no_upload(s3, tmp_path, 
 
 
 @pytest.mark.unit
+def test_a_resume_that_went_back_is_not_undone_by_the_bucket(s3, tmp_path):
+    """A resume from an earlier commit, killed before its first save: neither its own node
+    nor a fresh one takes the commits it went back from (still in the bucket, the remote
+    pointer naming the newest); the first save after it is taken even when its pointer
+    write was cut off."""
+    from accelerate import Accelerator
+
+    from clicktower.launcher.engine.checkpoint.restore import resolve_resume
+    from clicktower.launcher.engine.checkpoint.save import continue_lineage
+
+    remote = RemoteCheckpoints(f"s3://{BUCKET}/goback", keep_last=3, backoff_s=0.01)
+    _upload_commits(remote, tmp_path, [("a", 1, 4), ("a", 2, 8), ("a", 3, 12)])
+    node = tmp_path / "node" / "checkpoints"
+    for step in (4, 8, 12):
+        shutil.copytree(tmp_path / "a" / f"step_{step:08d}", node / f"step_{step:08d}")
+    # train.resume=.../step_00000004: commits 2 and 3 are left; the next commit is 4.
+    assert continue_lineage(node / "step_00000004", str(node / "step_00000004"), node, remote) == ("a", 1, 4)
+    assert remote.abandoned() == {"a": [(1, 3)]} and remote.latest() == "step_00000012"
+    acc = Accelerator(cpu=True)
+    assert resolve_resume(acc, node, "auto", True, remote) == node / "step_00000004"
+    fresh = tmp_path / "fresh" / "checkpoints"
+    assert resolve_resume(acc, fresh, "auto", True, remote) == fresh / "step_00000004"
+    # The resumed run's first save (commit 4 after commit 1) went up; its pointer write did not.
+    folder = _fake_checkpoint(tmp_path / "after", 6)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 6, "lineage": {"id": "a", "commit": 4,
+                                                                                   "parent": 1}}))
+    write_complete_marker(folder, 6)
+    remote.upload_checkpoint(folder)
+    remote._fs().pipe_file(remote.path("checkpoints", "latest"), b"step_00000012\n")
+    again = tmp_path / "again" / "checkpoints"
+    assert resolve_resume(acc, again, "auto", True, remote) == again / "step_00000006"
+
+
+@pytest.mark.unit
 def test_failed_upload_keeps_the_local_checkpoint_and_a_fresh_node_resumes_from_the_bucket(s3, tmp_path,
                                                                                          caplog, capsys):
     cfg = CheckpointConfig(keep_last=2, remote_dir=f"s3://{BUCKET}/inproc", remote_retries=1)

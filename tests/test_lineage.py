@@ -84,6 +84,8 @@ def test_resume_from_an_earlier_step_prunes_by_commit_order(tmp_path, capsys, ca
     # Killed before its first save: auto continues from step 8, not from the left step 24.
     assert _latest(tmp_path) == "step_00000008"
     assert find_resume_checkpoint(tmp_path, "auto").name == "step_00000008"
+    # The commits it left are recorded at once (what a node reading the bucket needs too).
+    assert json.loads((root / "abandoned.json").read_text()) == {ckpt.lineage_id: [[1, 3]]}
     with caplog.at_level(logging.WARNING):
         ckpt.save(12, {"loader": {}})
     assert _latest(tmp_path) == "step_00000012"
@@ -94,6 +96,27 @@ def test_resume_from_an_earlier_step_prunes_by_commit_order(tmp_path, capsys, ca
     commits = [json.loads((root / n / "trainer_state.json").read_text())["lineage"] for n in _names(tmp_path)]
     assert [(c["commit"], c["parent"]) for c in commits] == [(4, 1), (5, 4)]
     assert len({c["id"] for c in commits}) == 1
+
+
+@pytest.mark.unit
+def test_a_kill_between_the_rename_and_latest_loses_no_checkpoint(tmp_path):
+    """A save renamed into place whose ``latest`` write was cut off is resumed (the pointer
+    picks the run, the newest commit of it that no resume went back from is the one taken);
+    after a go-back the commits left stay out, even when the pointer still names one of them."""
+    acc, *_ = _setup(tmp_path / "unused")
+    _run(acc, tmp_path, (4, 8), "auto")
+    root = tmp_path / "checkpoints"
+    (root / LATEST).write_text("step_00000004\n")  # the kill: step 8 renamed, the pointer not written
+    assert find_resume_checkpoint(tmp_path, "auto").name == "step_00000008"
+    # A go-back to step 4 leaves commit 2 (step 8); a pointer naming step 8 (written by hand, or
+    # an older version's) no longer brings it back.
+    ckpt = Checkpointer(acc, tmp_path, CheckpointConfig(keep_last=2), "train: {}\n")
+    assert ckpt.resume(str(root / "step_00000004"))["step"] == 4
+    (root / LATEST).write_text("step_00000008\n")
+    assert find_resume_checkpoint(tmp_path, "auto").name == "step_00000004"
+    ckpt.save(6, {"loader": {}})  # commit 3, parent 1; the kill again before its pointer
+    (root / LATEST).write_text("step_00000004\n")
+    assert find_resume_checkpoint(tmp_path, "auto").name == "step_00000006"
 
 
 @pytest.mark.unit

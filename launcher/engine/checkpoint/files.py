@@ -36,6 +36,11 @@ COPIED_AS_IS = ("config.yaml", METRICS_FILE, "custom_checkpoint_*.pkl", "random_
                 "scaler.pt", "sampler*.bin")
 Digests = dict[str, dict[str, object]]  # relative path -> {"sha256": hex, "bytes": size}
 LEGACY_LINEAGE = "legacy"  # checkpoints written before lineages were recorded
+# The commits resumes went back from, per lineage (``checkpoints/abandoned.json``, beside
+# ``latest``, locally and remotely): ``{"<lineage id>": [[after, through], ...]}``, each range the
+# commits numbered ``after < commit <= through`` that a resume from commit ``after`` left.
+ABANDONED = "abandoned.json"
+Abandoned = dict[str, list[tuple[int, int]]]
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,89 @@ def lineage_head(entries: dict[str, Lineage], latest: str | None, where: str) ->
         raise ConfigError(f"train.resume=auto: {where} holds checkpoints of {len(ids)} runs ({', '.join(ids)}) and "
                           f"no {LATEST} pointer names one of them; pick one with train.resume=CHECKPOINT_DIR")
     return max(entries, key=lambda n: entries[n].commit)
+
+
+def parse_abandoned(text: str) -> Abandoned:
+    """The ranges of an ``abandoned.json`` text (see ``ABANDONED``); a file that does not
+    parse is named and counts as empty (it can only make ``auto`` newer, never older).
+
+    Args:
+        text: the file's content.
+    """
+    try:
+        return {str(k): [(int(a), int(b)) for a, b in v] for k, v in json.loads(text).items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        logger.warning("ignoring an unreadable %s (%s)", ABANDONED, exc)
+        return {}
+
+
+def read_abandoned(root: Path) -> Abandoned:
+    """The abandoned commits recorded in ``root`` (a ``checkpoints/`` folder); {} when none.
+
+    Args:
+        root: a ``checkpoints/`` folder.
+    """
+    try:
+        return parse_abandoned((root / ABANDONED).read_text())
+    except OSError:
+        return {}
+
+
+def with_abandoned(record: Abandoned, lineage_id: str, after: int, through: int) -> Abandoned:
+    """``record`` plus the range ``after < commit <= through`` of ``lineage_id`` (a resume
+    from commit ``after`` while commits up to ``through`` exist).
+
+    Args:
+        record: the ranges recorded so far.
+        lineage_id: the run lineage.
+        after: the commit resumed from.
+        through: the highest commit of the lineage found locally or remotely.
+    """
+    out = {k: list(v) for k, v in record.items()}
+    if (after, through) not in out.get(lineage_id, []):
+        out.setdefault(lineage_id, []).append((after, through))
+    return out
+
+
+def merge_abandoned(first: Abandoned, second: Abandoned) -> Abandoned:
+    """Both records' ranges (the local and the remote one).
+
+    Args:
+        first: one record.
+        second: another.
+    """
+    out = first
+    for lineage_id, ranges in second.items():
+        for after, through in ranges:
+            out = with_abandoned(out, lineage_id, after, through)
+    return out
+
+
+def is_abandoned(lineage: Lineage, abandoned: Abandoned) -> bool:
+    """Whether a resume went back from this commit (it is in a recorded range).
+
+    Args:
+        lineage: a checkpoint's lineage.
+        abandoned: the recorded ranges (``read_abandoned``; local and remote merged).
+    """
+    return any(after < lineage.commit <= through for after, through in abandoned.get(lineage.id, ()))
+
+
+def lineage_tip(entries: dict[str, Lineage], named: str, abandoned: Abandoned) -> str:
+    """The checkpoint ``auto`` continues from: the newest commit of ``named``'s lineage that
+    no resume went back from. ``named`` (what ``latest`` holds) only picks the lineage: a
+    newer commit is a save whose pointer write was cut off (a kill between the rename, or
+    the upload's marker, and the pointer), and the commits a resume went back from are
+    recorded (``ABANDONED``) when it starts, before its first save.
+
+    Args:
+        entries: checkpoint name -> lineage, of the complete-looking checkpoints.
+        named: a key of ``entries`` (from ``lineage_head``).
+        abandoned: the recorded ranges.
+    """
+    lineage = entries[named].id
+    live = [n for n, lin in entries.items() if lin.id == lineage and not is_abandoned(lin, abandoned)]
+    return max(live, key=lambda n: entries[n].commit) if live else named
 
 
 def step_dir_name(step: int) -> str:
@@ -304,8 +392,8 @@ def local_lineages(output_dir: str | Path) -> dict[str, Lineage]:
 def find_resume_checkpoint(output_dir: str | Path, resume: str, verify_checksums: bool = True) -> Path | None:
     """Resolve ``train.resume``: ``none`` / ``new`` (start over), ``auto`` or a path.
 
-    ``auto`` continues the run lineage the ``latest`` pointer names: its newest usable
-    checkpoint, then the commits that led to it. Checkpoints of other lineages (another run
+    ``auto`` continues the run lineage the ``latest`` pointer names: its newest commit that
+    no resume went back from (``lineage_tip``), else the usable commits that led to it. Checkpoints of other lineages (another run
     started in this folder) are named, never taken.
 
     Args:
@@ -341,6 +429,7 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str, verify_checksums
     head = lineage_head(entries, read_latest(root), str(root))
     if head is None:
         return None
+    head = lineage_tip(entries, head, read_abandoned(root))
     others = [n for n in entries if entries[n].id != entries[head].id]  # oldest step first
     if others:
         logger.warning("not resuming %d checkpoint(s) of another run in %s (newest: %s); train.resume=%s "

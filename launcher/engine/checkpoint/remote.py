@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from clicktower.data.storage import Storage, describe_failure, is_transient, is_url, join
-from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, COMPLETE, LATEST, STEP_DIR, TRAINER_STATE,
-                                                         Lineage, check_checkpoint, hash_files, lineage_head,
-                                                         parse_lineage, prune_plan, sha256_file)
+from clicktower.launcher.engine.checkpoint.files import (ABANDONED, CHECKPOINT_DIR, COMPLETE, LATEST, STEP_DIR,
+                                                         TRAINER_STATE, Abandoned, Lineage, check_checkpoint,
+                                                         hash_files, lineage_head, parse_abandoned, parse_lineage,
+                                                         prune_plan, sha256_file, with_abandoned)
 from clicktower.launcher.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,30 @@ class RemoteFolder:
             return self._retry(lambda: fs.cat_file(self.path(CHECKPOINT_DIR, LATEST))).decode().strip() or None
         except FileNotFoundError:
             return None
+
+    def abandoned(self) -> Abandoned:
+        """The commits resumes went back from, recorded remotely (``files.ABANDONED``)."""
+        fs = self._fs()
+        try:
+            return parse_abandoned(self._retry(lambda: fs.cat_file(self.path(CHECKPOINT_DIR, ABANDONED))).decode())
+        except FileNotFoundError:
+            return {}
+
+    def record_abandoned(self, lineage_id: str, after: int, through: int) -> None:
+        """Add a resume's go-back to the remote record (``files.with_abandoned``), so that a node
+        resuming from the bucket does not take the commits it left.
+
+        Args:
+            lineage_id: the run lineage.
+            after: the commit resumed from.
+            through: the highest commit of the lineage found.
+        """
+        record = with_abandoned(self.abandoned(), lineage_id, after, through)
+        fs, target = self._fs(), self.path(CHECKPOINT_DIR, ABANDONED)
+        if not is_url(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        text = json.dumps(record, sort_keys=True).encode()
+        self._retry(lambda: fs.pipe_file(target, text))
 
     def lineages(self, complete: list[str] | None = None) -> dict[str, Lineage]:
         """Lineage of every complete remote checkpoint (from its trainer state), by name; one

@@ -20,7 +20,8 @@ import torch
 from clicktower.data.storage import describe_failure
 from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, COMPLETE, DS_MODEL_DIR, TRAINER_STATE,
                                                          find_resume_checkpoint, lineage_chain, lineage_head,
-                                                         list_checkpoints, read_lineage)
+                                                         is_abandoned, lineage_tip, list_checkpoints, merge_abandoned,
+                                                         read_abandoned, read_lineage)
 from clicktower.launcher.engine.checkpoint.remote import RemoteCheckpoints
 from clicktower.launcher.engine.checkpoint.convert import convert_to_ddp, convert_to_universal
 from clicktower.launcher.engine.checkpoint.state import nonfinite_parameters
@@ -120,14 +121,15 @@ def _find(root: Path, setting: str, verify_checksums: bool, remote: RemoteCheckp
     if setting != "auto" or remote is None:
         return local
     entries = remote.lineages()
-    # Remotely, a lineage's newest commit is its head, whatever ``latest`` says: the uploader
-    # writes the pointer after each upload's marker and nothing moves it back (a resume that
-    # goes back re-points only the local folder; commits are numbered past every earlier one),
-    # so a newer complete commit than the pointer's is an upload whose pointer write was cut
-    # off (a node killed between the two). The pointer still picks the lineage.
+    # The pointer picks the lineage; a newer commit of it is an upload whose pointer write was
+    # cut off (a node killed between the marker and ``latest``), unless a resume went back
+    # from it: those are recorded (here or remotely) when the resume starts, before its
+    # first save, so that they are never taken again.
+    abandoned = merge_abandoned(read_abandoned(root), remote.abandoned())
     if local is not None:
         mine = read_lineage(local)
-        newer = [n for n, lin in entries.items() if lin.id == mine.id and lin.commit > mine.commit]
+        newer = [n for n, lin in entries.items()
+                 if lin.id == mine.id and lin.commit > mine.commit and not is_abandoned(lin, abandoned)]
         if not newer:
             return local
         head = max(newer, key=lambda n: entries[n].commit)
@@ -135,7 +137,7 @@ def _find(root: Path, setting: str, verify_checksums: bool, remote: RemoteCheckp
         named = lineage_head(entries, remote.latest(), remote.path(CHECKPOINT_DIR))
         if named is None:
             return None
-        head = max((n for n, lin in entries.items() if lin.id == entries[named].id), key=lambda n: entries[n].commit)
+        head = lineage_tip(entries, named, abandoned)
     for name in lineage_chain(entries, head):
         if local is not None and entries[name].commit <= mine.commit:
             break  # the local one is as new

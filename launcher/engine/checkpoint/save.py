@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from clicktower.data.storage import describe_failure
-from clicktower.launcher.engine.checkpoint.files import (CHECKPOINT_DIR, LATEST, METRICS_FILE, TRAINER_STATE, Lineage,
-                                                         fsync_dir,
-                                                         local_lineages, prune_plan, read_latest, read_lineage,
-                                                         step_dir_name, write_atomic, write_complete_marker)
+from clicktower.launcher.engine.checkpoint.files import (ABANDONED, CHECKPOINT_DIR, LATEST, METRICS_FILE,
+                                                         TRAINER_STATE, Lineage, fsync_dir, local_lineages,
+                                                         prune_plan, read_abandoned, read_latest, read_lineage,
+                                                         step_dir_name, with_abandoned, write_atomic,
+                                                         write_complete_marker)
 from clicktower.launcher.engine.checkpoint.restore import (all_gather_objects, load_checkpoint, nonfinite_weights,
                                                            resolve_resume, topology)
 from clicktower.launcher.engine.checkpoint.remote import RemoteCheckpoints
@@ -95,9 +96,10 @@ def continue_lineage(folder: Path | None, setting: str, root: Path,
                      remote: RemoteCheckpoints | None) -> tuple[str, int | None, int]:
     """The lineage a run continues, as (id, parent commit, next commit number): a fresh one
     without ``folder``, else ``folder``'s, numbered after every commit of it found here or
-    remotely. A resume that goes back to an earlier commit in ``root`` points ``latest`` at it,
-    so that ``auto`` continues from there, not from the commits it left (deleted at the next
-    save, by the pruning).
+    remotely. A resume that goes back to an earlier commit (explicitly, or ``auto`` past a
+    broken newer one) records the commits it leaves in ``abandoned.json``, here and remotely,
+    before its first save, so that ``auto`` never takes them again (they are deleted at the
+    next save, by the pruning), and points the local ``latest`` at the commit resumed.
 
     Args:
         folder: the checkpoint resumed from, or None.
@@ -116,13 +118,27 @@ def continue_lineage(folder: Path | None, setting: str, root: Path,
     known = [lin.commit for lin in here.values() if lin.id == lineage.id]
     if remote is not None:
         known += [lin.commit for lin in remote.lineages().values() if lin.id == lineage.id]
+    highest = max([lineage.commit, *known])
     left = [name for name, lin in here.items() if lin.id == lineage.id and lin.commit > lineage.commit]
     if left:
         print(f"train.resume={setting}: going back to commit {lineage.commit} of run lineage {lineage.id}; its "
               f"later checkpoint(s) {', '.join(left)} are deleted at the next save", flush=True)
+    if highest > lineage.commit:
+        # Written before anything else of this run: a kill before its first save must not let
+        # ``auto`` (here, or a node reading the bucket) continue from a commit it went back from.
+        root.mkdir(parents=True, exist_ok=True)
+        record = with_abandoned(read_abandoned(root), lineage.id, lineage.commit, highest)
+        write_atomic(root / ABANDONED, json.dumps(record, sort_keys=True) + "\n")
+        if remote is not None:
+            try:
+                remote.record_abandoned(lineage.id, lineage.commit, highest)
+            except Exception as exc:  # noqa: BLE001 - the local record holds; the run goes on
+                logger.warning("checkpoint.remote_dir: recording the commits this resume left failed (%s); a node "
+                               "resuming from the bucket before this run's first upload may take them",
+                               describe_failure(exc))
     if folder.parent.resolve() == root.resolve() and read_latest(root) != folder.name:
         write_atomic(root / LATEST, folder.name + "\n")
-    return lineage.id, lineage.commit, max([lineage.commit, *known]) + 1
+    return lineage.id, lineage.commit, highest + 1
 
 
 class _PendingSave:
