@@ -50,6 +50,14 @@ class TwoTowerConfig:
         shared_towers: one encoder for queries and items (else two copies, trained apart).
         pooling: ``mean`` over non-padding tokens, or the ``cls`` token.
         projection_dim: optional linear projection after pooling.
+        projection_init: how the projection starts: ``random`` (small normal weights) or
+            ``pca`` (the principal axes of the pretrained towers' pooled embeddings of the
+            first ``projection_init_pairs`` training pairs, queries and items together,
+            strongest first, not centred: an orthogonal rotation when ``projection_dim``
+            is the hidden size, so the full embedding's scores start as the pretrained
+            model's while its leading dimensions hold the most of them; what a Matryoshka
+            prefix or a ``--dim`` cut keeps best). Needs ``projection_dim`` <= the hidden size.
+        projection_init_pairs: training pairs the ``pca`` initialisation is fit on.
         normalize: L2-normalise embeddings (cosine similarity).
         init_temperature: initial softmax temperature; the logit scale is its inverse.
         max_logit_scale: the logit scale is clamped at this value (CLIP uses 100).
@@ -84,6 +92,8 @@ class TwoTowerConfig:
     shared_towers: bool = True
     pooling: Literal["mean", "cls"] = "mean"
     projection_dim: int | None = None
+    projection_init: Literal["random", "pca"] = "random"
+    projection_init_pairs: int = 2048
     normalize: bool = True
     init_temperature: float = 0.05
     max_logit_scale: float = 100.0
@@ -130,6 +140,13 @@ class TwoTowerConfig:
             raise ValueError("model.init_temperature must be >= 1 / model.max_logit_scale")
         if self.projection_dim is not None and self.projection_dim <= 0:
             raise ValueError(f"model.projection_dim must be positive, got {self.projection_dim}")
+        if self.projection_init not in ("random", "pca"):
+            raise ValueError(f"model.projection_init must be random or pca, got {self.projection_init!r}")
+        if self.projection_init == "pca" and self.projection_dim is None:
+            raise ValueError("model.projection_init=pca needs model.projection_dim (e.g. the encoder's hidden "
+                             "size, for a rotation)")
+        if self.projection_init_pairs < 1:
+            raise ValueError(f"model.projection_init_pairs must be >= 1, got {self.projection_init_pairs}")
         for name in ("max_query_length", "max_item_length"):
             if getattr(self, name) < 2:
                 raise ValueError(f"model.{name} must be >= 2")
@@ -360,16 +377,23 @@ class Tower(nn.Module):
         Returns:
             [B, D] embeddings.
         """
+        pooled = self.pooled(input_ids, attention_mask, features, features_present)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        if self.normalize:
+            pooled = F.normalize(pooled.float(), dim=-1).to(pooled.dtype)
+        return pooled
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               features: torch.Tensor | None = None, features_present: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, H] what the projection reads: the pooled encoder output (fused with the item
+        features when the tower has a fusion). Arguments as ``forward``."""
         if self.length_buckets > 1 and input_ids.shape[0] > 1:
             pooled = self._pool_bucketed(input_ids, attention_mask)
         else:
             pooled = self._pool(input_ids, attention_mask)
         if self.fusion is not None:
             pooled = self.fusion(pooled, features, features_present)
-        if self.projection is not None:
-            pooled = self.projection(pooled)
-        if self.normalize:
-            pooled = F.normalize(pooled.float(), dim=-1).to(pooled.dtype)
         return pooled
 
     def _pool_bucketed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -447,6 +471,24 @@ class Tower(nn.Module):
             tower.projection.load_state_dict(torch.load(path / PROJECTION_FILE, weights_only=True))
         tower.max_length = meta.get("max_length")
         return tower
+
+
+def principal_axes(vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """[k, H] the k strongest right singular vectors of ``vectors`` (not centred: they
+    order the directions by how much of the inner products they carry, which is what a
+    prefix of the embedding keeps), each signed so that the vectors' mean projects
+    non-negatively on it (the SVD's own signs are arbitrary).
+
+    Args:
+        vectors: [N, H] sample vectors, N >= 1.
+        k: axes wanted, <= H.
+    """
+    if not 0 < k <= vectors.shape[1]:
+        raise ValueError(f"principal_axes: k={k} outside 1..{vectors.shape[1]}")
+    _, _, vh = torch.linalg.svd(vectors.double(), full_matrices=True)
+    axes = vh[:k]
+    signs = torch.where(axes @ vectors.double().mean(0) < 0, -1.0, 1.0).to(axes.dtype)
+    return (axes * signs[:, None]).to(vectors.dtype)
 
 
 # Dropout probabilities in the configs of BERT-family encoders (BERT, RoBERTa, MiniLM,
@@ -614,6 +656,20 @@ class TwoTower(nn.Module):
         query_emb = self.query_tower(query_input_ids, query_attention_mask)
         item_emb = self.item_tower(item_input_ids, item_attention_mask, item_features, item_features_present)
         return query_emb, item_emb, self.logit_scale()
+
+    def set_projection(self, weight: torch.Tensor) -> None:
+        """Copy ``weight`` [D, H] into the projection of both towers (the same one when shared:
+        queries and items must be mapped alike for their scores to keep their meaning).
+
+        Args:
+            weight: the projection matrix, e.g. ``principal_axes`` of pooled embeddings.
+        """
+        for tower in (self.query_tower, self.item_tower):
+            if tower.projection is None or tower.projection.weight.shape != weight.shape:
+                raise ValueError(f"projection of shape {tuple(weight.shape)} for a tower whose projection is "
+                                 f"{None if tower.projection is None else tuple(tower.projection.weight.shape)}")
+            with torch.no_grad():
+                tower.projection.weight.copy_(weight)
 
     @classmethod
     def from_config(cls, cfg: TwoTowerConfig) -> "TwoTower":

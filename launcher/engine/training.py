@@ -25,6 +25,7 @@ from clicktower.launcher.engine.observers import (CheckpointObserver, EvalObserv
 from clicktower.launcher.engine.optim import Optimization, build_optimizer, build_scheduler
 from clicktower.launcher.engine.periodic_eval import PeriodicEvaluator
 from clicktower.launcher.engine.preemption import PreemptionHandler
+from clicktower.launcher.engine.projection_init import init_projection_pca
 from clicktower.launcher.engine.step import TrainStep
 from clicktower.launcher.engine.tracking import Tracker, accelerator_tracking_kwargs
 from clicktower.launcher.errors import ConfigError
@@ -61,10 +62,7 @@ def train(cfg: ExperimentConfig) -> Path:
     # Everything a user can get wrong is checked before anything is written: the loader reads
     # its manifests (every rank) and checks the shard files (one rank, the others get its answer).
     rank = Rank(accelerator.process_index, accelerator.num_processes)
-    loader = ClickPairLoader.from_config(
-        cfg.data, cfg.train.batch_size, rank, cfg.train.seed,
-        PairTokenizer(tokenizer, cfg.model.max_query_length, cfg.model.max_item_length),
-        broadcast_object if rank.world_size > 1 else None, features_dim=cfg.model.item_features_dim)
+    loader = build_loader(cfg, rank, tokenizer)
     accumulation = gradient_accumulation_steps(accelerator)
     # With train.epochs the run ends at the end of that epoch, wherever a resume restarts it
     # (TrainLoop.fit plans the steps from the restored data position); this is a fresh run's.
@@ -84,6 +82,10 @@ def train(cfg: ExperimentConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
     model = TwoTower.from_config(cfg.model)
+    if cfg.model.projection_init == "pca":  # before anything is trained, wrapped or restored
+        init_projection_pca(model.to(accelerator.device), lambda: build_loader(cfg, rank, tokenizer, collective=False),
+                            cfg.model.projection_init_pairs, accelerator.device, accelerator.is_main_process,
+                            broadcast_object if rank.world_size > 1 else None)
     optimizer = build_optimizer(model, cfg.optim)
     # By pairs read: exact when a resume changes the global batch (docs/training.md, "Epochs").
     scheduler = build_scheduler(optimizer, cfg.optim, steps, cfg.train.batch_size * rank.world_size * accumulation)
@@ -116,6 +118,22 @@ def train(cfg: ExperimentConfig) -> Path:
     checkpointer.finish(final)  # the last save committed; final/ and best/ uploaded (remote_dir)
     accelerator.end_training()
     return final
+
+
+def build_loader(cfg: ExperimentConfig, rank: Rank, tokenizer, collective: bool = True) -> ClickPairLoader:
+    """The training data of ``cfg.data`` for this rank, tokenized for ``cfg.model``.
+
+    Args:
+        cfg: the experiment config.
+        rank: this process's rank and world size.
+        tokenizer: the towers' tokenizer.
+        collective: distributed, one rank checks the shard files and the others get its
+            answer (every rank must call); False: a loader for this process alone.
+    """
+    return ClickPairLoader.from_config(
+        cfg.data, cfg.train.batch_size, rank, cfg.train.seed,
+        PairTokenizer(tokenizer, cfg.model.max_query_length, cfg.model.max_item_length),
+        broadcast_object if rank.world_size > 1 and collective else None, features_dim=cfg.model.item_features_dim)
 
 
 def build_loss(cfg: ExperimentConfig, rank: Rank, accelerator) -> ContrastiveLoss:
