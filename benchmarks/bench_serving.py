@@ -130,9 +130,13 @@ def retrieval_grid(queries: np.ndarray, catalog: np.ndarray, ids: list[str], jud
     return rows
 
 
-def homedepot_grid() -> list:
+def homedepot_grid(size: str = "full") -> list:
+    """The Home Depot settings: ``full`` (every precision, rescoring breadth and index), or
+    ``dims`` (float32 and int8, flat, at each dim: the Matryoshka comparison, in minutes)."""
     from clicktower.launcher.retrieval.serving import ServingSettings
 
+    if size == "dims":
+        return [ServingSettings(dim=d, precision=p) for d in DIMS for p in ("float32", "int8")]
     grid = [ServingSettings(dim=d, precision=p) for d in DIMS for p in PRECISIONS]
     # Binary rescoring breadth: candidates per result (the default, RESCORE_MULTIPLIER, above).
     grid += [ServingSettings(dim=d, precision="ubinary", rescore_multiplier=m) for d in DIMS for m in RESCORE_SWEEP]
@@ -161,7 +165,9 @@ def trained_summary(model: Path) -> dict:
     batch = cfg["train"]["batch_size"]
     return {"steps": steps, "batch": batch, "pairs_seen": steps * batch, "lr": cfg["optim"]["lr"],
             "matryoshka_dims": cfg["loss"].get("matryoshka_dims"),
-            "matryoshka_weights": cfg["loss"].get("matryoshka_weights")}
+            "matryoshka_weights": cfg["loss"].get("matryoshka_weights"),
+            "projection": None if not cfg["model"].get("projection_dim") else
+            f"{cfg['model']['projection_dim']}, {cfg['model'].get('projection_init', 'random')} init"}
 
 
 def section_homedepot(args: argparse.Namespace) -> dict:
@@ -218,7 +224,8 @@ def section_homedepot(args: argparse.Namespace) -> dict:
             continue
         saved = np.load(cache)
         catalog, queries = saved["catalog"], saved["queries"]
-        grids[name] = retrieval_grid(queries, catalog, d["ids"], d["reported"], hd.POSITIVE, homedepot_grid())
+        grids[name] = retrieval_grid(queries, catalog, d["ids"], d["reported"], hd.POSITIVE,
+                                     homedepot_grid(args.hd_grid))
         result["models"].append(name)
         save_section(args.hd_name, {**result, "partial": True, "machine": machine(), "command": args.command},
                      Path(args.results_dir))
@@ -533,7 +540,8 @@ def _models_trained(r: dict) -> str:
             prefixes = "" if not t["matryoshka_dims"] else (
                 f", Matryoshka {t['matryoshka_dims']}" + (f" weights {t['matryoshka_weights']}"
                                                           if t["matryoshka_weights"] else " (equal weights)"))
-            return f"{t['pairs_seen']:,} pairs ({t['steps']} steps of {t['batch']}, lr {t['lr']}{prefixes})"
+            projection = f", projection {t['projection']}" if t.get("projection") else ""
+            return f"{t['pairs_seen']:,} pairs ({t['steps']} steps of {t['batch']}, lr {t['lr']}{prefixes}{projection})"
         return ("; trained beforehand with this section's recipe (length 32, seed 0, final/ reported): "
                 + "; ".join(f"{name} {words(t)}" for name, t in summaries.items()) + ".")
     if r["training"]:
@@ -625,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hd-models", nargs="*", metavar="NAME=FOLDER",
                    help="no training: these models (run_<name>/final of an earlier run) instead")
     p.add_argument("--hd-reported-queries", type=int, default=2000)
+    p.add_argument("--hd-grid", choices=("full", "dims"), default="full",
+                   help="dims: float32 and int8 flat at each dim only (the Matryoshka comparison)")
     p.add_argument("--hd-name", default="homedepot", help="the results key of this Home Depot run")
     p.add_argument("--loss-batch", type=int, default=1024)
     p.add_argument("--loss-rounds", type=int, default=7)

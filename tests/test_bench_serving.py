@@ -25,6 +25,16 @@ def test_grid_measures_both_rescoring_sources_at_every_dim(bench):
     assert {(d, 4) for d in bench.DIMS} <= bits and len(set(map(repr, grid))) == len(grid)
 
 
+def test_dims_grid_is_float32_and_int8_flat_at_every_dim_and_the_caption_names_the_projection(bench):
+    grid = bench.homedepot_grid("dims")
+    assert {(s.dim, s.precision, s.index) for s in grid} == {(d, p, "flat") for d in bench.DIMS
+                                                              for p in ("float32", "int8")}
+    summary = {"pairs_seen": 640, "steps": 10, "batch": 64, "lr": 5e-5, "matryoshka_dims": None,
+               "matryoshka_weights": None, "projection": "384, pca init"}
+    caption = bench._models_trained({"training": {"m": summary}})
+    assert "m 640 pairs (10 steps of 64, lr 5e-05, projection 384, pca init)" in caption
+
+
 def test_targets_table_keeps_bits_and_int8_rescoring_apart(bench):
     def row(dim, precision, recall, multiplier=None, rescore=None):
         out = {"dim": dim, "precision": precision, "index": "flat", "recall@10": recall}
