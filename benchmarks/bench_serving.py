@@ -164,6 +164,7 @@ def trained_summary(model: Path) -> dict:
                 if line.strip())
     batch = cfg["train"]["batch_size"]
     return {"steps": steps, "batch": batch, "pairs_seen": steps * batch, "lr": cfg["optim"]["lr"],
+            "seed": cfg["train"].get("seed"),
             "matryoshka_dims": cfg["loss"].get("matryoshka_dims"),
             "matryoshka_weights": cfg["loss"].get("matryoshka_weights"),
             "projection": None if not cfg["model"].get("projection_dim") else
@@ -541,8 +542,11 @@ def _models_trained(r: dict) -> str:
                 f", Matryoshka {t['matryoshka_dims']}" + (f" weights {t['matryoshka_weights']}"
                                                           if t["matryoshka_weights"] else " (equal weights)"))
             projection = f", projection {t['projection']}" if t.get("projection") else ""
-            return f"{t['pairs_seen']:,} pairs ({t['steps']} steps of {t['batch']}, lr {t['lr']}{prefixes}{projection})"
-        return ("; trained beforehand with this section's recipe (length 32, seed 0, final/ reported): "
+            seed = f", seed {t['seed']}" if t.get("seed") is not None else ""
+            return (f"{t['pairs_seen']:,} pairs ({t['steps']} steps of {t['batch']}, lr {t['lr']}{seed}{prefixes}"
+                    f"{projection})")
+        seeds = "" if any(t.get("seed") is not None for t in summaries.values()) else ", seed 0"
+        return (f"; trained beforehand with this section's recipe (length 32{seeds}, final/ reported): "
                 + "; ".join(f"{name} {words(t)}" for name, t in summaries.items()) + ".")
     if r["training"]:
         return (f"; trained ones: {r['pairs']:,} pairs, {r['steps']} steps, batch 64, length 32, the homedepot.py "

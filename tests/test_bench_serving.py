@@ -30,9 +30,10 @@ def test_dims_grid_is_float32_and_int8_flat_at_every_dim_and_the_caption_names_t
     assert {(s.dim, s.precision, s.index) for s in grid} == {(d, p, "flat") for d in bench.DIMS
                                                               for p in ("float32", "int8")}
     summary = {"pairs_seen": 640, "steps": 10, "batch": 64, "lr": 5e-5, "matryoshka_dims": None,
-               "matryoshka_weights": None, "projection": "384, pca init"}
+               "matryoshka_weights": None, "projection": "384, pca init", "seed": 1}
     caption = bench._models_trained({"training": {"m": summary}})
-    assert "m 640 pairs (10 steps of 64, lr 5e-05, projection 384, pca init)" in caption
+    assert "(length 32, final/ reported): m 640 pairs (10 steps of 64, lr 5e-05, seed 1, projection 384, pca init)" \
+        in caption
 
 
 def test_targets_table_keeps_bits_and_int8_rescoring_apart(bench):
