@@ -77,6 +77,10 @@ def test_separate_towers_get_the_same_axes_and_bad_settings_are_refused():
         TwoTowerConfig(bert_config={}, tokenizer="t", projection_dim=4, projection_init="pca", projection_init_pairs=0)
     with pytest.raises(ConfigError, match="no batch"):
         init_projection_pca(tiny_two_tower(), lambda: [], 8, "cpu", True, None)
+    partitioned = tiny_two_tower()
+    partitioned.query_tower.projection.weight.ds_shape = (16, 16)  # how ZeRO-3's zero.Init marks a partition
+    with pytest.raises(ConfigError, match="zero3_init_flag"):
+        init_projection_pca(partitioned, lambda: token_batches(2), 8, "cpu", True, None)
 
 
 @pytest.mark.multiprocess

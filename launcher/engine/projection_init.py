@@ -62,6 +62,12 @@ def init_projection_pca(model: TwoTower, batches: Callable[[], Iterable[PairBatc
         is_main: this is the main process (it fits; the others receive).
         share: sends the main process's object to every rank (None: one process).
     """
+    if any(hasattr(param, "ds_shape") for param in model.parameters()):
+        # ZeRO-3's zero.Init built the towers as empty partitions: no rank holds the weights
+        # that the fit must run (nor the projection it must set) until DeepSpeed gathers them.
+        raise ConfigError("model.projection_init=pca does not run with DeepSpeed ZeRO-3's zero3_init_flag: true "
+                          "(the towers are built partitioned); set zero3_init_flag: false in the accelerate config, "
+                          "or model.projection_init=random")
     out_dim, hidden = model.query_tower.projection.weight.shape
     if out_dim > hidden:
         raise ConfigError(f"model.projection_init=pca: model.projection_dim={out_dim} is more than the encoder's "
