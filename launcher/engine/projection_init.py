@@ -75,4 +75,4 @@ def init_projection_pca(model: TwoTower, batches: Callable[[], Iterable[PairBatc
     axes = principal_axes(pooled_sample(model, batches(), pairs, device), out_dim) if is_main else None
     if share is not None:
         axes = share(axes)
-    model.set_projection(axes.to(model.query_tower.projection.weight.dtype))
+    model.set_projection(axes)  # copy_ casts to the projection's dtype

@@ -393,8 +393,8 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str, verify_checksums
     """Resolve ``train.resume``: ``none`` / ``new`` (start over), ``auto`` or a path.
 
     ``auto`` continues the run lineage the ``latest`` pointer names: its newest commit that
-    no resume went back from (``lineage_tip``), else the usable commits that led to it. Checkpoints of other lineages (another run
-    started in this folder) are named, never taken.
+    no resume went back from (``lineage_tip``), else the usable commits that led to it.
+    Checkpoints of other lineages (another run started in this folder) are named, never taken.
 
     Args:
         output_dir: the run's output folder.
