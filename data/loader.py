@@ -317,14 +317,14 @@ class PairTokenizer:
 
 
 def _load_manifests(manifest: str | dict | Sequence[str | dict], cfg: DataConfig, storage: Storage,
-                    rank: int, broadcast_object: Callable[[Any], Any] | None) -> list[dict]:
+                    rank: int, broadcast_object: Callable[[Any], Any] | None) -> list[tuple[dict, bool]]:
     """The loaded manifest(s) the loader reads, their files checked: one, or one per
-    ``cfg.mix`` entry.
+    ``cfg.mix`` entry, each with whether this call checked it (its findings not yet reported).
 
     Every rank reads the manifest itself (one request); the shard and index files are
     checked by one rank when ``broadcast_object`` is given (rank 0 checks, every rank gets
     its findings), else by every rank. A manifest dict already checked under this policy
-    (or ``"raise"``) is used as it is.
+    (or ``"raise"``), such as another loader's ``manifests``, is used as it is.
 
     Args:
         manifest: path or URL of ``manifest.json`` (or its folder), a loaded manifest, or
@@ -373,7 +373,7 @@ def _load_manifests(manifest: str | dict | Sequence[str | dict], cfg: DataConfig
         apply_file_check(m["shards"], f, on_missing, m["path"])
         m["shards"].intact = f["intact"]
         m["on_missing"] = on_missing
-    return [m for m, _ in loaded]
+    return loaded
 
 
 def _check_files(manifest: dict, storage: Storage) -> dict:
@@ -475,7 +475,8 @@ class ClickPairLoader:
         cfg: the data config (already validated by ``DataConfig``).
         manifest: path of ``manifest.json`` (or its folder) or a loaded manifest; with
             ``cfg.mix``, a list of those in ``cfg.mix`` order (the weights come from
-            ``cfg.mix``).
+            ``cfg.mix``). Another loader's ``manifests`` (same ``cfg``) are taken as
+            checked: no shard is read or checked again, and their damage is not reported twice.
         batch_size: pairs per batch on this rank.
         rank: this rank and the world size.
         seed: seed of the epoch orders.
@@ -502,11 +503,13 @@ class ClickPairLoader:
         self._no_features = _NoFeaturesWarning(features_dim if rank.rank == 0 else None)
         storage = Storage(cfg.storage_options, cfg.max_retries)
         loaded = _load_manifests(manifest, cfg, storage, rank.rank, broadcast_object)
-        self.cfg, self.manifest = cfg, loaded[0]
+        self.manifests = [m for m, _ in loaded]   # checked: another loader may take them as they are
+        self.cfg, self.manifest = cfg, self.manifests[0]
         # The sample fields each manifest declares, in order (what a run can use: teacher scores...).
-        self.manifest_fields = [list(m.get("fields") or ()) for m in loaded]
-        self._sources = [Source(m, storage) for m in loaded]
-        _warn_damage(self._sources)
+        self.manifest_fields = [list(m.get("fields") or ()) for m in self.manifests]
+        self._sources = [Source(m, storage) for m in self.manifests]
+        # Reported by the loader whose check found it (a second loader would repeat the lines).
+        _warn_damage([src for src, (_, checked) in zip(self._sources, loaded) if checked])
         self.batch_size, self.rank, self.world_size = batch_size, rank.rank, rank.world_size
         self.seed, self.tokens = seed, tokens
         self.infinite = cfg.infinite or cfg.mix is not None

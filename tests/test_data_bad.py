@@ -113,6 +113,33 @@ def test_missing_shard(tmp_path):
     _check_skip(per_rank, loaders, "missing_shard", 20, GOOD, at_start=True)
 
 
+def test_a_second_loader_of_the_checked_manifests_checks_and_warns_nothing_again(tmp_path, monkeypatch, caplog):
+    """What training's sample pass (``model.projection_init=pca``) does: a second loader over
+    the first one's ``manifests`` reads the same order without checking a shard file or
+    reporting the missing shard again; a stricter policy does check again."""
+    import clicktower.data.loader as loader_module
+
+    path = _hand_made(tmp_path, [])
+    os.remove(path / "shard-000000.tar")
+    checks = []
+    real_check = loader_module.check_shard_files
+    monkeypatch.setattr(loader_module, "check_shard_files", lambda *a, **k: checks.append(1) or real_check(*a, **k))
+
+    def warned():
+        return sum("data.on_error=skip" in r.getMessage() for r in caplog.records)
+
+    cfg = DataConfig(num_workers=0, on_error="skip")
+    first = ClickPairLoader(cfg, str(path), 5, seed=1)
+    assert len(checks) == 1 and warned() == 1
+    second = ClickPairLoader(cfg, first.manifests[0], 5, seed=1)
+    assert len(checks) == 1 and warned() == 1  # nothing checked or reported again
+    assert [b.keys for b in second] == [b.keys for b in first]
+    assert second.error_counts()["missing_shard"] == first.error_counts()["missing_shard"] == 20
+    with pytest.raises(DataError, match="shard-000000.tar.*missing"):
+        ClickPairLoader(DataConfig(num_workers=0, on_error="raise"), first.manifests[0], 5)
+    assert len(checks) == 2  # checked under "skip" is not checked for "raise"
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_truncated_shard(tmp_path, gz):
     src = tmp_path / "p.jsonl"

@@ -10,6 +10,8 @@ own pooled embeddings of the first training pairs (``launcher/engine/projection_
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,12 +99,17 @@ def test_the_main_process_fits_and_every_rank_gets_its_axes():
 def test_train_starts_from_the_pca_projection(shard_dir, tmp_path):
     """Through ``clicktower train`` (tiny BERT, hidden 32): with a learning rate too small to
     move it, the final projection is still a rotation; the random start is not one; a
-    projection wider than the encoder is refused with one line."""
-    common = ["--config", str(TINY_CONFIG), f"data.train_manifest={shard_dir}", "train.max_steps=2",
-              "train.progress_bar=false", "optim.lr=1e-9", "model.projection_dim=32"]
+    projection wider than the encoder is refused with one line. The sample pass reads the
+    training loader's checked manifests: a missing shard is reported once, not twice."""
+    shards = tmp_path / "shards"
+    shutil.copytree(shard_dir, shards)
+    (shards / sorted(p.name for p in shards.glob("shard-*.tar"))[-1]).unlink()
+    common = ["--config", str(TINY_CONFIG), f"data.train_manifest={shards}", "data.on_error=skip",
+              "train.max_steps=2", "train.progress_bar=false", "optim.lr=1e-9", "model.projection_dim=32"]
     for init in ("pca", "random"):
         result = clicktower("train", *common, f"train.output_dir={tmp_path / init}", f"model.projection_init={init}")
         assert result.returncode == 0, result.stderr
+        assert result.stderr.count("its samples leave the order") == 1, result.stderr
         weight = torch.load(tmp_path / init / "final" / "query_tower" / "projection.pt")["weight"]
         off = float((weight @ weight.T - torch.eye(32)).abs().max())
         assert (off < 1e-4) if init == "pca" else (off > 0.5), (init, off)

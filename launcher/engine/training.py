@@ -83,7 +83,9 @@ def train(cfg: ExperimentConfig) -> Path:
         (out / "config.yaml").write_text(config_yaml)
     model = TwoTower.from_config(cfg.model)
     if cfg.model.projection_init == "pca":  # before anything is trained, wrapped or restored
-        init_projection_pca(model.to(accelerator.device), lambda: build_loader(cfg, rank, tokenizer, collective=False),
+        # The sample is read by a loader of its own (the training loader's position stays at 0),
+        # over the manifests the training loader already read and checked.
+        init_projection_pca(model.to(accelerator.device), lambda: build_loader(cfg, rank, tokenizer, loader.manifests),
                             cfg.model.projection_init_pairs, accelerator.device, accelerator.is_main_process,
                             broadcast_object if rank.world_size > 1 else None)
     optimizer = build_optimizer(model, cfg.optim)
@@ -120,20 +122,24 @@ def train(cfg: ExperimentConfig) -> Path:
     return final
 
 
-def build_loader(cfg: ExperimentConfig, rank: Rank, tokenizer, collective: bool = True) -> ClickPairLoader:
+def build_loader(cfg: ExperimentConfig, rank: Rank, tokenizer, checked: list[dict] | None = None) -> ClickPairLoader:
     """The training data of ``cfg.data`` for this rank, tokenized for ``cfg.model``.
 
     Args:
         cfg: the experiment config.
         rank: this process's rank and world size.
         tokenizer: the towers' tokenizer.
-        collective: distributed, one rank checks the shard files and the others get its
-            answer (every rank must call); False: a loader for this process alone.
+        checked: None: the manifests are read and their shard files checked, distributed by
+            one rank that shares its answer (every rank must call). Another loader's
+            ``manifests`` of the same config: taken as they are, by this process alone.
     """
-    return ClickPairLoader.from_config(
-        cfg.data, cfg.train.batch_size, rank, cfg.train.seed,
-        PairTokenizer(tokenizer, cfg.model.max_query_length, cfg.model.max_item_length),
-        broadcast_object if rank.world_size > 1 and collective else None, features_dim=cfg.model.item_features_dim)
+    tokens = PairTokenizer(tokenizer, cfg.model.max_query_length, cfg.model.max_item_length)
+    if checked is not None:
+        return ClickPairLoader(cfg.data, checked if cfg.data.mix is not None else checked[0], cfg.train.batch_size,
+                               rank, cfg.train.seed, tokens, features_dim=cfg.model.item_features_dim)
+    return ClickPairLoader.from_config(cfg.data, cfg.train.batch_size, rank, cfg.train.seed, tokens,
+                                       broadcast_object if rank.world_size > 1 else None,
+                                       features_dim=cfg.model.item_features_dim)
 
 
 def build_loss(cfg: ExperimentConfig, rank: Rank, accelerator) -> ContrastiveLoss:
