@@ -36,9 +36,16 @@ full-catalog evaluation took 5.8-7.3 min and the teacher 11.3 min, and the run w
 126.7 min before the teacher arms' seed 1 (docs/benchmarks.md). ``--seeds 1`` halves it.
 Equal pairs is not measured per lever (``homedepot.py`` measures it for the recipe).
 
+``--arms ct,memory`` runs a subset (the recipe ``ct`` always, sentence-transformers always: it
+sets the time budget); the teacher is trained only for an arm that reads it.
+``--memory-filter-margin M`` adds ``loss.memory_filter_margin=M`` to the memory arms.
+
+    python benchmarks/homedepot_levers.py --out /tmp/hd_mem --batch-size 32 --arms ct,memory \
+        --memory-filter-margin 0.2 --results-name homedepot_levers_memory   # the memory at batch 32
+
 Writes ``OUT/results.json``, ``OUT/per_query/*.jsonl``, the runs under ``OUT/runs/`` and the
-teacher under ``OUT/teacher/``, and ``benchmarks/results/homedepot_levers.{json,md}`` (not for
-``--quick`` unless ``--results-dir`` is given).
+teacher under ``OUT/teacher/``, and ``benchmarks/results/NAME.{json,md}`` (``--results-name``,
+default ``homedepot_levers``; not for ``--quick`` unless ``--results-dir`` is given).
 """
 from __future__ import annotations
 
@@ -56,6 +63,7 @@ import homedepot as hd
 
 LEVER_ARMS = ("ct", "logq", "memory", "teacher", "all")
 TEACHER_ARMS = ("teacher", "all", "teacher_cost")
+ARMS = (*LEVER_ARMS, "teacher_cost")
 CALIBRATION_STEPS = 24
 QUICK = {**hd.QUICK, "teacher_pairs": 256}
 
@@ -69,6 +77,8 @@ def arm_overrides(arm: str, args: argparse.Namespace) -> list[str]:
     """
     logq = ["loss.popularity_correction=logq", "loss.popularity_source=counts"]
     memory = [f"loss.memory_size={4 * args.batch_size}", f"loss.memory_warmup_steps={args.memory_warmup}"]
+    if args.memory_filter_margin is not None:
+        memory.append(f"loss.memory_filter_margin={args.memory_filter_margin}")
     distill = [f"loss.distill_weight={args.distill_weight}", "loss.distill_temperature=1.0"]
     return {"ct": [], "logq": logq, "memory": memory, "teacher": distill, "teacher_cost": distill,
             "all": distill + logq + memory}[arm]
@@ -210,6 +220,8 @@ class LeverBench:
             self.shards = hd.write_training_shards(self.d["pairs"], self.out / "data")
             self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(hd.MODEL))
         hd.log(f"split {self.d['split']}; {json.dumps(self.d['stats'])}")
+        if not any(arm in TEACHER_ARMS for arm in self.args.arms):
+            return  # no arm reads the teacher: not trained
         with self.clock("teacher_train"):
             self.teacher = train_the_teacher(self.args, self.out)
         hd.log(f"teacher: {json.dumps(self.teacher)}")
@@ -295,7 +307,7 @@ class LeverBench:
         self.prepare()
         for seed in range(self.args.seeds):
             self.sentence_transformers(seed)
-            for arm in (*LEVER_ARMS, "teacher_cost"):
+            for arm in self.args.arms:
                 self.arm(arm, seed)
         self.mach["load_average_at_end"] = os.getloadavg()
         return report(self)
@@ -320,10 +332,18 @@ def compare_arm(out: Path, runs: dict, arm: str, against: str, seeds: int) -> di
             "delta_ci95": hd.paired_bootstrap(averaged[arm], averaged[against])}
 
 
-def targets(comparisons: dict, teacher: dict) -> list[str]:
-    """The issue's Home Depot targets, each as met/missed in one sentence."""
+def targets(comparisons: dict, teacher: dict, memory_time: dict | None = None) -> list[str]:
+    """The issue's Home Depot targets, each as met/missed in one sentence (only those the run's
+    arms can judge).
+
+    Args:
+        comparisons: ``{arm: {"vs_st": ..., "vs_ct": ...}}`` of the arms run.
+        teacher: the teacher's figures (``cost_seconds``), or {} when no arm read it.
+        memory_time: ``{"ratio": memory / recipe step time, "batch_size": B, "memory_size": M}``
+            when the memory arm ran: its own target (>= +0.005 Recall@10 at <= 1.15x step time).
+    """
     lines = []
-    trained = [a for a in LEVER_ARMS if comparisons[a]["vs_st"]]
+    trained = [a for a in LEVER_ARMS if a in comparisons and comparisons[a]["vs_st"]]
     if not trained:
         return ["No arm was trained for every seed: no target can be judged."]
     best = max(trained, key=lambda a: comparisons[a]["vs_st"]["delta"]["recall@10"])
@@ -336,16 +356,16 @@ def targets(comparisons: dict, teacher: dict) -> list[str]:
                                 f"{vs['delta_ci95'][k][1]:+.4f}]" for k in hd.METRICS) + ")."))
     lines.append(f"Moonshot Recall@10 +0.03: {vs['delta']['recall@10']:+.4f} (`{best}`): "
                  + ("**met**." if vs["delta"]["recall@10"] >= 0.03 else "**missed**."))
-    cost = comparisons["teacher_cost"]["vs_st"]
+    cost = comparisons.get("teacher_cost", {"vs_st": False})["vs_st"]  # False: the arm was not run
     if cost is None:
         lines.append(f"With the teacher's cost counted ({teacher['cost_seconds']:.0f} s): no time was left to "
                      "train the student within sentence-transformers' time: **missed**.")
-    else:
+    elif cost:
         ok = all(cost["delta"][k] > 0 for k in hd.SIGNIFICANT)
         lines.append("With the teacher's cost counted: Recall@10 " f"{cost['delta']['recall@10']:+.4f}, nDCG@10 "
                      f"{cost['delta']['ndcg@10']:+.4f} vs sentence-transformers: " + ("**met**." if ok else "**missed**."))
     for arm in ("logq", "memory", "teacher", "all"):
-        lever = comparisons[arm]["vs_ct"]
+        lever = comparisons.get(arm, {}).get("vs_ct")
         if lever is None:
             continue
         low = lever["delta_ci95"]["recall@10"][0]
@@ -354,14 +374,32 @@ def targets(comparisons: dict, teacher: dict) -> list[str]:
         lines.append(f"`{arm}` vs the recipe alone: Recall@10 {lever['delta']['recall@10']:+.4f} "
                      f"[{low:+.4f}, {lever['delta_ci95']['recall@10'][1]:+.4f}], nDCG@10 "
                      f"{lever['delta']['ndcg@10']:+.4f}: {verdict}.")
+    memory = comparisons.get("memory", {}).get("vs_ct")
+    if memory is not None and memory_time:
+        gain, ratio = memory["delta"]["recall@10"], memory_time["ratio"]
+        met = gain >= 0.005 and ratio <= 1.15 and memory_time["batch_size"] == 32
+        lines.append(f"Memory of {memory_time['memory_size']} (4 x batch {memory_time['batch_size']}): Recall@10 "
+                     f"{gain:+.4f} vs the recipe at {ratio:.2f}x its step time (target >= +0.005 at batch 32, "
+                     f"<= 1.15x): " + ("**met**." if met else "**missed**."))
     return lines
+
+
+def memory_step_ratio(runs: dict, seeds: int) -> float | None:
+    """The memory arm's mean step time over the recipe's (``ct``), over the seeds both trained."""
+    pairs = [(runs[f"memory_s{s}"]["train"]["step_seconds"], runs[f"ct_s{s}"]["train"]["step_seconds"])
+             for s in range(seeds) if "step_seconds" in runs.get(f"memory_s{s}", {}).get("train", {})
+             and "step_seconds" in runs.get(f"ct_s{s}", {}).get("train", {})]
+    return sum(m for m, _ in pairs) / sum(c for _, c in pairs) if pairs else None
 
 
 def report(bench: LeverBench) -> dict[str, Any]:
     args, seeds = bench.args, bench.args.seeds
     comparisons = {arm: {"vs_st": compare_arm(bench.out, bench.runs, arm, "st", seeds),
                          "vs_ct": None if arm == "ct" else compare_arm(bench.out, bench.runs, arm, "ct", seeds)}
-                   for arm in (*LEVER_ARMS, "teacher_cost")}
+                   for arm in args.arms}
+    ratio = memory_step_ratio(bench.runs, seeds)
+    memory_time = None if ratio is None else {"ratio": round(ratio, 3), "batch_size": args.batch_size,
+                                              "memory_size": 4 * args.batch_size}
     st = {k: hd.mean_std([bench.runs[f"st_s{s}"]["metrics"][k] for s in range(seeds)]) for k in hd.METRICS}
     return {"command": "python benchmarks/homedepot_levers.py " + " ".join(args.argv),
             "smoke": args.catalog_limit is not None,
@@ -369,13 +407,14 @@ def report(bench: LeverBench) -> dict[str, Any]:
                      "catalog_items": len(bench.d["ids"]), "full_catalog_items": bench.d["full_catalog"]},
             "settings": {"batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "lr": args.lr,
                          "seeds": seeds, "memory_size": 4 * args.batch_size, "memory_warmup_steps": args.memory_warmup,
+                         "memory_filter_margin": args.memory_filter_margin, "memory_step_time": memory_time,
                          "distill_weight": args.distill_weight, "teacher_margin": args.teacher_margin,
                          "teacher_pairs": args.teacher_pairs, "teacher_lr": args.teacher_lr,
                          "relative_margin": args.relative_margin, "recipe": hd.CLICKTOWER_SPEED + args.set,
-                         "arms": {a: arm_overrides(a, args) for a in (*LEVER_ARMS, "teacher_cost")}},
+                         "arms": {a: arm_overrides(a, args) for a in args.arms}},
             "teacher": bench.teacher, "mining": {k: v for k, v in bench.mined.items() if k != "shards"},
             "calibration": bench.reference, "st": st, "comparisons": comparisons, "runs": bench.runs,
-            "targets": targets(comparisons, bench.teacher), "machine": bench.mach,
+            "targets": targets(comparisons, bench.teacher, memory_time), "machine": bench.mach,
             "phase_minutes": bench.clock.minutes, "total_minutes": round(bench.clock.total(), 1)}
 
 
@@ -386,9 +425,11 @@ def _cell(comp: dict, key: str) -> str:
 
 def markdown(results: dict) -> str:
     """The tables of ``homedepot_levers.md``."""
-    data, s, t, m = results["data"], results["settings"], results["teacher"], results["mining"]
+    data, s, t = results["data"], results["settings"], results["teacher"]
     seeds = s["seeds"]
-    lines = ["# Home Depot: the levers of issue 28, each alone and combined (benchmarks/homedepot_levers.py)", "",
+    run = ("each alone and combined" if set(results["comparisons"]) == set(ARMS)
+           else "arms " + ", ".join(results["comparisons"]))
+    lines = [f"# Home Depot: the levers of issue 28, {run} (benchmarks/homedepot_levers.py)", "",
              f"Reported split: {data['reported_queries']:,} queries never used for a choice, retrieval over "
              f"{data['catalog_items']:,} products" + (" (SMOKE RUN: a catalog subsample, not a result)"
                                                       if results["smoke"] else " (the full catalog)")
@@ -399,9 +440,12 @@ def markdown(results: dict) -> str:
              "| model | Recall@10 | Recall@100 | MRR@10 | nDCG@10 |", "|---|---|---|---|---|",
              "| sentence-transformers MNRL | " + " | ".join(
                  f"{results['st'][k]['mean']:.4f} ± {results['st'][k]['std']:.4f}" for k in hd.METRICS) + " |"]
-    labels = {"ct": "clicktower recipe (no lever)", "logq": "+ logq", "memory": f"+ memory {s['memory_size']}",
+    margin = s.get("memory_filter_margin")
+    memory = f"memory {s['memory_size']}" + ("" if margin is None else f" (filter margin {margin})")
+    labels = {"ct": "clicktower recipe (no lever)", "logq": "+ logq", "memory": f"+ {memory}",
               "teacher": "+ teacher (cost not counted)", "all": "+ teacher + logq + memory (cost not counted)",
               "teacher_cost": "+ teacher, its cost counted"}
+    labels = {arm: label for arm, label in labels.items() if arm in results["comparisons"]}  # the arms run
     for arm, label in labels.items():
         comp = results["comparisons"][arm]["vs_st"]
         if comp is None:
@@ -417,23 +461,8 @@ def markdown(results: dict) -> str:
             if comp is not None:
                 lines.append(f"| {label} | {'ST' if against == 'vs_st' else 'recipe'} | "
                              + " | ".join(_cell(comp, k) for k in hd.METRICS) + " |")
-    rr = t["rerank"]
-    st_rr = results["runs"]["st_s0"]["metrics"].get("rerank", {})
-    ct_rr = results["runs"].get("ct_s0", {}).get("metrics", {}).get("rerank", {})
-    lines += ["", "## The teacher", "",
-              f"Cross-encoder from all-MiniLM-L6-v2, {t['pairs']:,} judged pairs of the training queries (grades "
-              f"1..3 scaled to [0, 1], BCE), {t['steps']} steps of 32, lr {t['lr']}: trained in {t['train_seconds']:.0f} s "
-              "(once, reused by every seed).",
-              f"Rerank nDCG@10 on the reported split (each query's judged items): teacher {rr['ndcg@10']:.4f}, "
-              f"sentence-transformers seed 0 {st_rr.get('ndcg@10', float('nan')):.4f}, clicktower recipe seed 0 "
-              f"{ct_rr.get('ndcg@10', float('nan')):.4f}.",
-              f"`mine --teacher` (one negative of two candidates, margin {s['teacher_margin']}): dropped "
-              f"{m['teacher_dropped']:,} of {m['teacher_candidates']:,} candidates; mining (embedding and search) "
-              f"{m['mining_seconds']:.0f} s, counted in the teacher arms' time; the teacher's denoising scores "
-              f"{m['teacher_denoise_seconds']:.0f} s and `teacher score` {m['teacher_score_seconds']:.0f} s. "
-              f"Teacher cost in all: {t['cost_seconds']:.0f} s (training + both scorings), counted only in "
-              "\"its cost counted\".", "",
-              "## Time per run", "", "| run | budget s | counted before training s | training s | steps | pairs |",
+    lines += _md_teacher(results) if t else []
+    lines += ["", "## Time per run", "", "| run | budget s | counted before training s | training s | steps | pairs |",
               "|---|---|---|---|---|---|"]
     for name, run in results["runs"].items():
         tr = run.get("train", {})
@@ -456,6 +485,27 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _md_teacher(results: dict) -> list[str]:
+    """The teacher's section of ``homedepot_levers.md`` (runs with a teacher arm)."""
+    s, t, m = results["settings"], results["teacher"], results["mining"]
+    rr = t["rerank"]
+    st_rr = results["runs"]["st_s0"]["metrics"].get("rerank", {})
+    ct_rr = results["runs"].get("ct_s0", {}).get("metrics", {}).get("rerank", {})
+    return ["", "## The teacher", "",
+            f"Cross-encoder from all-MiniLM-L6-v2, {t['pairs']:,} judged pairs of the training queries (grades "
+            f"1..3 scaled to [0, 1], BCE), {t['steps']} steps of 32, lr {t['lr']}: trained in {t['train_seconds']:.0f} s "
+            "(once, reused by every seed).",
+            f"Rerank nDCG@10 on the reported split (each query's judged items): teacher {rr['ndcg@10']:.4f}, "
+            f"sentence-transformers seed 0 {st_rr.get('ndcg@10', float('nan')):.4f}, clicktower recipe seed 0 "
+            f"{ct_rr.get('ndcg@10', float('nan')):.4f}.",
+            f"`mine --teacher` (one negative of two candidates, margin {s['teacher_margin']}): dropped "
+            f"{m['teacher_dropped']:,} of {m['teacher_candidates']:,} candidates; mining (embedding and search) "
+            f"{m['mining_seconds']:.0f} s, counted in the teacher arms' time; the teacher's denoising scores "
+            f"{m['teacher_denoise_seconds']:.0f} s and `teacher score` {m['teacher_score_seconds']:.0f} s. "
+            f"Teacher cost in all: {t['cost_seconds']:.0f} s (training + both scorings), counted only in "
+            "\"its cost counted\"."]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """``homedepot.py``'s options (the same split, pairs and recipe) plus the levers'."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -469,6 +519,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="mine --teacher-margin (logit units; 0: drop negatives the teacher scores above the positive)")
     p.add_argument("--distill-weight", type=float, default=1.0, help="loss.distill_weight of the teacher arms")
     p.add_argument("--memory-warmup", type=int, default=10, help="loss.memory_warmup_steps of the memory arms")
+    p.add_argument("--memory-filter-margin", type=float,
+                   help="loss.memory_filter_margin of the memory arms (default: no filter)")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help=f"comma-separated arms to run, of {', '.join(ARMS)} (ct always runs: the reference)")
+    p.add_argument("--results-name", default="homedepot_levers", help="file name of the results (.json, .md)")
     p.add_argument("--catalog-limit", type=int, help="smoke runs only: a catalog subsample (not a result)")
     p.add_argument("--quick", action="store_true", help="smoke settings: " + json.dumps(QUICK))
     p.add_argument("--results-dir", help="where homedepot_levers.{json,md} go (default benchmarks/results "
@@ -482,6 +537,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 setattr(args, key, value)
     if args.seeds < 1 or args.evals_per_run < 1 or args.teacher_pairs < 32:
         p.error("--seeds and --evals-per-run must be >= 1, --teacher-pairs >= 32")
+    arms = {a.strip() for a in args.arms.split(",") if a.strip()} | {"ct"}
+    if arms - set(ARMS):
+        p.error(f"--arms: unknown {', '.join(sorted(arms - set(ARMS)))} (arms: {', '.join(ARMS)})")
+    args.arms = [a for a in ARMS if a in arms]  # the order of ARMS: ct first, teacher_cost last
+    if args.memory_filter_margin is not None and not 0 <= args.memory_filter_margin <= 1:
+        p.error("--memory-filter-margin must lie in [0, 1]")
     # homedepot.py's functions read these; the levers run has no say in them.
     args.graded_weight, args.separate_towers, args.mine_negatives = 0.0, False, 0
     args.argv = list(argv if argv is not None else sys.argv[1:])
@@ -507,8 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = args.results_dir or (None if args.catalog_limit is not None else str(hd.REPO / "benchmarks" / "results"))
     if results_dir:
         Path(results_dir).mkdir(parents=True, exist_ok=True)
-        (Path(results_dir) / "homedepot_levers.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        (Path(results_dir) / "homedepot_levers.md").write_text(text)
+        (Path(results_dir) / f"{args.results_name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (Path(results_dir) / f"{args.results_name}.md").write_text(text)
     print(text, flush=True)
     hd.log(f"done in {results['total_minutes']:.1f} min")
     return 0

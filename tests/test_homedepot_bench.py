@@ -419,3 +419,53 @@ def test_levers_markdown_renders_every_arm_the_teacher_and_the_skipped_row(lever
     assert "teacher 0.9300, sentence-transformers seed 0 0.9100, clicktower recipe seed 0 0.9200" in md
     assert "dropped 900 of 16,000 candidates" in md and "`memory` vs the recipe alone: Recall@10 -0.0200" in md
     assert "Whole run 90.0 min" in md
+
+
+def test_a_memory_only_run_filters_skips_the_teacher_and_judges_the_memory_target(levers, hd, tmp_path):
+    """``--arms memory --memory-filter-margin``: the recipe runs too, no teacher is trained or
+    reported, the memory arm carries the filter, and its own target (>= +0.005 Recall@10 at
+    batch 32, <= 1.15x step time) is judged from both seeds' step times."""
+    from clicktower.launcher.engine.config import load_config
+
+    args = levers.parse_args(["--out", str(tmp_path), "--batch-size", "32", "--arms", "memory",
+                              "--memory-filter-margin", "0.2", "--results-name", "hd_mem"])
+    assert args.arms == ["ct", "memory"] and args.results_name == "hd_mem"
+    tuning = {"queries": str(tmp_path / "q.jsonl"), "catalog": str(tmp_path / "c.jsonl")}
+    cfg = load_config(None, hd.clicktower_overrides(levers.arm_args("memory", args), tmp_path / "s", tmp_path / "r",
+                                                    0, 100, False, tuning))
+    assert (cfg.loss.memory_size, cfg.loss.memory_filter_margin) == (128, 0.2)
+    for bad in (["--arms", "ct,memroy"], ["--memory-filter-margin", "1.5"]):
+        with pytest.raises(SystemExit):
+            levers.parse_args(["--out", str(tmp_path), *bad])
+
+    runs = lever_runs(hd, tmp_path, {"ct": 0.01, "memory": 0.017})
+    for seed, (ct_step, memory_step) in enumerate(((1.0, 1.1), (1.0, 1.2))):
+        runs[f"ct_s{seed}"]["train"]["step_seconds"] = ct_step
+        runs[f"memory_s{seed}"]["train"]["step_seconds"] = memory_step
+    comparisons = {arm: {"vs_st": levers.compare_arm(tmp_path, runs, arm, "st", 2),
+                         "vs_ct": None if arm == "ct" else levers.compare_arm(tmp_path, runs, arm, "ct", 2)}
+                   for arm in args.arms}
+    ratio = levers.memory_step_ratio(runs, 2)
+    assert ratio == pytest.approx(1.15)
+    memory_time = {"ratio": ratio, "batch_size": 32, "memory_size": 128}
+    text = "\n".join(levers.targets(comparisons, {}, memory_time))
+    assert "With the teacher's cost counted" not in text  # no teacher arm ran
+    assert "Memory of 128 (4 x batch 32): Recall@10 +0.0070 vs the recipe at 1.15x its step time" in text
+    assert text.endswith("**met**.")
+    slower = "\n".join(levers.targets(comparisons, {}, {**memory_time, "ratio": 1.2}))
+    assert slower.endswith("**missed**.")  # the gain alone is not enough
+
+    results = {"command": "python benchmarks/homedepot_levers.py --arms memory", "smoke": False,
+               "data": {"reported_queries": 40, "catalog_items": 54667, "train_pairs": 8192},
+               "settings": {"batch_size": 32, "max_seq_length": 32, "lr": 5e-5, "seeds": 2, "memory_size": 128,
+                            "memory_filter_margin": 0.2, "recipe": hd.CLICKTOWER_SPEED,
+                            "arms": {a: levers.arm_overrides(a, args) for a in args.arms}},
+               "teacher": {}, "mining": {},
+               "st": {k: hd.mean_std([runs[f"st_s{s}"]["metrics"][k] for s in (0, 1)]) for k in hd.METRICS},
+               "comparisons": comparisons, "runs": runs, "targets": levers.targets(comparisons, {}, memory_time),
+               "machine": {"cpu": "test cpu", "cores": 2, "torch": "x", "load_average_at_start": [0.5, 0, 0],
+                           "load_average_at_end": [2.0, 0, 0]},
+               "phase_minutes": {"train_ct_s0": 3.0}, "total_minutes": 60.0}
+    md = levers.markdown(results)
+    assert "| + memory 128 (filter margin 0.2) | 0." in md and "| clicktower recipe (no lever) | 0." in md
+    assert "+ logq" not in md and "## The teacher" not in md
