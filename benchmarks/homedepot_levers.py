@@ -41,7 +41,7 @@ sets the time budget); the teacher is trained only for an arm that reads it.
 ``--memory-filter-margin M`` adds ``loss.memory_filter_margin=M`` to the memory arms.
 
     python benchmarks/homedepot_levers.py --out /tmp/hd_mem --batch-size 32 --arms ct,memory \
-        --memory-filter-margin 0.2 --results-name homedepot_levers_memory   # the memory at batch 32
+        --memory-filter-margin 0.5 --results-name homedepot_levers_memory   # the memory at batch 32
 
 Writes ``OUT/results.json``, ``OUT/per_query/*.jsonl``, the runs under ``OUT/runs/`` and the
 teacher under ``OUT/teacher/``, and ``benchmarks/results/NAME.{json,md}`` (``--results-name``,
