@@ -135,8 +135,8 @@ def build_loader(cfg: ExperimentConfig, rank: Rank, tokenizer, checked: list[dic
     """
     tokens = PairTokenizer(tokenizer, cfg.model.max_query_length, cfg.model.max_item_length)
     if checked is not None:
-        return ClickPairLoader(cfg.data, checked if cfg.data.mix is not None else checked[0], cfg.train.batch_size,
-                               rank, cfg.train.seed, tokens, features_dim=cfg.model.item_features_dim)
+        return ClickPairLoader(cfg.data, checked, cfg.train.batch_size, rank, cfg.train.seed, tokens,
+                               features_dim=cfg.model.item_features_dim)
     return ClickPairLoader.from_config(cfg.data, cfg.train.batch_size, rank, cfg.train.seed, tokens,
                                        broadcast_object if rank.world_size > 1 else None,
                                        features_dim=cfg.model.item_features_dim)
