@@ -429,7 +429,8 @@ class _NoFeaturesWarning:
     """One warning line when the model expects item feature vectors (``features_dim``) and
     the first batches read carry none: the item tower would train on its learnt "missing"
     embedding alone, silently (shards written without ``--features-field``/``--features-file``,
-    or another field name). Rank 0's loader only, so that a run warns once.
+    or another field name). Rank 0's loader only, and not a loader of another loader's checked
+    manifests, so that a run warns once.
 
     Args:
         features_dim: the model's ``item_features_dim`` (None: nothing to watch).
@@ -500,9 +501,12 @@ class ClickPairLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.features_dim = features_dim
         self._missing_features = 0
-        self._no_features = _NoFeaturesWarning(features_dim if rank.rank == 0 else None)
         storage = Storage(cfg.storage_options, cfg.max_retries)
         loaded = _load_manifests(manifest, cfg, storage, rank.rank, broadcast_object)
+        # A loader of another loader's checked manifests (training's pca sample pass) reads
+        # the same first batches as that one, which gives the line: one warning per run.
+        first_reader = rank.rank == 0 and any(checked for _, checked in loaded)
+        self._no_features = _NoFeaturesWarning(features_dim if first_reader else None)
         self.manifests = [m for m, _ in loaded]   # checked: another loader may take them as they are
         self.cfg, self.manifest = cfg, self.manifests[0]
         # The sample fields each manifest declares, in order (what a run can use: teacher scores...).

@@ -182,6 +182,9 @@ def test_a_model_expecting_vectors_warns_once_when_the_first_batches_carry_none(
             f"model.item_features_dim={DIM}, but the first 4 batch(es) read (12 item rows) carry no item feature vector"]
         caplog.clear()
         list(ClickPairLoader(DataConfig(shuffle_buffer=1), str(tmp_path / "none"), 1, Rank(1, 2), features_dim=DIM))
+        # A second loader of the first one's checked manifests (training's pca sample pass)
+        # leaves the line to the first, which reads the same batches.
+        list(ClickPairLoader(DataConfig(shuffle_buffer=1), short.manifests, 3, features_dim=DIM))
         src = _write_jsonl(tmp_path / "vectors.jsonl", _rows(12))
         write_shards([src], str(tmp_path / "some"), FieldMap(features="features"), shard_size=5)
         list(ClickPairLoader(DataConfig(shuffle_buffer=1), str(tmp_path / "some"), 1, features_dim=DIM))
