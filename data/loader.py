@@ -499,14 +499,11 @@ class ClickPairLoader:
                  features_dim: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.features_dim = features_dim
-        self._missing_features = 0
+        self.features_dim, self._missing_features = features_dim, 0
         storage = Storage(cfg.storage_options, cfg.max_retries)
         loaded = _load_manifests(manifest, cfg, storage, rank.rank, broadcast_object)
-        # A loader of another loader's checked manifests (training's pca sample pass) reads
-        # the same first batches as that one, which gives the line: one warning per run.
-        first_reader = rank.rank == 0 and any(checked for _, checked in loaded)
-        self._no_features = _NoFeaturesWarning(features_dim if first_reader else None)
+        # Not for a loader of another's checked manifests (pca's sample pass): that one warns.
+        self._no_features = _NoFeaturesWarning(features_dim if rank.rank == 0 and any(c for _, c in loaded) else None)
         self.manifests = [m for m, _ in loaded]   # checked: another loader may take them as they are
         self.cfg, self.manifest = cfg, self.manifests[0]
         # The sample fields each manifest declares, in order (what a run can use: teacher scores...).
