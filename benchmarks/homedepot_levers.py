@@ -356,14 +356,16 @@ def targets(comparisons: dict, teacher: dict, memory_time: dict | None = None) -
                                 f"{vs['delta_ci95'][k][1]:+.4f}]" for k in hd.METRICS) + ")."))
     lines.append(f"Moonshot Recall@10 +0.03: {vs['delta']['recall@10']:+.4f} (`{best}`): "
                  + ("**met**." if vs["delta"]["recall@10"] >= 0.03 else "**missed**."))
-    cost = comparisons["teacher_cost"]["vs_st"] if "teacher_cost" in comparisons else None
-    if "teacher_cost" in comparisons and cost is None:
-        lines.append(f"With the teacher's cost counted ({teacher['cost_seconds']:.0f} s): no time was left to "
-                     "train the student within sentence-transformers' time: **missed**.")
-    elif cost is not None:
-        ok = all(cost["delta"][k] > 0 for k in hd.SIGNIFICANT)
-        lines.append("With the teacher's cost counted: Recall@10 " f"{cost['delta']['recall@10']:+.4f}, nDCG@10 "
-                     f"{cost['delta']['ndcg@10']:+.4f} vs sentence-transformers: " + ("**met**." if ok else "**missed**."))
+    if "teacher_cost" in comparisons:  # the arm ran; vs_st None: no time was left to train it
+        cost = comparisons["teacher_cost"]["vs_st"]
+        if cost is None:
+            lines.append(f"With the teacher's cost counted ({teacher['cost_seconds']:.0f} s): no time was left to "
+                         "train the student within sentence-transformers' time: **missed**.")
+        else:
+            ok = all(cost["delta"][k] > 0 for k in hd.SIGNIFICANT)
+            lines.append("With the teacher's cost counted: Recall@10 " f"{cost['delta']['recall@10']:+.4f}, nDCG@10 "
+                         f"{cost['delta']['ndcg@10']:+.4f} vs sentence-transformers: "
+                         + ("**met**." if ok else "**missed**."))
     for arm in ("logq", "memory", "teacher", "all"):
         lever = comparisons.get(arm, {}).get("vs_ct")
         if lever is None:
